@@ -1,0 +1,31 @@
+"""The fedrac ClientApp: Flower's message API around the module-level handlers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from clients import handlers
+
+
+def make_client_app(cfg: Mapping[str, Any]) -> ClientApp:
+    """A ClientApp whose handlers train/evaluate as the composed run config ``cfg`` says.
+
+    ``cfg`` must be a plain dict: the app is pickled by value into Ray workers, and
+    the handlers live in :mod:`clients.handlers` so that workers import torch there.
+    """
+    cfg = dict(cfg)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handlers.handle_train(cfg, msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handlers.handle_evaluate(cfg, msg, context)
+
+    return app

@@ -1,0 +1,158 @@
+"""Module-level train/evaluate handlers the ClientApp calls (importable in Ray workers).
+
+A train message's ``config`` names the ``mode``:
+- ``full``: train every weight, reply ``arrays`` (the whole state dict);
+- ``adapters``: wrap the target layers with LoRA; for each layer the factor named
+  by ``train-factor`` starts at zero (or from ``adapters`` when the server sends
+  it) and is trained; the other factor is the sketch regenerated from the
+  ``sketch`` record's seed (checked against its ``fingerprint``), or taken from
+  ``adapters`` when sent. Reply ``factors`` holds the trained factors only.
+Every reply carries a ``metrics`` record: ``num-examples``, ``train-loss``,
+``train-seconds``, ``train-steps``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from torch import nn
+
+from clients.local_training import (
+    TrainSettings,
+    evaluate,
+    resolve_device,
+    train_locally,
+)
+from fedrac.data import load_task, partition, to_tensors
+from fedrac.lora import (
+    adapter_factors,
+    attach_adapters,
+    find_target_layers,
+    remove_adapters,
+    resolve_trained,
+)
+from fedrac.models import build_model
+from fedrac.sketch import check_fingerprint, derive_seed, make_sketch
+
+SHUFFLE_STREAM = 2  # derive_seed(run_seed, round, SHUFFLE_STREAM, partition) shuffles batches
+
+
+def _key(*parts: Any) -> str:
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=1)
+def _model(key: str) -> nn.Module:
+    model_cfg, dataset_cfg = json.loads(key)
+    task = load_task(dataset_cfg)
+    return build_model(model_cfg, task.input_shape, task.num_classes)
+
+
+def client_model(cfg: Mapping[str, Any]) -> nn.Module:
+    """This process's model instance (built once; weights are loaded per message)."""
+    return _model(_key(cfg["model"], cfg["dataset"]))
+
+
+def client_data(cfg: Mapping[str, Any], context: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    """This node's training partition as tensors, from ``partition-id`` / ``num-partitions``."""
+    node_cfg = context.node_config
+    for key in ("partition-id", "num-partitions"):
+        if key not in node_cfg:
+            raise KeyError(f"node config lacks '{key}'; give it with --node-config "
+                           "'partition-id=0 num-partitions=N'")
+    ds = partition(cfg["dataset"], cfg["partitioner"], int(node_cfg["num-partitions"]),
+                   int(node_cfg["partition-id"]), int(cfg["seed"]))
+    return to_tensors(ds)
+
+
+def settings_from(config: Mapping[str, Any]) -> TrainSettings:
+    """Local training settings from a train message's ``config`` record."""
+    return TrainSettings(
+        optimizer=str(config.get("optimizer", "adamw")), lr=float(config.get("lr", 0.01)),
+        local_epochs=int(config.get("local-epochs", 1)),
+        local_steps=int(config.get("local-steps", 0)) or None,
+        batch_size=int(config.get("batch-size", 16)),
+        weight_decay=float(config.get("weight-decay", 0.0)),
+        momentum=float(config.get("momentum", 0.0)),
+    )
+
+
+def _prepare_adapters(
+    model: nn.Module, cfg: Mapping[str, Any], content: RecordDict, server_round: int
+) -> None:
+    config = content["config"]
+    rank, alpha = int(config["rank"]), float(config["alpha"])
+    layers = find_target_layers(model, cfg["model"]["target_modules"])
+    sent = content["adapters"].to_torch_state_dict() if "adapters" in content else {}
+    sketch = content["sketch"] if "sketch" in content else None
+    factors, trained, sketches = {}, {}, {}
+    for name, spec in layers.items():
+        trained[name] = resolve_trained(spec, str(config["train-factor"]))
+        pair = []
+        for side in ("A", "B"):
+            key, shape = f"{name}.lora_{side}", spec.factor_shape(side, rank)
+            if key in sent:
+                pair.append(sent[key])
+            elif side == trained[name] or (side == "B" and trained[name] == "both"):
+                pair.append(torch.zeros(shape))  # zero-init: the round starts at the global W
+            else:
+                if sketch is None:
+                    raise KeyError(f"round {server_round}: no sketch record and no '{key}' sent")
+                sketches[key] = make_sketch(int(sketch["seed"]), key, shape,
+                                            str(sketch["distribution"]))
+                pair.append(sketches[key])
+        factors[name] = (pair[0], pair[1])
+    if sketch is not None:
+        check_fingerprint(str(sketch["fingerprint"]), sketches, server_round)
+    attach_adapters(model, layers, factors, rank, alpha, trained)
+
+
+def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Message:
+    """Train locally as the message's ``config`` says and reply with what the server needs."""
+    content = msg.content
+    config = content["config"]
+    server_round = int(config["server-round"])
+    device = resolve_device(str(cfg.get("device", "cpu")))
+    model = client_model(cfg)
+    model.load_state_dict(content["arrays"].to_torch_state_dict(), strict=True)
+    model.to(device)
+    x, y = client_data(cfg, context)
+    seed = derive_seed(int(cfg["seed"]), server_round, SHUFFLE_STREAM,
+                       int(context.node_config["partition-id"]))
+    mode = str(config["mode"])
+    if mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        result = train_locally(model, x, y, settings_from(config), seed, device)
+        reply_key = "arrays"
+        out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    elif mode == "adapters":
+        _prepare_adapters(model, cfg, content, server_round)
+        try:
+            result = train_locally(model, x, y, settings_from(config), seed, device)
+            out = adapter_factors(model, trained_only=True)
+        finally:
+            remove_adapters(model)
+        reply_key = "factors"
+    else:
+        raise ValueError(f"config mode={mode!r} is not allowed; allowed: full, adapters")
+    metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
+                            "train-seconds": result.seconds, "train-steps": result.steps})
+    return Message(RecordDict({reply_key: ArrayRecord(out), "metrics": metrics}), reply_to=msg)
+
+
+def handle_evaluate(cfg: Mapping[str, Any], msg: Message, context: Context) -> Message:
+    """Evaluate the received global weights on this node's partition."""
+    device = resolve_device(str(cfg.get("device", "cpu")))
+    model = client_model(cfg)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    model.to(device)
+    x, y = client_data(cfg, context)
+    loss, acc = evaluate(model, x, y, device)
+    metrics = MetricRecord({"num-examples": len(y), "eval-loss": loss, "eval-accuracy": acc})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,1 @@
+"""fedrac: federated fine-tuning with Fed-RAC-LoRA and baselines on Flower."""

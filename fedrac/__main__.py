@@ -1,0 +1,5 @@
+"""``python -m fedrac``: the same as the ``fedrac`` command."""
+
+from fedrac.cli import main
+
+main()

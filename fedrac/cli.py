@@ -1,0 +1,41 @@
+"""``fedrac [overrides]``: compose the Hydra config, validate it, run, print the table."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from fedrac.config import ConfigError, check_group_overrides, conf_dir, validate
+from fedrac.results import format_table
+
+
+def _fail(err: Exception) -> None:
+    print(f"fedrac: error: {err}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+@hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)
+def _hydra_main(cfg: DictConfig) -> float:
+    try:
+        run_cfg = validate(cfg)
+    except ConfigError as err:
+        _fail(err)
+    if run_cfg.get("output_dir") is None:
+        run_cfg["output_dir"] = HydraConfig.get().runtime.output_dir
+    from fedrac.run import run_experiment
+
+    summary = run_experiment(run_cfg)
+    print(format_table([summary]), flush=True)
+    return float(summary["final_accuracy"])
+
+
+def main() -> None:
+    """Console entry point (``fedrac`` and ``python -m fedrac``)."""
+    try:
+        check_group_overrides(sys.argv[1:])
+    except ConfigError as err:
+        _fail(err)
+    _hydra_main()

@@ -1,0 +1,135 @@
+"""Where the Hydra config tree lives, and the checks a composed config must pass.
+
+Every check raises :class:`ConfigError` with one line naming the key, the value
+and what is allowed, before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names key, value and what is allowed."""
+
+
+def conf_dir() -> Path:
+    """The ``conf/`` tree: inside the installed package, else the source checkout's."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"fedrac's conf/ tree is missing (looked in {here} and its parent)")
+
+
+def group_options(group: str) -> list[str]:
+    """The option names of a config group (``strategy`` -> ``['fedavg', 'rac_lora']``)."""
+    folder = conf_dir() / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def check_group_overrides(overrides: Sequence[str]) -> None:
+    """Reject ``group=name`` overrides whose option does not exist (sweeps included)."""
+    groups = {p.name for p in conf_dir().iterdir() if p.is_dir()}
+    for item in overrides:
+        if "=" not in item or item.startswith("-"):
+            continue
+        key, _, value = item.partition("=")
+        key = key.lstrip("+~")
+        if key not in groups or not value or value.startswith(("glob(", "range(", "choice(")):
+            continue
+        allowed = group_options(key)
+        for option in value.split(","):
+            if option not in allowed:
+                raise ConfigError(
+                    f"{key}={option!r} is not a known {key}; allowed: {', '.join(allowed)}"
+                )
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed; allowed: {allowed}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Resolve ``cfg`` to a plain dict and check every value (ConfigError on the first bad one)."""
+    from clients.local_training import OPTIMIZERS
+    from fedrac.data import load_task
+    from fedrac.lora import AdapterConfigError, check_rank, find_target_layers
+    from fedrac.models import build_model
+    from fedrac.sketch import DISTRIBUTIONS
+    from strategies import STRATEGIES
+
+    d: dict[str, Any] = (OmegaConf.to_container(cfg, resolve=True)
+                         if isinstance(cfg, DictConfig) else dict(cfg))
+    s = d["strategy"]
+    _require(s.get("name") in STRATEGIES, "strategy", s.get("name"), ", ".join(STRATEGIES))
+    strategy_cls = STRATEGIES[s["name"]]
+    _require(_is_int(d["num_rounds"]) and d["num_rounds"] >= 1, "num_rounds", d["num_rounds"],
+             "an integer >= 1")
+    _require(_is_int(d["num_clients"]) and d["num_clients"] >= strategy_cls.min_clients,
+             "num_clients", d["num_clients"],
+             f"an integer >= {strategy_cls.min_clients} (the minimum of strategy {s['name']})")
+    fr = d["fraction_train"]
+    _require(_is_num(fr) and 0 < fr <= 1, "fraction_train", fr, "a number in (0, 1]")
+    mac = d.get("min_available_clients")
+    _require(mac is None or (_is_int(mac) and 1 <= mac <= d["num_clients"]),
+             "min_available_clients", mac,
+             f"null or an integer in 1..num_clients={d['num_clients']}")
+    _require(_is_int(d["seed"]) and d["seed"] >= 0, "seed", d["seed"], "an integer >= 0")
+    _require(d["device"] in ("cpu", "cuda", "auto"), "device", d["device"], "cpu, cuda, auto")
+    if d["device"] == "cuda":
+        import torch
+
+        _require(torch.cuda.is_available(), "device", "cuda",
+                 "cpu, auto (no CUDA device is visible on this machine)")
+    _require(_is_int(d["eval_every"]) and d["eval_every"] >= 1, "eval_every", d["eval_every"],
+             "an integer >= 1")
+    _require(_is_num(d["round_timeout"]) and d["round_timeout"] > 0, "round_timeout",
+             d["round_timeout"], "a number of seconds > 0")
+    c = d["client"]
+    _require(c["optimizer"] in OPTIMIZERS, "client.optimizer", c["optimizer"],
+             ", ".join(OPTIMIZERS))
+    _require(_is_num(c["lr"]) and c["lr"] > 0, "client.lr", c["lr"], "a number > 0")
+    _require(_is_int(c["local_epochs"]) and c["local_epochs"] >= 1, "client.local_epochs",
+             c["local_epochs"], "an integer >= 1")
+    _require(c["local_steps"] is None or (_is_int(c["local_steps"]) and c["local_steps"] >= 1),
+             "client.local_steps", c["local_steps"], "null or an integer >= 1")
+    _require(_is_int(c["batch_size"]) and c["batch_size"] >= 1, "client.batch_size",
+             c["batch_size"], "an integer >= 1")
+    _require(_is_num(c["weight_decay"]) and c["weight_decay"] >= 0, "client.weight_decay",
+             c["weight_decay"], "a number >= 0")
+    _require(d["engine"].get("name") in ("simulation", "inline"), "engine",
+             d["engine"].get("name"), "simulation, inline")
+    if s["name"] != "fedavg":
+        _require(_is_int(s.get("rank")) and s["rank"] >= 1, "strategy.rank", s.get("rank"),
+                 "an integer >= 1")
+        _require(_is_num(s.get("alpha")) and s["alpha"] > 0, "strategy.alpha", s.get("alpha"),
+                 "a number > 0")
+        _require(s.get("sketch") in DISTRIBUTIONS, "strategy.sketch", s.get("sketch"),
+                 ", ".join(DISTRIBUTIONS))
+        allowed_sides = getattr(strategy_cls, "TRAIN_FACTORS", ("A", "B", "auto"))
+        _require(s.get("train_factor") in allowed_sides, "strategy.train_factor",
+                 s.get("train_factor"), ", ".join(allowed_sides))
+    try:
+        task = load_task(d["dataset"])
+        model = build_model(d["model"], task.input_shape, task.num_classes)
+        layers = find_target_layers(model, d["model"].get("target_modules", ["all"]))
+        if s["name"] != "fedavg":
+            check_rank(layers, s["rank"])
+    except (AdapterConfigError, ValueError) as err:
+        raise ConfigError(str(err)) from err
+    return d

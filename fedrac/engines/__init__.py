@@ -1,0 +1,1 @@
+"""Engines that run a Flower ServerApp/ClientApp pair."""

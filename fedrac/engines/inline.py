@@ -1,0 +1,335 @@
+"""In-process Flower engine: a ``Grid`` that calls the ``ClientApp`` directly.
+
+``run_inline`` runs a ``ServerApp`` against ``num_supernodes`` virtual SuperNodes in the
+calling process and thread: no Ray, no gRPC, no worker threads. Every pushed message is
+handled synchronously by calling the ``ClientApp`` with the destination node's ``Context``,
+so a run is deterministic given the same seed (and the same global ``random`` state, which
+Flower's strategies use for sampling).
+
+Differences from Flower's Simulation Runtime, all deliberate:
+
+* ``send_and_receive(timeout=...)`` and message TTLs do not cut a round short: every
+  accepted message gets its reply, so results do not depend on wall-clock time.
+* ClientApp calls are serialised; only the node ``Context`` objects persist between
+  rounds. Message content is copied at the node boundary (array bytes are shared, they are
+  immutable) so a ClientApp cannot alter the server's records, or the reverse.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import threading
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
+from flwr.app.message import make_message
+from flwr.clientapp import ClientApp
+from flwr.common.constant import (
+    NUM_PARTITIONS_KEY,
+    PARTITION_ID_KEY,
+    SUPERLINK_NODE_ID,
+    ErrorCode,
+)
+from flwr.server.utils.validator import validate_message
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.constant import NOOP_FEDERATION_ID
+from flwr.supercore.run import Run
+
+log = logging.getLogger(__name__)
+
+_ID_BITS = 63  # Flower ids are uint64 on the wire; stay in the positive int64 range.
+
+
+@contextmanager
+def _as_task(run_id: int, node_id: int, task_id: int) -> Iterator[None]:
+    """Act as task ``task_id`` of node ``node_id`` in run ``run_id`` inside the block.
+
+    ``Message(content, dst_node_id, message_type)`` fills ``run_id``, ``src_node_id`` and
+    ``src_task_id`` from the PRIVATE, process-wide ``flwr.supercore.task_identity.TaskIdentity``.
+    Flower sets it once per process because each ServerApp/ClientApp gets its own process;
+    here server and clients share one, so the identity is switched around every ClientApp
+    call and the caller's identity (possibly unset) is restored afterwards. This is the only
+    place in fedrac that touches the private API; if Flower moves or renames it, fix it here.
+    """
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = task_id, run_id, node_id
+    try:
+        yield
+    finally:
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = saved
+
+
+def _copy_recorddict(records: RecordDict) -> RecordDict:
+    """Copy ``records`` so neither side can mutate the other's records.
+
+    Arrays are rebuilt around the same (immutable) ``bytes``; ``copy.deepcopy`` is not used
+    for them because an ``Array`` whose ``object_id`` was computed caches ``memoryview``
+    chunks, which cannot be copied.
+    """
+    out = RecordDict()
+    for key, record in records.items():
+        if isinstance(record, ArrayRecord):
+            out[key] = ArrayRecord.from_array_dict(dict(record.items()))
+        else:
+            out[key] = copy.deepcopy(record)
+    return out
+
+
+def _copy_context(context: Context) -> Context:
+    """Working copy of a node context (committed back only if the ClientApp succeeds)."""
+    return Context(
+        run_id=context.run_id,
+        node_id=context.node_id,
+        node_config=dict(context.node_config),
+        state=_copy_recorddict(context.state),
+        run_config=dict(context.run_config),
+        series_id=context.series_id,
+    )
+
+
+def _reply_problem(reply: Any, ins: Message) -> str | None:
+    """Why ``reply`` is not a valid reply to ``ins`` (``None`` if it is)."""
+    if not isinstance(reply, Message):
+        return f"ClientApp returned {type(reply).__name__}, expected a reply Message"
+    meta, ins_meta = reply.metadata, ins.metadata
+    if meta.reply_to_message_id != ins_meta.message_id:
+        return "ClientApp returned a Message that is not a reply to the received Message"
+    if (meta.src_node_id, meta.dst_node_id) != (ins_meta.dst_node_id, ins_meta.src_node_id):
+        return "ClientApp reply has wrong source/destination node ids"
+    return None
+
+
+class InlineGrid(Grid):
+    """A ``Grid`` whose ``push_messages`` runs the ``ClientApp`` in the calling process.
+
+    Node ids are drawn from ``random.Random(seed)`` (never 0 or the SuperLink's id) and node
+    ``i`` gets ``node_config = {"partition-id": i, "num-partitions": num_supernodes}`` updated
+    with ``node_configs[i]``. A node's ``Context`` (with its persistent ``state``) is created
+    on the first message it receives; its ``run_config`` is the run's ``override_config``.
+    """
+
+    def __init__(
+        self,
+        client_app: ClientApp,
+        num_supernodes: int,
+        node_configs: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        seed: int = 0,
+    ) -> None:
+        if num_supernodes < 1:
+            raise ValueError(f"num_supernodes must be >= 1, got {num_supernodes}")
+        if node_configs is not None and len(node_configs) != num_supernodes:
+            raise ValueError(
+                f"node_configs has {len(node_configs)} entries for {num_supernodes} nodes"
+            )
+        self._client_app = client_app
+        self._num_nodes = num_supernodes
+        self._node_configs = node_configs
+        self._rng = random.Random(seed)
+        self._node_ids = self._draw_ids(num_supernodes, exclude={0, SUPERLINK_NODE_ID})
+        self._partition = {node_id: i for i, node_id in enumerate(self._node_ids)}
+        self._contexts: dict[int, Context] = {}
+        self._replies: dict[str, Message] = {}
+        self._run: Run | None = None
+        self._lock = threading.Lock()
+        self._create_message_warned = False
+
+    def _draw_ids(self, count: int, exclude: set[int]) -> list[int]:
+        ids: list[int] = []
+        taken = set(exclude)
+        while len(ids) < count:
+            candidate = self._rng.getrandbits(_ID_BITS)
+            if candidate not in taken:
+                taken.add(candidate)
+                ids.append(candidate)
+        return ids
+
+    def _new_message_id(self) -> str:
+        return str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
+
+    def set_run(self, run: Run) -> None:
+        """Set the run; node contexts from a previous run are dropped."""
+        if not isinstance(run, Run):
+            raise TypeError(f"`run` must be an instance of Run, got {type(run).__name__}")
+        if self._run is not None and self._run.run_id != run.run_id:
+            self._contexts.clear()
+            self._replies.clear()
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        """A copy of the run this grid operates in."""
+        if self._run is None:
+            raise RuntimeError("InlineGrid.set_run() has not been called")
+        return Run(**vars(self._run))
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """Create an instruction message (deprecated in Flower: use ``Message(...)``)."""
+        if not self._create_message_warned:
+            self._create_message_warned = True
+            log.warning("Grid.create_message is deprecated in Flower; use Message(...)")
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        """Ids of all nodes, in partition order."""
+        return list(self._node_ids)
+
+    def node_context(self, node_id: int) -> Context | None:
+        """The persisted ``Context`` of ``node_id`` (``None`` before its first message)."""
+        return self._contexts.get(node_id)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Run the ClientApp for each valid message now; return the accepted message ids.
+
+        Like the SuperLink, an invalid message (wrong run, unknown destination, expired, ...)
+        is logged and dropped: its id is not returned.
+        """
+        run = self.run
+        accepted: list[str] = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = self._new_message_id()
+            errors = validate_message(msg, is_reply_message=False)
+            if msg.metadata.run_id != run.run_id:
+                errors.append(f"run_id {msg.metadata.run_id} is not {run.run_id}")
+            if msg.metadata.dst_node_id not in self._partition:
+                errors.append(f"unknown destination node {msg.metadata.dst_node_id}")
+            if not msg.has_content():
+                errors.append("an instruction message must carry content")
+            if errors:
+                log.error(
+                    "Dropping invalid message to node %s: %s",
+                    msg.metadata.dst_node_id,
+                    "; ".join(errors),
+                )
+                continue
+            with self._lock:
+                reply = self._handle(msg, run)
+                reply.metadata.__dict__["_message_id"] = self._new_message_id()
+                self._replies[msg.metadata.message_id] = reply
+            accepted.append(msg.metadata.message_id)
+        return accepted
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """Return (once) the available replies to ``message_ids``, in push order."""
+        wanted = set(message_ids)
+        ready = [mid for mid in self._replies if mid in wanted]
+        return [self._replies.pop(mid) for mid in ready]
+
+    def send_and_receive(
+        self,
+        messages: Iterable[Message],
+        *,
+        timeout: float | None = None,
+    ) -> list[Message]:
+        """Push ``messages`` and return all replies; ``timeout`` is accepted but never hit."""
+        return self.pull_messages(self.push_messages(messages))
+
+    def _node_context(self, node_id: int, run: Run) -> Context:
+        context = self._contexts.get(node_id)
+        if context is None:
+            partition_id = self._partition[node_id]
+            node_config: dict[str, Any] = {
+                PARTITION_ID_KEY: partition_id,
+                NUM_PARTITIONS_KEY: self._num_nodes,
+            }
+            if self._node_configs is not None:
+                node_config.update(self._node_configs[partition_id])
+            context = Context(
+                run_id=run.run_id,
+                node_id=node_id,
+                node_config=node_config,
+                state=RecordDict(),
+                run_config=dict(run.override_config),
+            )
+            self._contexts[node_id] = context
+        return context
+
+    def _handle(self, msg: Message, run: Run) -> Message:
+        """Call the ClientApp for ``msg``; an exception becomes an error reply."""
+        node_id = msg.metadata.dst_node_id
+        stored = self._node_context(node_id, run)
+        context = _copy_context(stored)
+        received = make_message(
+            metadata=copy.copy(msg.metadata), content=_copy_recorddict(msg.content)
+        )
+        task_id = self._rng.getrandbits(_ID_BITS)
+        try:
+            with _as_task(run.run_id, node_id, task_id):
+                reply = self._client_app(message=received, context=context)
+            if (problem := _reply_problem(reply, msg)) is not None:
+                raise TypeError(problem)
+        except Exception as ex:  # any ClientApp failure becomes an error reply, as in Flower
+            log.error(
+                "ClientApp raised on node %d (partition %d)",
+                node_id,
+                self._partition[node_id],
+                exc_info=ex,
+            )
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(ex)}:<'{ex}'>")
+            return Message(error, reply_to=msg)
+        if context.run_config != stored.run_config:
+            reason = (
+                "The `run_config` field of the `Context` object cannot be modified "
+                f"(run_id: {run.run_id})."
+            )
+            log.error("ClientApp on node %d: %s", node_id, reason)
+            return Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=msg)
+        self._contexts[node_id] = context
+        if reply.has_content():
+            return make_message(metadata=reply.metadata, content=_copy_recorddict(reply.content))
+        return reply
+
+
+def _new_run(seed: int, run_config: Mapping[str, Any]) -> Run:
+    """A ``Run`` with ids derived from ``seed`` (independent of the grid's id stream)."""
+    rng = random.Random(f"fedrac-inline-run-{seed}")
+    run = Run.create_empty(run_id=rng.getrandbits(_ID_BITS) or 1)
+    run.primary_task_id = rng.getrandbits(_ID_BITS) or 1
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = dict(run_config)
+    return run
+
+
+def run_inline(
+    server_app: ServerApp,
+    client_app: ClientApp,
+    num_supernodes: int,
+    run_config: dict[str, Any] | None = None,
+    node_configs: list[dict[str, Any]] | None = None,
+    *,
+    seed: int = 0,
+) -> None:
+    """Run ``server_app`` against ``num_supernodes`` in-process nodes running ``client_app``.
+
+    The ServerApp is called as Flower's runtime calls it, ``server_app(grid=..., context=...)``,
+    with a server ``Context`` (SuperLink node id, empty node config and state, ``run_config``).
+    ``run_config`` is also every node's ``Context.run_config``; ``node_configs[i]`` is merged
+    into node ``i``'s node config. Exceptions from the ServerApp propagate unchanged.
+    """
+    config = dict(run_config or {})
+    run = _new_run(seed, config)
+    grid = InlineGrid(client_app, num_supernodes, node_configs, seed=seed)
+    grid.set_run(run)
+    context = Context(
+        run_id=run.run_id,
+        node_id=SUPERLINK_NODE_ID,
+        node_config={},
+        state=RecordDict(),
+        run_config=dict(config),
+    )
+    with _as_task(run.run_id, SUPERLINK_NODE_ID, run.primary_task_id or 1):
+        server_app(grid=grid, context=context)

@@ -1,0 +1,66 @@
+"""Reproducible pretraining on the source task, cached as safetensors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from clients.local_training import TrainSettings, evaluate, resolve_device, train_locally
+from fedrac.data import load_task, to_tensors
+from fedrac.models import build_model
+
+log = logging.getLogger(__name__)
+
+
+def _cache_path(cache_dir: str | os.PathLike, key: Mapping[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return Path(cache_dir).expanduser() / f"pretrained-{key['model'].get('name', 'custom')}-" \
+        f"{key['dataset'].get('name', 'custom')}-{digest[:12]}.safetensors"
+
+
+def pretrained_state(
+    model_cfg: Mapping[str, Any], dataset_cfg: Mapping[str, Any],
+    pretrain_cfg: Mapping[str, Any], cache_dir: str | os.PathLike,
+) -> dict[str, torch.Tensor]:
+    """The model's weights after pretraining on the source task (computed once, then cached)."""
+    key = {"model": dict(model_cfg), "dataset": dict(dataset_cfg), "pretrain": dict(pretrain_cfg),
+           "torch": torch.__version__.split("+")[0]}
+    path = _cache_path(cache_dir, key)
+    if path.exists():
+        log.info("pretrained weights from cache %s", path)
+        return load_file(str(path))
+    task = load_task(dataset_cfg)
+    torch.manual_seed(int(pretrain_cfg.get("seed", 0)))
+    model = build_model(model_cfg, task.input_shape, task.num_classes)
+    if int(pretrain_cfg.get("epochs", 0)) > 0 and len(task.source_train):
+        x, y = to_tensors(task.source_train)
+        settings = TrainSettings(
+            optimizer=str(pretrain_cfg.get("optimizer", "adamw")),
+            lr=float(pretrain_cfg.get("lr", 0.01)),
+            local_epochs=int(pretrain_cfg["epochs"]),
+            batch_size=int(pretrain_cfg.get("batch_size", 32)),
+        )
+        device = resolve_device("cpu")
+        result = train_locally(model, x, y, settings, seed=int(pretrain_cfg.get("seed", 0)),
+                               device=device)
+        xt, yt = to_tensors(task.source_test)
+        _, acc = evaluate(model, xt, yt, device)
+        log.info("pretrained on the source task: train loss %.4f, source test accuracy %.4f "
+                 "(%.1f s)", result.loss, acc, result.seconds)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    save_file(state, tmp)
+    os.replace(tmp, path)
+    log.info("pretrained weights cached at %s", path)
+    return state

@@ -1,0 +1,60 @@
+"""One fedrac run: validated config in, results folder out, on the configured engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from clients.client_app import make_client_app
+from fedrac.pretrain import pretrained_state
+from fedrac.server_app import make_server_app
+
+log = logging.getLogger(__name__)
+
+
+class RunFailedError(RuntimeError):
+    """The engine returned without the run writing its results."""
+
+
+def quiet_flower(verbose: bool) -> None:
+    """Keep Flower's per-round INFO logs out of the console unless ``verbose``."""
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Run the validated config ``cfg`` (a plain dict) and return its summary."""
+    cfg = dict(cfg)
+    out = Path(cfg["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path = out / "summary.json"
+    if summary_path.exists():
+        summary_path.unlink()
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    quiet_flower(bool(cfg.get("verbose", False)))
+    # Pretrain (or load the cache) here, once, before any engine starts.
+    pretrained_state(cfg["model"], cfg["dataset"], cfg["pretrain"], cfg["cache_dir"])
+    server_app, client_app = make_server_app(cfg), make_client_app(cfg)
+    engine = cfg["engine"]["name"]
+    print(f"fedrac: {cfg['strategy']['name']} on {cfg['dataset'].get('name')}, "
+          f"{cfg['num_clients']} clients, {cfg['num_rounds']} rounds, engine {engine}; "
+          f"results in {out}", flush=True)
+    if engine == "simulation":
+        from fedrac.engines.simulation import run_on_ray
+
+        run_on_ray(server_app, client_app, cfg["num_clients"], cfg["engine"],
+                   verbose=bool(cfg.get("verbose", False)))
+    elif engine == "inline":
+        from fedrac.engines.inline import run_inline
+
+        run_inline(server_app, client_app, cfg["num_clients"])
+    else:
+        raise ValueError(f"engine={engine!r} is not an engine; allowed: simulation, inline")
+    if not summary_path.exists():
+        raise RunFailedError(f"the run ended without writing {summary_path}; "
+                             "see the log above for the ServerApp's error")
+    return json.loads(summary_path.read_text())

@@ -1,0 +1,99 @@
+"""Seeded random sketches: the frozen low-rank factor every client regenerates.
+
+A sketch is a pure function of ``(round_seed, layer_name, shape, distribution)``.
+It is generated on the CPU with an explicit ``torch.Generator`` (never the global
+RNG, never on CUDA, whose streams differ), so every process draws the same bits.
+All distributions satisfy ``E[H] = (r/k) I`` where ``k`` is the sketch's long side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+DISTRIBUTIONS = ("gaussian", "orthogonal", "rademacher", "coordinate")
+
+
+class SketchMismatchError(RuntimeError):
+    """A client regenerated a sketch whose fingerprint differs from the server's."""
+
+
+def derive_seed(run_seed: int, *path: int) -> int:
+    """A 63-bit seed derived from ``(run_seed, *path)``, e.g. ``(run_seed, round)``.
+
+    Stateless: the same inputs give the same seed in any process, so a resumed run
+    draws the same seeds.
+    """
+    state = np.random.SeedSequence([int(run_seed), *(int(p) for p in path)])
+    hi, lo = (int(x) for x in state.generate_state(2, dtype=np.uint32))
+    return ((hi << 32) | lo) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _layer_seed(round_seed: int, layer_name: str) -> int:
+    digest = hashlib.sha256(f"{int(round_seed)}:{layer_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def make_sketch(
+    round_seed: int,
+    layer_name: str,
+    shape: tuple[int, int],
+    distribution: str = "orthogonal",
+) -> torch.Tensor:
+    """The sketch of ``shape`` (rows, cols) for one layer and round, float32 on the CPU.
+
+    The short side is the rank ``r``; the long side ``k`` gets the unit-norm
+    directions (rows of an ``A``-shaped ``r x d_in`` sketch, columns of a
+    ``B``-shaped ``d_out x r`` one).
+    """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(
+            f"strategy.sketch={distribution!r} is not a sketch distribution; "
+            f"allowed: {', '.join(DISTRIBUTIONS)}"
+        )
+    rows, cols = int(shape[0]), int(shape[1])
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(_layer_seed(round_seed, layer_name))
+    wide = rows <= cols  # A-shaped: r x k
+    r, k = (rows, cols) if wide else (cols, rows)
+    if distribution == "gaussian":
+        s = torch.randn(r, k, generator=gen, dtype=torch.float64) / np.sqrt(k)
+    elif distribution == "rademacher":
+        s = (torch.randint(0, 2, (r, k), generator=gen).to(torch.float64) * 2 - 1) / np.sqrt(k)
+    elif distribution == "coordinate":
+        idx = torch.randperm(k, generator=gen)[:r]
+        s = torch.zeros(r, k, dtype=torch.float64)
+        s[torch.arange(r), idx] = 1.0
+    else:
+        g = torch.randn(k, r, generator=gen, dtype=torch.float64)
+        q, upper = torch.linalg.qr(g)
+        signs = torch.sign(torch.diagonal(upper))
+        signs[signs == 0] = 1.0
+        s = (q * signs).T.contiguous()  # sign fix makes the draw Haar-distributed
+    s = s.to(torch.float32)
+    return s if wide else s.T.contiguous()
+
+
+def fingerprint(sketches: Mapping[str, torch.Tensor]) -> str:
+    """A short hash of the named sketches' bytes (16 hex characters)."""
+    h = hashlib.sha256()
+    for name in sorted(sketches):
+        t = sketches[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_fingerprint(expected: str, sketches: Mapping[str, torch.Tensor], round_: int) -> None:
+    """Raise :class:`SketchMismatchError` when the regenerated sketches differ."""
+    got = fingerprint(sketches)
+    if got != expected:
+        raise SketchMismatchError(
+            f"round {round_}: regenerated sketch fingerprint {got} differs from the server's "
+            f"{expected}; refusing to train on the wrong subspace (different fedrac/torch "
+            "version or sketch settings on this client?)"
+        )

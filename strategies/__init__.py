@@ -1,0 +1,26 @@
+"""Flower server strategies, one file per method; ``STRATEGIES`` maps config names to classes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fedrac.ledger import ByteLedger
+from strategies.base import FedracStrategy
+from strategies.fedavg import FedAvgFPFT
+from strategies.rac_lora import RacLoRA
+
+STRATEGIES: dict[str, type[FedracStrategy]] = {cls.name: cls for cls in (FedAvgFPFT, RacLoRA)}
+
+
+def build_strategy(
+    cfg: Mapping[str, Any], layers, ledger: ByteLedger | None = None
+) -> FedracStrategy:
+    """The strategy named by ``strategy.name``, configured from the composed run config."""
+    name = cfg["strategy"]["name"]
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy={name!r} is not a strategy; allowed: {', '.join(STRATEGIES)}")
+    common = dict(run_seed=int(cfg["seed"]), client_config=cfg["client"],
+                  fraction_train=float(cfg["fraction_train"]), ledger=ledger,
+                  min_available_nodes=int(cfg.get("min_available_clients") or cfg["num_clients"]))
+    return STRATEGIES[name].from_config(cfg, layers, **common)

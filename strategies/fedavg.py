@@ -1,0 +1,55 @@
+"""Full-parameter federated fine-tuning (FPFT): FedAvg in fedrac's harness."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from strategies.base import FedracStrategy, weighted_average
+
+
+class FedAvgFPFT(FedracStrategy):
+    """Every client trains all weights; the server takes their weighted average.
+
+    Rule: ``W <- sum_k p_k W_k`` with ``p_k`` proportional to ``num-examples``.
+    Sends ``arrays`` (the full global weights, kind ``weights``) and ``config``
+    with ``mode="full"``; expects back ``arrays`` with the same keys and shapes.
+    """
+
+    name = "fedavg"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._global: ArrayRecord | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], layers, **common: Any) -> FedAvgFPFT:
+        """Build from the composed run config (``layers`` is unused by FPFT)."""
+        return cls(**common)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the full global weights to this round's clients."""
+        self._global = arrays
+        nodes = self.sample_train_nodes(grid, server_round)
+        content = RecordDict({"arrays": arrays,
+                              "config": self.train_config(server_round, mode="full")})
+        return self.make_messages(server_round, content, nodes, {"arrays": "weights"})
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Weighted average of the clients' full weights."""
+        assert self._global is not None
+        expected = {k: tuple(a.shape) for k, a in self._global.items()}
+        valid = self.collect_replies(server_round, replies, "arrays", expected,
+                                     {"arrays": "weights"})
+        metrics = self.round_metric_record(server_round)
+        if not valid:
+            return None, metrics
+        avg = weighted_average([r.tensors for r in valid], [r.weight for r in valid])
+        return ArrayRecord(avg), metrics

@@ -1,0 +1,141 @@
+"""Fed-RAC-LoRA: a fresh shared random sketch each round, one factor trained and averaged."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedrac.lora import LayerSpec, check_rank, delta_weight, resolve_trained
+from fedrac.sketch import DISTRIBUTIONS, derive_seed, fingerprint, make_sketch
+from strategies.base import FedracStrategy, weighted_average
+
+TRAIN_FACTORS = ("A", "B", "auto")
+KINDS = {"arrays": "weights", "factors": "factors", "sketch": "seeds", "config": "config"}
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one round trains: the seed, the trained side per layer and the sketches."""
+
+    seed: int
+    trained: dict[str, str]
+    sketches: dict[str, torch.Tensor]
+
+    def factor_key(self, layer: str) -> str:
+        return f"{layer}.lora_{self.trained[layer]}"
+
+
+def plan_round(
+    layers: Mapping[str, LayerSpec], seed: int, rank: int, distribution: str, train_factor: str
+) -> RoundPlan:
+    """The round's trained sides and sketches (the same on the server and every client)."""
+    trained = {n: resolve_trained(spec, train_factor) for n, spec in layers.items()}
+    sketches = {}
+    for name, spec in layers.items():
+        other = "B" if trained[name] == "A" else "A"
+        key = f"{name}.lora_{other}"
+        sketches[key] = make_sketch(seed, key, spec.factor_shape(other, rank), distribution)
+    return RoundPlan(seed, trained, sketches)
+
+
+class RacLoRA(FedracStrategy):
+    """Randomized Asymmetric Chain of LoRA (arXiv 2410.08305), federated.
+
+    Round ``t``: ``seed_t = derive_seed(run_seed, t)``; per target layer a sketch
+    (the factor not trained, drawn from ``seed_t``) is frozen and the other factor
+    starts at zero. Clients return only the trained factors; the server merges
+    ``W <- W + s * B_bar @ A_t`` (or ``s * B_t @ A_bar``), ``s = alpha / rank``,
+    with ``B_bar = sum_k p_k B_k`` -- exact, because the sketch is shared.
+    ``resample_every=k`` keeps a sketch for k rounds; k beyond the run length is
+    asymmetric LoRA (FFA-LoRA), confined to one subspace.
+
+    Sends ``arrays`` (global weights), ``sketch`` (``seed``, ``distribution``,
+    ``fingerprint``; kind ``seeds``) and ``config`` (client settings plus ``mode``,
+    ``rank``, ``alpha``, ``train-factor``). Expects ``factors`` back.
+    """
+
+    name = "rac_lora"
+    TRAIN_FACTORS = TRAIN_FACTORS
+
+    def __init__(
+        self, *, layers: Mapping[str, LayerSpec], rank: int, alpha: float,
+        sketch: str = "orthogonal", train_factor: str = "auto", resample_every: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if sketch not in DISTRIBUTIONS:
+            raise ValueError(f"strategy.sketch={sketch!r} is not allowed; "
+                             f"allowed: {', '.join(DISTRIBUTIONS)}")
+        if train_factor not in TRAIN_FACTORS:
+            raise ValueError(f"strategy.train_factor={train_factor!r} is not allowed for "
+                             f"rac_lora; allowed: {', '.join(TRAIN_FACTORS)}")
+        if int(resample_every) < 1:
+            raise ValueError(f"strategy.resample_every={resample_every!r} is not allowed; "
+                             "allowed: an integer >= 1")
+        check_rank(layers, rank)
+        self.layers = dict(layers)
+        self.rank, self.alpha = int(rank), float(alpha)
+        self.scale = self.alpha / self.rank
+        self.sketch, self.train_factor = sketch, train_factor
+        self.resample_every = int(resample_every)
+        self._global: ArrayRecord | None = None
+        self._plan: RoundPlan | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], layers, **common: Any) -> RacLoRA:
+        """Build from the composed run config."""
+        s = cfg["strategy"]
+        return cls(layers=layers, rank=s["rank"], alpha=s["alpha"], sketch=s["sketch"],
+                   train_factor=s["train_factor"], resample_every=s.get("resample_every", 1),
+                   **common)
+
+    def round_seed(self, server_round: int) -> int:
+        """The sketch seed of a round: a new one every ``resample_every`` rounds."""
+        first = (server_round - 1) // self.resample_every * self.resample_every + 1
+        return derive_seed(self.run_seed, first)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the weights, the round's seed and fingerprint, and the settings."""
+        self._global = arrays
+        self._plan = plan_round(self.layers, self.round_seed(server_round), self.rank,
+                                self.sketch, self.train_factor)
+        nodes = self.sample_train_nodes(grid, server_round)
+        content = RecordDict({
+            "arrays": arrays,
+            "sketch": ConfigRecord({"seed": self._plan.seed, "distribution": self.sketch,
+                                    "fingerprint": fingerprint(self._plan.sketches)}),
+            "config": self.train_config(server_round, mode="adapters", rank=self.rank,
+                                        alpha=self.alpha, **{"train-factor": self.train_factor}),
+        })
+        return self.make_messages(server_round, content, nodes, KINDS)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the trained factors and merge ``s * B @ A`` into the global weights."""
+        assert self._global is not None and self._plan is not None
+        plan = self._plan
+        expected = {plan.factor_key(n): spec.factor_shape(plan.trained[n], self.rank)
+                    for n, spec in self.layers.items()}
+        valid = self.collect_replies(server_round, replies, "factors", expected, KINDS)
+        metrics = self.round_metric_record(server_round)
+        if not valid:
+            return None, metrics
+        avg = weighted_average([r.tensors for r in valid], [r.weight for r in valid])
+        state = self._global.to_torch_state_dict()
+        for name, spec in self.layers.items():
+            if plan.trained[name] == "A":
+                a, b = avg[plan.factor_key(name)], plan.sketches[f"{name}.lora_B"]
+            else:
+                a, b = plan.sketches[f"{name}.lora_A"], avg[plan.factor_key(name)]
+            w = state[spec.weight_key]
+            state[spec.weight_key] = (w.to(torch.float64) + delta_weight(
+                a.to(torch.float64), b.to(torch.float64), self.scale, w.shape)).to(w.dtype)
+        return ArrayRecord(state), metrics

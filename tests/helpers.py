@@ -1,0 +1,40 @@
+"""Shared test helpers: run a strategy for some rounds over in-process Flower nodes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedrac.engines.inline import run_inline
+
+
+def run_strategy(strategy, initial: ArrayRecord, num_rounds: int, num_nodes: int,
+                 train: Callable[[Message, Context], Message]) -> list[ArrayRecord]:
+    """Run ``strategy`` with a ClientApp whose train handler is ``train``.
+
+    Returns the global arrays after each round (index 0: the initial ones).
+    """
+    seen: list[ArrayRecord] = []
+    client = ClientApp()
+    client.train()(train)
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy.start(grid, initial, num_rounds=num_rounds,
+                       evaluate_fn=lambda rnd, arrays: seen.append(arrays))
+
+    run_inline(server, client, num_nodes)
+    return seen
+
+
+def reply(msg: Message, key: str, tensors: dict, num_examples: int, loss: float = 0.0) -> Message:
+    """A train reply carrying ``tensors`` under ``key`` and the usual metrics."""
+    metrics = MetricRecord({"num-examples": num_examples, "train-loss": loss,
+                            "train-seconds": 0.0})
+    arrays = ArrayRecord({k: torch.as_tensor(v) for k, v in tensors.items()})
+    return Message(RecordDict({key: arrays, "metrics": metrics}), reply_to=msg)

@@ -1,0 +1,109 @@
+"""Seeded sketches: determinism across processes, distinctness, shape and scale."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fedrac.sketch import (
+    DISTRIBUTIONS,
+    SketchMismatchError,
+    check_fingerprint,
+    derive_seed,
+    fingerprint,
+    make_sketch,
+)
+
+SNIPPET = (
+    "from fedrac.sketch import make_sketch, DISTRIBUTIONS\n"
+    "import hashlib\n"
+    "h = hashlib.sha256()\n"
+    "for d in DISTRIBUTIONS:\n"
+    "    for shape in [(3, 17), (17, 3)]:\n"
+    "        h.update(make_sketch(1234, 'fc1.lora_A', shape, d).numpy().tobytes())\n"
+    "print(h.hexdigest())\n"
+)
+
+
+def _digest_in_subprocess() -> str:
+    out = subprocess.run([sys.executable, "-c", SNIPPET], capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip()
+
+
+def test_bit_identical_in_two_separate_processes():
+    first, second = _digest_in_subprocess(), _digest_in_subprocess()
+    assert first == second
+    import hashlib
+
+    h = hashlib.sha256()
+    for d in DISTRIBUTIONS:
+        for shape in [(3, 17), (17, 3)]:
+            h.update(make_sketch(1234, "fc1.lora_A", shape, d).numpy().tobytes())
+    assert h.hexdigest() == first
+
+
+def test_global_rng_does_not_matter():
+    torch.manual_seed(0)
+    a = make_sketch(7, "x", (2, 9), "gaussian")
+    torch.manual_seed(99)
+    torch.randn(100)
+    assert torch.equal(a, make_sketch(7, "x", (2, 9), "gaussian"))
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_different_seeds_and_layer_names_differ(dist):
+    base = make_sketch(1, "fc1.lora_A", (2, 16), dist)
+    assert not torch.equal(base, make_sketch(2, "fc1.lora_A", (2, 16), dist))
+    assert not torch.equal(base, make_sketch(1, "fc2.lora_A", (2, 16), dist))
+
+
+def test_round_seeds_are_derived_and_distinct():
+    seeds = [derive_seed(0, t) for t in range(1, 200)]
+    assert len(set(seeds)) == len(seeds)
+    assert derive_seed(0, 5) == derive_seed(0, 5)
+    assert derive_seed(0, 5) != derive_seed(1, 5)
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+@pytest.mark.parametrize("shape", [(3, 20), (20, 3)])
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_shape_and_expected_projection_scale(dist, shape):
+    """Shape as asked; E[S^T S] (A-shaped) or E[S S^T] (B-shaped) is (r/k) I."""
+    r, k = min(shape), max(shape)
+    acc = torch.zeros(k, k, dtype=torch.float64)
+    n = 1000
+    for seed in range(n):
+        s = make_sketch(seed, "layer", shape, dist).to(torch.float64)
+        assert tuple(s.shape) == shape and s.dtype == torch.float64
+        acc += s.T @ s if shape[0] == r else s @ s.T
+    mean = acc / n
+    expected = torch.eye(k, dtype=torch.float64) * (r / k)
+    assert torch.allclose(mean, expected, atol=0.03), (mean - expected).abs().max()
+
+
+def test_distribution_specific_structure():
+    a = make_sketch(3, "l", (4, 10), "orthogonal").to(torch.float64)
+    assert torch.allclose(a @ a.T, torch.eye(4, dtype=torch.float64), atol=1e-6)
+    b = make_sketch(3, "l", (10, 4), "orthogonal").to(torch.float64)
+    assert torch.allclose(b.T @ b, torch.eye(4, dtype=torch.float64), atol=1e-6)
+    c = make_sketch(3, "l", (4, 10), "coordinate")
+    assert torch.equal(c.sum(dim=1), torch.ones(4)) and torch.equal(c.abs().max(), torch.tensor(1.))
+    assert len(set(c.argmax(dim=1).tolist())) == 4
+    rad = make_sketch(3, "l", (4, 16), "rademacher")
+    assert torch.allclose(rad.abs(), torch.full((4, 16), 0.25))
+
+
+def test_unknown_distribution_names_key_and_allowed():
+    with pytest.raises(ValueError, match="strategy.sketch='uniform'.*allowed: gaussian"):
+        make_sketch(0, "l", (1, 4), "uniform")
+
+
+def test_fingerprint_detects_a_mismatch():
+    s = {"fc1.lora_A": make_sketch(5, "fc1.lora_A", (1, 8), "orthogonal")}
+    fp = fingerprint(s)
+    check_fingerprint(fp, s, round_=1)
+    other = {"fc1.lora_A": make_sketch(6, "fc1.lora_A", (1, 8), "orthogonal")}
+    with pytest.raises(SketchMismatchError, match="round 3: regenerated sketch fingerprint"):
+        check_fingerprint(fp, other, round_=3)
