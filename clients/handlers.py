@@ -119,6 +119,7 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
     server_round = int(config["server-round"])
     device = resolve_device(str(cfg.get("device", "cpu")))
     model = client_model(cfg)
+    remove_adapters(model)  # in case an earlier round failed half-way
     model.load_state_dict(content["arrays"].to_torch_state_dict(), strict=True)
     model.to(device)
     x, y = client_data(cfg, context)

@@ -85,10 +85,11 @@ class FedracStrategy(FedAvg):
         ledger: ByteLedger | None = None,
     ) -> None:
         super().__init__(
-            fraction_train=fraction_train, fraction_evaluate=0.0,
+            fraction_train=fraction_train, fraction_evaluate=1.0,
             min_train_nodes=min_train_nodes, min_evaluate_nodes=0,
             min_available_nodes=max(min_available_nodes, min_train_nodes),
         )
+        self.fraction_evaluate = 0.0  # evaluation is server-side (set after FedAvg's warning)
         self.run_seed = int(run_seed)
         self.client_config = client_config_record(client_config)
         self.ledger = ledger or ByteLedger()
