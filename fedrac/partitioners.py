@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -109,7 +110,9 @@ def _ready(part_cfg: Mapping[str, Any], ds: Dataset, n: int, seed: int) -> Parti
     partitioner = build_partitioner(part_cfg, n, seed)
     partitioner.dataset = ds
     try:
-        sizes = [len(partitioner.load_partition(i)) for i in range(n)]
+        with warnings.catch_warnings():  # Dirichlet retries warn; the error below says it all
+            warnings.simplefilter("ignore", UserWarning)
+            sizes = [len(partitioner.load_partition(i)) for i in range(n)]
     except ValueError as err:
         raise DataConfigError(_explain(part_cfg, ds, n, seed, err)) from err
     empty = [i for i, s in enumerate(sizes) if s == 0]
@@ -131,7 +134,9 @@ def _explain(part_cfg: Mapping[str, Any], ds: Dataset, n: int, seed: int, err: E
         p = build_partitioner(trial, n, seed)
         p.dataset = ds
         try:
-            p.load_partition(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                p.load_partition(0)
         except ValueError:
             continue
         works = trial["alpha"]
