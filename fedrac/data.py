@@ -193,8 +193,21 @@ def build_task(cfg: Mapping[str, Any]) -> Task:
                 num_classes=num_classes)
 
 
+def plain(value: Any) -> Any:
+    """``value`` with OmegaConf containers (at any depth) turned into dicts and lists."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
 def _key(cfg: Mapping[str, Any]) -> str:
-    return json.dumps(cfg, sort_keys=True, default=str)
+    return json.dumps(plain(cfg), sort_keys=True, default=str)
 
 
 @functools.lru_cache(maxsize=4)
@@ -256,7 +269,7 @@ def load_dataset_from_path(path: str | os.PathLike, dataset_cfg: Mapping[str, An
     ``x``/``y``. Samples are kept in the target task (its classes, relabelled as in
     ``dataset.target_classes``) so they match the global model's head.
     """
-    cfg = dict(dataset_cfg)
+    cfg = plain(dataset_cfg)
     raw = read_path(path, cfg, key="data-path")
     if raw.test is not None:
         raw = Arrays(np.concatenate([raw.x, raw.test.x]), np.concatenate([raw.y, raw.test.y]))

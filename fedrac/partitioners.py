@@ -95,6 +95,7 @@ def build_partitioner(part_cfg: Mapping[str, Any], num_partitions: int, seed: in
 def _ready(part_cfg: Mapping[str, Any], ds: Dataset, n: int, seed: int) -> Partitioner:
     """A partitioner over ``ds`` whose partitions are computed and checked."""
     name = part_cfg.get("name")
+    partitioner = build_partitioner(part_cfg, n, seed)
     if n > len(ds):
         raise DataConfigError(f"num_clients={n} is more than the {len(ds)} target training "
                               f"samples; allowed: 1..{len(ds)}")
@@ -107,7 +108,6 @@ def _ready(part_cfg: Mapping[str, Any], ds: Dataset, n: int, seed: int) -> Parti
         if ids != n:
             raise DataConfigError(f"num_clients={n} does not match the {ids} ids of partitioner."
                                   f"partition_by={column!r}; allowed: num_clients={ids}")
-    partitioner = build_partitioner(part_cfg, n, seed)
     partitioner.dataset = ds
     try:
         with warnings.catch_warnings():  # Dirichlet retries warn; the error below says it all
@@ -160,7 +160,9 @@ def _partitioner_cached(key: str) -> Partitioner:
 def partitioner_for(dataset_cfg: Mapping[str, Any], part_cfg: Mapping[str, Any],
                     num_partitions: int, seed: int) -> Partitioner:
     """The checked partitioner of the target training data (cached per process)."""
-    key = json.dumps({"dataset": dict(dataset_cfg), "partitioner": dict(part_cfg),
+    from fedrac.data import plain
+
+    key = json.dumps({"dataset": plain(dataset_cfg), "partitioner": plain(part_cfg),
                       "num_partitions": int(num_partitions), "seed": int(seed)},
                      sort_keys=True, default=str)
     return _partitioner_cached(key)
