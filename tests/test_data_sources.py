@@ -217,3 +217,34 @@ def test_unknown_dataset_and_unknown_format(tmp_path):
     (tmp_path / "d.txt").write_text("1")
     with pytest.raises(DataConfigError, match=r"unknown format '.txt'"):
         build_task({**FILES, "path": str(tmp_path / "d.txt")})
+
+
+def hf_maker(n: int = 30) -> dict:
+    """A ``_target_`` dataset: train/test ``datasets.Dataset`` objects with image-shaped x."""
+    from datasets import Dataset
+
+    def make(k: int, offset: int) -> Dataset:
+        x = np.arange(k * 4, dtype=np.float32).reshape(k, 1, 2, 2) + offset
+        return Dataset.from_dict({"x": x, "label": np.arange(k) % 3})
+
+    return {"train": make(n, 0), "test": make(6, 1000)}
+
+
+def test_target_callable_returning_hf_datasets_with_a_test_split():
+    task = build_task({"name": "custom", "_target_": f"{__name__}.hf_maker",
+                       "kwargs": {"n": 12}})
+    assert task.input_shape == (1, 2, 2) and task.num_classes == 3
+    assert len(task.target_train) == 12 and len(task.target_test) == 6
+    assert _x(task.target_test).min() == 1000
+    with pytest.raises(DataConfigError, match=r"dataset._target_='nowhere.fn' failed"):
+        build_task({"name": "custom", "_target_": "nowhere.fn"})
+
+
+def test_domain_split_by_group_column(tmp_path):
+    rows = "\n".join(f"{i},{i % 2},{'lab' if i < 30 else 'field'}" for i in range(50))
+    (tmp_path / "d.csv").write_text("a,label,site\n" + rows)
+    task = build_task({**FILES, "path": str(tmp_path / "d.csv"), "group_column": "site",
+                       "source_groups": ["lab"]})
+    assert set(task.source_train["site"]) == {"lab"} and set(task.target_test["site"]) == {"field"}
+    assert len(task.source_train) + len(task.source_test) == 30 and task.num_classes == 2
+
