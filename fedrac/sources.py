@@ -10,8 +10,9 @@ a Hugging Face ``hub`` id; any callable through Hydra's ``_target_``.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -249,6 +250,11 @@ def _read_imagefolder(p: Path, cfg: Mapping[str, Any], key: str) -> Arrays:
 
 def read_path(path: str | os.PathLike, cfg: Mapping[str, Any], key: str = "dataset.path") -> Arrays:
     """Arrays from a local path; the format is inferred from it (folder, table, ``.npz``)."""
+    with _quiet_datasets():
+        return _read_path(path, cfg, key)
+
+
+def _read_path(path: str | os.PathLike, cfg: Mapping[str, Any], key: str) -> Arrays:
     p = _check_exists(path, key)
     if p.is_dir():
         return _read_imagefolder(p, cfg, key)
@@ -270,9 +276,9 @@ def read_path(path: str | os.PathLike, cfg: Mapping[str, Any], key: str = "datas
 
 def read_files(cfg: Mapping[str, Any]) -> Arrays:
     """``dataset.path`` (and optional ``dataset.test_path``) read with :func:`read_path`."""
-    out = read_path(cfg.get("path"), cfg)
+    out = _read_path(cfg.get("path"), cfg, "dataset.path")
     if cfg.get("test_path"):
-        out.test = read_path(cfg["test_path"], cfg, "dataset.test_path")
+        out.test = _read_path(cfg["test_path"], cfg, "dataset.test_path")
     return out
 
 
@@ -346,8 +352,27 @@ def read_target(cfg: Mapping[str, Any]) -> Arrays:
     return convert(obj)
 
 
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Hide the ``datasets`` progress bars while reading (restored afterwards)."""
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was:
+            datasets.enable_progress_bars()
+
+
 def read_source(cfg: Mapping[str, Any]) -> Arrays:
     """Dispatch on ``dataset._target_`` or ``dataset.name``."""
+    with _quiet_datasets():
+        return _dispatch(cfg)
+
+
+def _dispatch(cfg: Mapping[str, Any]) -> Arrays:
     if cfg.get("_target_"):
         return read_target(cfg)
     name = cfg.get("name")

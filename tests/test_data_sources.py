@@ -248,3 +248,11 @@ def test_domain_split_by_group_column(tmp_path):
     assert set(task.source_train["site"]) == {"lab"} and set(task.target_test["site"]) == {"field"}
     assert len(task.source_train) + len(task.source_test) == 30 and task.num_classes == 2
 
+
+
+def test_hub_and_files_without_a_path_say_what_to_set():
+    with pytest.raises(DataConfigError, match=r"dataset.path=None is not set; allowed: a Hugging "
+                                              r"Face hub id"):
+        build_task({"name": "hub", "path": None})
+    with pytest.raises(DataConfigError, match=r"dataset.path=None is not set; allowed: a folder"):
+        build_task({"name": "files", "path": None})
