@@ -24,11 +24,12 @@ import pyarrow as pa
 import torch
 from datasets import Dataset
 
+from fedrac.partitioners import PARTITIONERS, build_partitioner
 from fedrac.sources import SOURCES, Arrays, DataConfigError, read_path, read_source
 
 DATASETS = SOURCES
-__all__ = ["DATASETS", "DataConfigError", "Task", "load_task", "partition", "to_tensors",
-           "load_dataset_from_path", "to_dataset"]
+__all__ = ["DATASETS", "PARTITIONERS", "DataConfigError", "Task", "build_partitioner",
+           "load_task", "partition", "to_tensors", "load_dataset_from_path", "to_dataset"]
 
 log = logging.getLogger(__name__)
 

@@ -209,6 +209,8 @@ def _read_npz(p: Path, cfg: Mapping[str, Any], key: str) -> Arrays:
     try:
         with np.load(p, allow_pickle=False) as z:
             names = list(z.files)
+            if yk not in names and yk == "y" and "label" in names:
+                yk = "label"
             if xk not in names or yk not in names:
                 lacking = xk if xk not in names else yk
                 raise DataConfigError(f"{key}={str(p)!r} lacks array {lacking!r} (dataset.x_key/"
@@ -257,7 +259,12 @@ def read_path(path: str | os.PathLike, cfg: Mapping[str, Any], key: str = "datas
 def _read_path(path: str | os.PathLike, cfg: Mapping[str, Any], key: str) -> Arrays:
     p = _check_exists(path, key)
     if p.is_dir():
-        return _read_imagefolder(p, cfg, key)
+        data_files = [f for f in sorted(p.iterdir()) if f.is_file()
+                      and f.suffix.lower() in {".npz", *TABLE_FORMATS}]
+        if len(data_files) == 1 and not any(c.is_dir() for c in p.iterdir()):
+            p = data_files[0]  # a folder holding one data file (a node's data folder)
+        else:
+            return _read_imagefolder(p, cfg, key)
     suffix = p.suffix.lower()
     if suffix == ".npz":
         return _read_npz(p, cfg, key)

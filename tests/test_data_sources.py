@@ -256,3 +256,10 @@ def test_hub_and_files_without_a_path_say_what_to_set():
         build_task({"name": "hub", "path": None})
     with pytest.raises(DataConfigError, match=r"dataset.path=None is not set; allowed: a folder"):
         build_task({"name": "files", "path": None})
+
+
+def test_a_node_folder_holding_one_npz_file_with_a_label_array(tmp_path):
+    (tmp_path / "node").mkdir()
+    np.savez(tmp_path / "node" / "data.npz", x=np.ones((5, 3)), label=np.array([0, 1, 0, 1, 1]))
+    node = load_dataset_from_path(str(tmp_path / "node"), FILES)
+    assert _y(node).tolist() == [0, 1, 0, 1, 1] and _x(node).shape == (5, 3)
