@@ -263,3 +263,11 @@ def test_a_node_folder_holding_one_npz_file_with_a_label_array(tmp_path):
     np.savez(tmp_path / "node" / "data.npz", x=np.ones((5, 3)), label=np.array([0, 1, 0, 1, 1]))
     node = load_dataset_from_path(str(tmp_path / "node"), FILES)
     assert _y(node).tolist() == [0, 1, 0, 1, 1] and _x(node).shape == (5, 3)
+
+
+def test_json_lines_table(tmp_path):
+    (tmp_path / "t.jsonl").write_text("\n".join(
+        f'{{"u": {i}, "v": {i * 0.5}, "y": {i % 2}}}' for i in range(10)))
+    task = build_task({**FILES, "path": str(tmp_path / "t.jsonl"), "label_column": "y"})
+    assert task.input_shape == (2,) and task.num_classes == 2
+    assert len(task.target_train) + len(task.target_test) == 10
