@@ -220,6 +220,22 @@ def _load_task_cached(key: str) -> Task:
     return task
 
 
+def source_stamp(dataset_cfg: Mapping[str, Any]) -> str:
+    """Sizes and modification times of the local files a dataset reads (a cache-key part)."""
+    stamps = []
+    for key in ("path", "test_path", "root"):
+        value = dataset_cfg.get(key)
+        p = os.path.expanduser(str(value)) if value else ""
+        if not p or not os.path.exists(p):
+            continue
+        files = [p] if os.path.isfile(p) else [os.path.join(d, f) for d, _, fs in os.walk(p)
+                                               for f in fs]
+        stats = [os.stat(f) for f in files]
+        stamps.append(f"{key}:{len(stats)}:{sum(st.st_size for st in stats)}:"
+                      f"{max((st.st_mtime_ns for st in stats), default=0)}")
+    return ";".join(stamps)
+
+
 def load_task(dataset_cfg: Mapping[str, Any]) -> Task:
     """The source/target task described by the ``dataset`` config group (cached per process)."""
     return _load_task_cached(_key(dict(dataset_cfg)))

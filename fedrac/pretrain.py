@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clients.local_training import TrainSettings, evaluate, resolve_device, train_locally
-from fedrac.data import load_task, to_tensors
+from fedrac.data import load_task, source_stamp, to_tensors
 from fedrac.models import build_model, file_digest, load_weights
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ def pretrained_state(
            "torch": torch.__version__.split("+")[0]}
     if model_cfg.get("weights"):
         key["weights_sha256"] = file_digest(model_cfg["weights"])
+    if source_stamp(dataset_cfg):
+        key["data_files"] = source_stamp(dataset_cfg)
     path = _cache_path(cache_dir, key)
     if path.exists():
         log.info("pretrained weights from cache %s", path)

@@ -271,3 +271,21 @@ def test_json_lines_table(tmp_path):
     task = build_task({**FILES, "path": str(tmp_path / "t.jsonl"), "label_column": "y"})
     assert task.input_shape == (2,) and task.num_classes == 2
     assert len(task.target_train) + len(task.target_test) == 10
+
+
+def test_pretraining_cache_follows_changes_to_the_data_file(tmp_path):
+    from fedrac.pretrain import pretrained_state
+
+    path = tmp_path / "d.npz"
+    cfg = {**FILES, "path": str(path), "source_classes": [0, 1], "target_classes": [2, 3]}
+    pre = {"epochs": 2, "seed": 0, "lr": 0.1}
+    model = {"name": "mlp", "hidden": [4]}
+    np.savez(path, x=np.eye(8)[np.arange(40) % 8], y=np.arange(40) % 4)
+    first = pretrained_state(model, cfg, pre, tmp_path / "cache")
+    np.savez(path, x=-np.eye(8)[np.arange(40) % 8] * 3, y=np.arange(40) % 4)
+    from fedrac import data
+
+    data._load_task_cached.cache_clear()
+    second = pretrained_state(model, cfg, pre, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert not torch.equal(first["fc1.weight"], second["fc1.weight"])
