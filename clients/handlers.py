@@ -58,15 +58,17 @@ def client_model(cfg: Mapping[str, Any]) -> nn.Module:
     return _model(_key(cfg["model"], cfg["dataset"]))
 
 
-def client_data(cfg: Mapping[str, Any], context: Context) -> tuple[torch.Tensor, torch.Tensor]:
-    """This node's training partition as tensors, from ``partition-id`` / ``num-partitions``."""
+def client_data(cfg: Mapping[str, Any], context: Context,
+                split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """This node's partition (``train`` or ``val`` part) as tensors, from ``partition-id`` /
+    ``num-partitions``."""
     node_cfg = context.node_config
     for key in ("partition-id", "num-partitions"):
         if key not in node_cfg:
             raise KeyError(f"node config lacks '{key}'; give it with --node-config "
                            "'partition-id=0 num-partitions=N'")
     ds = partition(cfg["dataset"], cfg["partitioner"], int(node_cfg["num-partitions"]),
-                   int(node_cfg["partition-id"]), int(cfg["seed"]))
+                   int(node_cfg["partition-id"]), int(cfg["seed"]), split)
     return to_tensors(ds)
 
 
@@ -153,7 +155,7 @@ def handle_evaluate(cfg: Mapping[str, Any], msg: Message, context: Context) -> M
     model = client_model(cfg)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
     model.to(device)
-    x, y = client_data(cfg, context)
+    x, y = client_data(cfg, context, "val")
     loss, acc = evaluate(model, x, y, device)
     metrics = MetricRecord({"num-examples": len(y), "eval-loss": loss, "eval-accuracy": acc})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

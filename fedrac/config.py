@@ -69,7 +69,8 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     from clients.local_training import OPTIMIZERS
     from fedrac.data import load_task
     from fedrac.lora import AdapterConfigError, check_rank, find_target_layers
-    from fedrac.models import build_model
+    from fedrac.models import build_model, check_model
+    from fedrac.partitioners import check_partitions
     from fedrac.sketch import DISTRIBUTIONS
     from strategies import STRATEGIES
 
@@ -127,6 +128,8 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     try:
         task = load_task(d["dataset"])
         model = build_model(d["model"], task.input_shape, task.num_classes)
+        check_model(model, d["model"], task.input_shape, task.num_classes)
+        check_partitions(d["dataset"], d["partitioner"], d["num_clients"], d["seed"])
         layers = find_target_layers(model, d["model"].get("target_modules", ["all"]))
         if s["name"] != "fedavg":
             check_rank(layers, s["rank"])

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clients.local_training import TrainSettings, evaluate, resolve_device, train_locally
-from fedrac.data import load_task, to_tensors
-from fedrac.models import build_model
+from fedrac.data import load_task, source_stamp, to_tensors
+from fedrac.models import build_model, file_digest, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,10 @@ def pretrained_state(
     """The model's weights after pretraining on the source task (computed once, then cached)."""
     key = {"model": dict(model_cfg), "dataset": dict(dataset_cfg), "pretrain": dict(pretrain_cfg),
            "torch": torch.__version__.split("+")[0]}
+    if model_cfg.get("weights"):
+        key["weights_sha256"] = file_digest(model_cfg["weights"])
+    if source_stamp(dataset_cfg):
+        key["data_files"] = source_stamp(dataset_cfg)
     path = _cache_path(cache_dir, key)
     if path.exists():
         log.info("pretrained weights from cache %s", path)
@@ -41,6 +45,8 @@ def pretrained_state(
     task = load_task(dataset_cfg)
     torch.manual_seed(int(pretrain_cfg.get("seed", 0)))
     model = build_model(model_cfg, task.input_shape, task.num_classes)
+    if model_cfg.get("weights"):
+        load_weights(model, model_cfg["weights"])
     if int(pretrain_cfg.get("epochs", 0)) > 0 and len(task.source_train):
         x, y = to_tensors(task.source_train)
         settings = TrainSettings(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.client_app import make_client_app
+from fedrac.partition_summary import partition_summary
 from fedrac.pretrain import pretrained_state
 from fedrac.server_app import make_server_app
 
@@ -38,6 +39,7 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
     quiet_flower(bool(cfg.get("verbose", False)))
     # Pretrain (or load the cache) here, once, before any engine starts.
     pretrained_state(cfg["model"], cfg["dataset"], cfg["pretrain"], cfg["cache_dir"])
+    partition_summary(cfg, out)
     server_app, client_app = make_server_app(cfg), make_client_app(cfg)
     engine = cfg["engine"]["name"]
     print(f"fedrac: {cfg['strategy']['name']} on {cfg['dataset'].get('name')}, "

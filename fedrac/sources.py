@@ -1,0 +1,398 @@
+"""Readers that turn a ``dataset`` config into raw arrays, one per source type.
+
+Every reader returns :class:`Arrays` (``x`` with the sample shape kept, ``y``
+integer labels, optional group ids and an optional test split). Turning those
+into normalised ``datasets.Dataset`` tasks is :mod:`fedrac.data`'s job.
+Sources: the embedded ``digits``; torchvision ``mnist``, ``fashion_mnist``,
+``cifar10``; local ``files`` (image folder, CSV/Parquet/JSON table, ``.npz``);
+a Hugging Face ``hub`` id; any callable through Hydra's ``_target_``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "files", "hub", "custom")
+TABLE_FORMATS = {".csv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "json"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+class DataConfigError(ValueError):
+    """Raised for data settings that cannot work (message names the key)."""
+
+
+@dataclass
+class Arrays:
+    """Raw samples: ``x`` (N, *shape), integer ``y`` (N,), optional ``groups`` and test split."""
+
+    x: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray | None = None
+    test: Arrays | None = None
+
+
+def integer_labels(values: Any, key: str) -> np.ndarray:
+    """``values`` as int64 class ids; a one-line error when they are not integers >= 0."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "iub":
+        out = arr.astype(np.int64)
+    elif arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+        out = arr.astype(np.int64)
+    else:
+        bad = next((v for v in arr.ravel().tolist()
+                    if not (isinstance(v, int | float) and float(v).is_integer())), arr.ravel()[0])
+        raise DataConfigError(f"{key}: labels must be integers (class ids 0..C-1); got {bad!r} "
+                              f"({type(bad).__name__}); map them to integers first")
+    if out.size and out.min() < 0:
+        raise DataConfigError(f"{key}: labels must be integers >= 0; got {int(out.min())}")
+    return out
+
+
+# ---------------------------------------------------------------- embedded digits
+
+
+def read_digits(cfg: Mapping[str, Any]) -> Arrays:
+    """scikit-learn's 1,797 handwritten digits as (1, 8, 8) images scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    return Arrays(x, bunch.target.astype(np.int64))
+
+
+# ---------------------------------------------------------------- torchvision
+
+_TV_FILES = {
+    "mnist": ("MNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                            "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]),
+    "fashion_mnist": ("FashionMNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                           "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]),
+    "cifar10": ("cifar-10-batches-py", [*(f"data_batch_{i}" for i in range(1, 6)),
+                                        "test_batch", "batches.meta"]),
+}
+
+
+def read_torchvision(cfg: Mapping[str, Any]) -> Arrays:
+    """MNIST / Fashion-MNIST / CIFAR-10 from ``dataset.root`` (downloaded only when allowed)."""
+    import torchvision
+
+    name = str(cfg["name"])
+    root = Path(os.path.expanduser(str(cfg.get("root") or "")))
+    folder, files = _TV_FILES[name]
+    missing = [f for f in files if not (root / folder / f).is_file()]
+    download = bool(cfg.get("download", False))
+    if missing and not download:
+        raise DataConfigError(
+            f"dataset.root={str(root)!r} lacks the {name} files {', '.join(missing)} in "
+            f"{root / folder}; put them there or set dataset.download=true (needs the network)")
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST,
+           "cifar10": torchvision.datasets.CIFAR10}[name]
+    try:
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=download)
+    except Exception as err:  # noqa: BLE001 - corrupt files or no network: one line either way
+        raise DataConfigError(f"dataset.root={str(root)!r}: cannot read {name}: "
+                              f"{str(err).splitlines()[0]}") from err
+
+    def arrays(ds: Any) -> Arrays:
+        x = np.asarray(ds.data)
+        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # (N, C, H, W)
+        return Arrays(np.ascontiguousarray(x), np.asarray(ds.targets, dtype=np.int64))
+
+    out = arrays(train)
+    out.test = arrays(test)
+    return out
+
+
+# ---------------------------------------------------------------- Hugging Face datasets
+
+
+def _image_to_array(img: Any, size: Sequence[int] | None, mode: str) -> np.ndarray:
+    img = img.convert(mode)
+    if size:
+        from PIL import Image
+
+        img = img.resize((int(size[1]), int(size[0])), Image.BILINEAR)
+    a = np.asarray(img, dtype=np.uint8)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def _images(ds: Any, column: str, cfg: Mapping[str, Any]) -> np.ndarray:
+    images = ds[column]
+    channels = cfg.get("channels")
+    if channels is None:
+        channels = 1 if all(im.mode in ("L", "1", "I;16", "I", "F") for im in images) else 3
+    if int(channels) not in (1, 3):
+        raise DataConfigError(f"dataset.channels={channels!r} is not allowed; allowed: 1, 3, null")
+    mode = "L" if int(channels) == 1 else "RGB"
+    size = cfg.get("image_size")
+    if size is not None and isinstance(size, int):
+        size = [size, size]
+    arrays = [_image_to_array(im, size, mode) for im in images]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise DataConfigError(f"dataset.image_size=null but the images have {len(shapes)} sizes "
+                              f"(e.g. {sorted(shapes)[:2]}); set dataset.image_size=[H,W]")
+    return np.stack(arrays) if arrays else np.zeros((0, int(channels), 1, 1), np.uint8)
+
+
+def hf_to_arrays(ds: Any, cfg: Mapping[str, Any], where: str) -> Arrays:
+    """A ``datasets.Dataset`` as :class:`Arrays`: an ``x`` column, an image column or features."""
+    from datasets import Image
+
+    label = str(cfg.get("label_column") or "label")
+    cols = list(ds.column_names)
+    if label not in cols:
+        raise DataConfigError(f"dataset.label_column={label!r} is not a column of {where}; "
+                              f"allowed: {', '.join(cols)}")
+    group = cfg.get("group_column")
+    if group is not None and group not in cols:
+        raise DataConfigError(f"dataset.group_column={group!r} is not a column of {where}; "
+                              f"allowed: {', '.join(c for c in cols if c != label)}")
+    y = integer_labels(ds[label], f"dataset.label_column={label!r} of {where}")
+    image_col = cfg.get("image_column") or next(
+        (c for c in cols if isinstance(ds.features[c], Image)), None)
+    features = cfg.get("feature_columns")
+    if features is None and "x" in cols and label != "x":
+        x = np.asarray(ds.with_format("numpy")["x"], dtype=np.float32)
+    elif features is None and image_col is not None:
+        if image_col not in cols:
+            raise DataConfigError(f"dataset.image_column={image_col!r} is not a column of "
+                                  f"{where}; allowed: {', '.join(cols)}")
+        x = _images(ds, image_col, cfg)
+    else:
+        skip = {label, group}
+        if features is None:
+            features = [c for c in cols if c not in skip
+                        and getattr(ds.features[c], "dtype", "") in _NUMERIC]
+        bad = [c for c in features if c not in cols]
+        if bad:
+            raise DataConfigError(f"dataset.feature_columns={list(features)} names columns that "
+                                  f"{where} lacks ({', '.join(bad)}); allowed: {', '.join(cols)}")
+        if not features:
+            raise DataConfigError(f"{where} has no numeric feature columns besides "
+                                  f"label_column={label!r}; set dataset.feature_columns")
+        table = ds.select_columns(list(features)).with_format("numpy")
+        try:
+            x = np.stack([np.asarray(table[c], dtype=np.float32) for c in features], axis=1)
+        except (TypeError, ValueError) as err:
+            raise DataConfigError(f"dataset.feature_columns={list(features)} of {where}: "
+                                  f"not numeric ({str(err).splitlines()[0]})") from err
+    groups = np.asarray([str(v) for v in ds[group]]) if group is not None else None
+    return Arrays(x, y, groups)
+
+
+_NUMERIC = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+            "float16", "float32", "float64", "bool"}
+
+
+def _check_exists(path: str | os.PathLike, key: str = "dataset.path") -> Path:
+    if path is None or str(path) in ("", "???"):
+        raise DataConfigError(f"{key}={path!r} is not set; allowed: a folder of class "
+                              "sub-folders, a .csv/.parquet/.json/.npz file")
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists():
+        raise DataConfigError(f"{key}={str(path)!r} does not exist; allowed: an existing folder "
+                              "of class sub-folders or a .csv/.parquet/.json/.npz file")
+    return p
+
+
+def _read_npz(p: Path, cfg: Mapping[str, Any], key: str) -> Arrays:
+    xk, yk = str(cfg.get("x_key") or "x"), str(cfg.get("y_key") or "y")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            names = list(z.files)
+            if yk not in names and yk == "y" and "label" in names:
+                yk = "label"
+            if xk not in names or yk not in names:
+                lacking = xk if xk not in names else yk
+                raise DataConfigError(f"{key}={str(p)!r} lacks array {lacking!r} (dataset.x_key/"
+                                      f"y_key); it has: {', '.join(names)}")
+            x, y = z[xk], z[yk]
+            test = None
+            if f"{xk}_test" in names and f"{yk}_test" in names:
+                test = Arrays(z[f"{xk}_test"], integer_labels(z[f"{yk}_test"], f"{key} {yk}_test"))
+    except DataConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - unreadable file: one line
+        raise DataConfigError(f"{key}={str(p)!r} is not a readable .npz file: "
+                              f"{str(err).splitlines()[0]}") from err
+    if len(x) != len(y):
+        raise DataConfigError(f"{key}={str(p)!r}: {xk} has {len(x)} rows but {yk} has {len(y)}")
+    return Arrays(np.asarray(x), integer_labels(y, f"{key}={str(p)!r} array {yk!r}"), test=test)
+
+
+def _read_imagefolder(p: Path, cfg: Mapping[str, Any], key: str) -> Arrays:
+    from datasets import load_dataset
+
+    classes = sorted(c.name for c in p.iterdir() if c.is_dir())
+    split_dirs = [c for c in classes if c in ("train", "test")]
+    class_root = p / split_dirs[0] if split_dirs else p
+    class_dirs = sorted(c.name for c in class_root.iterdir() if c.is_dir())
+    if len(class_dirs) < 2:
+        raise DataConfigError(f"{key}={str(p)!r} is an image folder with {len(class_dirs)} class "
+                              f"sub-folder(s) {class_dirs}; allowed: 2 or more, one per class")
+    try:
+        dd = load_dataset("imagefolder", data_dir=str(p))
+    except Exception as err:  # noqa: BLE001
+        raise DataConfigError(f"{key}={str(p)!r}: cannot read the image folder: "
+                              f"{str(err).splitlines()[0]}") from err
+    out = hf_to_arrays(dd["train"], cfg, f"image folder {str(p)!r}")
+    if "test" in dd:
+        out.test = hf_to_arrays(dd["test"], cfg, f"image folder {str(p / 'test')!r}")
+    return out
+
+
+def read_path(path: str | os.PathLike, cfg: Mapping[str, Any], key: str = "dataset.path") -> Arrays:
+    """Arrays from a local path; the format is inferred from it (folder, table, ``.npz``)."""
+    with _quiet_datasets():
+        return _read_path(path, cfg, key)
+
+
+def _read_path(path: str | os.PathLike, cfg: Mapping[str, Any], key: str) -> Arrays:
+    p = _check_exists(path, key)
+    if p.is_dir():
+        data_files = [f for f in sorted(p.iterdir()) if f.is_file()
+                      and f.suffix.lower() in {".npz", *TABLE_FORMATS}]
+        if len(data_files) == 1 and not any(c.is_dir() for c in p.iterdir()):
+            p = data_files[0]  # a folder holding one data file (a node's data folder)
+        else:
+            return _read_imagefolder(p, cfg, key)
+    suffix = p.suffix.lower()
+    if suffix == ".npz":
+        return _read_npz(p, cfg, key)
+    if suffix in TABLE_FORMATS:
+        from datasets import load_dataset
+
+        try:
+            ds = load_dataset(TABLE_FORMATS[suffix], data_files=str(p), split="train")
+        except Exception as err:  # noqa: BLE001
+            raise DataConfigError(f"{key}={str(p)!r} is not a readable {suffix} table: "
+                                  f"{str(err).splitlines()[0]}") from err
+        return hf_to_arrays(ds, cfg, f"{str(p)!r}")
+    raise DataConfigError(f"{key}={str(p)!r} has an unknown format {suffix!r}; allowed: a folder "
+                          "of class sub-folders, .csv, .parquet, .json, .jsonl, .npz")
+
+
+def read_files(cfg: Mapping[str, Any]) -> Arrays:
+    """``dataset.path`` (and optional ``dataset.test_path``) read with :func:`read_path`."""
+    out = _read_path(cfg.get("path"), cfg, "dataset.path")
+    if cfg.get("test_path"):
+        out.test = _read_path(cfg["test_path"], cfg, "dataset.test_path")
+    return out
+
+
+def read_hub(cfg: Mapping[str, Any]) -> Arrays:
+    """A Hugging Face hub dataset (needs the network or the local HF cache)."""
+    from datasets import load_dataset
+
+    hub_id = cfg.get("path")
+    if not hub_id:
+        raise DataConfigError("dataset.path=None is not set; allowed: a Hugging Face hub id "
+                              "such as 'ylecun/mnist'")
+    split, test_split = str(cfg.get("split", "train")), cfg.get("test_split")
+    try:
+        ds = load_dataset(str(hub_id), cfg.get("subset"), split=split)
+        test = load_dataset(str(hub_id), cfg.get("subset"), split=str(test_split)) \
+            if test_split else None
+    except Exception as err:  # noqa: BLE001 - offline, unknown id, unknown split
+        raise DataConfigError(f"dataset.path={hub_id!r}: cannot load it from the Hugging Face "
+                              f"hub: {str(err).splitlines()[0]}") from err
+    out = hf_to_arrays(ds, cfg, f"hub dataset {hub_id!r}")
+    if test is not None:
+        out.test = hf_to_arrays(test, cfg, f"hub dataset {hub_id!r} split {test_split!r}")
+    return out
+
+
+def _torch_to_arrays(ds: Any, where: str) -> Arrays:
+    import torch
+
+    xs, ys = [], []
+    for i in range(len(ds)):
+        item = ds[i]
+        if not isinstance(item, tuple | list) or len(item) < 2:
+            raise DataConfigError(f"{where}: item {i} is {type(item).__name__}; "
+                                  "allowed: (x, label) pairs")
+        x, y = item[0], item[1]
+        xs.append(x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x))
+        ys.append(int(y) if not isinstance(y, torch.Tensor) else y.item())
+    return Arrays(np.stack(xs), integer_labels(ys, where))
+
+
+def read_target(cfg: Mapping[str, Any]) -> Arrays:
+    """The data returned by ``dataset._target_`` (a ``datasets.Dataset``, a torch ``Dataset``,
+    or a mapping with ``train`` and optional ``test`` of either)."""
+    from datasets import Dataset as HFDataset
+    from hydra.utils import instantiate
+
+    target = cfg["_target_"]
+    try:
+        obj = instantiate({"_target_": target, **(cfg.get("kwargs") or {})})
+    except Exception as err:  # noqa: BLE001 - import errors and the callable's own errors
+        raise DataConfigError(f"dataset._target_={target!r} failed: "
+                              f"{str(err).splitlines()[0]}") from err
+    where = f"dataset._target_={target!r}"
+
+    def convert(o: Any) -> Arrays:
+        if isinstance(o, HFDataset):
+            return hf_to_arrays(o, cfg, where)
+        if hasattr(o, "__getitem__") and hasattr(o, "__len__"):
+            return _torch_to_arrays(o, where)
+        raise DataConfigError(f"{where} returned {type(o).__name__}; allowed: a datasets.Dataset, "
+                              "a torch.utils.data.Dataset, or a dict with 'train' (and 'test')")
+
+    if isinstance(obj, Mapping):
+        if "train" not in obj:
+            raise DataConfigError(f"{where} returned a mapping without 'train'; "
+                                  f"it has: {', '.join(map(str, obj))}")
+        out = convert(obj["train"])
+        if obj.get("test") is not None:
+            out.test = convert(obj["test"])
+        return out
+    return convert(obj)
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Hide the ``datasets`` progress bars while reading (restored afterwards)."""
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was:
+            datasets.enable_progress_bars()
+
+
+def read_source(cfg: Mapping[str, Any]) -> Arrays:
+    """Dispatch on ``dataset._target_`` or ``dataset.name``."""
+    with _quiet_datasets():
+        return _dispatch(cfg)
+
+
+def _dispatch(cfg: Mapping[str, Any]) -> Arrays:
+    if cfg.get("_target_"):
+        return read_target(cfg)
+    name = cfg.get("name")
+    if name == "digits":
+        return read_digits(cfg)
+    if name in _TV_FILES:
+        return read_torchvision(cfg)
+    if name == "files":
+        return read_files(cfg)
+    if name == "hub":
+        return read_hub(cfg)
+    if name == "custom":
+        raise DataConfigError("dataset._target_=None is not set; allowed: the dotted path of a "
+                              "callable returning a dataset, e.g. my_data.load")
+    raise DataConfigError(f"dataset.name={name!r} is not a dataset; allowed: {', '.join(SOURCES)}"
+                          " or a dataset config with _target_")
