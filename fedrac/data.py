@@ -142,3 +142,24 @@ def to_tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.as_tensor(np.asarray(np_ds["x"], dtype=np.float32))
     y = torch.as_tensor(np.asarray(np_ds["label"], dtype=np.int64))
     return x, y
+
+
+def load_dataset_from_path(path: str, dataset_cfg: Mapping[str, Any]) -> Dataset:
+    """A site's own training data: a ``.npz`` file (or a folder with one) holding ``x`` and ``y``.
+
+    Placeholder until the data issue's loader (more formats) replaces it; same signature.
+    """
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    files = sorted(p.glob("*.npz")) if p.is_dir() else [p]
+    if len(files) != 1 or not files[0].is_file():
+        raise DataConfigError(f"data-path={path!r} is not readable; allowed: a .npz file with "
+                              "arrays x and y, or a folder holding exactly one")
+    try:
+        with np.load(files[0]) as arrays:
+            x, y = arrays["x"], arrays["y"] if "y" in arrays else arrays["label"]
+    except (OSError, ValueError, KeyError) as err:
+        raise DataConfigError(f"data-path={path!r} could not be read as .npz with arrays x and "
+                              f"y ({err})") from err
+    return _to_dataset(np.asarray(x), np.asarray(y))

@@ -93,6 +93,7 @@ class FedracStrategy(FedAvg):
         self.client_config = client_config_record(client_config)
         self.ledger = ledger or ByteLedger()
         self.round_metrics: dict[int, dict[str, float]] = {}
+        self.sent_to: dict[int, set[int]] = {}  # round -> nodes sent a train message
 
     # ----------------------------------------------------------------- sending
     def sample_train_nodes(self, grid: Grid, server_round: int) -> list[int]:
@@ -122,6 +123,7 @@ class FedracStrategy(FedAvg):
             content = contents[node_id] if isinstance(contents, Mapping) and not isinstance(
                 contents, RecordDict) else contents
             self.ledger.add(server_round, "down", record_dict_nbytes(content, dict(kinds)))
+            self.sent_to.setdefault(server_round, set()).add(int(node_id))
             messages.append(Message(content=content, message_type=MessageType.TRAIN,
                                     dst_node_id=node_id))
         return messages
@@ -137,11 +139,18 @@ class FedracStrategy(FedAvg):
     ) -> list[ValidReply]:
         """Replies that carry exactly ``expected`` (key -> shape), finite, with ``num-examples``.
 
-        Others are dropped with a logged reason. Bytes up go to the ledger; the
+        Others are dropped with a logged reason; nodes sent a message that did not
+        reply (timed out, disconnected) are logged by id. Bytes up go to the ledger; the
         round's train loss, client seconds and counts go to ``round_metrics``.
         """
         valid: list[ValidReply] = []
         failed = rejected = 0
+        replies = list(replies)
+        missing = sorted(self.sent_to.get(server_round, set())
+                         - {int(m.metadata.src_node_id) for m in replies})
+        for node in missing:
+            log(WARNING, "round %d: node %d did not reply (disconnected or past the round "
+                "timeout)", server_round, node)
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -157,7 +166,8 @@ class FedracStrategy(FedAvg):
             valid.append(reply)
         total_w = sum(r.weight for r in valid)
         metrics = {
-            "clients": float(len(valid)), "failed": float(failed), "rejected": float(rejected),
+            "clients": float(len(valid)), "failed": float(failed + len(missing)),
+            "rejected": float(rejected),
             "client_seconds": float(sum(float(r.metrics.get("train-seconds", 0.0))
                                         for r in valid)),
             "train_loss": (float(sum(float(r.metrics.get("train-loss", math.nan)) * r.weight
