@@ -93,7 +93,7 @@ class FedracStrategy(FedAvg):
         self.client_config = client_config_record(client_config)
         self.ledger = ledger or ByteLedger()
         self.round_metrics: dict[int, dict[str, float]] = {}
-        self.sent_to: dict[int, set[int]] = {}  # round -> nodes sent a train message
+        self.sent: dict[int, list[Message]] = {}  # round -> train messages awaiting replies
 
     # ----------------------------------------------------------------- sending
     def sample_train_nodes(self, grid: Grid, server_round: int) -> list[int]:
@@ -123,10 +123,16 @@ class FedracStrategy(FedAvg):
             content = contents[node_id] if isinstance(contents, Mapping) and not isinstance(
                 contents, RecordDict) else contents
             self.ledger.add(server_round, "down", record_dict_nbytes(content, dict(kinds)))
-            self.sent_to.setdefault(server_round, set()).add(int(node_id))
             messages.append(Message(content=content, message_type=MessageType.TRAIN,
                                     dst_node_id=node_id))
+        self.sent.setdefault(server_round, []).extend(messages)
         return messages
+
+    @staticmethod
+    def reply_node(msg: Message, destinations: Mapping[str, int]) -> int:
+        """The node a reply speaks for: its sender, or (for an error the SuperLink sends on
+        behalf of an unreachable node) the destination of the message it answers."""
+        return destinations.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         """Evaluation is server-side; no evaluate messages are sent."""
@@ -146,13 +152,15 @@ class FedracStrategy(FedAvg):
         valid: list[ValidReply] = []
         failed = rejected = 0
         replies = list(replies)
-        missing = sorted(self.sent_to.get(server_round, set())
-                         - {int(m.metadata.src_node_id) for m in replies})
+        sent = self.sent.pop(server_round, [])
+        to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in sent}
+        missing = sorted({int(m.metadata.dst_node_id) for m in sent}
+                         - {self.reply_node(m, to) for m in replies})
         for node in missing:
             log(WARNING, "round %d: node %d did not reply (disconnected or past the round "
                 "timeout)", server_round, node)
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self.reply_node(msg, to)
             if msg.has_error():
                 failed += 1
                 log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
