@@ -27,6 +27,7 @@ from fedrac.deploy.local import (
     flwr_exe,
     online_nodes,
     process_env,
+    start_node,
     supernode_command,
     up,
 )
@@ -140,6 +141,8 @@ def test_supernode_auth_refuses_unregistered_keys(federation, flwr_env):
 
 
 def test_killed_supernode_run_completes_and_log_names_it(federation, flwr_env):
+    """Node 1 is killed (SIGKILL) after round 1 and restarted at once: round 2 ends without
+    it and the log names it; round 3 has it back (under a new node id)."""
     fed = federation(2)
     before = set(online_nodes(fed.connection))
     out = flwr_env / "out"
@@ -152,6 +155,8 @@ def test_killed_supernode_run_completes_and_log_names_it(federation, flwr_env):
         victim = fed.node_pids["supernode-1"]
         for pid in [victim, *procs.descendants(victim)]:
             os.kill(pid, signal.SIGKILL)
+        fed.node_ports.pop("supernode-1")
+        start_node(fed, "supernode-1", fed.node_configs["supernode-1"])
         log, _ = run.communicate(timeout=200)
     finally:
         if run.poll() is None:
@@ -161,7 +166,7 @@ def test_killed_supernode_run_completes_and_log_names_it(federation, flwr_env):
     assert [int(r["round"]) for r in table] == [0, 1, 2, 3]
     assert int(table[1]["clients"]) == 2
     assert int(table[2]["clients"]) == 1 and int(table[2]["failed"]) == 1, log
-    assert int(table[3]["clients"]) == 1
+    assert int(table[3]["clients"]) == 2, log  # the restarted node takes part again
     assert (out / "summary.json").is_file()
     dropped = {int(n) for n in before
                if f"round 2: node {n} did not reply" in log or f"round 2: node {n} failed" in log}
