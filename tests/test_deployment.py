@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,6 +30,8 @@ from fedrac.deploy.local import (
     supernode_command,
     up,
 )
+from fedrac.flower_apps import deployment_config
+from fedrac.run import run_experiment
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -94,11 +95,8 @@ def test_insecure_flwr_run_matches_inline(federation, flwr_env):
         assert (out / name).is_file(), name
     # The same overrides on the in-process engine give the same model (same code, seeds).
     ref = flwr_env / "ref"
-    res = subprocess.run(
-        [sys.executable, "-m", "fedrac", "engine=inline",
-         *overrides.replace(str(out), str(ref)).split()],
-        cwd=REPO, capture_output=True, text=True, timeout=240, env=process_env())
-    assert res.returncode == 0, res.stderr
+    cfg = deployment_config({"overrides": overrides.replace(str(out), str(ref))})
+    run_experiment({**cfg, "engine": {"name": "inline"}})
     deployed, inline = load_file(out / "model.safetensors"), load_file(ref / "model.safetensors")
     assert deployed.keys() == inline.keys()
     for key in deployed:
