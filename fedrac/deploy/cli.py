@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -45,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""
     args = _parser().parse_args(argv)
@@ -58,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 private, public = make_node_keys(args.out, name)
                 print(f"{name}: private {private}, public {public}")
         elif args.command == "up":
+            signal.signal(signal.SIGTERM, _interrupt)  # a killed `up` stops what it started
             fed = up(args.dir, args.nodes, tls=args.tls, auth=args.auth, port=args.port,
                      connection=args.connection, data_paths=args.data_path,
                      threads=args.threads or None)
