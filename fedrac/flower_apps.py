@@ -13,7 +13,7 @@ import json
 import logging
 import shlex
 import time
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 from flwr.app import Context, Message
@@ -58,6 +58,17 @@ def deployment_config(run_config: Any) -> dict[str, Any]:
     return json.loads(_compose(_overrides(run_config)))
 
 
+def save_resolved_config(cfg: dict[str, Any], overrides: str) -> Path:
+    """Write ``<output_dir>/.hydra/config.yaml`` and ``overrides.yaml``, as a Hydra run does."""
+    from omegaconf import OmegaConf
+
+    folder = Path(cfg["output_dir"]) / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(cfg), folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create(shlex.split(overrides)), folder / "overrides.yaml")
+    return folder
+
+
 def wait_for_nodes(grid: Grid, wanted: int, poll: float = 1.0) -> list[int]:
     """Block until ``wanted`` SuperNodes are connected; return their ids."""
     last = -1
@@ -75,6 +86,7 @@ server_app = ServerApp()
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
     cfg = deployment_config(context.run_config)
+    save_resolved_config(cfg, _overrides(context.run_config))
     if cfg.get("min_available_clients") is None:
         # Start when all num_clients nodes are connected, then let later rounds go on with
         # whoever is still connected: a dead node must not stall the run.

@@ -91,7 +91,7 @@ def test_insecure_flwr_run_matches_inline(federation, flwr_env):
     assert [int(r["round"]) for r in table] == [0, 1, 2, 3]
     assert all(int(r["clients"]) == 2 and int(r["failed"]) == 0 for r in table[1:]), log
     assert all(int(r["bytes_up_factors"]) > 0 for r in table[1:])
-    for name in ("summary.json", "model.safetensors", "curves.png"):
+    for name in ("summary.json", "model.safetensors", "curves.png", ".hydra/config.yaml"):
         assert (out / name).is_file(), name
     # The same overrides on the in-process engine give the same model (same code, seeds).
     ref = flwr_env / "ref"
