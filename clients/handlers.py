@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +29,7 @@ from clients.local_training import (
     resolve_device,
     train_locally,
 )
-from fedrac.data import load_task, partition, to_tensors
+from fedrac.data import load_dataset_from_path, load_task, partition, to_tensors
 from fedrac.lora import (
     adapter_factors,
     attach_adapters,
@@ -60,9 +61,11 @@ def client_model(cfg: Mapping[str, Any]) -> nn.Module:
 
 def client_data(cfg: Mapping[str, Any], context: Context,
                 split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """This node's partition (``train`` or ``val`` part) as tensors, from ``partition-id`` /
-    ``num-partitions``."""
+    """This node's data (``train`` or ``val`` part) as tensors: its own ``data-path`` (all of
+    it, for either part), else the partition named by ``partition-id`` / ``num-partitions``."""
     node_cfg = context.node_config
+    if "data-path" in node_cfg:
+        return to_tensors(load_dataset_from_path(str(node_cfg["data-path"]), cfg["dataset"]))
     for key in ("partition-id", "num-partitions"):
         if key not in node_cfg:
             raise KeyError(f"node config lacks '{key}'; give it with --node-config "
@@ -70,6 +73,14 @@ def client_data(cfg: Mapping[str, Any], context: Context,
     ds = partition(cfg["dataset"], cfg["partitioner"], int(node_cfg["num-partitions"]),
                    int(node_cfg["partition-id"]), int(cfg["seed"]), split)
     return to_tensors(ds)
+
+
+def node_stream(context: Context) -> int:
+    """A stable per-node integer for seeding: ``partition-id``, else a hash of ``data-path``."""
+    node_cfg = context.node_config
+    if "partition-id" in node_cfg:
+        return int(node_cfg["partition-id"])
+    return zlib.crc32(str(node_cfg.get("data-path", context.node_id)).encode())
 
 
 def settings_from(config: Mapping[str, Any]) -> TrainSettings:
@@ -125,8 +136,7 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
     model.load_state_dict(content["arrays"].to_torch_state_dict(), strict=True)
     model.to(device)
     x, y = client_data(cfg, context)
-    seed = derive_seed(int(cfg["seed"]), server_round, SHUFFLE_STREAM,
-                       int(context.node_config["partition-id"]))
+    seed = derive_seed(int(cfg["seed"]), server_round, SHUFFLE_STREAM, node_stream(context))
     mode = str(config["mode"])
     if mode == "full":
         for p in model.parameters():

@@ -113,8 +113,8 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
              c["batch_size"], "an integer >= 1")
     _require(_is_num(c["weight_decay"]) and c["weight_decay"] >= 0, "client.weight_decay",
              c["weight_decay"], "a number >= 0")
-    _require(d["engine"].get("name") in ("simulation", "inline"), "engine",
-             d["engine"].get("name"), "simulation, inline")
+    _require(d["engine"].get("name") in ("simulation", "inline", "deployment"), "engine",
+             d["engine"].get("name"), "simulation, inline, deployment")
     if s["name"] != "fedavg":
         _require(_is_int(s.get("rank")) and s["rank"] >= 1, "strategy.rank", s.get("rank"),
                  "an integer >= 1")

@@ -30,6 +30,10 @@ def quiet_flower(verbose: bool) -> None:
 def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Run the validated config ``cfg`` (a plain dict) and return its summary."""
     cfg = dict(cfg)
+    if cfg["engine"]["name"] == "deployment":
+        raise ValueError("engine=deployment runs through Flower's CLI, not `fedrac`: start a "
+                         "federation (python -m fedrac.deploy up) and use the `flwr run` line "
+                         "it prints")
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "summary.json"

@@ -94,6 +94,7 @@ class FedracStrategy(FedAvg):
         self.client_config = client_config_record(client_config)
         self.ledger = ledger or ByteLedger()
         self.round_metrics: dict[int, dict[str, float]] = {}
+        self.sent: dict[int, list[Message]] = {}  # round -> train messages awaiting replies
 
     # ----------------------------------------------------------------- sending
     def sample_train_nodes(self, grid: Grid, server_round: int) -> list[int]:
@@ -125,7 +126,14 @@ class FedracStrategy(FedAvg):
             self.ledger.add(server_round, "down", record_dict_nbytes(content, dict(kinds)))
             messages.append(Message(content=content, message_type=MessageType.TRAIN,
                                     dst_node_id=node_id))
+        self.sent.setdefault(server_round, []).extend(messages)
         return messages
+
+    @staticmethod
+    def reply_node(msg: Message, destinations: Mapping[str, int]) -> int:
+        """The node a reply speaks for: its sender, or (for an error the SuperLink sends on
+        behalf of an unreachable node) the destination of the message it answers."""
+        return destinations.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         """Evaluation is server-side; no evaluate messages are sent."""
@@ -138,13 +146,22 @@ class FedracStrategy(FedAvg):
     ) -> list[ValidReply]:
         """Replies that carry exactly ``expected`` (key -> shape), finite, with ``num-examples``.
 
-        Others are dropped with a logged reason. Bytes up go to the ledger; the
+        Others are dropped with a logged reason; nodes sent a message that did not
+        reply (timed out, disconnected) are logged by id. Bytes up go to the ledger; the
         round's train loss, client seconds and counts go to ``round_metrics``.
         """
         valid: list[ValidReply] = []
         failed = rejected = 0
+        replies = list(replies)
+        sent = self.sent.pop(server_round, [])
+        to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in sent}
+        missing = sorted({int(m.metadata.dst_node_id) for m in sent}
+                         - {self.reply_node(m, to) for m in replies})
+        for node in missing:
+            log(WARNING, "round %d: node %d did not reply (disconnected or past the round "
+                "timeout)", server_round, node)
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self.reply_node(msg, to)
             if msg.has_error():
                 failed += 1
                 log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
@@ -158,7 +175,8 @@ class FedracStrategy(FedAvg):
             valid.append(reply)
         total_w = sum(r.weight for r in valid)
         metrics = {
-            "clients": float(len(valid)), "failed": float(failed), "rejected": float(rejected),
+            "clients": float(len(valid)), "failed": float(failed + len(missing)),
+            "rejected": float(rejected),
             "client_seconds": float(sum(float(r.metrics.get("train-seconds", 0.0))
                                         for r in valid)),
             "train_loss": (float(sum(float(r.metrics.get("train-loss", math.nan)) * r.weight

@@ -1,0 +1,1 @@
+"""Deployment tooling: certificates, SuperNode keys, a local SuperLink + SuperNodes federation."""

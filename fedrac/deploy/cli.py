@@ -1,0 +1,87 @@
+"""``python -m fedrac.deploy {certs,node-keys,up,down,status}`` (also ``fedrac-deploy``)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+
+from fedrac.deploy import procs
+from fedrac.deploy.certs import make_certificates, make_node_keys
+from fedrac.deploy.local import DEFAULT_CONNECTION, DeployError, Federation, down, up
+
+DEFAULT_DIR = ".fedrac-federation"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fedrac.deploy",
+                                description="fedrac deployment helpers")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("certs", help="generate a local CA and a SuperLink TLS certificate")
+    c.add_argument("--out", default="certs", help="output folder (default: certs)")
+    c.add_argument("--host", action="append", default=[],
+                   help="a name or IP clients use to reach the SuperLink (repeatable)")
+    k = sub.add_parser("node-keys", help="generate SuperNode auth key pairs (EC P-384, OpenSSH)")
+    k.add_argument("names", nargs="+", help="key names, e.g. site0 site1")
+    k.add_argument("--out", default="keys", help="output folder (default: keys)")
+    u = sub.add_parser("up", help="start a SuperLink and N SuperNodes on this machine")
+    u.add_argument("--nodes", type=int, default=2)
+    u.add_argument("--tls", action="store_true", help="TLS with a generated local CA")
+    u.add_argument("--auth", action="store_true",
+                   help="SuperNode authentication with registered keys (implies --tls)")
+    u.add_argument("--data-path", action="append", default=[],
+                   help="node i reads this folder instead of partition i (one per node)")
+    u.add_argument("--port", type=int, default=None, help="SuperLink port (default: a free one)")
+    u.add_argument("--connection", default=DEFAULT_CONNECTION,
+                   help=f"SuperLink connection name in Flower's config (default: "
+                        f"{DEFAULT_CONNECTION})")
+    u.add_argument("--threads", type=int, default=1,
+                   help="OMP_NUM_THREADS of each node process (default 1; 0: leave unset)")
+    u.add_argument("--dir", default=DEFAULT_DIR, help=f"state and logs (default: {DEFAULT_DIR})")
+    d = sub.add_parser("down", help="stop the processes `up` started")
+    d.add_argument("--dir", default=DEFAULT_DIR)
+    s = sub.add_parser("status", help="show the recorded processes and whether they run")
+    s.add_argument("--dir", default=DEFAULT_DIR)
+    return p
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "certs":
+            paths = make_certificates(args.out, args.host)
+            for name, path in paths.items():
+                print(f"{name}: {path}")
+        elif args.command == "node-keys":
+            for name in args.names:
+                private, public = make_node_keys(args.out, name)
+                print(f"{name}: private {private}, public {public}")
+        elif args.command == "up":
+            signal.signal(signal.SIGTERM, _interrupt)  # a killed `up` stops what it started
+            fed = up(args.dir, args.nodes, tls=args.tls, auth=args.auth, port=args.port,
+                     connection=args.connection, data_paths=args.data_path,
+                     threads=args.threads or None)
+            print(f"SuperLink {fed.address} (pid {fed.superlink_pid}), "
+                  f"{len(fed.node_pids)} SuperNodes online; logs in {fed.dir}/logs")
+            print(f"Flower connection '{fed.connection}' written to {fed.flwr_home}/config.toml")
+            print("Run fedrac on it:")
+            print(f"  {fed.run_line()}")
+            print(f"Stop it: python -m fedrac.deploy down --dir {args.dir}")
+        elif args.command == "down":
+            stopped = down(args.dir)
+            print(f"stopped {len(stopped)} processes: {' '.join(map(str, stopped))}")
+        elif args.command == "status":
+            fed = Federation.load(args.dir)
+            names = {"superlink": fed.superlink_pid, **fed.node_pids}
+            for name, pid in names.items():
+                state = "running" if procs.alive(pid) else "stopped"
+                print(f"{name:14s} pid {pid:<8d} {state:8s} log {fed.log(name)}")
+    except DeployError as err:
+        print(f"fedrac.deploy: error: {err}", file=sys.stderr)
+        sys.exit(1)

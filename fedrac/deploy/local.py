@@ -1,0 +1,279 @@
+"""A local federation on one machine: a SuperLink and N SuperNodes, started and stopped by PID.
+
+``up`` writes ``<dir>/federation.json`` (PIDs, ports, files), logs to ``<dir>/logs/`` and
+a SuperLink connection into Flower's config (``$FLWR_HOME/config.toml``); ``down``
+stops exactly the recorded processes and their children.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli
+import tomli_w
+
+from fedrac.deploy import procs
+from fedrac.deploy.certs import make_certificates, make_node_keys
+
+STATE_FILE = "federation.json"
+DEFAULT_CONNECTION = "fedrac-local"
+
+
+class DeployError(RuntimeError):
+    """A deployment step failed; the message says which and where its log is."""
+
+
+def bin_dir() -> Path:
+    """The folder with this interpreter's console scripts (flwr, flower-superlink, ...)."""
+    return Path(sys.executable).parent
+
+
+def flwr_exe(name: str) -> str:
+    """Full path of Flower's console script ``name`` next to this interpreter, else ``name``."""
+    path = bin_dir() / name
+    return str(path) if path.exists() else name
+
+
+def process_env(threads: int | None = None, extra: Mapping[str, str] | None = None) -> dict:
+    """Environment for Flower processes: console scripts on PATH, no runtime pip installs."""
+    env = dict(os.environ)
+    env["PATH"] = f"{bin_dir()}{os.pathsep}{env.get('PATH', '')}"
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    if threads:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+    env.update(extra or {})
+    return env
+
+
+def superlink_command(host: str, port: int, certs: Mapping[str, Any] | None = None,
+                      auth: bool = False) -> list[str]:
+    """``flower-superlink`` argv: TLS with ``certs`` (else --insecure), optional node auth."""
+    argv = [flwr_exe("flower-superlink"), "--host", host, "--port", str(port),
+            "--disable-runtime-dependency-installation"]
+    if certs:
+        argv += ["--ssl-ca-certfile", str(certs["ca_cert"]),
+                 "--ssl-certfile", str(certs["server_cert"]),
+                 "--ssl-keyfile", str(certs["server_key"])]
+    else:
+        argv.append("--insecure")
+    if auth:
+        argv.append("--enable-supernode-auth")
+    return argv
+
+
+def node_config_string(node_config: Mapping[str, Any]) -> str:
+    """``{'partition-id': 0, 'data-path': '/srv/a'}`` -> ``partition-id=0 data-path="/srv/a"``."""
+    parts = []
+    for key, value in node_config.items():
+        parts.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    return " ".join(parts)
+
+
+def supernode_command(superlink: str, port: int, node_config: Mapping[str, Any],
+                      root_cert: str | Path | None = None,
+                      private_key: str | Path | None = None) -> list[str]:
+    """``flower-supernode`` argv: TLS when ``root_cert`` is given, auth with ``private_key``."""
+    argv = [flwr_exe("flower-supernode"), "--superlink", superlink, "--port", str(port),
+            "--node-config", node_config_string(node_config)]
+    argv += ["--root-certificates", str(root_cert)] if root_cert else ["--insecure"]
+    if private_key:
+        argv += ["--auth-supernode-private-key", str(private_key)]
+    return argv
+
+
+def flwr_home() -> Path:
+    """Flower's config folder: ``$FLWR_HOME`` or ``~/.flwr``."""
+    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+
+
+def write_connection(name: str, address: str, root_cert: str | Path | None = None,
+                     make_default: bool = False) -> Path:
+    """Add (or replace) ``[superlink.<name>]`` in Flower's ``config.toml``; keep other entries."""
+    path = flwr_home() / "config.toml"
+    data: dict[str, Any] = tomli.loads(path.read_text()) if path.exists() else {}
+    links = data.setdefault("superlink", {})
+    entry: dict[str, Any] = {"address": address}
+    if root_cert:
+        entry["root-certificates"] = str(Path(root_cert).resolve())
+    else:
+        entry["insecure"] = True
+    links[name] = entry
+    if make_default or "default" not in links:
+        links["default"] = name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+def flwr_cli(args: Sequence[str], env: Mapping[str, str] | None = None,
+             timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run the ``flwr`` CLI with ``args``; output captured as text."""
+    return subprocess.run([flwr_exe("flwr"), *args], capture_output=True, text=True,
+                          env=dict(env or process_env()), timeout=timeout)
+
+
+def online_nodes(connection: str, env: Mapping[str, str] | None = None) -> list[int]:
+    """Ids of the SuperNodes the SuperLink behind ``connection`` lists as online."""
+    res = flwr_cli(["supernode", "list", connection, "--format", "json"], env)
+    try:
+        nodes = json.loads(res.stdout).get("nodes", [])
+    except json.JSONDecodeError:
+        return []
+    return [int(n["node-id"]) for n in nodes if n.get("status") == "online"]
+
+
+def register_node(public_key: str | Path, connection: str,
+                  env: Mapping[str, str] | None = None) -> None:
+    """Register a SuperNode public key with the SuperLink (``flwr supernode register``)."""
+    res = flwr_cli(["supernode", "register", str(public_key), connection], env)
+    if res.returncode != 0:
+        raise DeployError(f"flwr supernode register {public_key} failed: "
+                          f"{(res.stdout + res.stderr).strip()[-500:]}")
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of a log file ('' when missing)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+@dataclass
+class Federation:
+    """What ``up`` started: addresses, files and PIDs (saved as ``federation.json``)."""
+
+    dir: str
+    connection: str
+    address: str
+    superlink_pid: int
+    node_pids: dict[str, int] = field(default_factory=dict)
+    node_ports: dict[str, int] = field(default_factory=dict)
+    node_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    root_cert: str | None = None
+    node_keys: dict[str, str] = field(default_factory=dict)
+    flwr_home: str = ""
+
+    def save(self) -> Path:
+        path = Path(self.dir) / STATE_FILE
+        path.write_text(json.dumps(asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Federation:
+        path = Path(directory) / STATE_FILE
+        if not path.is_file():
+            raise DeployError(f"no federation recorded in {path}; start one with "
+                              "`python -m fedrac.deploy up`")
+        return cls(**json.loads(path.read_text()))
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.superlink_pid, *self.node_pids.values()]
+
+    def log(self, name: str) -> Path:
+        return Path(self.dir) / "logs" / f"{name}.log"
+
+    def run_line(self, app: str = ".", overrides: str = "") -> str:
+        """The ``flwr run`` command for this federation."""
+        ov = overrides or (f"num_clients={len(self.node_pids)} "
+                           f"output_dir={Path(self.dir).resolve() / 'results'}")
+        run_cfg = f"{OVERRIDES_KEY}={json.dumps(ov)}"
+        return f"flwr run {app} {self.connection} --stream -c {shlex.quote(run_cfg)}"
+
+
+OVERRIDES_KEY = "overrides"
+
+
+def start_node(fed: Federation, name: str, node_config: Mapping[str, Any],
+               private_key: str | Path | None = None, threads: int | None = 1) -> int:
+    """Start one SuperNode of ``fed`` (also to bring a stopped one back); record its PID."""
+    port = fed.node_ports.get(name) or procs.free_port()
+    argv = supernode_command(fed.address, port, node_config, fed.root_cert, private_key)
+    proc = procs.spawn(argv, fed.log(name), process_env(threads))
+    fed.node_pids[name], fed.node_ports[name] = proc.pid, port
+    fed.node_configs[name] = dict(node_config)
+    if private_key:
+        fed.node_keys[name] = str(private_key)
+    fed.save()
+    return proc.pid
+
+
+def wait_for(check, timeout: float, what: str, fed: Federation, log_name: str) -> None:
+    """Poll ``check()`` until true; DeployError naming ``what`` and the log after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise DeployError(f"{what} within {timeout:.0f} s; see {fed.log(log_name)}:\n"
+                              f"{log_tail(fed.log(log_name))}")
+        time.sleep(0.5)
+
+
+def up(
+    directory: str | Path, nodes: int = 2, *, tls: bool = False, auth: bool = False,
+    host: str = "127.0.0.1", port: int | None = None, connection: str = DEFAULT_CONNECTION,
+    data_paths: Sequence[str] = (), threads: int | None = 1, timeout: float = 90,
+) -> Federation:
+    """Start a SuperLink and ``nodes`` SuperNodes (node i: ``partition-id=i``, or its data path).
+
+    ``auth`` implies ``tls`` (Flower requires TLS for SuperNode authentication). Waits
+    until every node is online; on failure stops what it started and raises DeployError.
+    """
+    out = Path(directory).resolve()
+    if (out / STATE_FILE).exists():
+        old = Federation.load(out)
+        if any(procs.alive(p) for p in old.pids):
+            raise DeployError(f"a federation is already running from {out}; "
+                              f"stop it first: python -m fedrac.deploy down --dir {out}")
+    if nodes < 1:
+        raise DeployError(f"nodes={nodes} is not allowed; allowed: an integer >= 1")
+    if data_paths and len(data_paths) != nodes:
+        raise DeployError(f"data paths={list(data_paths)} must name one folder per node "
+                          f"({nodes} nodes)")
+    tls = tls or auth
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    certs = make_certificates(out / "certs", [host]) if tls else None
+    port = port or procs.free_port(host)
+    fed = Federation(dir=str(out), connection=connection, address=f"{host}:{port}",
+                     superlink_pid=0, root_cert=str(certs["ca_cert"]) if certs else None,
+                     flwr_home=str(flwr_home()))
+    env = process_env(threads)
+    try:
+        sl = procs.spawn(superlink_command(host, port, certs, auth), fed.log("superlink"), env)
+        fed.superlink_pid = sl.pid
+        fed.save()
+        wait_for(lambda: procs.port_open(host, port), timeout, "the SuperLink did not listen",
+                 fed, "superlink")
+        write_connection(connection, fed.address, fed.root_cert)
+        for i in range(nodes):
+            name = f"supernode-{i}"
+            cfg: dict[str, Any] = ({"data-path": data_paths[i]} if data_paths else
+                                   {"partition-id": i, "num-partitions": nodes})
+            key = None
+            if auth:
+                key, pub = make_node_keys(out / "keys", name)
+                register_node(pub, connection, env)
+            start_node(fed, name, cfg, key, threads)
+        wait_for(lambda: len(online_nodes(connection, env)) >= nodes, timeout,
+                 f"{nodes} SuperNodes did not come online", fed, "supernode-0")
+    except BaseException:
+        down(out)
+        raise
+    return fed
+
+
+def down(directory: str | Path) -> list[int]:
+    """Stop the recorded SuperLink and SuperNodes (and their children); return those PIDs."""
+    fed = Federation.load(directory)
+    stopped = procs.stop(fed.pids)
+    (Path(fed.dir) / STATE_FILE).unlink(missing_ok=True)
+    return stopped

@@ -1,0 +1,113 @@
+"""Fast checks of the deployment pieces that need no Flower processes."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import tomli
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from flwr.app import Context, RecordDict
+from flwr.cli.supernode.register import try_load_public_key
+from flwr.common.config import parse_config_args
+
+from clients.handlers import client_data, node_stream
+from fedrac.config import ConfigError
+from fedrac.data import DataConfigError, load_dataset_from_path
+from fedrac.deploy import procs
+from fedrac.deploy.certs import make_certificates, make_node_keys
+from fedrac.deploy.local import node_config_string, write_connection
+from fedrac.flower_apps import deployment_config
+
+
+def test_flwr_run_overrides_compose_the_cli_config():
+    cfg = deployment_config({"overrides": "strategy=fedavg num_rounds=4 output_dir=/srv/run"})
+    assert cfg["strategy"]["name"] == "fedavg" and cfg["num_rounds"] == 4
+    assert cfg["engine"]["name"] == "deployment" and cfg["output_dir"] == "/srv/run"
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ("num_rounds=2", "output_dir"),
+    ("output_dir=relative/out", "output_dir"),
+    ("strategy=nope output_dir=/srv/x", "strategy"),
+    ("num_rounds=0 output_dir=/srv/x", "num_rounds"),
+])
+def test_flwr_run_bad_overrides_fail_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        deployment_config({"overrides": overrides})
+
+
+def _context(node_config: dict) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                   run_config={})
+
+
+def test_data_path_node_reads_its_own_npz(tmp_path):
+    x = np.random.default_rng(0).random((12, 64)).astype(np.float32)
+    y = np.arange(12) % 5
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    ds = load_dataset_from_path(str(tmp_path), {"name": "digits"})
+    assert ds.column_names == ["x", "label"] and len(ds) == 12
+    cfg = {"dataset": {"name": "digits"}}
+    ctx = _context({"data-path": str(tmp_path)})
+    xt, yt = client_data(cfg, ctx)
+    np.testing.assert_allclose(xt.numpy(), x)
+    assert yt.tolist() == y.tolist()
+    assert node_stream(ctx) == node_stream(_context({"data-path": str(tmp_path)}))
+
+
+def test_missing_data_path_fails_with_the_path(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataConfigError, match="data-path='.*nowhere'"):
+        client_data({"dataset": {"name": "digits"}}, _context({"data-path": str(missing)}))
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataConfigError, match="bad.npz"):
+        load_dataset_from_path(str(tmp_path / "bad.npz"), {"name": "digits"})
+
+
+def test_certificates_chain_to_the_ca_and_name_the_hosts(tmp_path):
+    paths = make_certificates(tmp_path, ["10.0.0.5", "link.example.org"])
+    ca = x509.load_pem_x509_certificate(paths["ca_cert"].read_bytes())
+    server = x509.load_pem_x509_certificate(paths["server_cert"].read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = {str(v) for v in san.get_values_for_type(x509.IPAddress)}
+    assert {"10.0.0.5", "127.0.0.1"} <= names
+    assert "link.example.org" in san.get_values_for_type(x509.DNSName)
+    assert oct(paths["server_key"].stat().st_mode & 0o777) == "0o600"
+
+
+def test_node_keys_load_as_flower_expects(tmp_path):
+    private, public = make_node_keys(tmp_path, "site0")
+    assert load_ssh_private_key(private.read_bytes(), password=None) is not None
+    assert try_load_public_key(public)  # what `flwr supernode register` accepts
+
+
+def test_node_config_string_round_trips_through_flower_parser():
+    cfg = {"partition-id": 0, "num-partitions": 3, "data-path": "/srv/site 0"}
+    assert parse_config_args([node_config_string(cfg)]) == cfg
+
+
+def test_write_connection_keeps_other_entries(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    (tmp_path / "config.toml").write_text(
+        '[superlink]\ndefault = "mine"\n\n[superlink.mine]\naddress = "h:1"\ninsecure = true\n')
+    write_connection("fedrac-local", "127.0.0.1:9", root_cert=tmp_path / "ca.crt")
+    data = tomli.loads((tmp_path / "config.toml").read_text())
+    assert data["superlink"]["default"] == "mine"
+    assert data["superlink"]["mine"]["address"] == "h:1"
+    assert data["superlink"]["fedrac-local"] == {
+        "address": "127.0.0.1:9", "root-certificates": str((tmp_path / "ca.crt").resolve())}
+
+
+def test_stop_ends_the_process_and_its_children(tmp_path):
+    proc = procs.spawn(["sh", "-c", "sleep 60 & sleep 60 & wait"], tmp_path / "p.log", {})
+    deadline = time.monotonic() + 10
+    while len(procs.descendants(proc.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    tree = [proc.pid, *procs.descendants(proc.pid)]
+    assert len(tree) == 3
+    assert set(procs.stop([proc.pid], grace=5)) == set(tree)
+    assert not any(procs.alive(p) for p in tree)

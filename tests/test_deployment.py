@@ -1,0 +1,171 @@
+"""Real Flower processes: SuperLink + SuperNodes on 127.0.0.1, driven by ``flwr run``.
+
+Every test stops every process it started (fixture finalizers), pass or fail.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedrac.deploy import procs
+from fedrac.deploy.certs import make_node_keys
+from fedrac.deploy.local import (
+    Federation,
+    down,
+    flwr_cli,
+    flwr_exe,
+    online_nodes,
+    process_env,
+    start_node,
+    supernode_command,
+    up,
+)
+from fedrac.flower_apps import deployment_config
+from fedrac.run import run_experiment
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+FAST = "client.local_steps=2 seed=3"  # tiny rounds: deployment time is process overhead
+
+
+@pytest.fixture
+def flwr_env(tmp_path, monkeypatch):
+    """Flower's config in a tmp FLWR_HOME; no runtime dependency installation (no network)."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    monkeypatch.setenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    monkeypatch.setenv("FEDRAC_CACHE", os.environ.get("FEDRAC_CACHE")
+                       or str(tmp_path.parent / "fedrac-cache"))
+    return tmp_path
+
+
+@pytest.fixture
+def federation(flwr_env):
+    """Factory: ``start(nodes, tls=..., auth=...)``; extra PIDs go to ``started``."""
+    started: list[Federation] = []
+    extra: list[int] = []
+
+    def start(nodes: int, **kwargs) -> Federation:
+        fed = up(flwr_env / f"fed{len(started)}", nodes, **kwargs)
+        started.append(fed)
+        return fed
+
+    start.extra = extra
+    yield start
+    procs.stop(extra, grace=5)
+    for fed in started:
+        if (Path(fed.dir) / "federation.json").exists():
+            down(fed.dir)
+
+
+def flwr_run(fed: Federation, overrides: str, **popen) -> subprocess.Popen:
+    """``flwr run <repo> <connection> --stream -c overrides="..."`` in the background."""
+    argv = [flwr_exe("flwr"), "run", str(REPO), fed.connection, "--stream",
+            "-c", f"overrides={json.dumps(overrides)}"]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=process_env(), **popen)
+
+
+def rows(out: Path) -> list[dict[str, str]]:
+    with (out / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_insecure_flwr_run_matches_inline(federation, flwr_env):
+    fed = federation(2)
+    out = flwr_env / "out"
+    overrides = f"strategy=rac_lora num_rounds=3 num_clients=2 {FAST} output_dir={out}"
+    run = flwr_run(fed, overrides)
+    log, _ = run.communicate(timeout=240)
+    assert run.returncode == 0, log
+    table = rows(out)
+    assert [int(r["round"]) for r in table] == [0, 1, 2, 3]
+    assert all(int(r["clients"]) == 2 and int(r["failed"]) == 0 for r in table[1:]), log
+    assert all(int(r["bytes_up_factors"]) > 0 for r in table[1:])
+    for name in ("summary.json", "model.safetensors", "curves.png", ".hydra/config.yaml"):
+        assert (out / name).is_file(), name
+    # The same overrides on the in-process engine give the same model (same code, seeds).
+    ref = flwr_env / "ref"
+    cfg = deployment_config({"overrides": overrides.replace(str(out), str(ref))})
+    run_experiment({**cfg, "engine": {"name": "inline"}})
+    deployed, inline = load_file(out / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert deployed.keys() == inline.keys()
+    for key in deployed:
+        torch.testing.assert_close(deployed[key], inline[key], rtol=1e-5, atol=1e-6)
+    acc = json.loads((out / "summary.json").read_text())["final_accuracy"]
+    assert acc == pytest.approx(json.loads((ref / "summary.json").read_text())["final_accuracy"])
+
+
+def test_tls_refuses_clients_without_the_ca(federation, flwr_env):
+    fed = federation(1, tls=True)
+    assert len(online_nodes(fed.connection)) == 1  # a SuperNode with the CA got in over TLS
+    log = flwr_env / "no-ca.log"
+    argv = supernode_command(fed.address, procs.free_port(), {"partition-id": 1}, root_cert=None)
+    argv = [a for a in argv if a != "--insecure"] + ["--max-wait-time", "20"]
+    node = procs.spawn(argv, log, process_env())
+    federation.extra.append(node.pid)
+    assert node.wait(timeout=60) != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in log.read_text()
+    # The CLI without the CA is refused too (system CAs do not know the local CA).
+    config = Path(fed.flwr_home) / "config.toml"
+    config.write_text(config.read_text() + f'\n[superlink.no-ca]\naddress = "{fed.address}"\n')
+    res = flwr_cli(["supernode", "list", "no-ca"])
+    assert res.returncode != 0 and "node-id" not in res.stdout
+    assert len(online_nodes(fed.connection)) == 1
+
+
+def test_supernode_auth_refuses_unregistered_keys(federation, flwr_env):
+    fed = federation(1, auth=True)  # supernode-0's public key was registered by `up`
+    assert len(online_nodes(fed.connection)) == 1
+    key, _ = make_node_keys(flwr_env / "keys", "intruder")  # never registered
+    log = flwr_env / "intruder.log"
+    argv = supernode_command(fed.address, procs.free_port(), {"partition-id": 1},
+                             root_cert=fed.root_cert, private_key=key)
+    node = procs.spawn([*argv, "--max-wait-time", "20"], log, process_env())
+    federation.extra.append(node.pid)
+    assert node.wait(timeout=60) != 0
+    assert "Failed to activate SuperNode" in log.read_text()
+    assert "No SuperNode found with the given public key" in fed.log("superlink").read_text()
+    assert len(online_nodes(fed.connection)) == 1
+
+
+def test_killed_supernode_run_completes_and_log_names_it(federation, flwr_env):
+    """Node 1 is killed (SIGKILL) after round 1 and restarted at once: round 2 ends without
+    it and the log names it; round 3 has it back (under a new node id)."""
+    fed = federation(2)
+    before = set(online_nodes(fed.connection))
+    out = flwr_env / "out"
+    run = flwr_run(fed, f"num_rounds=3 num_clients=2 round_timeout=60 {FAST} output_dir={out}")
+    try:
+        deadline = time.monotonic() + 150
+        while not ((out / "metrics.csv").exists() and len(rows(out)) >= 2):
+            assert run.poll() is None and time.monotonic() < deadline, "round 1 never finished"
+            time.sleep(0.5)
+        victim = fed.node_pids["supernode-1"]
+        for pid in [victim, *procs.descendants(victim)]:
+            os.kill(pid, signal.SIGKILL)
+        fed.node_ports.pop("supernode-1")
+        start_node(fed, "supernode-1", fed.node_configs["supernode-1"])
+        log, _ = run.communicate(timeout=200)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, log
+    table = rows(out)
+    assert [int(r["round"]) for r in table] == [0, 1, 2, 3]
+    assert int(table[1]["clients"]) == 2
+    assert int(table[2]["clients"]) == 1 and int(table[2]["failed"]) == 1, log
+    assert int(table[3]["clients"]) == 2, log  # the restarted node takes part again
+    assert (out / "summary.json").is_file()
+    dropped = {int(n) for n in before
+               if f"round 2: node {n} did not reply" in log or f"round 2: node {n} failed" in log}
+    assert len(dropped) == 1, log
