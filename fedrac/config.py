@@ -130,6 +130,8 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         layers = find_target_layers(model, d["model"].get("target_modules", ["all"]))
         if s["name"] != "fedavg":
             check_rank(layers, s["rank"])
+        if hasattr(strategy_cls, "validate_config"):
+            strategy_cls.validate_config(s)
     except (AdapterConfigError, ValueError) as err:
         raise ConfigError(str(err)) from err
     return d
