@@ -113,13 +113,11 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
-def _pm(values: Sequence[float], digits: int = 4, pct: bool = False) -> str:
+def _pm(values: Sequence[float], fmt: str = ".4f") -> str:
     m, s = _mean_std(values)
     if math.isnan(m):
         return "-"
-    k = 100.0 if pct else 1.0
-    d = 1 if pct else digits
-    return f"{m * k:.{d}f}" + (f" ± {s * k:.{d}f}" if len(values) > 1 else "")
+    return f"{m:{fmt}}" + (f" ± {s:{fmt}}" if len(values) > 1 else "")
 
 
 def _fpft_groups(runs: Sequence[Run]) -> dict[tuple[str, ...], dict[str, Run]]:
@@ -162,7 +160,9 @@ def compare(runs: Sequence[Run]) -> tuple[list[dict[str, Any]], list[dict[str, A
             ref = match.get(r.seed) if match and not r.is_fpft else None
             ref_acc = {rnd: v for rnd, v, _ in ref.series()} if ref else {}
             for rnd, value, total in r.series():
-                gap = ref_acc[rnd] - value if rnd in ref_acc else math.nan
+                gap = math.nan
+                if rnd in ref_acc:  # positive: worse than FPFT
+                    gap = value - ref_acc[rnd] if lower else ref_acc[rnd] - value
                 r.gap[rnd] = gap
                 per_round.append({"group": label, "seed": r.seed, "round": rnd,
                                   r.metric: value, "bytes_cumulative": total,
@@ -174,9 +174,9 @@ def compare(runs: Sequence[Run]) -> tuple[list[dict[str, Any]], list[dict[str, A
             "group": label, "strategy": s.get("strategy"), "seeds": len(members),
             "metric": first.metric,
             "final_mean": _mean_std(finals)[0], "final_std": _mean_std(finals)[1],
-            "final": _pm(finals, digits=6 if lower else 4),
+            "final": _pm(finals, ".3e" if lower else ".4f"),
             "best": _pm([r.summary.get("best_accuracy", math.nan) for r in members]),
-            "gap_to_fpft": _pm(gaps) if gaps else "-",
+            "gap_to_fpft": _pm(gaps, ".3e" if lower else ".4f") if gaps else "-",
             "bytes_up_per_round": statistics.fmean(r.summary.get("bytes_up_per_round", 0)
                                                    for r in members),
             "bytes_down_per_round": statistics.fmean(r.summary.get("bytes_down_per_round", 0)
