@@ -256,9 +256,10 @@ def plot_comparison(runs: Sequence[Run], path: Path) -> None:
     ylabel = "distance to optimum" if metric == "distance" else "eval accuracy"
     axes[0].set(xlabel="round", ylabel=ylabel)
     axes[1].set(xlabel="MB sent (up + down)", ylabel=ylabel)
-    if metric == "distance":
+    if metric == "distance":  # diverging runs leave the plot at the top
         for ax in axes:
             ax.set_yscale("log")
+            ax.set_ylim(top=10.0)
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6, ncol=2)

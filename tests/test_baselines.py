@@ -268,3 +268,22 @@ def test_bad_strategy_values_stop_with_one_line(overrides, message):
         validate(cfg)
     assert str(err.value) == message
     assert OmegaConf.select(cfg, "strategy.name") == overrides[0].split("=")[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fedit", "cola", "fedex_lora", "flora", "ffa_lora"])
+def test_each_baseline_fine_tunes_the_digits_model_end_to_end(name, tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from fedrac.run import run_experiment
+
+    monkeypatch.setenv("FEDRAC_CACHE", str(tmp_path / "cache"))
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        cfg = validate(compose("config", overrides=[
+            f"strategy={name}", "engine=inline", "num_rounds=3", "num_clients=3",
+            "partitioner=iid", "pretrain.epochs=5", f"output_dir={tmp_path / 'run'}"]))
+    summary = run_experiment(cfg)
+    assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.05
+    down = summary["bytes_by_kind"]["down"]
+    assert ("residual" in down) == (name == "fedex_lora")
+    assert ("factors" in down) == (name in ("fedit", "fedex_lora", "flora"))  # cola: seeds
