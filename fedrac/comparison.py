@@ -66,6 +66,12 @@ class Run:
                 out.append((int(r["round"]), r[self.metric], total))
         return out
 
+    def bytes_up_until(self, rnd: int | None) -> float | None:
+        """Bytes uploaded in rounds ``1..rnd`` (None when ``rnd`` is None)."""
+        if rnd is None:
+            return None
+        return sum(r.get("bytes_up", 0.0) for r in self.rows if 0 < r["round"] <= rnd)
+
     def final(self) -> float:
         s = self.series()
         return s[-1][1] if s else math.nan
@@ -146,7 +152,7 @@ def compare(runs: Sequence[Run]) -> tuple[list[dict[str, Any]], list[dict[str, A
     for r in runs:
         groups[r.group].append(r)
     table, per_round = [], []
-    for label, members in groups.items():
+    for label, members in sorted(groups.items()):
         members.sort(key=lambda r: r.seed)
         first = members[0]
         lower = first.metric == "distance"
@@ -184,6 +190,8 @@ def compare(runs: Sequence[Run]) -> tuple[list[dict[str, Any]], list[dict[str, A
             "target": target,
             "rounds_to_target": _reached(reached, 0),
             "bytes_to_target": _reached(reached, 1),
+            "bytes_up_to_target": _reached([(r.bytes_up_until(rnd), None) for r, (rnd, _)
+                                            in zip(members, reached, strict=True)], 0),
         }
         for direction in ("up", "down"):
             kinds = defaultdict(float)
@@ -214,7 +222,8 @@ def format_comparison(table: Sequence[Mapping[str, Any]]) -> str:
     metric = table[0]["metric"] if table else "eval_accuracy"
     head = "final distance" if metric == "distance" else "final acc"
     lines = [f"| run | seeds | {head} | best acc | gap to FPFT | up/round | down/round | "
-             "rounds to target | bytes to target |", "|---|---|---|---|---|---|---|---|---|"]
+             "rounds to target | bytes to target | of which up |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in table:
         rounds = row["rounds_to_target"]
         target = "" if row["target"] is None else f" (≥ {row['target']:.4f})"
@@ -223,7 +232,8 @@ def format_comparison(table: Sequence[Mapping[str, Any]]) -> str:
             f"{row['gap_to_fpft']} | {_human(row['bytes_up_per_round'])} | "
             f"{_human(row['bytes_down_per_round'])} | "
             f"{'-' if rounds is None else f'{rounds:.0f}'}{target if rounds else ''} | "
-            f"{_human(row['bytes_to_target']) if row['target'] is not None else '-'} |")
+            f"{_human(row['bytes_to_target']) if row['target'] is not None else '-'} | "
+            f"{_human(row['bytes_up_to_target']) if row['target'] is not None else '-'} |")
     return "\n".join(lines)
 
 

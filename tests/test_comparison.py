@@ -59,6 +59,7 @@ def test_comparison_groups_seeds_and_measures_gap_and_target(tmp_path):
     assert rac_row["rounds_to_target"] == ""
     assert table["strategy=fedavg"]["rounds_to_target"] == "2.0"
     assert float(table["strategy=fedavg"]["bytes_to_target"]) == 2 * 2 * BYTES
+    assert float(table["strategy=fedavg"]["bytes_up_to_target"]) == 2 * BYTES
     per_round = [r for r in _rows(tmp_path / "comparison_rounds.csv")
                  if r["group"] == "strategy=rac_lora" and r["seed"] == "1"]
     assert [round(float(r["gap_to_fpft"]), 6) for r in per_round] == [0.0, 0.1, 0.07]
