@@ -83,7 +83,7 @@ def quadratic_client(cfg: Mapping[str, Any], xs, ys, lip: float) -> ClientApp:
         else:
             key, out = "factors", adapter_factors(model)
             remove_adapters(model)
-        metrics = MetricRecord({"num-examples": len(ys[pid]), "train-loss": float(loss),
+        metrics = MetricRecord({"num-examples": len(ys[pid]), "train-loss": float(loss.detach()),
                                 "train-seconds": 0.0})
         return Message(RecordDict({key: ArrayRecord(out), "metrics": metrics}), reply_to=msg)
 
