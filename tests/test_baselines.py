@@ -6,6 +6,8 @@ make the server's model the weighted average of those; FedIT/COLA miss it by
 exactly ``-s * sum_k p_k (B_k - B_bar)(A_k - A_bar)``.
 """
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -282,7 +284,12 @@ def test_each_baseline_fine_tunes_the_digits_model_end_to_end(name, tmp_path, mo
         cfg = validate(compose("config", overrides=[
             f"strategy={name}", "engine=inline", "num_rounds=3", "num_clients=3",
             "partitioner=iid", "pretrain.epochs=5", f"output_dir={tmp_path / 'run'}"]))
-    summary = run_experiment(cfg)
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    try:
+        summary = run_experiment(cfg)
+    finally:
+        flwr_logger.setLevel(level)  # run_experiment quiets Flower's logger for the process
     assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.05
     down = summary["bytes_by_kind"]["down"]
     assert ("residual" in down) == (name == "fedex_lora")
