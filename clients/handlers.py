@@ -6,7 +6,13 @@ A train message's ``config`` names the ``mode``:
   by ``train-factor`` starts at zero (or from ``adapters`` when the server sends
   it) and is trained; the other factor is the sketch regenerated from the
   ``sketch`` record's seed (checked against its ``fingerprint``), or taken from
-  ``adapters`` when sent. Reply ``factors`` holds the trained factors only.
+  ``adapters`` when sent. With ``train-factor=both`` an unsent factor named by
+  ``zero-factor`` (default ``B``) starts at zero and the other comes from the
+  sketch. Reply ``factors`` holds the trained factors only.
+An optional ``update`` record is added to ``arrays`` before training: dense
+``<layer>.weight`` deltas, or stacked ``<layer>.stack_B`` / ``<layer>.stack_A``
+factors whose product is the delta (the server's last merge, for clients that
+would keep the weights between rounds).
 Every reply carries a ``metrics`` record: ``num-examples``, ``train-loss``,
 ``train-seconds``, ``train-steps``.
 """
@@ -103,6 +109,7 @@ def _prepare_adapters(
     layers = find_target_layers(model, cfg["model"]["target_modules"])
     sent = content["adapters"].to_torch_state_dict() if "adapters" in content else {}
     sketch = content["sketch"] if "sketch" in content else None
+    zero_side = str(config.get("zero-factor", "B"))
     factors, trained, sketches = {}, {}, {}
     for name, spec in layers.items():
         trained[name] = resolve_trained(spec, str(config["train-factor"]))
@@ -111,7 +118,7 @@ def _prepare_adapters(
             key, shape = f"{name}.lora_{side}", spec.factor_shape(side, rank)
             if key in sent:
                 pair.append(sent[key])
-            elif side == trained[name] or (side == "B" and trained[name] == "both"):
+            elif side == trained[name] or (side == zero_side and trained[name] == "both"):
                 pair.append(torch.zeros(shape))  # zero-init: the round starts at the global W
             else:
                 if sketch is None:
@@ -125,6 +132,25 @@ def _prepare_adapters(
     attach_adapters(model, layers, factors, rank, alpha, trained)
 
 
+def global_state(content: RecordDict) -> dict[str, torch.Tensor]:
+    """The message's ``arrays`` with its optional ``update`` record applied."""
+    state = content["arrays"].to_torch_state_dict()
+    if "update" not in content:
+        return state
+    update = content["update"].to_torch_state_dict()
+    for key, value in update.items():
+        if key.endswith(".weight"):
+            state[key] = state[key] + value.to(state[key].dtype)
+        elif key.endswith(".stack_B"):
+            layer = key[: -len(".stack_B")]
+            w = state[f"{layer}.weight"]
+            delta = value.to(torch.float64) @ update[f"{layer}.stack_A"].to(torch.float64)
+            state[f"{layer}.weight"] = (w.to(torch.float64) + delta.reshape(w.shape)).to(w.dtype)
+        elif not key.endswith(".stack_A"):
+            raise KeyError(f"update record key {key!r} is not '<layer>.weight' or a stack factor")
+    return state
+
+
 def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Message:
     """Train locally as the message's ``config`` says and reply with what the server needs."""
     content = msg.content
@@ -133,7 +159,7 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
     device = resolve_device(str(cfg.get("device", "cpu")))
     model = client_model(cfg)
     remove_adapters(model)  # in case an earlier round failed half-way
-    model.load_state_dict(content["arrays"].to_torch_state_dict(), strict=True)
+    model.load_state_dict(global_state(content), strict=True)
     model.to(device)
     x, y = client_data(cfg, context)
     seed = derive_seed(int(cfg["seed"]), server_round, SHUFFLE_STREAM, node_stream(context))

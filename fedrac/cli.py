@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import hydra
@@ -25,6 +26,11 @@ def _hydra_main(cfg: DictConfig) -> float:
         _fail(err)
     if run_cfg.get("output_dir") is None:
         run_cfg["output_dir"] = HydraConfig.get().runtime.output_dir
+    if run_cfg.get("runner"):  # an experiment with its own loop, e.g. fedrac.quadratic
+        from hydra.utils import get_method
+
+        summary = get_method(run_cfg["runner"])(run_cfg)
+        return float(summary.get("final_accuracy", summary.get("final_distance", math.nan)))
     from fedrac.run import run_experiment
 
     summary = run_experiment(run_cfg)

@@ -64,6 +64,13 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _to_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Resolve ``cfg`` to a plain dict and check every value (ConfigError on the first bad one)."""
     from clients.local_training import OPTIMIZERS
@@ -101,6 +108,10 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
              "an integer >= 1")
     _require(_is_num(d["round_timeout"]) and d["round_timeout"] > 0, "round_timeout",
              d["round_timeout"], "a number of seconds > 0")
+    ta = d.get("target_accuracy")
+    _require(ta is None or (_is_num(ta) and 0 < ta <= 1) or (
+        isinstance(ta, str) and ta.startswith("fpft-") and _is_num(_to_float(ta[5:]))),
+        "target_accuracy", ta, "null, a number in (0, 1], or 'fpft-<points>' e.g. 'fpft-0.01'")
     c = d["client"]
     _require(c["optimizer"] in OPTIMIZERS, "client.optimizer", c["optimizer"],
              ", ".join(OPTIMIZERS))
@@ -133,6 +144,8 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         layers = find_target_layers(model, d["model"].get("target_modules", ["all"]))
         if s["name"] != "fedavg":
             check_rank(layers, s["rank"])
+        if hasattr(strategy_cls, "validate_config"):
+            strategy_cls.validate_config(s)
     except (AdapterConfigError, ValueError) as err:
         raise ConfigError(str(err)) from err
     return d

@@ -106,6 +106,13 @@ class RunRecorder:
         s = self.cfg["strategy"]
         label = s["name"] + (f" r={s['rank']}" if s["name"] != "fedavg" and "rank" in s else "")
         n = max(len(rounds), 1)
+        target = self.cfg.get("target_accuracy")
+        reached, total = None, 0
+        for r in self.rows:
+            total += r["bytes_up"] + r["bytes_down"]
+            if isinstance(target, int | float) and r["eval_accuracy"] >= target:
+                reached = {"round": r["round"], "bytes": total}
+                break
         return {
             "label": label,
             "strategy": s["name"],
@@ -120,6 +127,9 @@ class RunRecorder:
             "bytes_up_per_round": sum(r["bytes_up"] for r in rounds) / n,
             "bytes_down_per_round": sum(r["bytes_down"] for r in rounds) / n,
             "bytes_by_kind": totals,
+            "target_accuracy": target,
+            "rounds_to_target": reached["round"] if reached else None,
+            "bytes_to_target": reached["bytes"] if reached else None,
             "seconds": time.perf_counter() - self._t0,
             "seconds_per_round": sum(r["seconds"] for r in rounds) / n,
             "client_seconds_per_round": sum(r["client_seconds"] for r in rounds) / n,

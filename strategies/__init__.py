@@ -7,10 +7,16 @@ from typing import Any
 
 from fedrac.ledger import ByteLedger
 from strategies.base import FedracStrategy
+from strategies.cola import Cola
 from strategies.fedavg import FedAvgFPFT
+from strategies.fedex_lora import FedExLoRA
+from strategies.fedit import FedIT
+from strategies.ffa_lora import FFALoRA
+from strategies.flora import FLoRA
 from strategies.rac_lora import RacLoRA
 
-STRATEGIES: dict[str, type[FedracStrategy]] = {cls.name: cls for cls in (FedAvgFPFT, RacLoRA)}
+STRATEGIES: dict[str, type[FedracStrategy]] = {
+    cls.name: cls for cls in (FedAvgFPFT, RacLoRA, FFALoRA, FedIT, Cola, FedExLoRA, FLoRA)}
 
 
 def build_strategy(

@@ -14,7 +14,8 @@ from fedrac.lora import LayerSpec, check_rank, delta_weight, resolve_trained
 from fedrac.sketch import DISTRIBUTIONS, derive_seed, fingerprint, make_sketch
 from strategies.base import FedracStrategy, weighted_average
 
-TRAIN_FACTORS = ("A", "B", "auto")
+TRAIN_FACTORS = ("A", "B", "auto", "alternate", "bernoulli")
+SIDE_STREAM = 3  # derive_seed(run_seed, round, SIDE_STREAM) flips the coin of `bernoulli`
 KINDS = {"arrays": "weights", "factors": "factors", "sketch": "seeds", "config": "config"}
 
 
@@ -52,7 +53,9 @@ class RacLoRA(FedracStrategy):
     ``W <- W + s * B_bar @ A_t`` (or ``s * B_t @ A_bar``), ``s = alpha / rank``,
     with ``B_bar = sum_k p_k B_k`` -- exact, because the sketch is shared.
     ``resample_every=k`` keeps a sketch for k rounds; k beyond the run length is
-    asymmetric LoRA (FFA-LoRA), confined to one subspace.
+    asymmetric LoRA (FFA-LoRA), confined to one subspace. ``train_factor``: ``A``,
+    ``B``, ``auto`` (the smaller factor per layer), ``alternate`` (``B`` in odd rounds,
+    ``A`` in even ones) or ``bernoulli`` (a fair coin per round from the run seed).
 
     Sends ``arrays`` (global weights), ``sketch`` (``seed``, ``distribution``,
     ``fingerprint``; kind ``seeds``) and ``config`` (client settings plus ``mode``,
@@ -99,20 +102,29 @@ class RacLoRA(FedracStrategy):
         first = (server_round - 1) // self.resample_every * self.resample_every + 1
         return derive_seed(self.run_seed, first)
 
+    def round_side(self, server_round: int) -> str:
+        """The ``train-factor`` clients get this round (``alternate``/``bernoulli`` resolved)."""
+        if self.train_factor == "alternate":
+            return "B" if server_round % 2 else "A"
+        if self.train_factor == "bernoulli":
+            return "AB"[derive_seed(self.run_seed, server_round, SIDE_STREAM) % 2]
+        return self.train_factor
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the weights, the round's seed and fingerprint, and the settings."""
         self._global = arrays
+        side = self.round_side(server_round)
         self._plan = plan_round(self.layers, self.round_seed(server_round), self.rank,
-                                self.sketch, self.train_factor)
+                                self.sketch, side)
         nodes = self.sample_train_nodes(grid, server_round)
         content = RecordDict({
             "arrays": arrays,
             "sketch": ConfigRecord({"seed": self._plan.seed, "distribution": self.sketch,
                                     "fingerprint": fingerprint(self._plan.sketches)}),
             "config": self.train_config(server_round, mode="adapters", rank=self.rank,
-                                        alpha=self.alpha, **{"train-factor": self.train_factor}),
+                                        alpha=self.alpha, **{"train-factor": side}),
         })
         return self.make_messages(server_round, content, nodes, KINDS)
 

@@ -1,0 +1,320 @@
+"""Comparison across the runs of a multirun: table (markdown + CSV), per-round CSV and plot.
+
+Runs are grouped by their Hydra overrides without ``seed=``, so runs that differ only
+by seed give one row with mean +- std. A run whose config matches an FPFT (``fedavg``)
+run except for its strategy choice gets ``gap_to_fpft`` per round (FPFT accuracy minus
+its own). ``target_accuracy`` (a number, or ``"fpft-<points>"``: the matching FPFT
+group's mean final accuracy minus that many) gives rounds and bytes to reach it.
+Runs that log ``distance`` (the quadratic experiment) are compared on it instead
+(lower is better). Hooked into Hydra as :class:`ComparisonCallback`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+METHOD_KEYS = ("strategy", "+arm", "arm")  # overrides that choose the method, not the setting
+
+
+@dataclass
+class Run:
+    """One finished run of a sweep: its overrides, summary and per-round rows."""
+
+    path: Path
+    overrides: list[str]
+    summary: dict[str, Any]
+    rows: list[dict[str, float]]
+    target: Any = None
+    metric: str = "eval_accuracy"
+    gap: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def seed(self) -> str:
+        return next((o.split("=", 1)[1] for o in self.overrides if o.startswith("seed=")), "")
+
+    @property
+    def group(self) -> str:
+        rest = [o.lstrip("+") for o in self.overrides if not o.startswith("seed=")]
+        return " ".join(o.split("=", 1)[1] if o.startswith(("arm=", "setting=")) else o
+                        for o in rest) or self.summary.get("label", self.path.name)
+
+    @property
+    def setting(self) -> tuple[str, ...]:
+        return tuple(o for o in self.overrides if not o.startswith(METHOD_KEYS))
+
+    @property
+    def is_fpft(self) -> bool:
+        return self.summary.get("strategy") == "fedavg"
+
+    def series(self) -> list[tuple[int, float, float]]:
+        """``(round, metric, cumulative bytes up+down)`` for the rounds that have the metric."""
+        out, total = [], 0.0
+        for r in self.rows:
+            total += r.get("bytes_up", 0.0) + r.get("bytes_down", 0.0)
+            if not math.isnan(r.get(self.metric, math.nan)):
+                out.append((int(r["round"]), r[self.metric], total))
+        return out
+
+    def bytes_up_until(self, rnd: int | None) -> float | None:
+        """Bytes uploaded in rounds ``1..rnd`` (None when ``rnd`` is None)."""
+        if rnd is None:
+            return None
+        return sum(r.get("bytes_up", 0.0) for r in self.rows if 0 < r["round"] <= rnd)
+
+    def final(self) -> float:
+        s = self.series()
+        return s[-1][1] if s else math.nan
+
+
+def _float(v: str) -> float:
+    try:
+        return float(v)
+    except ValueError:
+        return math.nan
+
+
+def load_run(path: Path) -> Run | None:
+    """The run in ``path`` (a Hydra job folder), or None when it did not finish."""
+    summary, metrics = path / "summary.json", path / "metrics.csv"
+    if not summary.is_file() or not metrics.is_file():
+        return None
+    with metrics.open() as f:
+        rows = [{k: _float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    overrides_file = path / ".hydra" / "overrides.yaml"
+    overrides = ([str(o) for o in OmegaConf.load(overrides_file)]
+                 if overrides_file.is_file() else [])
+    overrides = [o for o in overrides if not o.startswith(("+experiment=", "experiment="))]
+    config_file = path / ".hydra" / "config.yaml"
+    target = OmegaConf.load(config_file).get("target_accuracy") if config_file.is_file() else None
+    run = Run(path, overrides, json.loads(summary.read_text()), rows, target)
+    if rows and "distance" in rows[0]:
+        run.metric = "distance"
+    return run
+
+
+def reach_target(series: Sequence[tuple[int, float, float]], target: float,
+                 lower_is_better: bool = False) -> tuple[int | None, float | None]:
+    """First ``(round, cumulative bytes)`` at which the metric reaches ``target``."""
+    for rnd, value, total in series:
+        if (value <= target) if lower_is_better else (value >= target):
+            return rnd, total
+    return None, None
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def _pm(values: Sequence[float], fmt: str = ".4f") -> str:
+    m, s = _mean_std(values)
+    if math.isnan(m):
+        return "-"
+    return f"{m:{fmt}}" + (f" ± {s:{fmt}}" if len(values) > 1 else "")
+
+
+def _fpft_groups(runs: Sequence[Run]) -> dict[tuple[str, ...], dict[str, Run]]:
+    out: dict[tuple[str, ...], dict[str, Run]] = defaultdict(dict)
+    for r in runs:
+        if r.is_fpft:
+            out[tuple(o for o in r.setting if not o.startswith("seed="))][r.seed] = r
+    return out
+
+
+def _resolve_target(target: Any, fpft: Mapping[str, Run] | None) -> float | None:
+    if target is None:
+        return None
+    if isinstance(target, int | float):
+        return float(target)
+    text = str(target)
+    if text.startswith("fpft-") and fpft:
+        return statistics.fmean(r.final() for r in fpft.values()) - float(text[5:])
+    return None
+
+
+def compare(runs: Sequence[Run]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per-group table rows and per-run-per-round rows (with ``gap_to_fpft``)."""
+    fpft = _fpft_groups(runs)
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for r in runs:
+        groups[r.group].append(r)
+    table, per_round = [], []
+    for label, members in sorted(groups.items()):
+        members.sort(key=lambda r: r.seed)
+        first = members[0]
+        lower = first.metric == "distance"
+        setting = tuple(o for o in first.setting if not o.startswith("seed="))
+        match = fpft.get(setting)
+        target = _resolve_target(first.target, match)
+        reached = [reach_target(r.series(), target, lower) if target is not None else (None, None)
+                   for r in members]
+        finals, gaps = [r.final() for r in members], []
+        for r in members:
+            ref = match.get(r.seed) if match and not r.is_fpft else None
+            ref_acc = {rnd: v for rnd, v, _ in ref.series()} if ref else {}
+            for rnd, value, total in r.series():
+                gap = math.nan
+                if rnd in ref_acc:  # positive: worse than FPFT
+                    gap = value - ref_acc[rnd] if lower else ref_acc[rnd] - value
+                r.gap[rnd] = gap
+                per_round.append({"group": label, "seed": r.seed, "round": rnd,
+                                  r.metric: value, "bytes_cumulative": total,
+                                  "gap_to_fpft": gap})
+            if ref:
+                gaps.append(r.gap[max(r.gap)])
+        s = first.summary
+        row = {
+            "group": label, "strategy": s.get("strategy"), "seeds": len(members),
+            "metric": first.metric,
+            "final_mean": _mean_std(finals)[0], "final_std": _mean_std(finals)[1],
+            "final": _pm(finals, ".3e" if lower else ".4f"),
+            "best": _pm([r.summary.get("best_accuracy", math.nan) for r in members]),
+            "gap_to_fpft": _pm(gaps, ".3e" if lower else ".4f") if gaps else "-",
+            "bytes_up_per_round": statistics.fmean(r.summary.get("bytes_up_per_round", 0)
+                                                   for r in members),
+            "bytes_down_per_round": statistics.fmean(r.summary.get("bytes_down_per_round", 0)
+                                                     for r in members),
+            "target": target,
+            "rounds_to_target": _reached(reached, 0),
+            "bytes_to_target": _reached(reached, 1),
+            "bytes_up_to_target": _reached([(r.bytes_up_until(rnd), None) for r, (rnd, _)
+                                            in zip(members, reached, strict=True)], 0),
+        }
+        for direction in ("up", "down"):
+            kinds = defaultdict(float)
+            for r in members:
+                for kind, n in r.summary.get("bytes_by_kind", {}).get(direction, {}).items():
+                    kinds[kind] += n / len(members)
+            row[f"bytes_{direction}_by_kind"] = dict(kinds)
+        table.append(row)
+    return table, per_round
+
+
+def _reached(reached: Sequence[tuple[int | None, float | None]], i: int) -> float | None:
+    """Mean over seeds of rounds/bytes to target; None when some seed never reached it."""
+    values = [r[i] for r in reached]
+    if not values or any(v is None for v in values):
+        return None
+    return statistics.fmean(values)
+
+
+def _human(n: float | None) -> str:
+    from fedrac.results import human_bytes
+
+    return "not reached" if n is None else human_bytes(n)
+
+
+def format_comparison(table: Sequence[Mapping[str, Any]]) -> str:
+    """The comparison as a markdown table."""
+    metric = table[0]["metric"] if table else "eval_accuracy"
+    head = "final distance" if metric == "distance" else "final acc"
+    lines = [f"| run | seeds | {head} | best acc | gap to FPFT | up/round | down/round | "
+             "rounds to target | bytes to target | of which up |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in table:
+        rounds = row["rounds_to_target"]
+        target = "" if row["target"] is None else f" (≥ {row['target']:.4f})"
+        lines.append(
+            f"| {row['group']} | {row['seeds']} | {row['final']} | {row['best']} | "
+            f"{row['gap_to_fpft']} | {_human(row['bytes_up_per_round'])} | "
+            f"{_human(row['bytes_down_per_round'])} | "
+            f"{'-' if rounds is None else f'{rounds:.0f}'}{target if rounds else ''} | "
+            f"{_human(row['bytes_to_target']) if row['target'] is not None else '-'} | "
+            f"{_human(row['bytes_up_to_target']) if row['target'] is not None else '-'} |")
+    return "\n".join(lines)
+
+
+def plot_comparison(runs: Sequence[Run], path: Path) -> None:
+    """Metric per round and per cumulative MB, mean over seeds with a std band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for r in runs:
+        groups[r.group].append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    metric = runs[0].metric
+    for label, members in groups.items():
+        series = [r.series() for r in members]
+        n = min(len(s) for s in series)
+        if n == 0:
+            continue
+        vals = np.array([[p[1] for p in s[:n]] for s in series])
+        rounds = [p[0] for p in series[0][:n]]
+        mb = np.mean([[p[2] / 2**20 for p in s[:n]] for s in series], axis=0)
+        mean, std = vals.mean(axis=0), vals.std(axis=0)
+        for ax, x in ((axes[0], rounds), (axes[1], mb)):
+            line, = ax.plot(x, mean, label=label)
+            if len(members) > 1:
+                ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color())
+    ylabel = "distance to optimum" if metric == "distance" else "eval accuracy"
+    axes[0].set(xlabel="round", ylabel=ylabel)
+    axes[1].set(xlabel="MB sent (up + down)", ylabel=ylabel)
+    if metric == "distance":  # diverging runs leave the plot at the top
+        for ax in axes:
+            ax.set_yscale("log")
+            ax.set_ylim(top=10.0)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_comparison(sweep_dir: str | Path) -> str | None:
+    """Write comparison.md/.csv, comparison_rounds.csv and comparison.png into ``sweep_dir``."""
+    sweep = Path(sweep_dir)
+    runs = [r for p in sorted(sweep.iterdir()) if p.is_dir() and (r := load_run(p))]
+    if not runs:
+        return None
+    table, per_round = compare(runs)
+    text = format_comparison(table)
+    from fedrac.paper import paper_table
+
+    extra = paper_table(runs)
+    if extra:
+        text += "\n\n" + extra
+    (sweep / "comparison.md").write_text(text + "\n")
+    flat = [{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in row.items()}
+            for row in table]
+    _write_csv(sweep / "comparison.csv", flat)
+    _write_csv(sweep / "comparison_rounds.csv", per_round)
+    plot_comparison(runs, sweep / "comparison.png")
+    return text
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+class ComparisonCallback(Callback):
+    """Hydra callback: after a multirun, write and print the comparison of its runs."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        text = write_comparison(config.hydra.sweep.dir)
+        if text:
+            print(f"\nfedrac: comparison of the runs in {config.hydra.sweep.dir}\n{text}",
+                  flush=True)

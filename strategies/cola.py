@@ -1,0 +1,55 @@
+"""Federated Chain of LoRA (COLA): FedIT whose adapters are merged and restarted periodically."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fedrac.lora import LayerSpec
+from strategies.base import ValidReply, weighted_average
+from strategies.two_factor import TwoFactorLoRA, lora_product
+
+
+class Cola(TwoFactorLoRA):
+    """Both factors trained and averaged separately; every ``merge_every`` rounds the
+    product ``s * B_bar @ A_bar`` is folded into the weights and the adapters restart
+    (zero factor at zero, the other drawn afresh from the round's seed).
+
+    Rule per round: ``A <- sum_k p_k A_k``, ``B <- sum_k p_k B_k``; on a merge round
+    ``W <- W + s * B @ A`` and the chain restarts. Inexact like FedIT within a link.
+    Config keys: ``rank``, ``alpha``, ``sketch``, ``train_factor`` (as FedIT) and
+    ``merge_every`` (rounds per link of the chain, >= 1).
+    """
+
+    name = "cola"
+
+    def __init__(self, *, layers: Mapping[str, LayerSpec], merge_every: int = 1,
+                 **kwargs: Any) -> None:
+        super().__init__(layers=layers, **kwargs)
+        self.merge_every = self.check_merge_every(merge_every)
+
+    @staticmethod
+    def check_merge_every(value: Any) -> int:
+        """``value`` as an int >= 1, else a one-line ValueError naming the key."""
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"strategy.merge_every={value!r} is not allowed; "
+                             "allowed: an integer >= 1")
+        return value
+
+    @classmethod
+    def validate_config(cls, strategy_cfg: Mapping[str, Any]) -> None:
+        """Check the keys only COLA has."""
+        cls.check_merge_every(strategy_cfg.get("merge_every"))
+
+    @classmethod
+    def extra_kwargs(cls, strategy_cfg: Mapping[str, Any]) -> dict[str, Any]:
+        return {"merge_every": strategy_cfg.get("merge_every", 1)}
+
+    def combine(self, server_round: int, valid: list[ValidReply]) -> None:
+        """Average the factors; on a merge round fold them into the weights and restart."""
+        self.adapters = weighted_average([r.tensors for r in valid], [r.weight for r in valid])
+        if server_round % self.merge_every == 0:
+            self.merge_into_base({n: lora_product(self.adapters[f"{n}.lora_A"],
+                                                  self.adapters[f"{n}.lora_B"], self.scale, spec)
+                                  for n, spec in self.layers.items()}, as_update=False)
+            self.adapters = None

@@ -1,0 +1,39 @@
+"""FedEx-LoRA: FedIT plus the dense residual that makes the global update exact."""
+
+from __future__ import annotations
+
+import torch
+
+from strategies.base import ValidReply, weighted_average
+from strategies.two_factor import TwoFactorLoRA, lora_product
+
+
+class FedExLoRA(TwoFactorLoRA):
+    """FedIT's separate averages plus the residual folded into the frozen weights.
+
+    Rule: ``A <- mean(A_k)``, ``B <- mean(B_k)`` and
+    ``W0 <- W0 + s * (sum_k p_k B_k A_k - B @ A)``, so ``W0 + s * B @ A`` moves by
+    exactly ``sum_k p_k s B_k A_k``. The residual is dense (``d_out * d_in`` per layer):
+    it is sent next round as the ``update`` record (kind ``residual``) on top of the
+    previous base weights. Config keys as FedIT.
+    """
+
+    name = "fedex_lora"
+    update_kind = "residual"
+
+    def combine(self, server_round: int, valid: list[ValidReply]) -> None:
+        """Average the factors and fold the residual into the base weights."""
+        weights = [r.weight for r in valid]
+        total = float(sum(weights))
+        self.adapters = weighted_average([r.tensors for r in valid], weights)
+        residual = {}
+        for name, spec in self.layers.items():
+            exact = sum(w / total * lora_product(r.tensors[f"{name}.lora_A"],
+                                                 r.tensors[f"{name}.lora_B"], self.scale, spec)
+                        for r, w in zip(valid, weights, strict=True))
+            residual[name] = exact - lora_product(self.adapters[f"{name}.lora_A"],
+                                                  self.adapters[f"{name}.lora_B"], self.scale,
+                                                  spec)
+        self.merge_into_base(residual, as_update=True)
+        self.update = {self.layers[n].weight_key: r.to(torch.float32)
+                       for n, r in residual.items()}

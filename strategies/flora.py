@@ -1,0 +1,36 @@
+"""FLoRA: the server stacks the clients' factors so their product is exactly the average."""
+
+from __future__ import annotations
+
+import torch
+
+from strategies.base import ValidReply
+from strategies.two_factor import TwoFactorLoRA
+
+
+class FLoRA(TwoFactorLoRA):
+    """Stacking aggregation; clients start fresh adapters every round.
+
+    Rule: ``B_stack = [s p_1 B_1, ..., s p_K B_K]`` (``d_out x K r``),
+    ``A_stack = [A_1; ...; A_K]`` (``K r x d_in``), ``W <- W + B_stack @ A_stack``
+    ``= W + s * sum_k p_k B_k A_k`` (exact). The stacked factors go to the clients
+    next round as the ``update`` record (kind ``factors``) on top of the previous
+    weights, so the download grows with the number of clients. Config keys as FedIT.
+    """
+
+    name = "flora"
+
+    def combine(self, server_round: int, valid: list[ValidReply]) -> None:
+        """Stack the weighted factors, merge their product and restart the adapters."""
+        weights = [r.weight for r in valid]
+        total = float(sum(weights))
+        update, deltas = {}, {}
+        for name, spec in self.layers.items():
+            b = torch.cat([r.tensors[f"{name}.lora_B"].to(torch.float64) * (self.scale * w / total)
+                           for r, w in zip(valid, weights, strict=True)], dim=1)
+            a = torch.cat([r.tensors[f"{name}.lora_A"].to(torch.float64) for r in valid], dim=0)
+            deltas[name] = (b @ a).reshape(spec.weight_shape)
+            update[f"{name}.stack_B"], update[f"{name}.stack_A"] = b.float(), a.float()
+        self.merge_into_base(deltas, as_update=True)
+        self.update = update
+        self.adapters = None

@@ -1,0 +1,158 @@
+"""Shared plumbing of the methods that train both LoRA factors (FedIT, COLA, FedEx-LoRA, FLoRA).
+
+The server keeps the frozen base weights and, for the methods whose adapters persist
+across rounds, the global factors ``(A, B)``. Each round clients receive the base
+weights (``arrays``), either the global factors (``adapters``, kind ``factors``) or,
+when they start fresh, the seed of the random factor (``sketch``, kind ``seeds``),
+and optionally the server's last merge as an ``update`` record. They train both
+factors and reply with both. Subclasses say how the replies are combined
+(:meth:`TwoFactorLoRA.combine`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedrac.lora import LayerSpec, check_rank, delta_weight
+from fedrac.sketch import DISTRIBUTIONS, derive_seed, fingerprint, make_sketch
+from strategies.base import FedracStrategy, ValidReply
+
+ZERO_SIDES = ("both", "A", "B")
+FRESH_STREAM = 4  # derive_seed(run_seed, round, FRESH_STREAM) draws fresh random factors
+
+
+def lora_product(
+    a: torch.Tensor, b: torch.Tensor, scale: float, spec: LayerSpec
+) -> torch.Tensor:
+    """``scale * B @ A`` in float64, shaped like the layer's weight."""
+    return delta_weight(a.to(torch.float64), b.to(torch.float64), scale, spec.weight_shape)
+
+
+class TwoFactorLoRA(FedracStrategy):
+    """Base of the two-factor methods; ``train_factor`` names the factor that starts at zero.
+
+    ``train_factor``: ``both`` (PEFT's init: ``B = 0``, ``A`` random) or ``A`` / ``B``
+    (that factor starts at zero, the other random; both are trained) -- the paper's
+    two orientations. Sends ``config`` with ``mode="adapters"``, ``rank``, ``alpha``,
+    ``train-factor="both"`` and ``zero-factor``.
+    """
+
+    TRAIN_FACTORS = ZERO_SIDES
+    update_kind = "factors"
+
+    def __init__(
+        self, *, layers: Mapping[str, LayerSpec], rank: int, alpha: float,
+        sketch: str = "orthogonal", train_factor: str = "both", **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if sketch not in DISTRIBUTIONS:
+            raise ValueError(f"strategy.sketch={sketch!r} is not allowed; "
+                             f"allowed: {', '.join(DISTRIBUTIONS)}")
+        if train_factor not in ZERO_SIDES:
+            raise ValueError(f"strategy.train_factor={train_factor!r} is not allowed for "
+                             f"{self.name}; allowed: {', '.join(ZERO_SIDES)}")
+        check_rank(layers, rank)
+        self.layers = dict(layers)
+        self.rank, self.alpha = int(rank), float(alpha)
+        self.scale = self.alpha / self.rank
+        self.sketch = sketch
+        self.zero_side = "B" if train_factor == "both" else train_factor
+        self.base: dict[str, torch.Tensor] | None = None
+        self.adapters: dict[str, torch.Tensor] | None = None  # None: clients start fresh
+        self.sent_base: dict[str, torch.Tensor] | None = None  # base before `update`
+        self.update: dict[str, torch.Tensor] | None = None
+        self.kinds = {"arrays": "weights", "adapters": "factors", "factors": "factors",
+                      "sketch": "seeds", "config": "config", "update": self.update_kind}
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], layers, **common: Any) -> TwoFactorLoRA:
+        """Build from the composed run config."""
+        s = cfg["strategy"]
+        return cls(layers=layers, rank=s["rank"], alpha=s["alpha"], sketch=s["sketch"],
+                   train_factor=s["train_factor"], **cls.extra_kwargs(s), **common)
+
+    @classmethod
+    def extra_kwargs(cls, strategy_cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """Subclass-specific constructor keys taken from the ``strategy`` config group."""
+        return {}
+
+    def factor_keys(self) -> dict[str, tuple[int, int]]:
+        """``<layer>.lora_A`` / ``<layer>.lora_B`` -> shape, for every target layer."""
+        return {f"{n}.lora_{side}": spec.factor_shape(side, self.rank)
+                for n, spec in self.layers.items() for side in ("A", "B")}
+
+    def fresh_sketches(self, seed: int) -> dict[str, torch.Tensor]:
+        """The random (non-zero) factor of every layer for fresh adapters drawn from ``seed``."""
+        side = "A" if self.zero_side == "B" else "B"
+        return {f"{n}.lora_{side}": make_sketch(seed, f"{n}.lora_{side}",
+                                                spec.factor_shape(side, self.rank), self.sketch)
+                for n, spec in self.layers.items()}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the base weights, the adapters (or a fresh seed) and the last merge."""
+        if self.base is None:
+            self.base = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
+        nodes = self.sample_train_nodes(grid, server_round)
+        records: dict[str, Any] = {}
+        if self.update is not None:
+            records["arrays"] = ArrayRecord(self.sent_base)
+            records["update"] = ArrayRecord(self.update)
+        else:
+            records["arrays"] = ArrayRecord(self.base)
+        if self.adapters is None:
+            seed = derive_seed(self.run_seed, server_round, FRESH_STREAM)
+            records["sketch"] = ConfigRecord({
+                "seed": seed, "distribution": self.sketch,
+                "fingerprint": fingerprint(self.fresh_sketches(seed))})
+        else:
+            records["adapters"] = ArrayRecord({k: v.to(torch.float32)
+                                               for k, v in self.adapters.items()})
+        records["config"] = self.train_config(
+            server_round, mode="adapters", rank=self.rank, alpha=self.alpha,
+            **{"train-factor": "both", "zero-factor": self.zero_side})
+        return self.make_messages(server_round, RecordDict(records), nodes, self.kinds)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Combine the clients' factors (subclass rule); return base + s * B @ A for evaluation."""
+        valid = self.collect_replies(server_round, replies, "factors", self.factor_keys(),
+                                     self.kinds)
+        metrics = self.round_metric_record(server_round)
+        if not valid:
+            return None, metrics
+        self.combine(server_round, valid)
+        return ArrayRecord(self.effective_state()), metrics
+
+    def combine(self, server_round: int, valid: list[ValidReply]) -> None:
+        """Update ``base`` / ``adapters`` / ``update`` from the round's valid replies."""
+        raise NotImplementedError
+
+    def merge_into_base(self, deltas: Mapping[str, torch.Tensor], as_update: bool) -> None:
+        """``base[layer] += delta`` per layer; ``as_update`` also sends it next round."""
+        assert self.base is not None
+        before = dict(self.base)
+        for name, spec in self.layers.items():
+            w = self.base[spec.weight_key]
+            self.base[spec.weight_key] = (w.to(torch.float64) + deltas[name]).to(w.dtype)
+        self.sent_base = before if as_update else None
+
+    def effective_state(self) -> dict[str, torch.Tensor]:
+        """The model the server evaluates: base weights plus ``s * B @ A`` of the adapters."""
+        assert self.base is not None
+        state = dict(self.base)
+        if self.adapters is None:
+            return state
+        for name, spec in self.layers.items():
+            w = state[spec.weight_key]
+            state[spec.weight_key] = (w.to(torch.float64) + lora_product(
+                self.adapters[f"{name}.lora_A"], self.adapters[f"{name}.lora_B"], self.scale,
+                spec)).to(w.dtype)
+        return state
