@@ -65,9 +65,18 @@ def client_data(cfg: Mapping[str, Any], context: Context) -> tuple[torch.Tensor,
         if key not in node_cfg:
             raise KeyError(f"node config lacks '{key}'; give it with --node-config "
                            "'partition-id=0 num-partitions=N'")
-    ds = partition(cfg["dataset"], cfg["partitioner"], int(node_cfg["num-partitions"]),
-                   int(node_cfg["partition-id"]), int(cfg["seed"]))
-    return to_tensors(ds)
+    return _partition_tensors(_key(cfg["dataset"], cfg["partitioner"]),
+                              int(node_cfg["num-partitions"]), int(node_cfg["partition-id"]),
+                              int(cfg["seed"]))
+
+
+@functools.lru_cache(maxsize=64)
+def _partition_tensors(
+    key: str, num_partitions: int, partition_id: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A partition's tensors, cached for the nodes this process served last (bounded)."""
+    dataset_cfg, part_cfg = json.loads(key)
+    return to_tensors(partition(dataset_cfg, part_cfg, num_partitions, partition_id, seed))
 
 
 def settings_from(config: Mapping[str, Any]) -> TrainSettings:

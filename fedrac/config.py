@@ -114,6 +114,9 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
              c["weight_decay"], "a number >= 0")
     _require(d["engine"].get("name") in ("simulation", "inline"), "engine",
              d["engine"].get("name"), "simulation, inline")
+    threads = d["engine"].get("threads")
+    _require(threads is None or (_is_int(threads) and threads >= 1), "engine.threads", threads,
+             "null or an integer >= 1")
     if s["name"] != "fedavg":
         _require(_is_int(s.get("rank")) and s["rank"] >= 1, "strategy.rank", s.get("rank"),
                  "an integer >= 1")
