@@ -7,6 +7,8 @@ A train message's ``config`` names the ``mode``:
   it) and is trained; the other factor is the sketch regenerated from the
   ``sketch`` record's seed (checked against its ``fingerprint``), or taken from
   ``adapters`` when sent. Reply ``factors`` holds the trained factors only.
+With ``download=delta`` the weights come as deltas over the node cache
+(:mod:`clients.delta_client`); a node that cannot rebuild them replies ``resync``.
 Every reply carries a ``metrics`` record: ``num-examples``, ``train-loss``,
 ``train-seconds``, ``train-steps``.
 """
@@ -22,6 +24,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
+from clients.delta_client import downloaded_weights, restore_config, resync_reply
 from clients.local_training import (
     TrainSettings,
     evaluate,
@@ -29,6 +32,7 @@ from clients.local_training import (
     train_locally,
 )
 from fedrac.data import load_task, partition, to_tensors
+from fedrac.delta_sync import ResyncNeeded
 from fedrac.lora import (
     adapter_factors,
     attach_adapters,
@@ -124,11 +128,20 @@ def _prepare_adapters(
 def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Message:
     """Train locally as the message's ``config`` says and reply with what the server needs."""
     content = msg.content
+    try:
+        restore_config(content, context)
+    except ResyncNeeded as err:
+        return resync_reply(msg, err)
     config = content["config"]
     server_round = int(config["server-round"])
     device = resolve_device(str(cfg.get("device", "cpu")))
     model = client_model(cfg)
-    model.load_state_dict(content["arrays"].to_torch_state_dict(), strict=True)
+    try:
+        weights = downloaded_weights(
+            content, context, find_target_layers(model, cfg["model"]["target_modules"]))
+    except ResyncNeeded as err:
+        return resync_reply(msg, err)
+    model.load_state_dict(weights, strict=True)
     model.to(device)
     x, y = client_data(cfg, context)
     seed = derive_seed(int(cfg["seed"]), server_round, SHUFFLE_STREAM,

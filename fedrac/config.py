@@ -127,6 +127,9 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         allowed_sides = getattr(strategy_cls, "TRAIN_FACTORS", ("A", "B", "auto"))
         _require(s.get("train_factor") in allowed_sides, "strategy.train_factor",
                  s.get("train_factor"), ", ".join(allowed_sides))
+    downloads = getattr(strategy_cls, "DOWNLOADS", ("full",))
+    _require(s.get("download", "full") in downloads, "strategy.download", s.get("download"),
+             f"{', '.join(downloads)} (for strategy {s['name']})")
     try:
         task = load_task(d["dataset"])
         model = build_model(d["model"], task.input_shape, task.num_classes)
