@@ -19,7 +19,7 @@ import torch
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
-DATASETS = ("digits",)
+DATASETS = ("digits", "synthetic")
 PARTITIONERS = ("iid", "dirichlet")
 
 
@@ -78,6 +78,22 @@ def _digits_task(cfg: Mapping[str, Any]) -> Task:
     )
 
 
+def _synthetic_task(cfg: Mapping[str, Any]) -> Task:
+    """Gaussian class clusters: a stand-in where only speed matters (DESIGN section 10)."""
+    dim, k = int(cfg.get("features", 64)), int(cfg.get("num_classes", 5))
+    rng = np.random.default_rng(int(cfg.get("seed", 0)))
+    src_means, tgt_means = rng.standard_normal((2, k, dim)) * 2.0
+
+    def split(means: np.ndarray, count: int) -> Dataset:
+        y = rng.integers(0, k, count)
+        return _to_dataset(means[y] + rng.standard_normal((count, dim)), y)
+
+    n_src, n_tgt = int(cfg.get("source_samples", 2000)), int(cfg.get("target_samples", 50000))
+    n_test = int(cfg.get("test_samples", 1000))
+    return Task(split(src_means, n_src), split(src_means, n_test), split(tgt_means, n_tgt),
+                split(tgt_means, n_test), (dim,), k)
+
+
 def _key(cfg: Mapping[str, Any]) -> str:
     return json.dumps(cfg, sort_keys=True, default=str)
 
@@ -88,6 +104,8 @@ def _load_task_cached(key: str) -> Task:
     name = cfg.get("name")
     if name == "digits":
         return _digits_task(cfg)
+    if name == "synthetic":
+        return _synthetic_task(cfg)
     raise DataConfigError(f"dataset.name={name!r} is not a dataset; allowed: {', '.join(DATASETS)}")
 
 

@@ -1,0 +1,34 @@
+"""One scale point in a fresh process: ``python -m bench.point OVERRIDE...`` prints JSON.
+
+Peak resident memory (``ru_maxrss``) is per process and never goes down, so each point
+gets its own process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import resource
+import sys
+import time
+
+from bench.common import compose_cfg
+from fedrac.run import run_experiment
+
+
+def measure(overrides: list[str]) -> dict:
+    """Run fedrac with ``overrides``; seconds per round and this process's peak RSS (MiB)."""
+    cfg = compose_cfg(*overrides)
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        summary = run_experiment(cfg)
+    return {"seconds": time.perf_counter() - start,
+            "seconds_per_round": summary["seconds_per_round"],
+            "client_seconds_per_round": summary["client_seconds_per_round"],
+            "final_accuracy": summary["final_accuracy"],
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(sys.argv[1:])))
