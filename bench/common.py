@@ -65,6 +65,23 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return statistics.median(times), result
 
 
+def timed_pair(
+    fn: Callable[[], Any], floor: Callable[[], Any], repeats: int
+) -> tuple[float, float, float, Any, Any]:
+    """``fn`` and ``floor`` run back to back ``repeats`` times (so both see the same load).
+
+    Returns the median seconds of each, the median of the per-pair ratios, and the
+    last results.
+    """
+    pairs, res_fn, res_floor = [], None, None
+    for _ in range(repeats):
+        t_fn, res_fn = timed(fn, 1)
+        t_floor, res_floor = timed(floor, 1)
+        pairs.append((t_fn, t_floor))
+    return (statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs),
+            statistics.median(p[0] / p[1] for p in pairs), res_fn, res_floor)
+
+
 def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     """Whether two state dicts hold bit-identical tensors."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

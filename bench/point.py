@@ -1,7 +1,7 @@
 """One scale point in a fresh process: ``python -m bench.point OVERRIDE...`` prints JSON.
 
-Peak resident memory (``ru_maxrss``) is per process and never goes down, so each point
-gets its own process.
+Peak resident memory is per process and never goes down, so each point gets its own
+process.
 """
 
 from __future__ import annotations
@@ -27,7 +27,19 @@ def measure(overrides: list[str]) -> dict:
             "seconds_per_round": summary["seconds_per_round"],
             "client_seconds_per_round": summary["client_seconds_per_round"],
             "final_accuracy": summary["final_accuracy"],
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": peak_rss_mib()}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB (``VmHWM``; reset by ``exec``, unlike
+    ``ru_maxrss``, which a child inherits from the process that forked it)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":

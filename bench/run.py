@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from bench.anchor import flower_fedavg
-from bench.common import Workload, compose_cfg, states_equal, timed
+from bench.common import Workload, compose_cfg, states_equal, timed, timed_pair
 from bench.floor import plain_loop
 from fedrac.engines.inline import set_torch_threads
 from fedrac.results import KINDS
@@ -59,24 +59,28 @@ def _fedrac(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor
 
 
 def overhead(base: list[str], rounds: int, repeats: int, tmp: Path) -> list[dict[str, Any]]:
-    """fedrac vs the plain loop vs Flower's FedAvg on the embedded default workload."""
+    """fedrac vs the plain loop vs Flower's FedAvg on the embedded default workload.
+
+    Each run is paired with a floor run right after it; the ratio is the median of the
+    pairs' ratios (robust to load from other processes on a shared machine).
+    """
     rows = []
     for strategy in ("rac_lora", "fedavg"):
         cfg = compose_cfg(*base, f"strategy={strategy}", f"num_rounds={rounds}",
                           f"output_dir={tmp / strategy}")
         work = Workload(cfg)
-        plain_loop(work)  # warm-up: first-call costs (lazy imports, allocator) hit neither
-        _fedrac(cfg)
-        t_floor, floor_state = timed(lambda w=work: plain_loop(w), repeats)
-        t_fedrac, (summary, state) = timed(lambda c=cfg: _fedrac(c), repeats)
+        timed(lambda w=work: plain_loop(w), 1)  # warm-up: first-call costs (lazy imports,
+        timed(lambda c=cfg: _fedrac(c), 1)      # allocator) hit neither measured run
+        t_fedrac, t_floor, ratio, (summary, state), floor_state = timed_pair(
+            lambda c=cfg: _fedrac(c), lambda w=work: plain_loop(w), repeats)
         rows.append({"what": f"fedrac {strategy}", "seconds": t_fedrac, "floor": t_floor,
-                     "ratio": t_fedrac / t_floor, "identical_to_floor":
-                     states_equal({k: v for k, v in floor_state.items()}, state),
+                     "ratio": ratio, "identical_to_floor": states_equal(floor_state, state),
                      "final_accuracy": summary["final_accuracy"]})
         if strategy == "fedavg":
-            t_flwr, flwr_state = timed(lambda w=work: flower_fedavg(w), repeats)
+            t_flwr, t_floor, ratio, flwr_state, _ = timed_pair(
+                lambda w=work: flower_fedavg(w), lambda w=work: plain_loop(w), repeats)
             rows.append({"what": "Flower FedAvg (minimal ClientApp)", "seconds": t_flwr,
-                         "floor": t_floor, "ratio": t_flwr / t_floor,
+                         "floor": t_floor, "ratio": ratio,
                          "identical_to_floor": states_equal(flwr_state, floor_state),
                          "final_accuracy": None})
     return rows
