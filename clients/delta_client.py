@@ -23,6 +23,7 @@ from fedrac.delta_sync import (
     weights_checksum,
 )
 from fedrac.lora import LayerSpec
+from fedrac.records import to_state_dict
 from strategies.delta_sync import RESYNC_KEY
 
 
@@ -35,7 +36,7 @@ def _cached(context: Context, base: int) -> dict[str, torch.Tensor]:
     if version != base:
         raise ResyncNeeded(f"cache holds version {version}, the deltas start from {base}")
     try:
-        return state[STATE_WEIGHTS].to_torch_state_dict()
+        return to_state_dict(state[STATE_WEIGHTS])
     except Exception as err:  # an unreadable cache is a cache miss, not a crash
         raise ResyncNeeded(f"cached weights unreadable: {err}") from err
 
@@ -58,16 +59,16 @@ def downloaded_weights(
     ``server-round - 1`` (the weights after the previous round).
     """
     if "sync" not in content:
-        return content["arrays"].to_torch_state_dict()
+        return to_state_dict(content["arrays"])
     sync = content["sync"]
     if "arrays" in content:
         record = content["arrays"]
-        state = record.to_torch_state_dict()
+        state = to_state_dict(record)
         context.state[STATE_CONFIG] = ConfigRecord(dict(content["config"]))
     else:
         config, sketch = content["config"], content["sketch"]
         state = apply_deltas(
-            _cached(context, int(sync["base"])), layers, content["deltas"].to_torch_state_dict(),
+            _cached(context, int(sync["base"])), layers, to_state_dict(content["deltas"]),
             [int(r) for r in sync["rounds"]], [int(s) for s in sync["seeds"]],
             int(config["rank"]), float(config["alpha"]), str(sketch["distribution"]))
         got = weights_checksum(state)

@@ -23,6 +23,7 @@ from flwr.supercore import log
 
 from fedrac.delta_sync import weights_checksum
 from fedrac.ledger import array_record_nbytes, record_dict_nbytes
+from fedrac.records import to_state_dict
 
 DOWNLOADS = ("full", "delta")
 RESYNC_KEY = "resync"  # a client's reply record asking for the full weights
@@ -65,7 +66,7 @@ class DeltaSync:
         target = server_round - 1
         full_bytes = array_record_nbytes(arrays)
         self._prune(full_bytes)
-        checksum = weights_checksum(arrays.to_torch_state_dict())
+        checksum = weights_checksum(to_state_dict(arrays))
         self._full = RecordDict({"arrays": arrays, "sync": ConfigRecord(
             {"target": target, "checksum": checksum}), **common})
         by_base: dict[int, RecordDict | None] = {}
