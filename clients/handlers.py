@@ -13,6 +13,8 @@ An optional ``update`` record is added to ``arrays`` before training: dense
 ``<layer>.weight`` deltas, or stacked ``<layer>.stack_B`` / ``<layer>.stack_A``
 factors whose product is the delta (the server's last merge, for clients that
 would keep the weights between rounds).
+With ``download=delta`` the weights come as deltas over the node cache
+(:mod:`clients.delta_client`); a node that cannot rebuild them replies ``resync``.
 Every reply carries a ``metrics`` record: ``num-examples``, ``train-loss``,
 ``train-seconds``, ``train-steps``.
 """
@@ -29,6 +31,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
+from clients.delta_client import downloaded_weights, restore_config, resync_reply
 from clients.local_training import (
     TrainSettings,
     evaluate,
@@ -36,6 +39,7 @@ from clients.local_training import (
     train_locally,
 )
 from fedrac.data import load_dataset_from_path, load_task, partition, to_tensors
+from fedrac.delta_sync import ResyncNeeded
 from fedrac.lora import (
     adapter_factors,
     attach_adapters,
@@ -76,9 +80,18 @@ def client_data(cfg: Mapping[str, Any], context: Context,
         if key not in node_cfg:
             raise KeyError(f"node config lacks '{key}'; give it with --node-config "
                            "'partition-id=0 num-partitions=N'")
-    ds = partition(cfg["dataset"], cfg["partitioner"], int(node_cfg["num-partitions"]),
-                   int(node_cfg["partition-id"]), int(cfg["seed"]), split)
-    return to_tensors(ds)
+    return _partition_tensors(_key(cfg["dataset"], cfg["partitioner"]),
+                              int(node_cfg["num-partitions"]), int(node_cfg["partition-id"]),
+                              int(cfg["seed"]), split)
+
+
+@functools.lru_cache(maxsize=64)
+def _partition_tensors(
+    key: str, num_partitions: int, partition_id: int, seed: int, split: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A partition's tensors, cached for the nodes this process served last (bounded)."""
+    dataset_cfg, part_cfg = json.loads(key)
+    return to_tensors(partition(dataset_cfg, part_cfg, num_partitions, partition_id, seed, split))
 
 
 def node_stream(context: Context) -> int:
@@ -134,7 +147,11 @@ def _prepare_adapters(
 
 def global_state(content: RecordDict) -> dict[str, torch.Tensor]:
     """The message's ``arrays`` with its optional ``update`` record applied."""
-    state = content["arrays"].to_torch_state_dict()
+    return apply_update(content["arrays"].to_torch_state_dict(), content)
+
+
+def apply_update(state: dict[str, torch.Tensor], content: RecordDict) -> dict[str, torch.Tensor]:
+    """``state`` with the message's optional ``update`` record (dense or stacked) added."""
     if "update" not in content:
         return state
     update = content["update"].to_torch_state_dict()
@@ -154,12 +171,21 @@ def global_state(content: RecordDict) -> dict[str, torch.Tensor]:
 def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Message:
     """Train locally as the message's ``config`` says and reply with what the server needs."""
     content = msg.content
+    try:
+        restore_config(content, context)
+    except ResyncNeeded as err:
+        return resync_reply(msg, err)
     config = content["config"]
     server_round = int(config["server-round"])
     device = resolve_device(str(cfg.get("device", "cpu")))
     model = client_model(cfg)
     remove_adapters(model)  # in case an earlier round failed half-way
-    model.load_state_dict(global_state(content), strict=True)
+    try:
+        weights = downloaded_weights(
+            content, context, find_target_layers(model, cfg["model"]["target_modules"]))
+    except ResyncNeeded as err:
+        return resync_reply(msg, err)
+    model.load_state_dict(apply_update(weights, content), strict=True)
     model.to(device)
     x, y = client_data(cfg, context)
     seed = derive_seed(int(cfg["seed"]), server_round, SHUFFLE_STREAM, node_stream(context))

@@ -126,6 +126,9 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
              c["weight_decay"], "a number >= 0")
     _require(d["engine"].get("name") in ("simulation", "inline", "deployment"), "engine",
              d["engine"].get("name"), "simulation, inline, deployment")
+    threads = d["engine"].get("threads")
+    _require(threads is None or (_is_int(threads) and threads >= 1), "engine.threads", threads,
+             "null or an integer >= 1")
     if s["name"] != "fedavg":
         _require(_is_int(s.get("rank")) and s["rank"] >= 1, "strategy.rank", s.get("rank"),
                  "an integer >= 1")
@@ -136,6 +139,9 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         allowed_sides = getattr(strategy_cls, "TRAIN_FACTORS", ("A", "B", "auto"))
         _require(s.get("train_factor") in allowed_sides, "strategy.train_factor",
                  s.get("train_factor"), ", ".join(allowed_sides))
+    downloads = getattr(strategy_cls, "DOWNLOADS", ("full",))
+    _require(s.get("download", "full") in downloads, "strategy.download", s.get("download"),
+             f"{', '.join(downloads)} (for strategy {s['name']})")
     try:
         task = load_task(d["dataset"])
         model = build_model(d["model"], task.input_shape, task.num_classes)

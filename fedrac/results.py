@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from fedrac.ledger import ByteLedger
 
-KINDS = ("weights", "factors", "residual", "seeds", "config", "metrics")
+KINDS = ("weights", "factors", "residual", "deltas", "seeds", "config", "metrics")
 COLUMNS = (
     ["round", "train_loss", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down", "seconds",
      "client_seconds", "clients", "failed", "rejected"]

@@ -55,8 +55,9 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
         run_on_ray(server_app, client_app, cfg["num_clients"], cfg["engine"],
                    verbose=bool(cfg.get("verbose", False)))
     elif engine == "inline":
-        from fedrac.engines.inline import run_inline
+        from fedrac.engines.inline import run_inline, set_torch_threads
 
+        set_torch_threads(cfg["engine"].get("threads"))
         run_inline(server_app, client_app, cfg["num_clients"])
     else:
         raise ValueError(f"engine={engine!r} is not an engine; allowed: simulation, inline")

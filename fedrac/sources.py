@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "files", "hub", "custom")
+SOURCES = ("digits", "synthetic", "mnist", "fashion_mnist", "cifar10", "files", "hub", "custom")
 TABLE_FORMATS = {".csv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -65,6 +65,28 @@ def read_digits(cfg: Mapping[str, Any]) -> Arrays:
     bunch = load_digits()
     x = (bunch.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
     return Arrays(x, bunch.target.astype(np.int64))
+
+
+def read_synthetic(cfg: Mapping[str, Any]) -> Arrays:
+    """Gaussian class clusters, a stand-in where only speed matters (DESIGN section 10).
+
+    Classes ``0..k-1`` (``source_samples``) and ``k..2k-1`` (``target_samples``) have
+    their own cluster means; the test split has ``test_samples`` of each half.
+    """
+    dim, k = int(cfg.get("features", 64)), int(cfg.get("num_classes", 5))
+    rng = np.random.default_rng(int(cfg.get("seed", 0)))
+    means = rng.standard_normal((2 * k, dim)).astype(np.float32) * 2.0
+
+    def draw(first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(first, first + k, count)
+        return means[y] + rng.standard_normal((count, dim)).astype(np.float32), y
+
+    n_src, n_tgt = int(cfg.get("source_samples", 2000)), int(cfg.get("target_samples", 50000))
+    n_test = int(cfg.get("test_samples", 1000))
+    (xs, ys), (xt, yt) = draw(0, n_src), draw(k, n_tgt)
+    (xs2, ys2), (xt2, yt2) = draw(0, n_test), draw(k, n_test)
+    test = Arrays(np.concatenate([xs2, xt2]), np.concatenate([ys2, yt2]))
+    return Arrays(np.concatenate([xs, xt]), np.concatenate([ys, yt]), test=test)
 
 
 # ---------------------------------------------------------------- torchvision
@@ -385,6 +407,8 @@ def _dispatch(cfg: Mapping[str, Any]) -> Arrays:
     name = cfg.get("name")
     if name == "digits":
         return read_digits(cfg)
+    if name == "synthetic":
+        return read_synthetic(cfg)
     if name in _TV_FILES:
         return read_torchvision(cfg)
     if name == "files":

@@ -22,6 +22,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from fedrac.ledger import ByteLedger, record_dict_nbytes
+from fedrac.records import array_to_numpy
 from fedrac.sketch import derive_seed
 
 CLIENT_KEYS = {  # Hydra `client.*` key -> ConfigRecord key sent to clients
@@ -208,7 +209,7 @@ class FedracStrategy(FedAvg):
             return f"wrong keys (missing {missing[:5]}, unexpected {extra[:5]})", None
         tensors: dict[str, torch.Tensor] = {}
         for key, shape in expected.items():
-            arr = record[key].numpy()
+            arr = array_to_numpy(record[key])
             if tuple(arr.shape) != tuple(shape):
                 return f"'{key}' has shape {tuple(arr.shape)}, expected {tuple(shape)}", None
             if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():

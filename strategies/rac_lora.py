@@ -10,13 +10,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedrac.lora import LayerSpec, check_rank, delta_weight, resolve_trained
+from fedrac.delta_sync import merge_factors
+from fedrac.lora import LayerSpec, check_rank, resolve_trained
+from fedrac.records import to_state_dict
 from fedrac.sketch import DISTRIBUTIONS, derive_seed, fingerprint, make_sketch
 from strategies.base import FedracStrategy, weighted_average
+from strategies.delta_sync import DOWNLOADS, DeltaSync
 
 TRAIN_FACTORS = ("A", "B", "auto", "alternate", "bernoulli")
 SIDE_STREAM = 3  # derive_seed(run_seed, round, SIDE_STREAM) flips the coin of `bernoulli`
-KINDS = {"arrays": "weights", "factors": "factors", "sketch": "seeds", "config": "config"}
+KINDS = {"arrays": "weights", "factors": "factors", "sketch": "seeds", "config": "config",
+         "deltas": "deltas", "sync": "seeds"}
 
 
 @dataclass(frozen=True)
@@ -64,11 +68,12 @@ class RacLoRA(FedracStrategy):
 
     name = "rac_lora"
     TRAIN_FACTORS = TRAIN_FACTORS
+    DOWNLOADS = DOWNLOADS
 
     def __init__(
         self, *, layers: Mapping[str, LayerSpec], rank: int, alpha: float,
         sketch: str = "orthogonal", train_factor: str = "auto", resample_every: int = 1,
-        **kwargs: Any,
+        download: str = "full", **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if sketch not in DISTRIBUTIONS:
@@ -80,7 +85,11 @@ class RacLoRA(FedracStrategy):
         if int(resample_every) < 1:
             raise ValueError(f"strategy.resample_every={resample_every!r} is not allowed; "
                              "allowed: an integer >= 1")
+        if download not in DOWNLOADS:
+            raise ValueError(f"strategy.download={download!r} is not allowed; "
+                             f"allowed: {', '.join(DOWNLOADS)}")
         check_rank(layers, rank)
+        self.sync = DeltaSync() if download == "delta" else None
         self.layers = dict(layers)
         self.rank, self.alpha = int(rank), float(alpha)
         self.scale = self.alpha / self.rank
@@ -95,7 +104,7 @@ class RacLoRA(FedracStrategy):
         s = cfg["strategy"]
         return cls(layers=layers, rank=s["rank"], alpha=s["alpha"], sketch=s["sketch"],
                    train_factor=s["train_factor"], resample_every=s.get("resample_every", 1),
-                   **common)
+                   download=s.get("download", "full"), **common)
 
     def round_seed(self, server_round: int) -> int:
         """The sketch seed of a round: a new one every ``resample_every`` rounds."""
@@ -126,6 +135,12 @@ class RacLoRA(FedracStrategy):
             "config": self.train_config(server_round, mode="adapters", rank=self.rank,
                                         alpha=self.alpha, **{"train-factor": side}),
         })
+        if self.sync is not None:  # download=delta: per node, deltas or full weights
+            self.sync.grid = grid
+            del content["arrays"]
+            content["config"]["download"] = "delta"
+            contents = self.sync.downloads(server_round, arrays, nodes, dict(content.items()))
+            return self.make_messages(server_round, contents, nodes, KINDS)
         return self.make_messages(server_round, content, nodes, KINDS)
 
     def aggregate_train(
@@ -136,18 +151,19 @@ class RacLoRA(FedracStrategy):
         plan = self._plan
         expected = {plan.factor_key(n): spec.factor_shape(plan.trained[n], self.rank)
                     for n, spec in self.layers.items()}
+        if self.sync is not None:
+            replies = self.sync.resolve_resyncs(
+                server_round, replies,
+                lambda rnd, contents, nodes: self.make_messages(rnd, contents, nodes, KINDS),
+                self.ledger.add)
         valid = self.collect_replies(server_round, replies, "factors", expected, KINDS)
         metrics = self.round_metric_record(server_round)
         if not valid:
             return None, metrics
         avg = weighted_average([r.tensors for r in valid], [r.weight for r in valid])
-        state = self._global.to_torch_state_dict()
-        for name, spec in self.layers.items():
-            if plan.trained[name] == "A":
-                a, b = avg[plan.factor_key(name)], plan.sketches[f"{name}.lora_B"]
-            else:
-                a, b = plan.sketches[f"{name}.lora_A"], avg[plan.factor_key(name)]
-            w = state[spec.weight_key]
-            state[spec.weight_key] = (w.to(torch.float64) + delta_weight(
-                a.to(torch.float64), b.to(torch.float64), self.scale, w.shape)).to(w.dtype)
+        sketches = {k: v for k, v in plan.sketches.items() if k not in avg}
+        state = merge_factors(to_state_dict(self._global), self.layers, avg, sketches,
+                              self.scale)
+        if self.sync is not None:
+            self.sync.record(server_round, plan.seed, avg)
         return ArrayRecord(state), metrics

@@ -1,0 +1,87 @@
+"""What every benchmark part shares: config composition, workload data, timing."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from clients.local_training import TrainSettings
+from fedrac.config import conf_dir, validate
+from fedrac.data import load_task, partition, to_tensors
+from fedrac.engines.inline import InlineGrid
+from fedrac.models import build_model
+from fedrac.pretrain import pretrained_state
+
+
+def compose_cfg(*overrides: str) -> dict[str, Any]:
+    """The validated run config for ``overrides`` (as the CLI composes it)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(conf_dir()), version_base=None):
+        return validate(compose("config", overrides=list(overrides)))
+
+
+def settings_of(cfg: dict[str, Any]) -> TrainSettings:
+    """The local training settings of the run config's ``client`` group."""
+    c = cfg["client"]
+    return TrainSettings(optimizer=c["optimizer"], lr=float(c["lr"]),
+                         local_epochs=int(c["local_epochs"]), local_steps=c["local_steps"],
+                         batch_size=int(c["batch_size"]), weight_decay=float(c["weight_decay"]),
+                         momentum=float(c["momentum"]))
+
+
+class Workload:
+    """Model, pretrained weights, client partitions and test data of one run config."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+        task = load_task(cfg["dataset"])
+        self.model = build_model(cfg["model"], task.input_shape, task.num_classes)
+        self.state = pretrained_state(cfg["model"], cfg["dataset"], cfg["pretrain"],
+                                      cfg["cache_dir"])
+        self.model.load_state_dict(self.state)
+        n = int(cfg["num_clients"])
+        self.data = [to_tensors(partition(cfg["dataset"], cfg["partitioner"], n, i,
+                                          int(cfg["seed"]))) for i in range(n)]
+        self.test = to_tensors(task.target_test)
+        # the inline engine's node ids, so a loop can visit clients in the same order
+        self.node_ids = InlineGrid(None, n).get_node_ids()  # type: ignore[arg-type]
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """Median wall seconds of ``repeats`` calls of ``fn`` (output silenced) and its last result."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def timed_pair(
+    fn: Callable[[], Any], floor: Callable[[], Any], repeats: int
+) -> tuple[float, float, float, Any, Any]:
+    """``fn`` and ``floor`` run back to back ``repeats`` times (so both see the same load).
+
+    Returns the median seconds of each, the median of the per-pair ratios, and the
+    last results.
+    """
+    pairs, res_fn, res_floor = [], None, None
+    for _ in range(repeats):
+        t_fn, res_fn = timed(fn, 1)
+        t_floor, res_floor = timed(floor, 1)
+        pairs.append((t_fn, t_floor))
+    return (statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs),
+            statistics.median(p[0] / p[1] for p in pairs), res_fn, res_floor)
+
+
+def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Whether two state dicts hold bit-identical tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,225 @@
+"""``python -m bench [--quick] [--out DIR]``: fedrac's speed, memory and bytes, as ratios.
+
+Sections (each time a median over ``--repeats`` runs in this process, same seeds):
+1. overhead: fedrac ``rac_lora`` / ``fedavg`` on the inline engine against the plain
+   PyTorch loop doing the identical math (bench/floor.py), and Flower's own ``FedAvg`` with
+   a minimal ClientApp (bench/anchor.py) on the same engine;
+2. engines: the same run on Flower's Simulation Runtime (Ray) against inline;
+3. scale: 10 / 100 / 1000 clients (fraction 0.1), MLP widths 64 / 512 / 2048 and a small
+   ViT (bench/vit.py): seconds per round and peak RSS, each point in a fresh process;
+4. bytes: per round, per direction and kind, for every strategy.
+Writes ``results.json`` and ``results.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from bench.anchor import flower_fedavg
+from bench.common import Workload, compose_cfg, states_equal, timed, timed_pair
+from bench.floor import plain_loop
+from fedrac.engines.inline import set_torch_threads
+from fedrac.results import KINDS
+from fedrac.run import run_experiment
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine() -> str:
+    """One line naming the machine the figures come from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, {platform.system()}")
+
+
+def _fedrac(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    summary = run_experiment(cfg)
+    return summary, load_file(str(Path(cfg["output_dir"]) / "model.safetensors"))
+
+
+def overhead(base: list[str], rounds: int, repeats: int, tmp: Path) -> list[dict[str, Any]]:
+    """fedrac vs the plain loop vs Flower's FedAvg on the embedded default workload.
+
+    Each run is paired with a floor run right after it; the ratio is the median of the
+    pairs' ratios (robust to load from other processes on a shared machine).
+    """
+    rows = []
+    for strategy in ("rac_lora", "fedavg"):
+        cfg = compose_cfg(*base, f"strategy={strategy}", f"num_rounds={rounds}",
+                          f"output_dir={tmp / strategy}")
+        work = Workload(cfg)
+        timed(lambda w=work: plain_loop(w), 1)  # warm-up: first-call costs (lazy imports,
+        timed(lambda c=cfg: _fedrac(c), 1)      # allocator) hit neither measured run
+        t_fedrac, t_floor, ratio, (summary, state), floor_state = timed_pair(
+            lambda c=cfg: _fedrac(c), lambda w=work: plain_loop(w), repeats)
+        rows.append({"what": f"fedrac {strategy}", "seconds": t_fedrac, "floor": t_floor,
+                     "ratio": ratio, "identical_to_floor": states_equal(floor_state, state),
+                     "final_accuracy": summary["final_accuracy"]})
+        if strategy == "fedavg":
+            t_flwr, t_floor, ratio, flwr_state, _ = timed_pair(
+                lambda w=work: flower_fedavg(w), lambda w=work: plain_loop(w), repeats)
+            rows.append({"what": "Flower FedAvg (minimal ClientApp)", "seconds": t_flwr,
+                         "floor": t_floor, "ratio": ratio,
+                         "identical_to_floor": states_equal(flwr_state, floor_state),
+                         "final_accuracy": None})
+    return rows
+
+
+def engines(base: list[str], rounds: int, tmp: Path) -> list[dict[str, Any]]:
+    """Seconds per round of the same run on the inline engine and on Ray."""
+    rows = []
+    for engine in ("inline", "simulation"):
+        cfg = compose_cfg(*base, f"engine={engine}", f"num_rounds={rounds}",
+                          f"output_dir={tmp / ('engine-' + engine)}")
+        seconds, summary = timed(lambda c=cfg: run_experiment(c), 1)
+        rows.append({"engine": engine, "seconds": seconds,
+                     "seconds_per_round": summary["seconds_per_round"]})
+    return rows
+
+
+def _point(overrides: list[str], subprocess_rss: bool) -> dict[str, Any]:
+    if not subprocess_rss:
+        from bench.point import measure
+
+        out = measure(overrides)
+        out["peak_rss_mib"] = None  # shared with the rest of this process: not meaningful
+        return out
+    done = subprocess.run([sys.executable, "-m", "bench.point", *overrides], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def scale(base: list[str], rounds: int, quick: bool, tmp: Path) -> list[dict[str, Any]]:
+    """Seconds per round and peak RSS for client counts, widths and the small ViT."""
+    points: list[tuple[str, list[str]]] = []
+    for n in ((10, 100) if quick else (10, 100, 1000)):
+        points.append((f"MLP 64, synthetic 50/client, {n} clients, fraction 0.1",
+                       ["dataset=synthetic", f"dataset.target_samples={50 * n}",
+                        "partitioner=iid", f"num_clients={n}", "fraction_train=0.1"]))
+    for width in ((64,) if quick else (64, 512, 2048)):
+        points.append((f"MLP {width}, 10 clients", [f"model.hidden=[{width},{width}]"]))
+    vit = ["+model._target_=bench.vit.SmallViT", "~model.hidden", "model.name=vit",
+           f"pretrain.epochs={1 if quick else 10}"]
+    points.append(("small ViT (dim 64, depth 2), 10 clients", vit))
+    rows = []
+    for label, over in points:
+        for strategy in ("rac_lora", "fedavg"):
+            out = _point([*base, *over, f"strategy={strategy}", f"num_rounds={rounds}",
+                          f"output_dir={tmp / 'scale'}"], subprocess_rss=not quick)
+            rows.append({"point": label, "strategy": strategy, **out})
+    return rows
+
+
+def bytes_per_round(base: list[str], rounds: int, tmp: Path) -> list[dict[str, Any]]:
+    """Mean bytes per round (rounds 2.., steady state) per direction and kind, per strategy."""
+    variants = [("fedavg", ["strategy=fedavg"]), ("rac_lora", ["strategy=rac_lora"]),
+                ("rac_lora download=delta", ["strategy=rac_lora", "strategy.download=delta"]),
+                ("rac_lora download=delta, fraction 0.3",
+                 ["strategy=rac_lora", "strategy.download=delta", "fraction_train=0.3"])]
+    rows = []
+    for label, over in variants:
+        out = tmp / "bytes"
+        cfg = compose_cfg(*base, *over, f"num_rounds={rounds}", f"output_dir={out}")
+        timed(lambda c=cfg: run_experiment(c), 1)
+        with (out / "metrics.csv").open() as f:
+            data = [r for r in csv.DictReader(f) if int(r["round"]) >= 2]
+        row: dict[str, Any] = {"strategy": label}
+        for d in ("up", "down"):
+            for k in KINDS:
+                row[f"{d}_{k}"] = statistics.mean(float(r[f"bytes_{d}_{k}"]) for r in data)
+            row[d] = statistics.mean(float(r[f"bytes_{d}"]) for r in data)
+        rows.append(row)
+    return rows
+
+
+def _fmt_b(n: float) -> str:
+    return f"{n / 1024:,.1f} KiB" if n >= 1024 else f"{n:,.0f} B"
+
+
+def to_markdown(res: dict[str, Any]) -> str:
+    """The results as markdown tables."""
+    lines = [f"Machine: {res['machine']}. Mode: {res['mode']}; {res['rounds']} rounds, "
+             f"median of {res['repeats']}; torch threads {res['threads']}; {res['date']}.", ""]
+    lines += ["| run (embedded default: digits, 10 clients, inline engine) | seconds | "
+              "plain-PyTorch floor | ratio | same weights as floor |", "|---|---|---|---|---|"]
+    for r in res["overhead"]:
+        lines.append(f"| {r['what']} | {r['seconds']:.2f} | {r['floor']:.2f} | "
+                     f"{r['ratio']:.2f}x | {'yes' if r['identical_to_floor'] else 'no'} |")
+    if res.get("engines"):
+        lines += ["", "| engine (rac_lora, embedded default) | s/round | whole run (s) |",
+                  "|---|---|---|"]
+        for r in res["engines"]:
+            lines.append(f"| {r['engine']} | {r['seconds_per_round']:.3f} | "
+                         f"{r['seconds']:.1f} |")
+    lines += ["", "| scale point | strategy | s/round | client s/round | peak RSS (MiB) |",
+              "|---|---|---|---|---|"]
+    for r in res["scale"]:
+        rss = "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"
+        lines.append(f"| {r['point']} | {r['strategy']} | {r['seconds_per_round']:.3f} | "
+                     f"{r['client_seconds_per_round']:.3f} | {rss} |")
+    kinds = [k for k in KINDS if any(r[f"{d}_{k}"] for r in res["bytes"] for d in ("up", "down"))]
+    head = " | ".join(f"{d} {k}" for d in ("down", "up") for k in kinds)
+    lines += ["", f"| bytes per round (10 clients, rounds 2..) | down | up | down/up | {head} |",
+              "|---|---|---|---|" + "---|" * (2 * len(kinds))]
+    for r in res["bytes"]:
+        cells = " | ".join(_fmt_b(r[f"{d}_{k}"]) for d in ("down", "up") for k in kinds)
+        lines.append(f"| {r['strategy']} | {_fmt_b(r['down'])} | {_fmt_b(r['up'])} | "
+                     f"{r['down'] / r['up']:.2f} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark and write ``results.json`` / ``results.md``."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few rounds, small points only")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--no-ray", action="store_true", help="skip the Ray engine comparison")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (2 if args.quick else 100)
+    repeats = args.repeats or (1 if args.quick else 3)
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    path = os.environ.get("PYTHONPATH", "")  # Ray workers and points import this checkout
+    os.environ["PYTHONPATH"] = f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)
+    threads = compose_cfg()["engine"].get("threads", 1) or 1
+    set_torch_threads(threads)
+    base = ["engine=inline"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = {"machine": machine(), "mode": "quick" if args.quick else "full",
+                           "rounds": rounds, "repeats": repeats, "threads": threads,
+                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        res["overhead"] = overhead(base, rounds, repeats, tmp)
+        if not (args.quick or args.no_ray):
+            res["engines"] = engines(base, min(rounds, 20), tmp)
+        res["scale"] = scale(base, 2 if args.quick else 20, args.quick, tmp)
+        res["bytes"] = bytes_per_round(base, max(rounds if args.quick else 10, 3), tmp)
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    md = to_markdown(res)
+    (out / "results.md").write_text(md)
+    print(md)
+    return res

@@ -1,0 +1,87 @@
+"""Client side of ``strategy.download=delta``: rebuild the global weights from the node cache.
+
+The node keeps the global weights it last had in ``Context.state`` (persisted between
+rounds by every Flower engine). A message with ``deltas`` is replayed on that cache with
+the server's own merge (:func:`fedrac.delta_sync.apply_deltas`) and checked against the
+sent checksum; any problem raises :class:`~fedrac.delta_sync.ResyncNeeded`, which the
+handler turns into a ``resync`` reply so the server sends the full weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fedrac.delta_sync import (
+    STATE_CONFIG,
+    STATE_SYNC,
+    STATE_WEIGHTS,
+    ResyncNeeded,
+    apply_deltas,
+    weights_checksum,
+)
+from fedrac.lora import LayerSpec
+from fedrac.records import to_state_dict
+from strategies.delta_sync import RESYNC_KEY
+
+
+def _cached(context: Context, base: int) -> dict[str, torch.Tensor]:
+    state = context.state
+    if STATE_WEIGHTS not in state or STATE_SYNC not in state:
+        raise ResyncNeeded("no cached weights on this node")
+    version = state[STATE_SYNC].get("version") if isinstance(state[STATE_SYNC],
+                                                             ConfigRecord) else None
+    if version != base:
+        raise ResyncNeeded(f"cache holds version {version}, the deltas start from {base}")
+    try:
+        return to_state_dict(state[STATE_WEIGHTS])
+    except Exception as err:  # an unreadable cache is a cache miss, not a crash
+        raise ResyncNeeded(f"cached weights unreadable: {err}") from err
+
+
+def restore_config(content: RecordDict, context: Context) -> None:
+    """Complete a delta message's slim ``config`` from the node cache (in place)."""
+    if "deltas" not in content:
+        return
+    if STATE_CONFIG not in context.state:
+        raise ResyncNeeded("no cached train config on this node")
+    content["config"] = ConfigRecord({**context.state[STATE_CONFIG], **content["config"]})
+
+
+def downloaded_weights(
+    content: RecordDict, context: Context, layers: Mapping[str, LayerSpec]
+) -> dict[str, torch.Tensor]:
+    """The global weights this message describes (full, or rebuilt from cache and deltas).
+
+    With a ``sync`` record the result is stored in the node cache as version
+    ``server-round - 1`` (the weights after the previous round).
+    """
+    if "sync" not in content:
+        return to_state_dict(content["arrays"])
+    sync = content["sync"]
+    if "arrays" in content:
+        record = content["arrays"]
+        state = to_state_dict(record)
+        context.state[STATE_CONFIG] = ConfigRecord(dict(content["config"]))
+    else:
+        config, sketch = content["config"], content["sketch"]
+        state = apply_deltas(
+            _cached(context, int(sync["base"])), layers, to_state_dict(content["deltas"]),
+            [int(r) for r in sync["rounds"]], [int(s) for s in sync["seeds"]],
+            int(config["rank"]), float(config["alpha"]), str(sketch["distribution"]))
+        got = weights_checksum(state)
+        if got != sync["checksum"]:
+            raise ResyncNeeded(f"rebuilt weights have checksum {got}, "
+                               f"the server's are {sync['checksum']}")
+        record = ArrayRecord(state)
+    context.state[STATE_WEIGHTS] = record
+    context.state[STATE_SYNC] = ConfigRecord(
+        {"version": int(content["config"]["server-round"]) - 1})
+    return state
+
+
+def resync_reply(msg: Message, err: Exception) -> Message:
+    """The reply asking the server for the full weights."""
+    return Message(RecordDict({RESYNC_KEY: ConfigRecord({"reason": str(err)})}), reply_to=msg)

@@ -1,0 +1,107 @@
+"""Seed-sized downloads: the merge both sides run, weight checksums, delta records.
+
+Fed-RAC-LoRA's global update of round ``t`` is fully described by its seed and the
+averaged trained factors. A client that keeps the global weights ``W_v`` (after round
+``v``) rebuilds ``W_{t-1}`` by replaying the merges of rounds ``v+1 .. t-1`` with
+:func:`merge_factors` -- the very function the server merges with -- so on the CPU the
+rebuilt weights are bit-identical; a checksum of the result confirms it.
+
+Wire format (``strategy.download=delta``): a ``deltas`` ArrayRecord whose keys are
+``"<round>/<layer>.lora_<side>"`` (the averaged trained factor of that round) and a
+``sync`` ConfigRecord with ``base`` (the version the client must hold), ``rounds`` and
+``seeds`` (the merged rounds and their sketch seeds) and ``checksum`` (of the weights
+rebuilt, ``W_{t-1}`` at round ``t``); its ``config`` record holds only ``server-round``, the
+rest of the (constant) train config being cached with the weights. A full download
+carries ``arrays``, the whole ``config`` and a ``sync`` record with ``target`` and
+``checksum``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import torch
+
+from fedrac.lora import LayerSpec, delta_weight
+from fedrac.sketch import make_sketch
+
+STATE_WEIGHTS = "fedrac.weights"  # node Context.state keys of the cached global weights
+STATE_SYNC = "fedrac.sync"        # ... of its version (``{"version": v}``)
+STATE_CONFIG = "fedrac.config"    # ... and of the static part of the train config
+
+
+class ResyncNeeded(RuntimeError):
+    """The client cannot rebuild the global weights from its cache and the deltas."""
+
+
+def weights_checksum(state: Mapping[str, torch.Tensor]) -> str:
+    """A 16-hex-digit hash of the state dict's keys, dtypes, shapes and raw bytes."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def merge_factors(
+    state: Mapping[str, torch.Tensor], layers: Mapping[str, LayerSpec],
+    factors: Mapping[str, torch.Tensor], sketches: Mapping[str, torch.Tensor], scale: float,
+) -> dict[str, torch.Tensor]:
+    """``W <- W + s * B @ A`` per layer (float64), one factor from ``factors``, one sketch.
+
+    ``factors`` and ``sketches`` are keyed ``"<layer>.lora_A"`` / ``"<layer>.lora_B"``;
+    each layer takes ``A`` and ``B`` from whichever of the two holds it. Returns a new
+    state dict; tensors of other keys are shared with ``state``.
+    """
+    out = dict(state)
+    for name, spec in layers.items():
+        pair = []
+        for side in ("A", "B"):
+            key = f"{name}.lora_{side}"
+            pair.append(factors[key] if key in factors else sketches[key])
+        a, b = pair
+        w = out[spec.weight_key]
+        out[spec.weight_key] = (w.to(torch.float64) + delta_weight(
+            a.to(torch.float64), b.to(torch.float64), scale, w.shape)).to(w.dtype)
+    return out
+
+
+def round_sketches(
+    layers: Mapping[str, LayerSpec], factor_keys: set[str], seed: int, rank: int,
+    distribution: str,
+) -> dict[str, torch.Tensor]:
+    """The sketches of a round: per layer the factor not in ``factor_keys``, from ``seed``."""
+    sketches = {}
+    for name, spec in layers.items():
+        for side in ("A", "B"):
+            key = f"{name}.lora_{side}"
+            if key not in factor_keys:
+                sketches[key] = make_sketch(seed, key, spec.factor_shape(side, rank),
+                                            distribution)
+    return sketches
+
+
+def apply_deltas(
+    state: Mapping[str, torch.Tensor], layers: Mapping[str, LayerSpec],
+    deltas: Mapping[str, torch.Tensor], rounds: list[int], seeds: list[int], rank: int,
+    alpha: float, distribution: str,
+) -> dict[str, torch.Tensor]:
+    """Replay the merges of ``rounds`` (with their ``seeds``) on ``state``, in order."""
+    if len(rounds) != len(seeds):
+        raise ResyncNeeded(f"sync record has {len(rounds)} rounds but {len(seeds)} seeds")
+    by_round: dict[int, dict[str, torch.Tensor]] = {int(r): {} for r in rounds}
+    for key, tensor in deltas.items():
+        head, _, factor_key = key.partition("/")
+        if not head.isdigit() or int(head) not in by_round:
+            raise ResyncNeeded(f"delta '{key}' names no round of the sync record")
+        by_round[int(head)][factor_key] = tensor
+    for rnd, seed in zip(rounds, seeds, strict=True):
+        factors = by_round[int(rnd)]
+        per_layer = [sum(f"{n}.lora_{s}" in factors for s in "AB") for n in layers]
+        if len(factors) != len(layers) or any(c != 1 for c in per_layer):
+            raise ResyncNeeded(f"round {rnd}: deltas do not hold one factor per layer")
+        sketches = round_sketches(layers, set(factors), int(seed), rank, distribution)
+        state = merge_factors(state, layers, factors, sketches, alpha / rank)
+    return dict(state)

@@ -1,0 +1,24 @@
+"""The benchmark runs end to end (``--quick``) and its figures keep their meaning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_and_floor_is_the_same_math(tmp_path, monkeypatch):
+    from bench.run import main
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    res = main(["--quick", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "results.json").read_text())["mode"] == "quick"
+    assert "| fedrac rac_lora |" in (tmp_path / "results.md").read_text()
+    by_run = {r["what"]: r for r in res["overhead"]}
+    # the floor does the identical math: fedrac's final weights are bit-identical to it
+    assert by_run["fedrac rac_lora"]["identical_to_floor"]
+    assert by_run["fedrac fedavg"]["identical_to_floor"]
+    assert {r["strategy"] for r in res["scale"]} == {"rac_lora", "fedavg"}
+    delta = next(r for r in res["bytes"] if r["strategy"] == "rac_lora download=delta")
+    assert delta["down_weights"] == 0 and delta["down"] <= 1.1 * delta["up"]
