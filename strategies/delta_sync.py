@@ -35,6 +35,7 @@ class DeltaSync:
     def __init__(self) -> None:
         self.history: dict[int, tuple[int, dict[str, torch.Tensor]]] = {}  # round -> seed, avg
         self.node_version: dict[int, int] = {}
+        self.node_config: dict[int, dict] = {}  # the train config each node cached (last full)
         self.complete_since = 1  # every merge from this round on is in ``history``
         self.grid: Grid | None = None
         self.timeout: float = 3600.0
@@ -69,20 +70,30 @@ class DeltaSync:
         checksum = weights_checksum(to_state_dict(arrays))
         self._full = RecordDict({"arrays": arrays, "sync": ConfigRecord(
             {"target": target, "checksum": checksum}), **common})
-        by_base: dict[int, RecordDict | None] = {}
+        config = dict(common["config"])
+        by_key: dict[tuple, RecordDict | None] = {}
         out: dict[int, RecordDict] = {}
         for node in node_ids:
-            base = self.node_version.get(node)
-            if base is not None and base not in by_base:
-                by_base[base] = self._delta_content(base, target, checksum, full_bytes, common)
-            content = by_base.get(base) if base is not None else None
-            out[node] = content if content is not None else self._full
+            base, content = self.node_version.get(node), None
+            if base is not None:
+                cached = self.node_config.get(node, {})
+                changed = {k: v for k, v in config.items()
+                           if k == "server-round" or cached.get(k) != v}
+                key = (base, repr(sorted(changed.items())))
+                if key not in by_key:
+                    by_key[key] = self._delta_content(base, target, checksum, full_bytes,
+                                                      common, changed)
+                content = by_key[key]
+            if content is None:
+                content = self._full
+                self.node_config[node] = config
+            out[node] = content
             self.node_version[node] = target
         return out
 
     def _delta_content(
         self, base: int, target: int, checksum: str, full_bytes: int,
-        common: Mapping[str, ConfigRecord],
+        common: Mapping[str, ConfigRecord], changed: Mapping,
     ) -> RecordDict | None:
         """The delta download from ``W_base`` to ``W_target``; ``None`` when full is better."""
         if base > target or base + 1 < self.complete_since:
@@ -95,8 +106,8 @@ class DeltaSync:
         sync = ConfigRecord({"base": base, "rounds": merged,
                              "seeds": [self.history[r][0] for r in merged],
                              "checksum": checksum})
-        slim = {**common, "config": ConfigRecord(  # the node cached the rest with the weights
-            {"server-round": common["config"]["server-round"]})}
+        # the node cached the rest of the config with its last full weights
+        slim = {**common, "config": ConfigRecord(dict(changed))}
         return RecordDict({"deltas": deltas, "sync": sync, **slim})
 
     def forget_failed(self, replies: list[Message]) -> None:
@@ -122,6 +133,8 @@ class DeltaSync:
             ledger_add(server_round, "up", record_dict_nbytes(msg.content, {RESYNC_KEY: "config"}))
             log(WARNING, "round %d: node %d resyncs with full weights: %s", server_round,
                 msg.metadata.src_node_id, msg.content[RESYNC_KEY].get("reason", "?"))
+        for node in nodes:
+            self.node_config[node] = dict(self._full["config"])
         messages = make_messages(server_round, {n: self._full for n in nodes}, nodes)
         again = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         self.forget_failed(again)

@@ -81,10 +81,13 @@ def _down(strategy, kind: str) -> int:
     return strategy.ledger.totals()["down"].get(kind, 0)
 
 
-def test_partial_participation_rebuilds_bit_identical_weights(cache, tmp_path):
-    full, _, s_full = _run(_cfg(cache, tmp_path, "fraction_train=0.5"))
+@pytest.mark.parametrize("side", ["auto", "alternate"])
+def test_partial_participation_rebuilds_bit_identical_weights(cache, tmp_path, side):
+    """With ``alternate`` the trained side changes per round: the slim config must say so."""
+    full, _, s_full = _run(_cfg(cache, tmp_path, "fraction_train=0.5",
+                                f"strategy.train_factor={side}"))
     delta, grid, s_delta = _run(_cfg(cache, tmp_path, "fraction_train=0.5",
-                                     "strategy.download=delta"))
+                                     f"strategy.train_factor={side}", "strategy.download=delta"))
     _assert_same(full, delta)  # same trajectory, bit for bit
     versions = set()
     for node in grid.get_node_ids():
