@@ -22,8 +22,9 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from fedrac.ledger import ByteLedger, record_dict_nbytes
+from fedrac.lora import LayerSpec, check_rank
 from fedrac.records import array_to_numpy
-from fedrac.sketch import derive_seed
+from fedrac.sketch import DISTRIBUTIONS, derive_seed
 
 CLIENT_KEYS = {  # Hydra `client.*` key -> ConfigRecord key sent to clients
     "optimizer": "optimizer", "lr": "lr", "local_epochs": "local-epochs",
@@ -53,6 +54,13 @@ class ValidReply:
     tensors: dict[str, torch.Tensor]
     weight: float
     metrics: MetricRecord
+
+
+def require_choice(key: str, value: Any, allowed: Sequence[str], owner: str = "") -> None:
+    """Raise ``ValueError`` naming ``key``, ``value`` and ``allowed`` unless value is allowed."""
+    if value not in allowed:
+        where = f" for {owner}" if owner else ""
+        raise ValueError(f"{key}={value!r} is not allowed{where}; allowed: {', '.join(allowed)}")
 
 
 def weighted_average(
@@ -96,6 +104,17 @@ class FedracStrategy(FedAvg):
         self.ledger = ledger or ByteLedger()
         self.round_metrics: dict[int, dict[str, float]] = {}
         self.sent: dict[int, list[Message]] = {}  # round -> train messages awaiting replies
+
+    def set_adapters(
+        self, layers: Mapping[str, LayerSpec], rank: int, alpha: float, sketch: str
+    ) -> None:
+        """Check and keep the LoRA settings of an adapter method (rank, scale, sketch)."""
+        require_choice("strategy.sketch", sketch, DISTRIBUTIONS)
+        check_rank(layers, rank)
+        self.layers = dict(layers)
+        self.rank, self.alpha = int(rank), float(alpha)
+        self.scale = self.alpha / self.rank
+        self.sketch = sketch
 
     # ----------------------------------------------------------------- sending
     def sample_train_nodes(self, grid: Grid, server_round: int) -> list[int]:

@@ -11,10 +11,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from fedrac.delta_sync import merge_factors
-from fedrac.lora import LayerSpec, check_rank, resolve_trained
+from fedrac.lora import LayerSpec, resolve_trained
 from fedrac.records import to_state_dict
-from fedrac.sketch import DISTRIBUTIONS, derive_seed, fingerprint, make_sketch
-from strategies.base import FedracStrategy, weighted_average
+from fedrac.sketch import derive_seed, fingerprint, make_sketch
+from strategies.base import FedracStrategy, require_choice, weighted_average
 from strategies.delta_sync import DOWNLOADS, DeltaSync
 
 TRAIN_FACTORS = ("A", "B", "auto", "alternate", "bernoulli")
@@ -76,24 +76,14 @@ class RacLoRA(FedracStrategy):
         download: str = "full", **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if sketch not in DISTRIBUTIONS:
-            raise ValueError(f"strategy.sketch={sketch!r} is not allowed; "
-                             f"allowed: {', '.join(DISTRIBUTIONS)}")
-        if train_factor not in TRAIN_FACTORS:
-            raise ValueError(f"strategy.train_factor={train_factor!r} is not allowed for "
-                             f"rac_lora; allowed: {', '.join(TRAIN_FACTORS)}")
+        require_choice("strategy.train_factor", train_factor, TRAIN_FACTORS, "rac_lora")
+        require_choice("strategy.download", download, DOWNLOADS)
         if int(resample_every) < 1:
             raise ValueError(f"strategy.resample_every={resample_every!r} is not allowed; "
                              "allowed: an integer >= 1")
-        if download not in DOWNLOADS:
-            raise ValueError(f"strategy.download={download!r} is not allowed; "
-                             f"allowed: {', '.join(DOWNLOADS)}")
-        check_rank(layers, rank)
+        self.set_adapters(layers, rank, alpha, sketch)
         self.sync = DeltaSync() if download == "delta" else None
-        self.layers = dict(layers)
-        self.rank, self.alpha = int(rank), float(alpha)
-        self.scale = self.alpha / self.rank
-        self.sketch, self.train_factor = sketch, train_factor
+        self.train_factor = train_factor
         self.resample_every = int(resample_every)
         self._global: ArrayRecord | None = None
         self._plan: RoundPlan | None = None

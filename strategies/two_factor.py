@@ -18,9 +18,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedrac.lora import LayerSpec, check_rank, delta_weight
-from fedrac.sketch import DISTRIBUTIONS, derive_seed, fingerprint, make_sketch
-from strategies.base import FedracStrategy, ValidReply
+from fedrac.lora import LayerSpec, delta_weight
+from fedrac.sketch import derive_seed, fingerprint, make_sketch
+from strategies.base import FedracStrategy, ValidReply, require_choice
 
 ZERO_SIDES = ("both", "A", "B")
 FRESH_STREAM = 4  # derive_seed(run_seed, round, FRESH_STREAM) draws fresh random factors
@@ -50,17 +50,8 @@ class TwoFactorLoRA(FedracStrategy):
         sketch: str = "orthogonal", train_factor: str = "both", **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if sketch not in DISTRIBUTIONS:
-            raise ValueError(f"strategy.sketch={sketch!r} is not allowed; "
-                             f"allowed: {', '.join(DISTRIBUTIONS)}")
-        if train_factor not in ZERO_SIDES:
-            raise ValueError(f"strategy.train_factor={train_factor!r} is not allowed for "
-                             f"{self.name}; allowed: {', '.join(ZERO_SIDES)}")
-        check_rank(layers, rank)
-        self.layers = dict(layers)
-        self.rank, self.alpha = int(rank), float(alpha)
-        self.scale = self.alpha / self.rank
-        self.sketch = sketch
+        require_choice("strategy.train_factor", train_factor, ZERO_SIDES, self.name)
+        self.set_adapters(layers, rank, alpha, sketch)
         self.zero_side = "B" if train_factor == "both" else train_factor
         self.base: dict[str, torch.Tensor] | None = None
         self.adapters: dict[str, torch.Tensor] | None = None  # None: clients start fresh
