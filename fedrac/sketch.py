@@ -8,6 +8,7 @@ All distributions satisfy ``E[H] = (r/k) I`` where ``k`` is the sketch's long si
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 
@@ -54,7 +55,16 @@ def make_sketch(
             f"strategy.sketch={distribution!r} is not a sketch distribution; "
             f"allowed: {', '.join(DISTRIBUTIONS)}"
         )
-    rows, cols = int(shape[0]), int(shape[1])
+    shape2 = (int(shape[0]), int(shape[1]))
+    return _make_sketch(int(round_seed), layer_name, shape2, distribution).clone()
+
+
+@functools.lru_cache(maxsize=256)
+def _make_sketch(
+    round_seed: int, layer_name: str, shape: tuple[int, int], distribution: str
+) -> torch.Tensor:
+    """Cached per process: the clients of one round that share a process draw it once."""
+    rows, cols = shape
     gen = torch.Generator(device="cpu")
     gen.manual_seed(_layer_seed(round_seed, layer_name))
     wide = rows <= cols  # A-shaped: r x k

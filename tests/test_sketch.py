@@ -9,6 +9,7 @@ import torch
 from fedrac.sketch import (
     DISTRIBUTIONS,
     SketchMismatchError,
+    _make_sketch,
     check_fingerprint,
     derive_seed,
     fingerprint,
@@ -49,7 +50,14 @@ def test_global_rng_does_not_matter():
     a = make_sketch(7, "x", (2, 9), "gaussian")
     torch.manual_seed(99)
     torch.randn(100)
+    _make_sketch.cache_clear()  # draw again rather than reuse the process cache
     assert torch.equal(a, make_sketch(7, "x", (2, 9), "gaussian"))
+
+
+def test_the_process_cache_hands_out_copies():
+    a = make_sketch(8, "y", (2, 9), "orthogonal")
+    a.zero_()
+    assert make_sketch(8, "y", (2, 9), "orthogonal").abs().sum() > 0
 
 
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
