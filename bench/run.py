@@ -6,7 +6,7 @@ Sections (each time a median over ``--repeats`` runs in this process, same seeds
    a minimal ClientApp (bench/anchor.py) on the same engine;
 2. engines: the same run on Flower's Simulation Runtime (Ray) against inline;
 3. scale: 10 / 100 / 1000 clients (fraction 0.1), MLP widths 64 / 512 / 2048 and a small
-   ViT (bench/vit.py): seconds per round and peak RSS, each point in a fresh process;
+   ViT (model=vit_tiny): seconds per round and peak RSS, each point in a fresh process;
 4. bytes: per round, per direction and kind, for every strategy.
 Writes ``results.json`` and ``results.md`` into ``--out``.
 """
@@ -35,6 +35,7 @@ from bench.floor import plain_loop
 from fedrac.engines.inline import set_torch_threads
 from fedrac.results import KINDS
 from fedrac.run import run_experiment
+from strategies import STRATEGIES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,9 +120,8 @@ def scale(base: list[str], rounds: int, quick: bool, tmp: Path) -> list[dict[str
                         "partitioner=iid", f"num_clients={n}", "fraction_train=0.1"]))
     for width in ((64,) if quick else (64, 512, 2048)):
         points.append((f"MLP {width}, 10 clients", [f"model.hidden=[{width},{width}]"]))
-    vit = ["+model._target_=bench.vit.SmallViT", "~model.hidden", "model.name=vit",
-           f"pretrain.epochs={1 if quick else 10}"]
-    points.append(("small ViT (dim 64, depth 2), 10 clients", vit))
+    vit = ["model=vit_tiny", f"pretrain.epochs={1 if quick else 10}"]
+    points.append(("vit_tiny (dim 64, depth 2, patch 4), 10 clients", vit))
     rows = []
     for label, over in points:
         for strategy in ("rac_lora", "fedavg"):
@@ -133,10 +133,10 @@ def scale(base: list[str], rounds: int, quick: bool, tmp: Path) -> list[dict[str
 
 def bytes_per_round(base: list[str], rounds: int, tmp: Path) -> list[dict[str, Any]]:
     """Mean bytes per round (rounds 2.., steady state) per direction and kind, per strategy."""
-    variants = [("fedavg", ["strategy=fedavg"]), ("rac_lora", ["strategy=rac_lora"]),
-                ("rac_lora download=delta", ["strategy=rac_lora", "strategy.download=delta"]),
-                ("rac_lora download=delta, fraction 0.3",
-                 ["strategy=rac_lora", "strategy.download=delta", "fraction_train=0.3"])]
+    variants = [(name, [f"strategy={name}"]) for name in STRATEGIES]
+    variants += [("rac_lora download=delta", ["strategy=rac_lora", "strategy.download=delta"]),
+                 ("rac_lora download=delta, fraction 0.3",
+                  ["strategy=rac_lora", "strategy.download=delta", "fraction_train=0.3"])]
     rows = []
     for label, over in variants:
         out = tmp / "bytes"

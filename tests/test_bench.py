@@ -20,5 +20,11 @@ def test_quick_benchmark_runs_and_floor_is_the_same_math(tmp_path, monkeypatch):
     assert by_run["fedrac rac_lora"]["identical_to_floor"]
     assert by_run["fedrac fedavg"]["identical_to_floor"]
     assert {r["strategy"] for r in res["scale"]} == {"rac_lora", "fedavg"}
-    delta = next(r for r in res["bytes"] if r["strategy"] == "rac_lora download=delta")
+    by_strategy = {r["strategy"]: r for r in res["bytes"]}
+    from strategies import STRATEGIES
+
+    assert set(STRATEGIES) <= set(by_strategy)  # every strategy's bytes, per kind
+    assert by_strategy["fedex_lora"]["down_residual"] > 0
+    assert all(by_strategy[n]["down_residual"] == 0 for n in ("rac_lora", "ffa_lora", "fedit"))
+    delta = by_strategy["rac_lora download=delta"]
     assert delta["down_weights"] == 0 and delta["down"] <= 1.1 * delta["up"]
