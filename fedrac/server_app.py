@@ -36,7 +36,8 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     device = resolve_device(str(cfg["device"]))
     model.to(device)
     x_test, y_test = to_tensors(task.target_test)
-    latest = {"arrays": ArrayRecord(state)}
+    initial = ArrayRecord(state)
+    latest = {"arrays": initial}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         latest["arrays"] = arrays
@@ -48,9 +49,9 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
         recorder.log_round(server_round, loss, acc)
         return MetricRecord({"eval_loss": loss, "eval_accuracy": acc})
 
-    strategy.start(grid, ArrayRecord(state), num_rounds=num_rounds,
+    strategy.start(grid, initial, num_rounds=num_rounds,
                    timeout=float(cfg["round_timeout"]), evaluate_fn=evaluate_fn)
-    return recorder.finish(latest["arrays"].to_torch_state_dict())
+    return recorder.finish(to_state_dict(latest["arrays"]))
 
 
 def make_server_app(cfg: Mapping[str, Any]) -> ServerApp:
