@@ -48,6 +48,7 @@ from fedrac.lora import (
     resolve_trained,
 )
 from fedrac.models import build_model
+from fedrac.records import to_state_dict
 from fedrac.sketch import check_fingerprint, derive_seed, make_sketch
 
 SHUFFLE_STREAM = 2  # derive_seed(run_seed, round, SHUFFLE_STREAM, partition) shuffles batches
@@ -120,7 +121,7 @@ def _prepare_adapters(
     config = content["config"]
     rank, alpha = int(config["rank"]), float(config["alpha"])
     layers = find_target_layers(model, cfg["model"]["target_modules"])
-    sent = content["adapters"].to_torch_state_dict() if "adapters" in content else {}
+    sent = to_state_dict(content["adapters"]) if "adapters" in content else {}
     sketch = content["sketch"] if "sketch" in content else None
     zero_side = str(config.get("zero-factor", "B"))
     factors, trained, sketches = {}, {}, {}
@@ -147,14 +148,14 @@ def _prepare_adapters(
 
 def global_state(content: RecordDict) -> dict[str, torch.Tensor]:
     """The message's ``arrays`` with its optional ``update`` record applied."""
-    return apply_update(content["arrays"].to_torch_state_dict(), content)
+    return apply_update(to_state_dict(content["arrays"]), content)
 
 
 def apply_update(state: dict[str, torch.Tensor], content: RecordDict) -> dict[str, torch.Tensor]:
     """``state`` with the message's optional ``update`` record (dense or stacked) added."""
     if "update" not in content:
         return state
-    update = content["update"].to_torch_state_dict()
+    update = to_state_dict(content["update"])
     for key, value in update.items():
         if key.endswith(".weight"):
             state[key] = state[key] + value.to(state[key].dtype)
@@ -215,7 +216,7 @@ def handle_evaluate(cfg: Mapping[str, Any], msg: Message, context: Context) -> M
     """Evaluate the received global weights on this node's partition."""
     device = resolve_device(str(cfg.get("device", "cpu")))
     model = client_model(cfg)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    model.load_state_dict(to_state_dict(msg.content["arrays"]), strict=True)
     model.to(device)
     x, y = client_data(cfg, context, "val")
     loss, acc = evaluate(model, x, y, device)

@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from fedrac.lora import LayerSpec, delta_weight
+from fedrac.records import to_state_dict
 from fedrac.sketch import derive_seed, fingerprint, make_sketch
 from strategies.base import FedracStrategy, ValidReply, require_choice
 
@@ -89,7 +90,7 @@ class TwoFactorLoRA(FedracStrategy):
     ) -> Iterable[Message]:
         """Send the base weights, the adapters (or a fresh seed) and the last merge."""
         if self.base is None:
-            self.base = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
+            self.base = dict(to_state_dict(arrays))
         nodes = self.sample_train_nodes(grid, server_round)
         records: dict[str, Any] = {}
         if self.update is not None:
