@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedrac.delta_sync import (
     STATE_CONFIG,
@@ -23,7 +23,7 @@ from fedrac.delta_sync import (
     weights_checksum,
 )
 from fedrac.lora import LayerSpec
-from fedrac.records import to_state_dict
+from fedrac.records import to_array_record, to_shared_state_dict, to_state_dict
 from strategies.delta_sync import RESYNC_KEY
 
 
@@ -55,11 +55,13 @@ def downloaded_weights(
 ) -> dict[str, torch.Tensor]:
     """The global weights this message describes (full, or rebuilt from cache and deltas).
 
+    The tensors may be shared with other calls: replace entries, never modify them in place.
+
     With a ``sync`` record the result is stored in the node cache as version
     ``server-round - 1`` (the weights after the previous round).
     """
     if "sync" not in content:
-        return to_state_dict(content["arrays"])
+        return to_shared_state_dict(content["arrays"])
     sync = content["sync"]
     if "arrays" in content:
         record = content["arrays"]
@@ -75,7 +77,7 @@ def downloaded_weights(
         if got != sync["checksum"]:
             raise ResyncNeeded(f"rebuilt weights have checksum {got}, "
                                f"the server's are {sync['checksum']}")
-        record = ArrayRecord(state)
+        record = to_array_record(state)
     context.state[STATE_WEIGHTS] = record
     context.state[STATE_SYNC] = ConfigRecord(
         {"version": int(content["config"]["server-round"]) - 1})

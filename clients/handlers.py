@@ -28,19 +28,21 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from torch import nn
 
 from clients.delta_client import downloaded_weights, restore_config, resync_reply
 from clients.local_training import (
     TrainSettings,
     evaluate,
+    move_to,
     resolve_device,
     train_locally,
 )
 from fedrac.data import load_dataset_from_path, load_task, partition, to_tensors
 from fedrac.delta_sync import ResyncNeeded
 from fedrac.lora import (
+    LayerSpec,
     adapter_factors,
     attach_adapters,
     find_target_layers,
@@ -48,14 +50,29 @@ from fedrac.lora import (
     resolve_trained,
 )
 from fedrac.models import build_model
-from fedrac.records import to_state_dict
-from fedrac.sketch import check_fingerprint, derive_seed, make_sketch
+from fedrac.records import to_array_record, to_shared_state_dict, to_state_dict
+from fedrac.sketch import check_fingerprint, derive_seed, make_sketch, sketch_fingerprint
 
 SHUFFLE_STREAM = 2  # derive_seed(run_seed, round, SHUFFLE_STREAM, partition) shuffles batches
 
 
 def _key(*parts: Any) -> str:
     return json.dumps(parts, sort_keys=True, default=str)
+
+
+_cfg_keys: dict[int, tuple[Mapping[str, Any], str, str]] = {}
+
+
+def _cfg_key(cfg: Mapping[str, Any], part: str) -> str:
+    """``_key`` of the model/dataset (``part="model"``) or dataset/partitioner
+    (``part="data"``) settings of ``cfg``, computed once per config object."""
+    entry = _cfg_keys.get(id(cfg))
+    if entry is None or entry[0] is not cfg:
+        if len(_cfg_keys) > 16:
+            _cfg_keys.clear()
+        entry = (cfg, _key(cfg["model"], cfg["dataset"]), _key(cfg["dataset"], cfg["partitioner"]))
+        _cfg_keys[id(cfg)] = entry  # holds cfg, so its id is not reused while cached
+    return entry[1] if part == "model" else entry[2]
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,7 +84,7 @@ def _model(key: str) -> nn.Module:
 
 def client_model(cfg: Mapping[str, Any]) -> nn.Module:
     """This process's model instance (built once; weights are loaded per message)."""
-    return _model(_key(cfg["model"], cfg["dataset"]))
+    return _model(_cfg_key(cfg, "model"))
 
 
 def client_data(cfg: Mapping[str, Any], context: Context,
@@ -81,7 +98,7 @@ def client_data(cfg: Mapping[str, Any], context: Context,
         if key not in node_cfg:
             raise KeyError(f"node config lacks '{key}'; give it with --node-config "
                            "'partition-id=0 num-partitions=N'")
-    return _partition_tensors(_key(cfg["dataset"], cfg["partitioner"]),
+    return _partition_tensors(_cfg_key(cfg, "data"),
                               int(node_cfg["num-partitions"]), int(node_cfg["partition-id"]),
                               int(cfg["seed"]), split)
 
@@ -115,16 +132,15 @@ def settings_from(config: Mapping[str, Any]) -> TrainSettings:
     )
 
 
-def _prepare_adapters(
-    model: nn.Module, cfg: Mapping[str, Any], content: RecordDict, server_round: int
+def prepare_adapters(
+    model: nn.Module, layers: Mapping[str, LayerSpec], content: RecordDict, server_round: int
 ) -> None:
     config = content["config"]
     rank, alpha = int(config["rank"]), float(config["alpha"])
-    layers = find_target_layers(model, cfg["model"]["target_modules"])
     sent = to_state_dict(content["adapters"]) if "adapters" in content else {}
     sketch = content["sketch"] if "sketch" in content else None
     zero_side = str(config.get("zero-factor", "B"))
-    factors, trained, sketches = {}, {}, {}
+    factors, trained, sketched = {}, {}, {}
     for name, spec in layers.items():
         trained[name] = resolve_trained(spec, str(config["train-factor"]))
         pair = []
@@ -137,12 +153,14 @@ def _prepare_adapters(
             else:
                 if sketch is None:
                     raise KeyError(f"round {server_round}: no sketch record and no '{key}' sent")
-                sketches[key] = make_sketch(int(sketch["seed"]), key, shape,
-                                            str(sketch["distribution"]))
-                pair.append(sketches[key])
+                sketched[key] = shape
+                pair.append(make_sketch(int(sketch["seed"]), key, shape,
+                                        str(sketch["distribution"])))
         factors[name] = (pair[0], pair[1])
     if sketch is not None:
-        check_fingerprint(str(sketch["fingerprint"]), sketches, server_round)
+        check_fingerprint(str(sketch["fingerprint"]),
+                          sketch_fingerprint(int(sketch["seed"]), sketched,
+                                             str(sketch["distribution"])), server_round)
     attach_adapters(model, layers, factors, rank, alpha, trained)
 
 
@@ -181,13 +199,13 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
     device = resolve_device(str(cfg.get("device", "cpu")))
     model = client_model(cfg)
     remove_adapters(model)  # in case an earlier round failed half-way
+    layers = find_target_layers(model, cfg["model"]["target_modules"])
     try:
-        weights = downloaded_weights(
-            content, context, find_target_layers(model, cfg["model"]["target_modules"]))
+        weights = downloaded_weights(content, context, layers)
     except ResyncNeeded as err:
         return resync_reply(msg, err)
     model.load_state_dict(apply_update(weights, content), strict=True)
-    model.to(device)
+    move_to(model, device)
     x, y = client_data(cfg, context)
     seed = derive_seed(int(cfg["seed"]), server_round, SHUFFLE_STREAM, node_stream(context))
     mode = str(config["mode"])
@@ -198,7 +216,7 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
         reply_key = "arrays"
         out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     elif mode == "adapters":
-        _prepare_adapters(model, cfg, content, server_round)
+        prepare_adapters(model, layers, content, server_round)
         try:
             result = train_locally(model, x, y, settings_from(config), seed, device)
             out = adapter_factors(model, trained_only=True)
@@ -209,15 +227,15 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
         raise ValueError(f"config mode={mode!r} is not allowed; allowed: full, adapters")
     metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
                             "train-seconds": result.seconds, "train-steps": result.steps})
-    return Message(RecordDict({reply_key: ArrayRecord(out), "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({reply_key: to_array_record(out), "metrics": metrics}), reply_to=msg)
 
 
 def handle_evaluate(cfg: Mapping[str, Any], msg: Message, context: Context) -> Message:
     """Evaluate the received global weights on this node's partition."""
     device = resolve_device(str(cfg.get("device", "cpu")))
     model = client_model(cfg)
-    model.load_state_dict(to_state_dict(msg.content["arrays"]), strict=True)
-    model.to(device)
+    model.load_state_dict(to_shared_state_dict(msg.content["arrays"]), strict=True)
+    move_to(model, device)
     x, y = client_data(cfg, context, "val")
     loss, acc = evaluate(model, x, y, device)
     metrics = MetricRecord({"num-examples": len(y), "eval-loss": loss, "eval-accuracy": acc})

@@ -43,6 +43,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def move_to(model: nn.Module, device: torch.device) -> None:
+    """``model.to(device)``, skipped when its first parameter is already there."""
+    first = next(model.parameters(), None)
+    if first is None or first.device != device:
+        model.to(device)
+
+
 def make_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
     """The optimizer named by ``settings.optimizer`` over ``params``."""
     if settings.optimizer == "sgd":

@@ -26,7 +26,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
-from clients.handlers import _prepare_adapters, global_state
+from clients.handlers import global_state, prepare_adapters
 from fedrac.engines.inline import run_inline
 from fedrac.ledger import ByteLedger
 from fedrac.lora import adapter_factors, find_target_layers, remove_adapters
@@ -68,8 +68,8 @@ def quadratic_client(cfg: Mapping[str, Any], xs, ys, lip: float) -> ClientApp:
         model.load_state_dict(global_state(content))
         full = str(content["config"]["mode"]) == "full"
         if not full:
-            _prepare_adapters(model, {"model": {"target_modules": ["lin"]}}, content,
-                              int(content["config"]["server-round"]))
+            prepare_adapters(model, find_target_layers(model, ["lin"]), content,
+                             int(content["config"]["server-round"]))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=float(q["step"]) / lip)
         loss = torch.zeros(())

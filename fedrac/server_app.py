@@ -15,7 +15,7 @@ from fedrac.data import load_task, to_tensors
 from fedrac.lora import find_target_layers
 from fedrac.models import build_model
 from fedrac.pretrain import pretrained_state
-from fedrac.records import to_state_dict
+from fedrac.records import to_array_record, to_state_dict
 from fedrac.results import RunRecorder
 from strategies import build_strategy
 
@@ -36,7 +36,7 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     device = resolve_device(str(cfg["device"]))
     model.to(device)
     x_test, y_test = to_tensors(task.target_test)
-    initial = ArrayRecord(state)
+    initial = to_array_record(state)
     latest = {"arrays": initial}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

@@ -98,9 +98,26 @@ def fingerprint(sketches: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def check_fingerprint(expected: str, sketches: Mapping[str, torch.Tensor], round_: int) -> None:
-    """Raise :class:`SketchMismatchError` when the regenerated sketches differ."""
-    got = fingerprint(sketches)
+@functools.lru_cache(maxsize=64)
+def _sketch_fingerprint(
+    round_seed: int, shapes: tuple[tuple[str, tuple[int, int]], ...], distribution: str
+) -> str:
+    return fingerprint({name: _make_sketch(round_seed, name, shape, distribution)
+                        for name, shape in shapes})
+
+
+def sketch_fingerprint(
+    round_seed: int, shapes: Mapping[str, tuple[int, int]], distribution: str = "orthogonal"
+) -> str:
+    """``fingerprint`` of the sketches ``make_sketch`` draws for ``{name: shape}`` (cached
+    per process, like the sketches)."""
+    key = tuple(sorted((name, (int(s[0]), int(s[1]))) for name, s in shapes.items()))
+    return _sketch_fingerprint(int(round_seed), key, distribution)
+
+
+def check_fingerprint(expected: str, got: str, round_: int) -> None:
+    """Raise :class:`SketchMismatchError` when the regenerated sketches' fingerprint
+    ``got`` differs from the server's ``expected``."""
     if got != expected:
         raise SketchMismatchError(
             f"round {round_}: regenerated sketch fingerprint {got} differs from the server's "

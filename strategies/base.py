@@ -139,11 +139,13 @@ class FedracStrategy(FedAvg):
         node_ids: Iterable[int], kinds: Mapping[str, str],
     ) -> list[Message]:
         """One train message per node (same or per-node content); bytes go to the ledger."""
-        messages = []
+        messages, sizes = [], {}
         for node_id in node_ids:
             content = contents[node_id] if isinstance(contents, Mapping) and not isinstance(
                 contents, RecordDict) else contents
-            self.ledger.add(server_round, "down", record_dict_nbytes(content, dict(kinds)))
+            if id(content) not in sizes:  # a content shared by many nodes is measured once
+                sizes[id(content)] = record_dict_nbytes(content, dict(kinds))
+            self.ledger.add(server_round, "down", sizes[id(content)])
             messages.append(Message(content=content, message_type=MessageType.TRAIN,
                                     dst_node_id=node_id))
         self.sent.setdefault(server_round, []).extend(messages)
@@ -233,7 +235,7 @@ class FedracStrategy(FedAvg):
                 return f"'{key}' has shape {tuple(arr.shape)}, expected {tuple(shape)}", None
             if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
                 return f"'{key}' has non-finite values", None
-            tensors[key] = torch.from_numpy(np.array(arr, copy=True))
+            tensors[key] = torch.from_numpy(arr)  # array_to_numpy returns a writable copy
         return None, ValidReply(msg.metadata.src_node_id, tensors, weight, metrics)
 
     def round_metric_record(self, server_round: int) -> MetricRecord:

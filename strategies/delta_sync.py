@@ -23,7 +23,7 @@ from flwr.supercore import log
 
 from fedrac.delta_sync import weights_checksum
 from fedrac.ledger import array_record_nbytes, record_dict_nbytes
-from fedrac.records import to_state_dict
+from fedrac.records import to_array_record, to_state_dict
 
 DOWNLOADS = ("full", "delta")
 RESYNC_KEY = "resync"  # a client's reply record asking for the full weights
@@ -99,7 +99,7 @@ class DeltaSync:
         if base > target or base + 1 < self.complete_since:
             return None
         merged = [r for r in range(base + 1, target + 1) if r in self.history]
-        deltas = ArrayRecord({f"{r}/{k}": t for r in merged
+        deltas = to_array_record({f"{r}/{k}": t for r in merged
                               for k, t in self.history[r][1].items()})
         if array_record_nbytes(deltas) >= full_bytes:
             return None

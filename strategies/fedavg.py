@@ -8,6 +8,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedrac.records import to_array_record
 from strategies.base import FedracStrategy, weighted_average
 
 
@@ -52,4 +53,4 @@ class FedAvgFPFT(FedracStrategy):
         if not valid:
             return None, metrics
         avg = weighted_average([r.tensors for r in valid], [r.weight for r in valid])
-        return ArrayRecord(avg), metrics
+        return to_array_record(avg), metrics

@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 
 from fedrac.delta_sync import merge_factors
 from fedrac.lora import LayerSpec, resolve_trained
-from fedrac.records import to_state_dict
+from fedrac.records import to_array_record, to_state_dict
 from fedrac.sketch import derive_seed, fingerprint, make_sketch
 from strategies.base import FedracStrategy, require_choice, weighted_average
 from strategies.delta_sync import DOWNLOADS, DeltaSync
@@ -156,4 +156,4 @@ class RacLoRA(FedracStrategy):
                               self.scale)
         if self.sync is not None:
             self.sync.record(server_round, plan.seed, avg)
-        return ArrayRecord(state), metrics
+        return to_array_record(state), metrics

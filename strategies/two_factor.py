@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from fedrac.lora import LayerSpec, delta_weight
-from fedrac.records import to_state_dict
+from fedrac.records import to_array_record, to_state_dict
 from fedrac.sketch import derive_seed, fingerprint, make_sketch
 from strategies.base import FedracStrategy, ValidReply, require_choice
 
@@ -94,17 +94,17 @@ class TwoFactorLoRA(FedracStrategy):
         nodes = self.sample_train_nodes(grid, server_round)
         records: dict[str, Any] = {}
         if self.update is not None:
-            records["arrays"] = ArrayRecord(self.sent_base)
-            records["update"] = ArrayRecord(self.update)
+            records["arrays"] = to_array_record(self.sent_base)
+            records["update"] = to_array_record(self.update)
         else:
-            records["arrays"] = ArrayRecord(self.base)
+            records["arrays"] = to_array_record(self.base)
         if self.adapters is None:
             seed = derive_seed(self.run_seed, server_round, FRESH_STREAM)
             records["sketch"] = ConfigRecord({
                 "seed": seed, "distribution": self.sketch,
                 "fingerprint": fingerprint(self.fresh_sketches(seed))})
         else:
-            records["adapters"] = ArrayRecord({k: v.to(torch.float32)
+            records["adapters"] = to_array_record({k: v.to(torch.float32)
                                                for k, v in self.adapters.items()})
         records["config"] = self.train_config(
             server_round, mode="adapters", rank=self.rank, alpha=self.alpha,
@@ -121,7 +121,7 @@ class TwoFactorLoRA(FedracStrategy):
         if not valid:
             return None, metrics
         self.combine(server_round, valid)
-        return ArrayRecord(self.effective_state()), metrics
+        return to_array_record(self.effective_state()), metrics
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> None:
         """Update ``base`` / ``adapters`` / ``update`` from the round's valid replies."""

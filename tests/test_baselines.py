@@ -14,9 +14,9 @@ import torch
 from flwr.app import Array, ArrayRecord
 from omegaconf import OmegaConf
 
-from clients.handlers import _prepare_adapters, global_state
+from clients.handlers import global_state, prepare_adapters
 from fedrac.config import ConfigError, conf_dir, validate
-from fedrac.lora import LayerSpec, adapter_factors, remove_adapters
+from fedrac.lora import LayerSpec, adapter_factors, find_target_layers, remove_adapters
 from fedrac.sketch import derive_seed
 from strategies import STRATEGIES
 from tests.helpers import reply, run_strategy
@@ -67,8 +67,8 @@ class Clients:
                 model = torch.nn.Module()
                 for name, spec in LAYERS.items():
                     setattr(model, name, torch.nn.Linear(spec.d_in, spec.d_out, bias=False))
-                _prepare_adapters(model, {"model": {"target_modules": list(LAYERS)}},
-                                  msg.content, rnd)
+                prepare_adapters(model, find_target_layers(model, list(LAYERS)),
+                                 msg.content, rnd)
                 both = adapter_factors(model, trained_only=False)
                 remove_adapters(model)
                 a = a if a is not None else both[f"{n}.lora_A"]
@@ -184,7 +184,7 @@ def test_fresh_adapters_follow_the_orientation():
     model = torch.nn.Module()
     for name, spec in LAYERS.items():
         setattr(model, name, torch.nn.Linear(spec.d_in, spec.d_out, bias=False))
-    _prepare_adapters(model, {"model": {"target_modules": list(LAYERS)}}, content, 1)
+    prepare_adapters(model, find_target_layers(model, list(LAYERS)), content, 1)
     factors = adapter_factors(model, trained_only=True)
     remove_adapters(model)
     assert set(factors) == {f"{n}.lora_{s}" for n in LAYERS for s in "AB"}

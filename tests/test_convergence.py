@@ -12,7 +12,7 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from clients.handlers import _prepare_adapters
+from clients.handlers import prepare_adapters
 from fedrac.lora import adapter_factors, find_target_layers, remove_adapters
 from strategies.rac_lora import RacLoRA
 from tests.helpers import reply, run_strategy
@@ -42,8 +42,8 @@ def _client_train(msg, context):
     pid = int(context.node_config["partition-id"])
     model = _model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    _prepare_adapters(model, {"model": {"target_modules": ["lin"]}}, msg.content,
-                      int(msg.content["config"]["server-round"]))
+    prepare_adapters(model, find_target_layers(model, ["lin"]), msg.content,
+                     int(msg.content["config"]["server-round"]))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1.0 / LIP)
     for _ in range(LOCAL_STEPS):

@@ -14,6 +14,7 @@ from fedrac.sketch import (
     derive_seed,
     fingerprint,
     make_sketch,
+    sketch_fingerprint,
 )
 
 SNIPPET = (
@@ -111,7 +112,16 @@ def test_unknown_distribution_names_key_and_allowed():
 def test_fingerprint_detects_a_mismatch():
     s = {"fc1.lora_A": make_sketch(5, "fc1.lora_A", (1, 8), "orthogonal")}
     fp = fingerprint(s)
-    check_fingerprint(fp, s, round_=1)
+    check_fingerprint(fp, fingerprint(s), round_=1)
     other = {"fc1.lora_A": make_sketch(6, "fc1.lora_A", (1, 8), "orthogonal")}
     with pytest.raises(SketchMismatchError, match="round 3: regenerated sketch fingerprint"):
-        check_fingerprint(fp, other, round_=3)
+        check_fingerprint(fp, fingerprint(other), round_=3)
+
+
+def test_cached_sketch_fingerprint_is_the_fingerprint_of_the_drawn_sketches():
+    shapes = {"fc2.lora_B": (8, 2), "fc1.lora_A": (2, 6)}
+    for dist in ("orthogonal", "gaussian"):
+        drawn = {k: make_sketch(9, k, s, dist) for k, s in shapes.items()}
+        assert sketch_fingerprint(9, shapes, dist) == fingerprint(drawn)
+    assert sketch_fingerprint(9, shapes) != sketch_fingerprint(10, shapes)
+    assert sketch_fingerprint(9, shapes) != sketch_fingerprint(9, {"fc2.lora_B": (8, 2)})

@@ -11,8 +11,9 @@ Differences from Flower's Simulation Runtime, all deliberate:
 * ``send_and_receive(timeout=...)`` and message TTLs do not cut a round short: every
   accepted message gets its reply, so results do not depend on wall-clock time.
 * ClientApp calls are serialised; only the node ``Context`` objects persist between
-  rounds. Message content is copied at the node boundary (array bytes are shared, they are
-  immutable) so a ClientApp cannot alter the server's records, or the reverse.
+  rounds. Message content is copied at the node boundary (``Array`` objects are shared,
+  their bytes are immutable) so a ClientApp cannot alter the server's records, or the
+  reverse.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.app.message import make_message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import (
@@ -67,18 +68,25 @@ def _as_task(run_id: int, node_id: int, task_id: int) -> Iterator[None]:
 
 
 def _copy_recorddict(records: RecordDict) -> RecordDict:
-    """Copy ``records`` so neither side can mutate the other's records.
+    """Copy ``records`` so neither side can add, drop or replace the other's entries.
 
-    Arrays are rebuilt around the same (immutable) ``bytes``; ``copy.deepcopy`` is not used
-    for them because an ``Array`` whose ``object_id`` was computed caches ``memoryview``
-    chunks, which cannot be copied.
+    Record containers are new; ``Array`` objects are shared (their bytes are immutable and
+    nothing in Flower or fedrac reassigns an Array's fields), and list values of config
+    and metric records are copied. ``copy.deepcopy`` is not used: it is slow, and an
+    ``Array`` whose ``object_id`` was computed caches ``memoryview`` chunks it cannot copy.
     """
     out = RecordDict()
     for key, record in records.items():
         if isinstance(record, ArrayRecord):
-            out[key] = ArrayRecord.from_array_dict(dict(record.items()))
+            copied: ArrayRecord | ConfigRecord | MetricRecord = ArrayRecord()
+            for name, array in record.items():
+                copied[name] = array
+        elif isinstance(record, ConfigRecord | MetricRecord):
+            copied = type(record)({k: list(v) if isinstance(v, list) else v
+                                   for k, v in record.items()})
         else:
-            out[key] = copy.deepcopy(record)
+            copied = copy.deepcopy(record)
+        out[key] = copied
     return out
 
 
