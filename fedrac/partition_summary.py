@@ -79,7 +79,11 @@ def plot_heatmap(hist: np.ndarray, path: str | Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     n, c = hist.shape
-    fig, ax = plt.subplots(figsize=(min(2 + 0.45 * n, 16), min(1.5 + 0.4 * c, 10)))
+    width, height = min(2 + 0.45 * n, 16), min(1.5 + 0.4 * c, 10)
+    fig, ax = plt.subplots(figsize=(width, height))
+    # margins in inches (tight_layout would draw the figure twice)
+    fig.subplots_adjust(left=0.55 / width, right=1 - 0.8 / width, bottom=0.5 / height,
+                        top=1 - 0.3 / height)
     im = ax.imshow(hist.T, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("client")
     ax.set_ylabel("label")
@@ -89,6 +93,5 @@ def plot_heatmap(hist: np.ndarray, path: str | Path, title: str) -> None:
     if c <= 40:
         ax.set_yticks(range(c))
     fig.colorbar(im, ax=ax, label="samples")
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

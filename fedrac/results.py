@@ -170,7 +170,8 @@ def plot_curves(rows: list[Mapping[str, Any]], path: Path, title: str = "") -> N
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
+    # fixed margins: tight_layout would draw the figure twice (half the plotting time)
+    fig.subplots_adjust(left=0.055, right=0.99, bottom=0.15, top=0.88, wspace=0.25)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -15,7 +15,7 @@ from fedrac.data import load_task, to_tensors
 from fedrac.lora import find_target_layers
 from fedrac.models import build_model
 from fedrac.pretrain import pretrained_state
-from fedrac.records import to_array_record, to_state_dict
+from fedrac.records import to_array_record, to_shared_state_dict, to_state_dict
 from fedrac.results import RunRecorder
 from strategies import build_strategy
 
@@ -44,7 +44,7 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
         if server_round % every and server_round != num_rounds:
             recorder.log_round(server_round, math.nan, math.nan)
             return None
-        model.load_state_dict(to_state_dict(arrays))
+        model.load_state_dict(to_shared_state_dict(arrays))
         loss, acc = evaluate(model, x_test, y_test, device)
         recorder.log_round(server_round, loss, acc)
         return MetricRecord({"eval_loss": loss, "eval_accuracy": acc})

@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 
 from fedrac.delta_sync import merge_factors
 from fedrac.lora import LayerSpec, resolve_trained
-from fedrac.records import to_array_record, to_state_dict
+from fedrac.records import to_array_record, to_shared_state_dict
 from fedrac.sketch import derive_seed, fingerprint, make_sketch
 from strategies.base import FedracStrategy, require_choice, weighted_average
 from strategies.delta_sync import DOWNLOADS, DeltaSync
@@ -152,7 +152,7 @@ class RacLoRA(FedracStrategy):
             return None, metrics
         avg = weighted_average([r.tensors for r in valid], [r.weight for r in valid])
         sketches = {k: v for k, v in plan.sketches.items() if k not in avg}
-        state = merge_factors(to_state_dict(self._global), self.layers, avg, sketches,
+        state = merge_factors(to_shared_state_dict(self._global), self.layers, avg, sketches,
                               self.scale)
         if self.sync is not None:
             self.sync.record(server_round, plan.seed, avg)
