@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import statistics
 import time
@@ -52,6 +53,13 @@ class Workload:
         self.test = to_tensors(task.target_test)
         # the inline engine's node ids, so a loop can visit clients in the same order
         self.node_ids = InlineGrid(None, n).get_node_ids()  # type: ignore[arg-type]
+
+    def with_cfg(self, cfg: dict[str, Any]) -> Workload:
+        """This workload's model and data under another config of the same data (e.g. fewer
+        rounds)."""
+        other = copy.copy(self)
+        other.cfg = cfg
+        return other
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:

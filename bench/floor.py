@@ -1,13 +1,16 @@
 """The plain PyTorch floor: the identical math of a fedrac run, with no framework.
 
-Same model, pretrained weights, client partitions, visiting order, batch seeds, sketches,
-weighted averages and merges as fedrac's ``rac_lora`` / ``fedavg`` (full participation),
-and the same server evaluation every round -- but no Flower messages, records, engine,
-ledger or results files. It is pfl-research's design: one model in one process, clients
-trained one after another with parameters overwritten in place.
+Same model, pretrained weights, client partitions, sampled cohorts, visiting order, batch
+seeds, sketches, weighted averages and merges as fedrac's ``rac_lora`` / ``fedavg``, and
+the same server evaluations (before round 1, every ``eval_every`` rounds and after the
+last) -- but no Flower messages, records, engine, ledger or results files. It is
+pfl-research's design: one model in one process, clients trained one after another with
+parameters overwritten in place.
 """
 
 from __future__ import annotations
+
+import random
 
 import torch
 
@@ -17,14 +20,21 @@ from clients.local_training import evaluate, train_locally
 from fedrac.delta_sync import merge_factors
 from fedrac.lora import adapter_factors, attach_adapters, find_target_layers, remove_adapters
 from fedrac.sketch import derive_seed
-from strategies.base import weighted_average
+from strategies.base import SAMPLING_STREAM, weighted_average
 from strategies.rac_lora import plan_round
 
 
-def _order(work: Workload) -> list[int]:
-    """Partition ids in the order fedrac visits them (sorted node ids)."""
+def _cohort(work: Workload, rnd: int) -> list[int]:
+    """Partition ids of round ``rnd``'s clients in the order fedrac visits them: the
+    strategy's seeded sample of the node ids, sorted."""
+    cfg = work.cfg
     pid = {node: i for i, node in enumerate(work.node_ids)}
-    return [pid[node] for node in sorted(work.node_ids)]
+    nodes = sorted(work.node_ids)
+    size = max(int(len(nodes) * float(cfg["fraction_train"])), 1)
+    if size < len(nodes):
+        rng = random.Random(derive_seed(int(cfg["seed"]), rnd, SAMPLING_STREAM))
+        nodes = sorted(rng.sample(nodes, size))
+    return [pid[node] for node in nodes]
 
 
 def plain_loop(work: Workload) -> dict[str, torch.Tensor]:
@@ -35,11 +45,13 @@ def plain_loop(work: Workload) -> dict[str, torch.Tensor]:
     layers = find_target_layers(model, cfg["model"]["target_modules"])
     rank, alpha = int(s.get("rank", 1)), float(s.get("alpha", 1))
     global_state = {k: v.clone() for k, v in work.state.items()}
-    for rnd in range(1, int(cfg["num_rounds"]) + 1):
+    rounds, every = int(cfg["num_rounds"]), int(cfg["eval_every"])
+    evaluate(model, *work.test, cpu)
+    for rnd in range(1, rounds + 1):
         plan = plan_round(layers, derive_seed(seed, rnd), rank, s.get("sketch", "orthogonal"),
                           s.get("train_factor", "auto")) if s["name"] == "rac_lora" else None
         outs, weights = [], []
-        for pid in _order(work):
+        for pid in _cohort(work, rnd):
             x, y = work.data[pid]
             model.load_state_dict(global_state)
             if plan is not None:
@@ -67,6 +79,7 @@ def plain_loop(work: Workload) -> dict[str, torch.Tensor]:
             global_state = merge_factors(global_state, layers, avg, sketches, alpha / rank)
         else:
             global_state = avg
-        model.load_state_dict(global_state)
-        evaluate(model, *work.test, cpu)
+        if rnd % every == 0 or rnd == rounds:
+            model.load_state_dict(global_state)
+            evaluate(model, *work.test, cpu)
     return global_state

@@ -7,7 +7,10 @@ Sections (each time a median over ``--repeats`` runs in this process, same seeds
 2. engines: the same run on Flower's Simulation Runtime (Ray) against inline;
 3. scale: 10 / 100 / 1000 clients (fraction 0.1), MLP widths 64 / 512 / 2048 and a small
    ViT (model=vit_tiny): seconds per round and peak RSS, each point in a fresh process;
-4. bytes: per round, per direction and kind, for every strategy.
+4. bytes: per round, per direction and kind, for every strategy;
+5. pfl: pfl-research's cross-device CIFAR-10 protocol (``+experiment=pfl_cifar10``: 1,000
+   users x 50 random 3x32x32 images, cohort 50, 5 SGD steps of batch 10, small CNN),
+   fedrac against the plain loop, as in 1.
 Writes ``results.json`` and ``results.md`` into ``--out``.
 """
 
@@ -84,6 +87,31 @@ def overhead(base: list[str], rounds: int, repeats: int, tmp: Path) -> list[dict
                          "floor": t_floor, "ratio": ratio,
                          "identical_to_floor": states_equal(flwr_state, floor_state),
                          "final_accuracy": None})
+    return rows
+
+
+def pfl_cifar10(rounds: int, repeats: int, quick: bool, tmp: Path) -> list[dict[str, Any]]:
+    """fedrac against the plain loop on pfl-research's CIFAR-10 protocol (DESIGN section 10).
+
+    ``--quick`` shrinks it to 100 users (cohort 5) so that it runs in seconds.
+    """
+    small = ["num_clients=100", "dataset.target_samples=5000"] if quick else []
+    rows = []
+    for strategy in ("fedavg", "rac_lora"):
+        cfg = compose_cfg("+experiment=pfl_cifar10", *small, f"strategy={strategy}",
+                          f"num_rounds={rounds}", f"output_dir={tmp / ('pfl-' + strategy)}")
+        work = Workload(cfg)
+        warm = {**cfg, "num_rounds": 1}  # one round of each first: first-call costs
+        warm_work = work.with_cfg(warm)
+        timed(lambda w=warm_work: plain_loop(w), 1)
+        timed(lambda c=warm: _fedrac(c), 1)
+        t_fedrac, t_floor, ratio, (summary, state), floor_state = timed_pair(
+            lambda c=cfg: _fedrac(c), lambda w=work: plain_loop(w), repeats)
+        rows.append({"what": f"fedrac {strategy}", "clients": int(cfg["num_clients"]),
+                     "cohort": int(int(cfg["num_clients"]) * float(cfg["fraction_train"])),
+                     "rounds": rounds, "seconds": t_fedrac, "floor": t_floor, "ratio": ratio,
+                     "seconds_per_round": summary["seconds_per_round"],
+                     "identical_to_floor": states_equal(floor_state, state)})
     return rows
 
 
@@ -166,6 +194,14 @@ def to_markdown(res: dict[str, Any]) -> str:
     for r in res["overhead"]:
         lines.append(f"| {r['what']} | {r['seconds']:.2f} | {r['floor']:.2f} | "
                      f"{r['ratio']:.2f}x | {'yes' if r['identical_to_floor'] else 'no'} |")
+    if res.get("pfl"):
+        lines += ["", "| pfl-research CIFAR-10 protocol (random 3x32x32, small CNN, SGD) | users "
+                  "| cohort | rounds | seconds | plain-PyTorch floor | ratio | same weights |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in res["pfl"]:
+            lines.append(f"| {r['what']} | {r['clients']} | {r['cohort']} | {r['rounds']} | "
+                         f"{r['seconds']:.2f} | {r['floor']:.2f} | {r['ratio']:.2f}x | "
+                         f"{'yes' if r['identical_to_floor'] else 'no'} |")
     if res.get("engines"):
         lines += ["", "| engine (rac_lora, embedded default) | s/round | whole run (s) |",
                   "|---|---|---|"]
@@ -199,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray engine comparison")
     args = parser.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 100)
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (1 if args.quick else 5)
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     path = os.environ.get("PYTHONPATH", "")  # Ray workers and points import this checkout
     os.environ["PYTHONPATH"] = f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)
@@ -218,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res["engines"] = engines(base, min(rounds, 20), tmp)
         res["scale"] = scale(base, 2 if args.quick else 20, args.quick, tmp)
         res["bytes"] = bytes_per_round(base, max(rounds if args.quick else 10, 3), tmp)
+        res["pfl"] = pfl_cifar10(1 if args.quick else 10, repeats, args.quick, tmp)
     (out / "results.json").write_text(json.dumps(res, indent=2))
     md = to_markdown(res)
     (out / "results.md").write_text(md)

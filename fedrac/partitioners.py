@@ -207,7 +207,7 @@ def label_histograms(dataset_cfg: Mapping[str, Any], part_cfg: Mapping[str, Any]
     p = partitioner_for(dataset_cfg, part_cfg, num_partitions, seed)
     hist = np.zeros((num_partitions, num_classes), dtype=np.int64)
     for i in range(num_partitions):
-        labels = np.asarray(p.load_partition(i)["label"], dtype=np.int64)
+        labels = p.load_partition(i).with_format("arrow")["label"].to_numpy().astype(np.int64)
         hist[i] = np.bincount(labels, minlength=num_classes)[:num_classes]
     return hist
 

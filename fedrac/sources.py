@@ -71,15 +71,24 @@ def read_synthetic(cfg: Mapping[str, Any]) -> Arrays:
     """Gaussian class clusters, a stand-in where only speed matters (DESIGN section 10).
 
     Classes ``0..k-1`` (``source_samples``) and ``k..2k-1`` (``target_samples``) have
-    their own cluster means; the test split has ``test_samples`` of each half.
+    their own cluster means; the test split has ``test_samples`` of each half. Samples
+    have ``features`` values, or the ``shape`` given (e.g. ``[3, 32, 32]``, CIFAR-10's).
     """
-    dim, k = int(cfg.get("features", 64)), int(cfg.get("num_classes", 5))
+    shape = cfg.get("shape")
+    if shape is not None and (not isinstance(shape, list | tuple) or not shape
+                              or not all(isinstance(d, int) and d > 0 for d in shape)):
+        raise DataConfigError(f"dataset.shape={shape!r} is not allowed; allowed: null or a "
+                              "list of positive integers such as [3, 32, 32]")
+    sample_shape = tuple(shape) if shape is not None else (int(cfg.get("features", 64)),)
+    dim, k = int(np.prod(sample_shape)), int(cfg.get("num_classes", 5))
     rng = np.random.default_rng(int(cfg.get("seed", 0)))
-    means = rng.standard_normal((2 * k, dim)).astype(np.float32) * 2.0
+    means = rng.standard_normal((2 * k, dim), dtype=np.float32) * 2.0
 
     def draw(first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         y = rng.integers(first, first + k, count)
-        return means[y] + rng.standard_normal((count, dim)).astype(np.float32), y
+        x = rng.standard_normal((count, dim), dtype=np.float32)
+        x += means[y]
+        return x.reshape(count, *sample_shape), y
 
     n_src, n_tgt = int(cfg.get("source_samples", 2000)), int(cfg.get("target_samples", 50000))
     n_test = int(cfg.get("test_samples", 1000))

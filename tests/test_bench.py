@@ -28,3 +28,6 @@ def test_quick_benchmark_runs_and_floor_is_the_same_math(tmp_path, monkeypatch):
     assert all(by_strategy[n]["down_residual"] == 0 for n in ("rac_lora", "ffa_lora", "fedit"))
     delta = by_strategy["rac_lora download=delta"]
     assert delta["down_weights"] == 0 and delta["down"] <= 1.1 * delta["up"]
+    # pfl-research's protocol (shrunk): partial participation, SGD, CNN -- still the same math
+    assert [r["what"] for r in res["pfl"]] == ["fedrac fedavg", "fedrac rac_lora"]
+    assert all(r["identical_to_floor"] and r["cohort"] == 5 for r in res["pfl"])

@@ -289,3 +289,15 @@ def test_pretraining_cache_follows_changes_to_the_data_file(tmp_path):
     second = pretrained_state(model, cfg, pre, tmp_path / "cache")
     assert len(list((tmp_path / "cache").iterdir())) == 2
     assert not torch.equal(first["fc1.weight"], second["fc1.weight"])
+
+
+def test_synthetic_stand_in_takes_an_image_shape_and_refuses_a_bad_one():
+    cfg = {"name": "synthetic", "shape": [3, 4, 4], "num_classes": 3, "source_samples": 0,
+           "target_samples": 30, "test_samples": 30, "seed": 0, "source_classes": None,
+           "target_classes": [3, 4, 5]}
+    task = build_task(cfg)
+    x, y = to_tensors(task.target_train)
+    assert task.input_shape == (3, 4, 4) and task.num_classes == 3
+    assert x.shape == (30, 3, 4, 4) and set(y.tolist()) <= {0, 1, 2}
+    with pytest.raises(DataConfigError, match=r"dataset.shape=\[3, 0\].*positive integers"):
+        build_task({**cfg, "shape": [3, 0]})
