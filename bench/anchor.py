@@ -1,13 +1,22 @@
 """Flower's own ``FedAvg`` with a minimal ClientApp: the anchor fedrac's strategies are set beside.
 
 Same workload as fedrac's ``fedavg`` (model, partitions, batch seeds, local settings,
-server evaluation every round), through the same inline engine.
+server evaluation every round), through the same inline engine. ``message_exchange`` is
+the other anchor: a run's messages alone, with nothing done between them.
 """
 
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -16,6 +25,8 @@ from bench.common import Workload, settings_of
 from clients.handlers import SHUFFLE_STREAM
 from clients.local_training import evaluate, train_locally
 from fedrac.engines.inline import run_inline
+from fedrac.lora import find_target_layers, resolve_trained
+from fedrac.records import to_array_record
 from fedrac.sketch import derive_seed
 
 
@@ -59,3 +70,41 @@ def flower_fedavg(work: Workload) -> dict[str, torch.Tensor]:
 
     run_inline(server, client, n)
     return final
+
+
+def message_exchange(work: Workload) -> None:
+    """Only the messages of a ``rac_lora`` run, through the inline engine: every round the
+    server sends each client the weights and the sketch and train config records, and a
+    null ClientApp replies with rank-1 factors and metrics at once. No training, no
+    strategy logic, no files: what Flower's message API and the engine cost by themselves.
+    """
+    cfg = work.cfg
+    layers = find_target_layers(work.model, cfg["model"]["target_modules"])
+    factors = {f"{name}.lora_{side}": torch.zeros(spec.factor_shape(side, 1))
+               for name, spec in layers.items() for side in [resolve_trained(spec, "auto")]}
+    settings = {"optimizer": "adamw", "lr": 0.05, "local-epochs": 1, "local-steps": 0,
+                "batch-size": 16, "weight-decay": 0.0, "momentum": 0.0, "mode": "adapters",
+                "rank": 1, "alpha": 1.0, "train-factor": "auto"}
+    client = ClientApp()
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        metrics = MetricRecord({"num-examples": 50, "train-loss": 0.5, "train-seconds": 0.0,
+                                "train-steps": 4})
+        return Message(RecordDict({"factors": to_array_record(factors), "metrics": metrics}),
+                       reply_to=msg)
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        for rnd in range(1, int(cfg["num_rounds"]) + 1):
+            content = RecordDict({
+                "arrays": to_array_record(work.state),
+                "sketch": ConfigRecord({"seed": rnd, "distribution": "orthogonal",
+                                        "fingerprint": "0" * 16}),
+                "config": ConfigRecord({**settings, "server-round": rnd})})
+            grid.send_and_receive([Message(content=content, message_type=MessageType.TRAIN,
+                                           dst_node_id=node) for node in grid.get_node_ids()])
+
+    run_inline(server, client, int(cfg["num_clients"]))

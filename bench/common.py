@@ -8,7 +8,7 @@ import io
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -73,21 +73,34 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return statistics.median(times), result
 
 
-def timed_pair(
-    fn: Callable[[], Any], floor: Callable[[], Any], repeats: int
-) -> tuple[float, float, float, Any, Any]:
-    """``fn`` and ``floor`` run back to back ``repeats`` times (so both see the same load).
+class Paired(NamedTuple):
+    """Paired timings: medians, the median and range of the pairs' ratios, last results."""
 
-    Returns the median seconds of each, the median of the per-pair ratios, and the
-    last results.
-    """
+    seconds: float
+    floor: float
+    ratio: float
+    ratio_min: float
+    ratio_max: float
+    result: Any
+    floor_result: Any
+
+    def row(self, what: str, **extra: Any) -> dict[str, Any]:
+        """A results row: ``what``, the timings and ``extra``."""
+        return {"what": what, "seconds": self.seconds, "floor": self.floor,
+                "ratio": self.ratio, "ratio_min": self.ratio_min, "ratio_max": self.ratio_max,
+                **extra}
+
+
+def timed_pair(fn: Callable[[], Any], floor: Callable[[], Any], repeats: int) -> Paired:
+    """``fn`` and ``floor`` run back to back ``repeats`` times (so both see the same load)."""
     pairs, res_fn, res_floor = [], None, None
     for _ in range(repeats):
         t_fn, res_fn = timed(fn, 1)
         t_floor, res_floor = timed(floor, 1)
         pairs.append((t_fn, t_floor))
-    return (statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs),
-            statistics.median(p[0] / p[1] for p in pairs), res_fn, res_floor)
+    ratios = [p[0] / p[1] for p in pairs]
+    return Paired(statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs),
+                  statistics.median(ratios), min(ratios), max(ratios), res_fn, res_floor)
 
 
 def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

@@ -2,8 +2,9 @@
 
 Sections (each time a median over ``--repeats`` runs in this process, same seeds):
 1. overhead: fedrac ``rac_lora`` / ``fedavg`` on the inline engine against the plain
-   PyTorch loop doing the identical math (bench/floor.py), and Flower's own ``FedAvg`` with
-   a minimal ClientApp (bench/anchor.py) on the same engine;
+   PyTorch loop doing the identical math (bench/floor.py), Flower's own ``FedAvg`` with
+   a minimal ClientApp, and a ``rac_lora`` run's messages alone (bench/anchor.py), on
+   the same engine;
 2. engines: the same run on Flower's Simulation Runtime (Ray) against inline;
 3. scale: 10 / 100 / 1000 clients (fraction 0.1), MLP widths 64 / 512 / 2048 and a small
    ViT (model=vit_tiny): seconds per round and peak RSS, each point in a fresh process;
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from bench.anchor import flower_fedavg
+from bench.anchor import flower_fedavg, message_exchange
 from bench.common import Workload, compose_cfg, states_equal, timed, timed_pair
 from bench.floor import plain_loop
 from fedrac.engines.inline import set_torch_threads
@@ -63,10 +64,12 @@ def _fedrac(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor
 
 
 def overhead(base: list[str], rounds: int, repeats: int, tmp: Path) -> list[dict[str, Any]]:
-    """fedrac vs the plain loop vs Flower's FedAvg on the embedded default workload.
+    """fedrac, Flower's FedAvg and a run's messages alone against the plain loop, on the
+    embedded default workload.
 
     Each run is paired with a floor run right after it; the ratio is the median of the
-    pairs' ratios (robust to load from other processes on a shared machine).
+    pairs' ratios (robust to load from other processes on a shared machine), with their
+    range.
     """
     rows = []
     for strategy in ("rac_lora", "fedavg"):
@@ -75,18 +78,21 @@ def overhead(base: list[str], rounds: int, repeats: int, tmp: Path) -> list[dict
         work = Workload(cfg)
         timed(lambda w=work: plain_loop(w), 1)  # warm-up: first-call costs (lazy imports,
         timed(lambda c=cfg: _fedrac(c), 1)      # allocator) hit neither measured run
-        t_fedrac, t_floor, ratio, (summary, state), floor_state = timed_pair(
-            lambda c=cfg: _fedrac(c), lambda w=work: plain_loop(w), repeats)
-        rows.append({"what": f"fedrac {strategy}", "seconds": t_fedrac, "floor": t_floor,
-                     "ratio": ratio, "identical_to_floor": states_equal(floor_state, state),
-                     "final_accuracy": summary["final_accuracy"]})
+        run = timed_pair(lambda c=cfg: _fedrac(c), lambda w=work: plain_loop(w), repeats)
+        summary, state = run.result
+        rows.append(run.row(f"fedrac {strategy}",
+                            identical_to_floor=states_equal(run.floor_result, state),
+                            final_accuracy=summary["final_accuracy"]))
+        if strategy == "rac_lora":
+            alone = timed_pair(lambda w=work: message_exchange(w), lambda w=work: plain_loop(w),
+                               repeats)
+            rows.append(alone.row("its messages alone (null ClientApp, same records)",
+                                  identical_to_floor=None, final_accuracy=None))
         if strategy == "fedavg":
-            t_flwr, t_floor, ratio, flwr_state, _ = timed_pair(
-                lambda w=work: flower_fedavg(w), lambda w=work: plain_loop(w), repeats)
-            rows.append({"what": "Flower FedAvg (minimal ClientApp)", "seconds": t_flwr,
-                         "floor": t_floor, "ratio": ratio,
-                         "identical_to_floor": states_equal(flwr_state, floor_state),
-                         "final_accuracy": None})
+            flwr = timed_pair(lambda w=work: flower_fedavg(w), lambda w=work: plain_loop(w),
+                              repeats)
+            rows.append(flwr.row("Flower FedAvg (minimal ClientApp)", final_accuracy=None,
+                                 identical_to_floor=states_equal(flwr.result, run.floor_result)))
     return rows
 
 
@@ -105,13 +111,12 @@ def pfl_cifar10(rounds: int, repeats: int, quick: bool, tmp: Path) -> list[dict[
         warm_work = work.with_cfg(warm)
         timed(lambda w=warm_work: plain_loop(w), 1)
         timed(lambda c=warm: _fedrac(c), 1)
-        t_fedrac, t_floor, ratio, (summary, state), floor_state = timed_pair(
-            lambda c=cfg: _fedrac(c), lambda w=work: plain_loop(w), repeats)
-        rows.append({"what": f"fedrac {strategy}", "clients": int(cfg["num_clients"]),
-                     "cohort": int(int(cfg["num_clients"]) * float(cfg["fraction_train"])),
-                     "rounds": rounds, "seconds": t_fedrac, "floor": t_floor, "ratio": ratio,
-                     "seconds_per_round": summary["seconds_per_round"],
-                     "identical_to_floor": states_equal(floor_state, state)})
+        run = timed_pair(lambda c=cfg: _fedrac(c), lambda w=work: plain_loop(w), repeats)
+        summary, state = run.result
+        rows.append(run.row(f"fedrac {strategy}", clients=int(cfg["num_clients"]),
+                            cohort=int(int(cfg["num_clients"]) * float(cfg["fraction_train"])),
+                            rounds=rounds, seconds_per_round=summary["seconds_per_round"],
+                            identical_to_floor=states_equal(run.floor_result, state)))
     return rows
 
 
@@ -181,6 +186,10 @@ def bytes_per_round(base: list[str], rounds: int, tmp: Path) -> list[dict[str, A
     return rows
 
 
+def _ratio(row: dict[str, Any]) -> str:
+    return f"{row['ratio']:.2f}x ({row['ratio_min']:.2f}-{row['ratio_max']:.2f})"
+
+
 def _fmt_b(n: float) -> str:
     return f"{n / 1024:,.1f} KiB" if n >= 1024 else f"{n:,.0f} B"
 
@@ -190,17 +199,20 @@ def to_markdown(res: dict[str, Any]) -> str:
     lines = [f"Machine: {res['machine']}. Mode: {res['mode']}; {res['rounds']} rounds, "
              f"median of {res['repeats']}; torch threads {res['threads']}; {res['date']}.", ""]
     lines += ["| run (embedded default: digits, 10 clients, inline engine) | seconds | "
-              "plain-PyTorch floor | ratio | same weights as floor |", "|---|---|---|---|---|"]
+              "plain-PyTorch floor | ratio (range over pairs) | same weights as floor |",
+              "|---|---|---|---|---|"]
     for r in res["overhead"]:
+        same = {True: "yes", False: "no", None: "-"}[r["identical_to_floor"]]
         lines.append(f"| {r['what']} | {r['seconds']:.2f} | {r['floor']:.2f} | "
-                     f"{r['ratio']:.2f}x | {'yes' if r['identical_to_floor'] else 'no'} |")
+                     f"{_ratio(r)} | {same} |")
     if res.get("pfl"):
-        lines += ["", "| pfl-research CIFAR-10 protocol (random 3x32x32, small CNN, SGD) | users "
-                  "| cohort | rounds | seconds | plain-PyTorch floor | ratio | same weights |",
+        lines += ["", "| pfl-research CIFAR-10 protocol (random 3x32x32, small CNN, SGD) "
+                  "| users | cohort | rounds | seconds | plain-PyTorch floor | ratio (range) "
+                  "| same weights |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in res["pfl"]:
             lines.append(f"| {r['what']} | {r['clients']} | {r['cohort']} | {r['rounds']} | "
-                         f"{r['seconds']:.2f} | {r['floor']:.2f} | {r['ratio']:.2f}x | "
+                         f"{r['seconds']:.2f} | {r['floor']:.2f} | {_ratio(r)} | "
                          f"{'yes' if r['identical_to_floor'] else 'no'} |")
     if res.get("engines"):
         lines += ["", "| engine (rac_lora, embedded default) | s/round | whole run (s) |",

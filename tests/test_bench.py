@@ -19,6 +19,9 @@ def test_quick_benchmark_runs_and_floor_is_the_same_math(tmp_path, monkeypatch):
     # the floor does the identical math: fedrac's final weights are bit-identical to it
     assert by_run["fedrac rac_lora"]["identical_to_floor"]
     assert by_run["fedrac fedavg"]["identical_to_floor"]
+    # a run's messages alone are a part of the run: cheaper than the run itself
+    alone = by_run["its messages alone (null ClientApp, same records)"]
+    assert 0 < alone["seconds"] < by_run["fedrac rac_lora"]["seconds"]
     assert {r["strategy"] for r in res["scale"]} == {"rac_lora", "fedavg"}
     by_strategy = {r["strategy"]: r for r in res["bytes"]}
     from strategies import STRATEGIES
