@@ -46,6 +46,7 @@ def plain_loop(work: Workload) -> dict[str, torch.Tensor]:
     rank, alpha = int(s.get("rank", 1)), float(s.get("alpha", 1))
     global_state = {k: v.clone() for k, v in work.state.items()}
     rounds, every = int(cfg["num_rounds"]), int(cfg["eval_every"])
+    model.load_state_dict(global_state)
     evaluate(model, *work.test, cpu)
     for rnd in range(1, rounds + 1):
         plan = plan_round(layers, derive_seed(seed, rnd), rank, s.get("sketch", "orthogonal"),
