@@ -13,7 +13,6 @@ from flwr.app import (
     ConfigRecord,
     Context,
     Message,
-    MessageType,
     MetricRecord,
     RecordDict,
 )
@@ -27,7 +26,9 @@ from clients.local_training import evaluate, train_locally
 from fedrac.engines.inline import run_inline
 from fedrac.lora import find_target_layers, resolve_trained
 from fedrac.records import to_array_record
+from fedrac.run import quiet_flower
 from fedrac.sketch import derive_seed
+from strategies import build_strategy
 
 
 def flower_fedavg(work: Workload) -> dict[str, torch.Tensor]:
@@ -74,17 +75,18 @@ def flower_fedavg(work: Workload) -> dict[str, torch.Tensor]:
 
 def message_exchange(work: Workload) -> None:
     """Only the messages of a ``rac_lora`` run, through the inline engine: every round the
-    server sends each client the weights and the sketch and train config records, and a
-    null ClientApp replies with rank-1 factors and metrics at once. No training, no
-    strategy logic, no files: what Flower's message API and the engine cost by themselves.
+    strategy's own ``configure_train`` builds the messages (weights, sketch and train config
+    records) and a null ClientApp replies at once with the trained factors' shapes and
+    metrics. No training, no aggregation, no files: what Flower's message API and the
+    engine cost by themselves, with the strategy's message making.
     """
     cfg = work.cfg
+    quiet_flower(bool(cfg.get("verbose", False)))  # as a fedrac run: no per-round INFO lines
     layers = find_target_layers(work.model, cfg["model"]["target_modules"])
-    factors = {f"{name}.lora_{side}": torch.zeros(spec.factor_shape(side, 1))
-               for name, spec in layers.items() for side in [resolve_trained(spec, "auto")]}
-    settings = {"optimizer": "adamw", "lr": 0.05, "local-epochs": 1, "local-steps": 0,
-                "batch-size": 16, "weight-decay": 0.0, "momentum": 0.0, "mode": "adapters",
-                "rank": 1, "alpha": 1.0, "train-factor": "auto"}
+    strategy = build_strategy(cfg, layers)
+    rank, side = int(cfg["strategy"]["rank"]), str(cfg["strategy"]["train_factor"])
+    factors = {f"{name}.lora_{trained}": torch.zeros(spec.factor_shape(trained, rank))
+               for name, spec in layers.items() for trained in [resolve_trained(spec, side)]}
     client = ClientApp()
 
     @client.train()
@@ -98,13 +100,8 @@ def message_exchange(work: Workload) -> None:
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
+        arrays = to_array_record(work.state)
         for rnd in range(1, int(cfg["num_rounds"]) + 1):
-            content = RecordDict({
-                "arrays": to_array_record(work.state),
-                "sketch": ConfigRecord({"seed": rnd, "distribution": "orthogonal",
-                                        "fingerprint": "0" * 16}),
-                "config": ConfigRecord({**settings, "server-round": rnd})})
-            grid.send_and_receive([Message(content=content, message_type=MessageType.TRAIN,
-                                           dst_node_id=node) for node in grid.get_node_ids()])
+            grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
 
     run_inline(server, client, int(cfg["num_clients"]))
