@@ -17,7 +17,7 @@ from fedrac.config import conf_dir, validate
 from fedrac.data import load_task, partition, to_tensors
 from fedrac.engines.inline import InlineGrid
 from fedrac.models import build_model
-from fedrac.pretrain import pretrained_state
+from fedrac.models.pretrain import pretrained_state
 
 
 def compose_cfg(*overrides: str) -> dict[str, Any]:

@@ -26,7 +26,7 @@ def _hydra_main(cfg: DictConfig) -> float:
         _fail(err)
     if run_cfg.get("output_dir") is None:
         run_cfg["output_dir"] = HydraConfig.get().runtime.output_dir
-    if run_cfg.get("runner"):  # an experiment with its own loop, e.g. fedrac.quadratic
+    if run_cfg.get("runner"):  # an experiment with its own loop, e.g. fedrac.experiments.quadratic
         from hydra.utils import get_method
 
         summary = get_method(run_cfg["runner"])(run_cfg)

@@ -73,12 +73,6 @@ def _to_float(text: str) -> float | None:
 
 def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Resolve ``cfg`` to a plain dict and check every value (ConfigError on the first bad one)."""
-    from clients.local_training import OPTIMIZERS
-    from fedrac.data import load_task
-    from fedrac.lora import AdapterConfigError, check_rank, find_target_layers
-    from fedrac.models import build_model, check_model
-    from fedrac.partitioners import check_partitions
-    from fedrac.sketch import DISTRIBUTIONS
     from strategies import STRATEGIES
 
     d: dict[str, Any] = (OmegaConf.to_container(cfg, resolve=True)
@@ -86,6 +80,17 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     s = d["strategy"]
     _require(s.get("name") in STRATEGIES, "strategy", s.get("name"), ", ".join(STRATEGIES))
     strategy_cls = STRATEGIES[s["name"]]
+    check_run(d, strategy_cls)
+    check_client(d["client"])
+    check_engine(d["engine"])
+    check_strategy(s, strategy_cls)
+    check_objects(d, strategy_cls)
+    return d
+
+
+def check_run(d: Mapping[str, Any], strategy_cls: type) -> None:
+    """The run-level keys: rounds, clients, sampling, seed, device, evaluation, timeout."""
+    s = d["strategy"]
     _require(_is_int(d["num_rounds"]) and d["num_rounds"] >= 1, "num_rounds", d["num_rounds"],
              "an integer >= 1")
     _require(_is_int(d["num_clients"]) and d["num_clients"] >= strategy_cls.min_clients,
@@ -112,7 +117,12 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     _require(ta is None or (_is_num(ta) and 0 < ta <= 1) or (
         isinstance(ta, str) and ta.startswith("fpft-") and _is_num(_to_float(ta[5:]))),
         "target_accuracy", ta, "null, a number in (0, 1], or 'fpft-<points>' e.g. 'fpft-0.01'")
-    c = d["client"]
+
+
+def check_client(c: Mapping[str, Any]) -> None:
+    """The ``client.*`` local training settings."""
+    from clients.local_training import OPTIMIZERS
+
     _require(c["optimizer"] in OPTIMIZERS, "client.optimizer", c["optimizer"],
              ", ".join(OPTIMIZERS))
     _require(_is_num(c["lr"]) and c["lr"] > 0, "client.lr", c["lr"], "a number > 0")
@@ -124,11 +134,21 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
              c["batch_size"], "an integer >= 1")
     _require(_is_num(c["weight_decay"]) and c["weight_decay"] >= 0, "client.weight_decay",
              c["weight_decay"], "a number >= 0")
-    _require(d["engine"].get("name") in ("simulation", "inline", "deployment"), "engine",
-             d["engine"].get("name"), "simulation, inline, deployment")
-    threads = d["engine"].get("threads")
+
+
+def check_engine(e: Mapping[str, Any]) -> None:
+    """The ``engine`` group."""
+    _require(e.get("name") in ("simulation", "inline", "deployment"), "engine",
+             e.get("name"), "simulation, inline, deployment")
+    threads = e.get("threads")
     _require(threads is None or (_is_int(threads) and threads >= 1), "engine.threads", threads,
              "null or an integer >= 1")
+
+
+def check_strategy(s: Mapping[str, Any], strategy_cls: type) -> None:
+    """The ``strategy`` group's adapter keys (rank, alpha, sketch, trained factor, download)."""
+    from fedrac.sketch import DISTRIBUTIONS
+
     if s["name"] != "fedavg":
         _require(_is_int(s.get("rank")) and s["rank"] >= 1, "strategy.rank", s.get("rank"),
                  "an integer >= 1")
@@ -142,6 +162,16 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     downloads = getattr(strategy_cls, "DOWNLOADS", ("full",))
     _require(s.get("download", "full") in downloads, "strategy.download", s.get("download"),
              f"{', '.join(downloads)} (for strategy {s['name']})")
+
+
+def check_objects(d: Mapping[str, Any], strategy_cls: type) -> None:
+    """Build the task, model and partitions once: what only they can tell (shapes, ranks)."""
+    from fedrac.data import load_task
+    from fedrac.data.partitioners import check_partitions
+    from fedrac.lora import AdapterConfigError, check_rank, find_target_layers
+    from fedrac.models import build_model, check_model
+
+    s = d["strategy"]
     try:
         task = load_task(d["dataset"])
         model = build_model(d["model"], task.input_shape, task.num_classes)
@@ -154,4 +184,3 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             strategy_cls.validate_config(s)
     except (AdapterConfigError, ValueError) as err:
         raise ConfigError(str(err)) from err
-    return d

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from clients.client_app import make_client_app
-from fedrac.partition_summary import partition_summary
-from fedrac.pretrain import pretrained_state
+from fedrac.data.summary import partition_summary
+from fedrac.models.pretrain import pretrained_state
 from fedrac.server_app import make_server_app
 
 log = logging.getLogger(__name__)

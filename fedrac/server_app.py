@@ -14,7 +14,7 @@ from clients.local_training import evaluate, resolve_device
 from fedrac.data import load_task, to_tensors
 from fedrac.lora import find_target_layers
 from fedrac.models import build_model
-from fedrac.pretrain import pretrained_state
+from fedrac.models.pretrain import pretrained_state
 from fedrac.records import to_array_record, to_shared_state_dict, to_state_dict
 from fedrac.results import RunRecorder
 from strategies import build_strategy

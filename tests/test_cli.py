@@ -162,7 +162,7 @@ def test_configs_are_found_after_a_non_editable_install(tmp_path):
 
 
 def test_pretraining_is_cached_and_reproducible(tmp_path):
-    from fedrac.pretrain import pretrained_state
+    from fedrac.models.pretrain import pretrained_state
 
     cfg = dict(model={"name": "mlp", "hidden": [16], "target_modules": ["all"]},
                dataset={"name": "digits"}, pretrain={"epochs": 2, "lr": 0.01, "batch_size": 32,

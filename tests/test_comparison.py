@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from fedrac.comparison import write_comparison
 from fedrac.config import ConfigError, validate
+from fedrac.experiments.comparison import write_comparison
 
 BYTES = 1000  # bytes up and down per round in every fake run
 

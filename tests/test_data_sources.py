@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from fedrac.data import build_task, load_dataset_from_path, load_task, to_tensors
-from fedrac.sources import DataConfigError
+from fedrac.data.sources import DataConfigError
 
 FILES = {"name": "files", "test_fraction": 0.25, "split_seed": 0}
 
@@ -49,7 +49,7 @@ def test_to_tensors_matches_the_numpy_formatter_on_a_shuffled_selection():
 
 def test_a_task_without_source_classes_has_no_pretraining_data(tmp_path):
     from fedrac.models import build_model
-    from fedrac.pretrain import pretrained_state
+    from fedrac.models.pretrain import pretrained_state
 
     cfg = {"name": "digits", "source_classes": None, "target_classes": None}
     task = load_task(cfg)
@@ -274,7 +274,7 @@ def test_json_lines_table(tmp_path):
 
 
 def test_pretraining_cache_follows_changes_to_the_data_file(tmp_path):
-    from fedrac.pretrain import pretrained_state
+    from fedrac.models.pretrain import pretrained_state
 
     path = tmp_path / "d.npz"
     cfg = {**FILES, "path": str(path), "source_classes": [0, 1], "target_classes": [2, 3]}
@@ -283,7 +283,7 @@ def test_pretraining_cache_follows_changes_to_the_data_file(tmp_path):
     np.savez(path, x=np.eye(8)[np.arange(40) % 8], y=np.arange(40) % 4)
     first = pretrained_state(model, cfg, pre, tmp_path / "cache")
     np.savez(path, x=-np.eye(8)[np.arange(40) % 8] * 3, y=np.arange(40) % 4)
-    from fedrac import data
+    from fedrac.data import load as data
 
     data._load_task_cached.cache_clear()
     second = pretrained_state(model, cfg, pre, tmp_path / "cache")

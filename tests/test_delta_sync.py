@@ -25,7 +25,7 @@ from fedrac.delta_sync import (
 from fedrac.engines.inline import run_inline
 from fedrac.lora import find_target_layers
 from fedrac.models import build_model
-from fedrac.pretrain import pretrained_state
+from fedrac.models.pretrain import pretrained_state
 from strategies import build_strategy
 from strategies.delta_sync import DeltaSync
 

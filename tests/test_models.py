@@ -80,7 +80,7 @@ def test_mismatched_or_missing_weights_are_named(tmp_path):
 
 
 def test_weights_seed_pretraining_and_change_the_cache_key(tmp_path):
-    from fedrac.pretrain import pretrained_state
+    from fedrac.models.pretrain import pretrained_state
 
     cfg = OmegaConf.to_container(_cfg("pretrain.epochs=0"), resolve=True)
     model_cfg = cfg["model"]

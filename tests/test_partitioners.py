@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from fedrac.data import partition, to_tensors
-from fedrac.partition_summary import partition_summary
-from fedrac.partitioners import label_histograms, label_skew
-from fedrac.sources import DataConfigError
+from fedrac.data.partitioners import label_histograms, label_skew
+from fedrac.data.sources import DataConfigError
+from fedrac.data.summary import partition_summary
 
 DIGITS = {"name": "digits", "source_classes": [0, 1, 2, 3, 4], "target_classes": [5, 6, 7, 8, 9],
           "test_fraction": 0.25, "split_seed": 0}

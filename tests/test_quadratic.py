@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from fedrac.config import conf_dir, validate
-from fedrac.quadratic import run_quadratic
+from fedrac.experiments.quadratic import run_quadratic
 
 ROUNDS = 30
 

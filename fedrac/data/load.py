@@ -1,6 +1,6 @@
 """Tasks as ``datasets.Dataset`` objects: normalisation, source/target splits, client partitions.
 
-A source (see :mod:`fedrac.sources`) gives raw arrays; this module normalises them
+A source (see :mod:`fedrac.data.sources`) gives raw arrays; this module normalises them
 (``x * scale``, then ``(x - mean) / std`` per channel or feature), splits off a test
 set, and splits classes (or groups) into a *source* task, used for pretraining,
 and a *target* task, fine-tuned federatedly. The embedded default is
@@ -24,12 +24,10 @@ import pyarrow as pa
 import torch
 from datasets import Dataset
 
-from fedrac.partitioners import PARTITIONERS, build_partitioner
-from fedrac.sources import SOURCES, Arrays, DataConfigError, read_path, read_source
+from fedrac.data.sources import SOURCES, Arrays, DataConfigError, read_path, read_source
 
 DATASETS = SOURCES
-__all__ = ["DATASETS", "PARTITIONERS", "DataConfigError", "Task", "build_partitioner",
-           "load_task", "partition", "to_tensors", "load_dataset_from_path", "to_dataset"]
+
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +249,7 @@ def partition(
     ``val``; ``split="val"`` returns the validation part (the whole share when the
     fraction is 0).
     """
-    from fedrac.partitioners import client_split
+    from fedrac.data.partitioners import client_split
 
     return client_split(dataset_cfg, part_cfg, int(num_partitions), int(partition_id), int(seed),
                         split)

@@ -29,7 +29,7 @@ from flwr_datasets.partitioner import (
     SquarePartitioner,
 )
 
-from fedrac.sources import DataConfigError
+from fedrac.data.sources import DataConfigError
 
 PARTITIONERS = ("iid", "dirichlet", "pathological", "shard", "size_skew", "natural")
 SIZE_SKEWS = {"linear": LinearPartitioner, "square": SquarePartitioner,

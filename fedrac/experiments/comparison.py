@@ -286,7 +286,7 @@ def write_comparison(sweep_dir: str | Path) -> str | None:
         return None
     table, per_round = compare(runs)
     text = format_comparison(table)
-    from fedrac.paper import paper_table
+    from fedrac.experiments.paper import paper_table
 
     extra = paper_table(runs)
     if extra:

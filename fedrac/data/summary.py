@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fedrac.partitioners import label_histograms, label_skew
+from fedrac.data.partitioners import label_histograms, label_skew
 
 
 def partition_summary(cfg: Mapping[str, Any], out_dir: str | Path | None = None,

@@ -1,0 +1,1 @@
+"""Experiments: multirun comparison, the paper's tables, the quadratic toy."""
