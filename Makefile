@@ -1,5 +1,11 @@
 # Two commands for a new user: `make run` and `make test`. Each bootstraps .venv when missing.
+#
+# CPU-only PyTorch (a much smaller .venv, no CUDA libraries): install torch first from
+# PyTorch's CPU wheels, e.g.
+#   make run TORCH_PIP="torch --index-url https://download.pytorch.org/whl/cpu"
+# TORCH_PIP is passed to `pip install` before fedrac; unset, pip picks torch as usual.
 PYTHON ?= python3
+TORCH_PIP ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -12,6 +18,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(if $(TORCH_PIP),$(BIN)/python -m pip install --quiet $(TORCH_PIP))
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 

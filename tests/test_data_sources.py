@@ -203,6 +203,48 @@ def test_mnist_from_tiny_idx_files(tmp_path):
     assert 0 <= _x(task.target_train).min() and _x(task.target_train).max() <= 1
 
 
+def test_mnist_and_cifar_files_read_as_torchvision_reads_them(tmp_path):
+    import gzip
+    import pickle
+
+    from fedrac.data.sources import read_torchvision
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(4)
+    images = {s: rng.integers(0, 256, (n, 28, 28)) for s, n in (("train", 12), ("t10k", 6))}
+    for split, x in images.items():
+        _idx(raw / f"{split}-images-idx3-ubyte", x)
+        _idx(raw / f"{split}-labels-idx1-ubyte", np.arange(len(x)) % 10)
+    # a gzipped file stands in for its plain twin
+    gz = raw / "t10k-labels-idx1-ubyte"
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(gz.read_bytes()))
+    gz.unlink()
+    got = read_torchvision({"name": "mnist", "root": str(tmp_path)})
+    assert np.array_equal(got.x[:, 0], images["train"]) and got.x.shape == (12, 1, 28, 28)
+    assert np.array_equal(got.test.y, np.arange(6) % 10)
+    cifar = tmp_path / "cifar-10-batches-py"
+    cifar.mkdir()
+    batches = {}
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        batches[name] = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+        with (cifar / name).open("wb") as f:
+            pickle.dump({"data": batches[name], "labels": [1, 2, 3]}, f)
+    (cifar / "batches.meta").write_bytes(pickle.dumps({"label_names": list("abcdefghij")}))
+    got = read_torchvision({"name": "cifar10", "root": str(tmp_path)})
+    assert got.x.shape == (15, 3, 32, 32) and got.test.x.shape == (3, 3, 32, 32)
+    assert np.array_equal(got.x[0].reshape(-1), batches["data_batch_1"][0])
+    try:
+        import torchvision
+    except ImportError:
+        return
+    # (torchvision's CIFAR10 checks the real files' MD5 sums, so only MNIST is compared)
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(gzip.decompress(
+        (raw / "t10k-labels-idx1-ubyte.gz").read_bytes()))
+    tvm = torchvision.datasets.MNIST(str(tmp_path), train=False)
+    assert np.array_equal(tvm.data.numpy(), images["t10k"])
+
+
 def test_missing_torchvision_files_are_named(tmp_path):
     with pytest.raises(DataConfigError, match=r"lacks the mnist files train-images-idx3-ubyte, "
                                               r"train-labels-idx1-ubyte, t10k-images.*download"):

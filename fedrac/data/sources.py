@@ -3,7 +3,7 @@
 Every reader returns :class:`Arrays` (``x`` with the sample shape kept, ``y``
 integer labels, optional group ids and an optional test split). Turning those
 into normalised ``datasets.Dataset`` tasks is :mod:`fedrac.data`'s job.
-Sources: the embedded ``digits``; torchvision ``mnist``, ``fashion_mnist``,
+Sources: the embedded ``digits``; ``mnist``, ``fashion_mnist``,
 ``cifar10``; local ``files`` (image folder, CSV/Parquet/JSON table, ``.npz``);
 a Hugging Face ``hub`` id; any callable through Hydra's ``_target_``.
 """
@@ -98,8 +98,11 @@ def read_synthetic(cfg: Mapping[str, Any]) -> Arrays:
     return Arrays(np.concatenate([xs, xt]), np.concatenate([ys, yt]), test=test)
 
 
-# ---------------------------------------------------------------- torchvision
+# ---------------------------------------------------------------- MNIST / CIFAR-10 files
 
+# The files torchvision's MNIST / FashionMNIST / CIFAR10 classes keep under ``root``; fedrac
+# reads them itself (IDX and CIFAR's pickled batches), so torchvision is needed only to
+# download them (``dataset.download=true``).
 _TV_FILES = {
     "mnist": ("MNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]),
@@ -110,35 +113,86 @@ _TV_FILES = {
 }
 
 
-def read_torchvision(cfg: Mapping[str, Any]) -> Arrays:
-    """MNIST / Fashion-MNIST / CIFAR-10 from ``dataset.root`` (downloaded only when allowed)."""
-    import torchvision
+def _present(path: Path) -> Path | None:
+    """``path``, or its gzipped twin ``path.gz``, whichever exists."""
+    for candidate in (path, path.with_name(path.name + ".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
 
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST's format; plain or ``.gz``) as an array of its stored shape."""
+    import gzip
+
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path.name} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"{path.name} holds {data.size} values, its header says {shape}")
+    return data.reshape(shape)
+
+
+def _read_cifar_batches(paths: Sequence[Path]) -> Arrays:
+    import pickle
+
+    xs, ys = [], []
+    for path in paths:
+        with path.open("rb") as f:
+            batch = pickle.load(f, encoding="latin1")  # the user's own files, as torchvision
+        xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(batch["labels"], dtype=np.int64))
+    return Arrays(np.concatenate(xs), np.concatenate(ys))
+
+
+def _download_torchvision(name: str, root: Path) -> None:
+    try:
+        import torchvision
+    except ImportError as err:
+        raise DataConfigError(f"dataset.download=true for {name} needs torchvision; install it "
+                              "(pip install torchvision) or put the files under "
+                              "dataset.root") from err
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST,
+           "cifar10": torchvision.datasets.CIFAR10}[name]
+    for train in (True, False):
+        cls(str(root), train=train, download=True)
+
+
+def read_torchvision(cfg: Mapping[str, Any]) -> Arrays:
+    """MNIST / Fashion-MNIST / CIFAR-10 from their files under ``dataset.root`` (torchvision's
+    layout; downloaded through torchvision only when ``dataset.download=true``)."""
     name = str(cfg["name"])
     root = Path(os.path.expanduser(str(cfg.get("root") or "")))
     folder, files = _TV_FILES[name]
-    missing = [f for f in files if not (root / folder / f).is_file()]
-    download = bool(cfg.get("download", False))
-    if missing and not download:
+    missing = [f for f in files if _present(root / folder / f) is None]
+    if missing and bool(cfg.get("download", False)):
+        try:
+            _download_torchvision(name, root)
+        except DataConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - no network, a broken mirror: one line
+            raise DataConfigError(f"dataset.root={str(root)!r}: cannot download {name}: "
+                                  f"{str(err).splitlines()[0]}") from err
+        missing = [f for f in files if _present(root / folder / f) is None]
+    if missing:
         raise DataConfigError(
             f"dataset.root={str(root)!r} lacks the {name} files {', '.join(missing)} in "
             f"{root / folder}; put them there or set dataset.download=true (needs the network)")
-    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST,
-           "cifar10": torchvision.datasets.CIFAR10}[name]
+    paths = [_present(root / folder / f) for f in files]
     try:
-        train = cls(str(root), train=True, download=download)
-        test = cls(str(root), train=False, download=download)
-    except Exception as err:  # noqa: BLE001 - corrupt files or no network: one line either way
+        if name == "cifar10":
+            out = _read_cifar_batches(paths[:5])
+            out.test = _read_cifar_batches(paths[5:6])
+            return out
+        x_train, y_train, x_test, y_test = (read_idx(p) for p in paths)
+    except Exception as err:  # noqa: BLE001 - corrupt files: one line either way
         raise DataConfigError(f"dataset.root={str(root)!r}: cannot read {name}: "
                               f"{str(err).splitlines()[0]}") from err
-
-    def arrays(ds: Any) -> Arrays:
-        x = np.asarray(ds.data)
-        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # (N, C, H, W)
-        return Arrays(np.ascontiguousarray(x), np.asarray(ds.targets, dtype=np.int64))
-
-    out = arrays(train)
-    out.test = arrays(test)
+    out = Arrays(np.ascontiguousarray(x_train[:, None]), y_train.astype(np.int64))
+    out.test = Arrays(np.ascontiguousarray(x_test[:, None]), y_test.astype(np.int64))
     return out
 
 
