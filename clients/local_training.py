@@ -35,11 +35,12 @@ class TrainResult:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``auto`` (CUDA when available) as a ``torch.device``."""
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available) as a ``torch.device``."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but no CUDA device is available; allowed: cpu, auto")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} but no CUDA device is available; "
+                           "allowed: cpu, auto")
     return torch.device(device)
 
 

@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fedrac.config import ConfigError, check_group_overrides, conf_dir, validate
+from fedrac.config import ConfigError, check_group_overrides, conf_dir, expand_paths, validate
 from fedrac.results import format_table
 
 
@@ -40,6 +40,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def main() -> None:
     """Console entry point (``fedrac`` and ``python -m fedrac``)."""
+    sys.argv[1:] = expand_paths(sys.argv[1:])
     try:
         check_group_overrides(sys.argv[1:])
     except ConfigError as err:

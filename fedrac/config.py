@@ -7,6 +7,8 @@ and what is allowed, before any work starts.
 from __future__ import annotations
 
 import math
+import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,34 @@ def check_group_overrides(overrides: Sequence[str]) -> None:
                 raise ConfigError(
                     f"{key}={option!r} is not a known {key}; allowed: {', '.join(allowed)}"
                 )
+
+
+_VARIABLE = re.compile(r"\$[A-Za-z_]")
+_PLAIN_VALUE = re.compile(r"^[\w\-+./:@%,]*$")
+
+
+def expand_paths(overrides: Sequence[str]) -> list[str]:
+    """``key=~/x`` and ``key=$VAR/x`` overrides with ``~`` and variables expanded.
+
+    Hydra's grammar has no unquoted ``~`` and leaves ``$VAR`` as it is; this makes paths
+    work as a shell user writes them. Quoted values, ``${...}`` interpolations and
+    ``~key`` deletions are left alone; a sweep's comma-separated values expand one by one.
+    """
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        tilde = any(v.startswith("~") for v in value.split(","))
+        if not sep or item.startswith("-") or value[:1] in ("'", '"') or not (
+                tilde or _VARIABLE.search(value)):
+            out.append(item)
+            continue
+        parts = [os.path.expandvars(os.path.expanduser(v)) for v in value.split(",")]
+        expanded = ",".join(parts)
+        if not _PLAIN_VALUE.match(expanded):
+            expanded = ",".join("'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+                                for v in parts)
+        out.append(f"{key}={expanded}")
+    return out
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -103,12 +133,7 @@ def check_run(d: Mapping[str, Any], strategy_cls: type) -> None:
              "min_available_clients", mac,
              f"null or an integer in 1..num_clients={d['num_clients']}")
     _require(_is_int(d["seed"]) and d["seed"] >= 0, "seed", d["seed"], "an integer >= 0")
-    _require(d["device"] in ("cpu", "cuda", "auto"), "device", d["device"], "cpu, cuda, auto")
-    if d["device"] == "cuda":
-        import torch
-
-        _require(torch.cuda.is_available(), "device", "cuda",
-                 "cpu, auto (no CUDA device is visible on this machine)")
+    check_device(d["device"], d["engine"].get("name"))
     _require(_is_int(d["eval_every"]) and d["eval_every"] >= 1, "eval_every", d["eval_every"],
              "an integer >= 1")
     _require(_is_num(d["round_timeout"]) and d["round_timeout"] > 0, "round_timeout",
@@ -117,6 +142,27 @@ def check_run(d: Mapping[str, Any], strategy_cls: type) -> None:
     _require(ta is None or (_is_num(ta) and 0 < ta <= 1) or (
         isinstance(ta, str) and ta.startswith("fpft-") and _is_num(_to_float(ta[5:]))),
         "target_accuracy", ta, "null, a number in (0, 1], or 'fpft-<points>' e.g. 'fpft-0.01'")
+
+
+def check_device(device: Any, engine: str | None = None) -> None:
+    """``cpu``, ``auto``, ``cuda`` or ``cuda:N`` (a GPU this machine has)."""
+    allowed = "cpu, cuda, cuda:N (a GPU index), auto"
+    ok = isinstance(device, str) and (device in ("cpu", "cuda", "auto") or (
+        device.startswith("cuda:") and device[5:].isdigit()))
+    _require(ok, "device", device, allowed)
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    _require(count > 0, "device", device, "cpu, auto (no CUDA device is visible on this machine)")
+    if device.startswith("cuda:"):
+        index = int(device[5:])
+        _require(index < count, "device", device,
+                 f"cpu, cuda, auto, cuda:0..cuda:{count - 1} (this machine has {count} GPUs)")
+        _require(engine != "simulation" or index == 0, "device", device,
+                 "cuda with engine=simulation (Ray gives each client its GPU through "
+                 "engine.client_resources.num_gpus)")
 
 
 def check_client(c: Mapping[str, Any]) -> None:

@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from clients import handlers
-from fedrac.config import ConfigError, check_group_overrides, conf_dir, validate
+from fedrac.config import ConfigError, check_group_overrides, conf_dir, expand_paths, validate
 from fedrac.server_app import run_server
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def _overrides(run_config: Any) -> str:
 def _compose(overrides: str) -> str:
     from hydra import compose, initialize_config_dir
 
-    items = shlex.split(overrides)
+    items = expand_paths(shlex.split(overrides))
     check_group_overrides(items)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         cfg = compose(config_name="config", overrides=[*items, "engine=deployment"])

@@ -37,7 +37,9 @@ BAD_INPUTS = [
     (["strategy.sketch=uniform"], "strategy.sketch='uniform' is not allowed; allowed: gaussian"),
     (["strategy.train_factor=both"], "strategy.train_factor='both' is not allowed; allowed: "
                                      "A, B, auto"),
-    (["device=tpu"], "device='tpu' is not allowed; allowed: cpu, cuda, auto"),
+    (["device=tpu"], "device='tpu' is not allowed; allowed: cpu, cuda, cuda:N (a GPU index), "
+                     "auto"),
+    (["device=cuda:x"], "device='cuda:x' is not allowed; allowed: cpu, cuda, cuda:N"),
 ]
 
 
@@ -57,6 +59,41 @@ def test_bad_input_stops_with_one_line_naming_key_value_and_allowed(args, messag
     assert len(err) == 1, err
     assert err[0].startswith("fedrac: error: ") and message in err[0], err[0]
     assert not out.exists() and not (tmp_path / "cache").exists()  # no work was done
+
+
+def test_cuda_devices_are_checked_against_the_machine(monkeypatch):
+    import torch
+
+    from fedrac.config import ConfigError, check_device
+
+    check_device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"device='cuda:1' is not allowed; allowed: cpu, auto "
+                                          r"\(no CUDA device"):
+        check_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_device("cuda:1")
+    with pytest.raises(ConfigError, match=r"device='cuda:2' .* cuda:0..cuda:1 \(this machine "
+                                          r"has 2 GPUs\)"):
+        check_device("cuda:2")
+    with pytest.raises(ConfigError, match=r"cuda with engine=simulation"):
+        check_device("cuda:1", "simulation")
+
+
+def test_home_and_variables_in_path_values_expand_unquoted(monkeypatch):
+    from fedrac.config import expand_paths
+
+    monkeypatch.setenv("HOME", "/home/u")
+    monkeypatch.setenv("DATA", "/srv/my data")
+    assert expand_paths(["dataset.path=~/data/x.csv", "num_rounds=3", "+x=~"]) == [
+        "dataset.path=/home/u/data/x.csv", "num_rounds=3", "+x=/home/u"]
+    assert expand_paths(["dataset.root=$DATA/mnist"]) == ["dataset.root='/srv/my data/mnist'"]
+    assert expand_paths(["dataset.path=~/a.csv,~/b.csv"]) == [
+        "dataset.path=/home/u/a.csv,/home/u/b.csv"]
+    # Hydra's own syntax is left alone: interpolations, quoted values, deletions
+    for item in ("cache_dir=${oc.env:HOME}", "dataset.path='~/x'", "~dataset.path", "-m"):
+        assert expand_paths([item]) == [item]
 
 
 def test_bad_input_exit_code_from_the_command_line(tmp_path):
