@@ -127,6 +127,14 @@ def check_task(d: Mapping[str, Any]) -> None:
         _require(part in ("iid", "size_skew", "natural"), "partitioner", part,
                  "iid, size_skew, natural (causal_lm data has no labels to skew)")
     if model == "hf":
+        from fedrac.models.hf import check_checkpoint, check_tokenizer
+
+        try:
+            if d["model"].get("path") and not d["model"].get("config"):
+                check_checkpoint(d["model"]["path"])
+            check_tokenizer(d["model"])
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
         _require(text, "dataset.text_column", d["dataset"].get("text_column"),
                  "the text column of a table (model=hf reads text; images and numeric "
                  "features need model=mlp, cnn or vit_tiny)")

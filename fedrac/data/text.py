@@ -75,7 +75,7 @@ def _ragged(col: pa.ChunkedArray | pa.Array) -> list[torch.Tensor]:
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     offsets = col.offsets.to_numpy()
-    values = torch.from_numpy(np.asarray(col.flatten().to_numpy(zero_copy_only=False),
+    values = torch.from_numpy(np.array(col.flatten().to_numpy(zero_copy_only=False),
                                          dtype=np.int64))
     return [values[offsets[i]:offsets[i + 1]] for i in range(len(col))]
 
@@ -85,7 +85,7 @@ def token_data(ds: Any) -> TokenData:
     table = ds.with_format("arrow")[:]
     info = json.loads(ds.info.description or "{}") if ds.info.description else {}
     names = table.column_names
-    labels = torch.from_numpy(np.asarray(table["label"].to_numpy(), dtype=np.int64)) \
+    labels = torch.from_numpy(np.array(table["label"].to_numpy(), dtype=np.int64)) \
         if "label" in names else None
     return TokenData(
         input_ids=_ragged(table["input_ids"]), labels=labels,
@@ -240,7 +240,13 @@ def _table_digest(table: Any, columns: Sequence[str]) -> bytes:
 
 def _tokenizer_digest(tok: Any) -> str:
     backend = getattr(tok, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))
+    if backend is None:
+        text = repr(sorted(tok.get_vocab().items()))
+    else:  # without the truncation/padding state a previous call left on it
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        text = json.dumps(spec, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -322,15 +328,15 @@ def text_arrays(table: Any, cols: Mapping[str, str], names: Sequence[str] | None
 
 
 def finish_split(tokenised: Any, rows: Arrays, keep: Sequence[str]) -> Any:
-    """The tokenised rows named by ``rows.x`` with their (re-mapped) ``label`` column."""
-    from datasets import Value
+    """The tokenised rows named by ``rows.x`` with their (re-mapped) ``label`` column, as an
+    in-memory dataset (no cache file per split)."""
+    from datasets import Dataset, DatasetInfo
+    from datasets.table import InMemoryTable
 
-    idx = rows.x[:, 0].astype(np.int64)
-    ds = tokenised.select(idx.tolist()).select_columns(
-        [c for c in ("input_ids", "token_type_ids", "loss_mask", *keep)
-         if c in tokenised.column_names])
-    if "label" in ds.column_names:
-        ds = ds.remove_columns("label")
-    ds = ds.add_column("label", rows.y.astype(np.int64).tolist(), feature=Value("int64"))
-    ds.info.description = tokenised.info.description
-    return ds
+    idx = pa.array(rows.x[:, 0].astype(np.int64))
+    columns = [c for c in ("input_ids", "token_type_ids", "loss_mask", *keep)
+               if c in tokenised.column_names]
+    table = tokenised.with_format("arrow").select_columns(columns)[:].take(idx)
+    table = table.append_column("label", pa.array(rows.y.astype(np.int64), pa.int64()))
+    return Dataset(InMemoryTable(table), info=DatasetInfo(
+        description=tokenised.info.description))

@@ -32,6 +32,26 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 HEAD_MODULES = ("classifier", "score")  # PEFT's modules_to_save for sequence classification
 
 
+def quiet_transformers() -> None:
+    """transformers' load reports, progress bars and advisory warnings off (errors stay),
+    unless ``FEDRAC_VERBOSE`` is set."""
+    if os.environ.get("FEDRAC_VERBOSE"):
+        return
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        pass
+
+
 def _local_dir(path: Any) -> Path | None:
     p = Path(os.path.expanduser(str(path)))
     return p if p.exists() else None
@@ -48,6 +68,7 @@ def load_tokenizer(source: str) -> Any:
     """The tokenizer in a folder (or hub id); a padding token is added from EOS if missing."""
     from transformers import AutoTokenizer
 
+    quiet_transformers()
     key = "dataset.tokenizer"
     local = _local_dir(source)
     try:
@@ -63,6 +84,23 @@ def load_tokenizer(source: str) -> Any:
                                    "allowed: a tokenizer with pad_token or eos_token")
         tok.pad_token = tok.eos_token
     return tok
+
+
+def check_tokenizer(model_cfg: Mapping[str, Any]) -> None:
+    """A one-line error naming ``model.tokenizer`` unless a tokenizer can be loaded."""
+    source = tokenizer_source(model_cfg)
+    if source is None:
+        raise ModelConfigError("model.tokenizer=None is not set; allowed: a tokenizer folder or "
+                               "hub id (needed with model.config, which has no files)")
+    try:
+        load_tokenizer(source)
+    except ModelConfigError as err:
+        if model_cfg.get("tokenizer"):
+            raise
+        reason = str(err).split(" holds no tokenizer ", 1)[-1].split(";", 1)[0]
+        raise ModelConfigError(f"model.tokenizer=None: model.path={source!r} holds no tokenizer "
+                               f"{reason}; allowed: a tokenizer folder or hub id in "
+                               "model.tokenizer") from err
 
 
 def check_checkpoint(path: Any) -> None:
@@ -82,6 +120,7 @@ def build_hf_model(model_cfg: Mapping[str, Any], num_labels: int) -> nn.Module:
     builds the same new head."""
     import transformers
 
+    quiet_transformers()
     task = str(model_cfg.get("task") or "classification")
     if task not in AUTO_CLASSES:
         raise ModelConfigError(f"task={task!r} cannot be served by model=hf; allowed: "
@@ -103,6 +142,11 @@ def build_hf_model(model_cfg: Mapping[str, Any], num_labels: int) -> nn.Module:
                 hf_config = transformers.AutoConfig.for_model(str(model_type), **config, **kwargs)
                 model = auto.from_config(hf_config)
             except (ValueError, KeyError, TypeError) as err:
+                if "Unrecognized configuration class" in str(err):
+                    raise ModelConfigError(
+                        f"task={task} cannot be served by model.config model_type="
+                        f"{model_type!r}: transformers has no {AUTO_CLASSES[task][9:]} for it; "
+                        f"allowed: another task or model") from err
                 raise ModelConfigError(f"model.config={ {'model_type': model_type, **config} } "
                                        f"cannot build a {AUTO_CLASSES[task]}: "
                                        f"{str(err).splitlines()[0][:200]}") from err
@@ -112,9 +156,10 @@ def build_hf_model(model_cfg: Mapping[str, Any], num_labels: int) -> nn.Module:
             try:
                 model = auto.from_pretrained(str(local or path), **kwargs)
             except ValueError as err:
-                raise ModelConfigError(f"task={task} cannot be served by model.path={path!r} "
-                                       f"({AUTO_CLASSES[task]}): "
-                                       f"{str(err).splitlines()[0][:200]}") from err
+                raise ModelConfigError(f"task={task} cannot be served by model.path={path!r}: "
+                                       f"transformers has no {AUTO_CLASSES[task][9:]} for it "
+                                       f"({str(err).splitlines()[0][:120]}); allowed: another "
+                                       "task or model") from err
             except OSError as err:
                 raise ModelConfigError(f"model.path={path!r} is not a transformers checkpoint "
                                        f"({str(err).splitlines()[0][:160]}); allowed: a folder "

@@ -7,6 +7,7 @@ its weights are used as they are, without a cache file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -33,6 +34,16 @@ def _cache_path(cache_dir: str | os.PathLike, key: Mapping[str, Any]) -> Path:
         f"{key['dataset'].get('name', 'custom')}-{digest[:12]}.safetensors"
 
 
+@functools.lru_cache(maxsize=1)
+def _checkpoint_state(key: str) -> dict[str, torch.Tensor]:
+    """A transformers model's starting weights (float32), built once per process."""
+    model_cfg, dataset_cfg = json.loads(key)
+    splits = load_splits(dataset_cfg)
+    model = build_model(model_cfg, splits.input_shape, splits.num_classes)
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
+            .contiguous().clone() for k, v in model.state_dict().items()}
+
+
 def pretrained_state(
     model_cfg: Mapping[str, Any], dataset_cfg: Mapping[str, Any],
     pretrain_cfg: Mapping[str, Any], cache_dir: str | os.PathLike,
@@ -42,10 +53,8 @@ def pretrained_state(
     Floating-point weights are float32 whatever ``model.dtype`` (the server's master copy).
     """
     if model_cfg.get("name") == "hf" and int(pretrain_cfg.get("epochs", 0)) == 0:
-        splits = load_splits(dataset_cfg)
-        model = build_model(model_cfg, splits.input_shape, splits.num_classes)
-        return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
-                .contiguous().clone() for k, v in model.state_dict().items()}
+        return dict(_checkpoint_state(json.dumps([model_cfg, dataset_cfg], sort_keys=True,
+                                                 default=str)))
     key = {"model": dict(model_cfg), "dataset": dict(dataset_cfg), "pretrain": dict(pretrain_cfg),
            "torch": torch.__version__.split("+")[0]}
     if model_cfg.get("weights"):
