@@ -63,18 +63,36 @@ def model_config(arch: str, vocab: dict[str, int]) -> dict:
 
 
 def build_checkpoint(folder: Path, arch: str, seed: int = 0) -> Path:
-    """A random ``arch`` checkpoint (BERT: the bare encoder, like MiniLM; GPT-2 / LLaMA: a
-    causal LM) and its tokenizer, saved into ``folder``."""
+    """A random ``arch`` checkpoint and its tokenizer, saved into ``folder``.
+
+    BERT is saved as the bare encoder (like all-MiniLM-L6-v2), after 40 steps of full
+    training on sentiment rows with a throw-away head, so that its features carry the
+    sentiment as a pretrained model's would (a random tiny encoder's barely depend on the
+    input). GPT-2 and LLaMA are random causal LMs.
+    """
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     folder.mkdir(parents=True, exist_ok=True)
-    _, vocab = build_tokenizer(folder, arch)
+    tok, vocab = build_tokenizer(folder, arch)
     cfg = dict(model_config(arch, vocab))
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     torch.manual_seed(seed)
-    model = (AutoModel if arch == "bert" else AutoModelForCausalLM).from_config(config)
-    model.save_pretrained(str(folder))
+    if arch != "bert":
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        AutoModelForCausalLM.from_config(config).save_pretrained(str(folder))
+        return folder
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg, num_labels=2)
+    model = AutoModelForSequenceClassification.from_config(config)
+    rows = sentiment_rows(320, seed=seed + 100)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(40):
+        batch = rows[(step * 16) % 320:(step * 16) % 320 + 16]
+        enc = tok([r["text"] for r in batch], return_tensors="pt", padding=True)
+        labels = torch.tensor([int(r["label"] == "pos") for r in batch])
+        opt.zero_grad()
+        model(**enc, labels=labels).loss.backward()
+        opt.step()
+    model.bert.save_pretrained(str(folder))
     return folder
 
 
