@@ -18,6 +18,16 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names key, value and what is allowed."""
 
 
+def _minilm(cache_dir: str) -> str:
+    from fedrac.experiments.text_minilm import minilm_path
+
+    return minilm_path(cache_dir)
+
+
+# ${fedrac.minilm:<cache_dir>}: the packaged all-MiniLM-L6-v2 checkpoint (+experiment=text_minilm)
+OmegaConf.register_new_resolver("fedrac.minilm", _minilm, replace=True)
+
+
 def conf_dir() -> Path:
     """The ``conf/`` tree: inside the installed package, else the source checkout's."""
     here = Path(__file__).resolve().parent
@@ -73,10 +83,15 @@ def _to_float(text: str) -> float | None:
 
 def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Resolve ``cfg`` to a plain dict and check every value (ConfigError on the first bad one)."""
+    from omegaconf.errors import InterpolationResolutionError
+
     from strategies import STRATEGIES
 
-    d: dict[str, Any] = (OmegaConf.to_container(cfg, resolve=True)
-                         if isinstance(cfg, DictConfig) else dict(cfg))
+    try:
+        d: dict[str, Any] = (OmegaConf.to_container(cfg, resolve=True)
+                             if isinstance(cfg, DictConfig) else dict(cfg))
+    except InterpolationResolutionError as err:  # a resolver's own one-line error
+        raise ConfigError(str(err.__cause__ or err).splitlines()[0]) from err
     s = d["strategy"]
     _require(s.get("name") in STRATEGIES, "strategy", s.get("name"), ", ".join(STRATEGIES))
     strategy_cls = STRATEGIES[s["name"]]
