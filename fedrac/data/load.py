@@ -360,6 +360,7 @@ def load_splits(dataset_cfg: Mapping[str, Any]) -> DataSplits:
 Task = DataSplits
 build_task = build_splits
 load_task = load_splits
+_load_task_cached = _load_splits_cached
 
 
 def partition(
