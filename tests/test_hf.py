@@ -247,3 +247,60 @@ def test_bad_hf_input_stops_with_one_line(ckpt, args, message, tmp_path, monkeyp
     assert len(err) == 1, err
     assert err[0].startswith("fedrac: error: ") and message.format(**fill) in err[0], err[0]
     assert not out.exists()
+
+
+def test_causal_lm_text_takes_size_skew_and_natural_partitions(ckpt, tmp_path):
+    from fedrac.data import partition
+
+    rows = [{**r, "writer": f"w{i % 3}"} for i, r in enumerate(H.qa_rows(60))]
+    path = H.write_jsonl(tmp_path / "qa.jsonl", rows)
+    cfg = {"name": "files", "path": str(path), "text_column": "text", "task": "causal_lm",
+           "max_length": 16, "tokenizer": str(ckpt["gpt2"]), "cache_dir": str(tmp_path),
+           "test_fraction": 0.25, "group_column": "writer"}
+    sizes = [len(partition(cfg, {"name": "size_skew", "sizes": "linear"}, 3, i, 0))
+             for i in range(3)]
+    assert sizes[0] < sizes[1] < sizes[2] and sum(sizes) == 45
+    natural = [partition(cfg, {"name": "natural", "partition_by": "writer"}, 3, i, 0)
+               for i in range(3)]
+    assert sorted(set(p["writer"]) == {p["writer"][0]} for p in natural) == [True] * 3
+    assert all("input_ids" in p.column_names and "loss_mask" in p.column_names for p in natural)
+
+
+def test_bfloat16_base_with_gradient_checkpointing_trains_float32_adapters(ckpt):
+    """model.dtype=bfloat16: the frozen base is bfloat16, the factors, the head and the
+    optimizer state float32; activation checkpointing does not change the gradients."""
+    from clients.handlers import module_keys
+    from clients.local_training import TrainSettings, train_locally
+    from fedrac.data import load_splits, to_tensors
+    from fedrac.lora import adapter_factors
+    from fedrac.models.hf import build_hf_model
+    from fedrac.tasks import get_task
+
+    data = {"name": "files", "path": str(ckpt["sentiment"]), "text_column": "text",
+            "max_length": 8, "tokenizer": str(ckpt["bert"]), "test_fraction": 0.25}
+    x, y = to_tensors(load_splits(data).target_train)
+    grads = {}
+    for dtype, checkpointing in (("bfloat16", False), ("bfloat16", True), ("float32", False)):
+        cfg = {"model": {"name": "hf", "path": str(ckpt["bert"]), "task": "classification",
+                         "dtype": dtype, "gradient_checkpointing": checkpointing,
+                         "trainable_modules": "auto"}}
+        model = build_hf_model(cfg["model"], 2)
+        layers = find_target_layers(model, "auto")
+        query = model.get_submodule("bert.encoder.layer.0.attention.self.query")
+        assert query.weight.dtype == getattr(torch, dtype)
+        assert model.classifier.weight.dtype == torch.float32
+        factors = {n: (torch.full((2, s.d_in), 0.1), torch.zeros(s.d_out, 2))
+                   for n, s in layers.items()}
+        attach_adapters(model, layers, factors, 2, 2.0, {n: "B" for n in layers})
+        for p in module_keys(model, cfg).values():
+            p.requires_grad_(True)
+        train_locally(model, x, y, TrainSettings(lr=1e-2, local_steps=2, batch_size=8), 0,
+                      torch.device("cpu"), get_task("classification"))
+        out = adapter_factors(model)
+        assert all(t.dtype == torch.float32 and t.abs().sum() > 0 for t in out.values())
+        grads[(dtype, checkpointing)] = out
+    same = grads[("bfloat16", False)]
+    assert all(torch.equal(same[k], grads[("bfloat16", True)][k]) for k in same)
+    full = grads[("float32", False)]  # bfloat16 rounding moves AdamW's steps, not their course
+    a, b = (torch.cat([g[k].flatten() for k in sorted(g)]) for g in (same, full))
+    assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.9

@@ -178,12 +178,19 @@ def build_hf_model(model_cfg: Mapping[str, Any], num_labels: int) -> nn.Module:
     model.to(DTYPES[dtype_name])
     for module in trainable_modules(model, model_cfg.get("trainable_modules", "auto")).values():
         module.float()
+        if dtype_name != "float32":  # a float32 module fed by the bfloat16/float16 base
+            module.register_forward_pre_hook(_inputs_to_float32)
     if model_cfg.get("gradient_checkpointing"):
         enable = getattr(model, "activation_checkpointing_enable", None) or \
             model.gradient_checkpointing_enable
         enable(**{("activation_checkpointing_kwargs" if enable.__name__.startswith("activation")
                    else "gradient_checkpointing_kwargs"): {"use_reentrant": False}})
     return model
+
+
+def _inputs_to_float32(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
 
 
 def trainable_modules(model: nn.Module, patterns: Any) -> dict[str, nn.Module]:
