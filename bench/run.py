@@ -11,7 +11,8 @@ Sections (each time a median over ``--repeats`` runs in this process, same seeds
 4. bytes: per round, per direction and kind, for every strategy;
 5. pfl: pfl-research's cross-device CIFAR-10 protocol (``+experiment=pfl_cifar10``: 1,000
    users x 50 random 3x32x32 images, cohort 50, 5 SGD steps of batch 10, small CNN),
-   fedrac against the plain loop, as in 1.
+   fedrac against the plain loop, as in 1;
+6. transformer: peak memory of one transformer for 10 and 100 clients (bench/transformer.py).
 Writes ``results.json`` and ``results.md`` into ``--out``.
 """
 
@@ -186,6 +187,18 @@ def bytes_per_round(base: list[str], rounds: int, tmp: Path) -> list[dict[str, A
     return rows
 
 
+def transformer_points(quick: bool, tmp: Path) -> list[dict[str, Any]]:
+    """Peak memory for 10 and 100 clients of one transformer, each in a fresh process
+    (skipped when transformers is not installed)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return []
+    from bench.transformer import transformer_memory
+
+    return transformer_memory(quick, tmp, lambda over: _point(over, subprocess_rss=True))
+
+
 def _ratio(row: dict[str, Any]) -> str:
     return f"{row['ratio']:.2f}x ({row['ratio_min']:.2f}-{row['ratio_max']:.2f})"
 
@@ -234,6 +247,12 @@ def to_markdown(res: dict[str, Any]) -> str:
         cells = " | ".join(_fmt_b(r[f"{d}_{k}"]) for d in ("down", "up") for k in kinds)
         lines.append(f"| {r['strategy']} | {_fmt_b(r['down'])} | {_fmt_b(r['up'])} | "
                      f"{r['down'] / r['up']:.2f} | {cells} |")
+    if res.get("transformer"):
+        lines += ["", "| transformer, rac_lora r=4, 1 round of 1 step per client | clients | "
+                  "s/round | peak RSS (MiB) |", "|---|---|---|---|"]
+        for r in res["transformer"]:
+            lines.append(f"| {r['model']} | {r['clients']} | {r['seconds_per_round']:.2f} | "
+                         f"{r['peak_rss_mib']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -267,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["scale"] = scale(base, 2 if args.quick else 20, args.quick, tmp)
         res["bytes"] = bytes_per_round(base, max(rounds if args.quick else 10, 3), tmp)
         res["pfl"] = pfl_cifar10(1 if args.quick else 10, repeats, args.quick, tmp)
+        res["transformer"] = transformer_points(args.quick, tmp)
     (out / "results.json").write_text(json.dumps(res, indent=2))
     md = to_markdown(res)
     (out / "results.md").write_text(md)

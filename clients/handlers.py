@@ -15,8 +15,11 @@ factors whose product is the delta (the server's last merge, for clients that
 would keep the weights between rounds).
 With ``download=delta`` the weights come as deltas over the node cache
 (:mod:`clients.delta_client`); a node that cannot rebuild them replies ``resync``.
+With ``model.trainable_modules`` (e.g. a new classifier head) those modules are trained
+in full beside the adapters and sent back in a ``modules`` record.
 Every reply carries a ``metrics`` record: ``num-examples``, ``train-loss``,
-``train-seconds``, ``train-steps``.
+``train-seconds``, ``train-steps``. Loss, batching and metrics come from the run's task
+(:mod:`fedrac.tasks`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from clients.local_training import (
     resolve_device,
     train_locally,
 )
-from fedrac.data import load_dataset_from_path, load_task, partition, to_tensors
+from fedrac.data import load_dataset_from_path, load_splits, partition, to_tensors
 from fedrac.delta_sync import ResyncNeeded
 from fedrac.lora import (
     LayerSpec,
@@ -52,6 +55,7 @@ from fedrac.lora import (
 from fedrac.models import build_model
 from fedrac.records import to_array_record, to_shared_state_dict, to_state_dict
 from fedrac.sketch import check_fingerprint, derive_seed, make_sketch, sketch_fingerprint
+from fedrac.tasks import task_of
 
 SHUFFLE_STREAM = 2  # derive_seed(run_seed, round, SHUFFLE_STREAM, partition) shuffles batches
 
@@ -78,13 +82,29 @@ def _cfg_key(cfg: Mapping[str, Any], part: str) -> str:
 @functools.lru_cache(maxsize=1)
 def _model(key: str) -> nn.Module:
     model_cfg, dataset_cfg = json.loads(key)
-    task = load_task(dataset_cfg)
-    return build_model(model_cfg, task.input_shape, task.num_classes)
+    splits = load_splits(dataset_cfg)
+    return build_model(model_cfg, splits.input_shape, splits.num_classes)
 
 
 def client_model(cfg: Mapping[str, Any]) -> nn.Module:
-    """This process's model instance (built once; weights are loaded per message)."""
+    """This process's model instance (built once; weights are loaded per message).
+
+    One instance serves every simulated client of the process, and the server's evaluation
+    when it runs in the same process: a transformer's base weights are held once.
+    """
     return _model(_cfg_key(cfg, "model"))
+
+
+def module_keys(model: nn.Module, cfg: Mapping[str, Any]) -> dict[str, nn.Parameter]:
+    """The parameters of ``model.trainable_modules`` by state-dict key (none for built-in
+    models)."""
+    if cfg["model"].get("name") != "hf":
+        return {}
+    from fedrac.models.hf import trainable_modules
+
+    found = trainable_modules(model, cfg["model"].get("trainable_modules", "auto"))
+    return {f"{name}.{key}": p for name, module in found.items()
+            for key, p in module.named_parameters()}
 
 
 def client_data(cfg: Mapping[str, Any], context: Context,
@@ -122,13 +142,18 @@ def node_stream(context: Context) -> int:
 
 def settings_from(config: Mapping[str, Any]) -> TrainSettings:
     """Local training settings from a train message's ``config`` record."""
+    lr = config.get("full-lr") if config.get("mode") == "full" and "full-lr" in config else \
+        config.get("lr", 0.01)
+    clip = config.get("max-grad-norm")
     return TrainSettings(
-        optimizer=str(config.get("optimizer", "adamw")), lr=float(config.get("lr", 0.01)),
+        optimizer=str(config.get("optimizer", "adamw")), lr=float(lr),
         local_epochs=int(config.get("local-epochs", 1)),
         local_steps=int(config.get("local-steps", 0)) or None,
         batch_size=int(config.get("batch-size", 16)),
         weight_decay=float(config.get("weight-decay", 0.0)),
         momentum=float(config.get("momentum", 0.0)),
+        warmup_steps=int(config.get("warmup-steps", 0)),
+        max_grad_norm=None if clip is None else float(clip),
     )
 
 
@@ -169,8 +194,10 @@ def global_state(content: RecordDict) -> dict[str, torch.Tensor]:
     return apply_update(to_state_dict(content["arrays"]), content)
 
 
-def apply_update(state: dict[str, torch.Tensor], content: RecordDict) -> dict[str, torch.Tensor]:
-    """``state`` with the message's optional ``update`` record (dense or stacked) added."""
+def apply_update(state: dict[str, torch.Tensor], content: RecordDict,
+                 layers: Mapping[str, LayerSpec] | None = None) -> dict[str, torch.Tensor]:
+    """``state`` with the message's optional ``update`` record (dense or stacked) added
+    (``layers`` says which weights are stored transposed, as transformers' ``Conv1D``)."""
     if "update" not in content:
         return state
     update = to_state_dict(content["update"])
@@ -181,6 +208,8 @@ def apply_update(state: dict[str, torch.Tensor], content: RecordDict) -> dict[st
             layer = key[: -len(".stack_B")]
             w = state[f"{layer}.weight"]
             delta = value.to(torch.float64) @ update[f"{layer}.stack_A"].to(torch.float64)
+            if layers is not None and layer in layers and layers[layer].transposed:
+                delta = delta.T
             state[f"{layer}.weight"] = (w.to(torch.float64) + delta.reshape(w.shape)).to(w.dtype)
         elif not key.endswith(".stack_A"):
             raise KeyError(f"update record key {key!r} is not '<layer>.weight' or a stack factor")
@@ -204,22 +233,29 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
         weights = downloaded_weights(content, context, layers)
     except ResyncNeeded as err:
         return resync_reply(msg, err)
-    model.load_state_dict(apply_update(weights, content), strict=True)
+    model.load_state_dict(apply_update(weights, content, layers), strict=True)
     move_to(model, device)
     x, y = client_data(cfg, context)
     seed = derive_seed(int(cfg["seed"]), server_round, SHUFFLE_STREAM, node_stream(context))
-    mode = str(config["mode"])
+    mode, task = str(config["mode"]), task_of(cfg)
+    records: dict[str, Any] = {}
     if mode == "full":
         for p in model.parameters():
             p.requires_grad_(True)
-        result = train_locally(model, x, y, settings_from(config), seed, device)
+        result = train_locally(model, x, y, settings_from(config), seed, device, task)
         reply_key = "arrays"
         out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     elif mode == "adapters":
         prepare_adapters(model, layers, content, server_round)
+        modules = module_keys(model, cfg)
+        for p in modules.values():
+            p.requires_grad_(True)
         try:
-            result = train_locally(model, x, y, settings_from(config), seed, device)
+            result = train_locally(model, x, y, settings_from(config), seed, device, task)
             out = adapter_factors(model, trained_only=True)
+            if modules:
+                records["modules"] = to_array_record(
+                    {k: p.detach().to("cpu", torch.float32) for k, p in modules.items()})
         finally:
             remove_adapters(model)
         reply_key = "factors"
@@ -227,7 +263,8 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
         raise ValueError(f"config mode={mode!r} is not allowed; allowed: full, adapters")
     metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
                             "train-seconds": result.seconds, "train-steps": result.steps})
-    return Message(RecordDict({reply_key: to_array_record(out), "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({reply_key: to_array_record(out), **records, "metrics": metrics}),
+                   reply_to=msg)
 
 
 def handle_evaluate(cfg: Mapping[str, Any], msg: Message, context: Context) -> Message:
@@ -237,6 +274,6 @@ def handle_evaluate(cfg: Mapping[str, Any], msg: Message, context: Context) -> M
     model.load_state_dict(to_shared_state_dict(msg.content["arrays"]), strict=True)
     move_to(model, device)
     x, y = client_data(cfg, context, "val")
-    loss, acc = evaluate(model, x, y, device)
-    metrics = MetricRecord({"num-examples": len(y), "eval-loss": loss, "eval-accuracy": acc})
+    loss, acc = evaluate(model, x, y, device, task=task_of(cfg))
+    metrics = MetricRecord({"num-examples": len(x), "eval-loss": loss, "eval-accuracy": acc})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from fedrac.sketch import derive_seed
+from fedrac.tasks import CLASSIFICATION, Task
+
 OPTIMIZERS = ("sgd", "adamw")
+DROPOUT_STREAM = 9  # derive_seed(client-round seed, DROPOUT_STREAM) seeds torch's RNG (dropout)
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Local optimisation settings; ``local_steps`` (when set) overrides ``local_epochs``."""
+    """Local optimisation settings; ``local_steps`` (when set) overrides ``local_epochs``.
+
+    ``warmup_steps``: linear learning-rate warm-up over the first local steps of each
+    round; ``max_grad_norm``: clip the gradient's global norm (``None``: no clipping).
+    """
 
     optimizer: str = "adamw"
     lr: float = 0.01
@@ -22,6 +31,8 @@ class TrainSettings:
     batch_size: int = 16
     weight_decay: float = 0.0
     momentum: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -80,45 +91,62 @@ def _batches(n: int, settings: TrainSettings, gen: torch.Generator):
             yield perm[i:i + bs]
 
 
+def _lr_at(settings: TrainSettings, step: int) -> float:
+    """The learning rate of local step ``step`` (0-based): linear warm-up, then constant."""
+    lr = float(settings.lr)
+    if settings.warmup_steps and step < settings.warmup_steps:
+        return lr * (step + 1) / (settings.warmup_steps + 1)
+    return lr
+
+
 def train_locally(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: TrainSettings,
-    seed: int, device: torch.device,
+    model: nn.Module, x: Any, y: torch.Tensor | None, settings: TrainSettings,
+    seed: int, device: torch.device, task: Task | None = None,
 ) -> TrainResult:
-    """Train the parameters of ``model`` that require grad on ``(x, y)`` with cross-entropy."""
+    """Train the parameters of ``model`` that require grad on ``(x, y)`` with ``task``'s loss.
+
+    ``x`` is a dense tensor or tokenised text (:class:`fedrac.data.text.TokenData`); the
+    task (default: classification) cuts and pads the batches. Batch order comes from
+    ``seed``; torch's own RNG (dropout) is seeded from it too, inside this call only, so a
+    client round is reproducible and leaves the caller's RNG state as it was.
+    """
+    task = task or CLASSIFICATION
     start = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, settings)
     gen = torch.Generator().manual_seed(int(seed))
-    x, y = x.to(device), y.to(device)
+    data = task.prepare(x, y, device)
+    n = task.num_examples(x, y)
+    warm, clip = int(settings.warmup_steps or 0), settings.max_grad_norm
     model.train()
     total, count, steps = 0.0, 0, 0
-    loss_fn = nn.CrossEntropyLoss()
-    for idx in _batches(len(y), settings, gen):
-        idx = idx.to(device)
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x[idx]), y[idx])
-        loss.backward()
-        opt.step()
-        total += float(loss.detach()) * len(idx)
-        count += len(idx)
-        steps += 1
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed(derive_seed(int(seed), DROPOUT_STREAM))
+        for idx in _batches(n, settings, gen):
+            if warm:
+                for group in opt.param_groups:
+                    group["lr"] = _lr_at(settings, steps)
+            opt.zero_grad(set_to_none=True)
+            loss = task.loss(model, task.batch(data, idx, device))
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, float(clip))
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+            steps += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return TrainResult(total / max(count, 1), int(len(y)), steps, time.perf_counter() - start)
+    return TrainResult(total / max(count, 1), int(n), steps, time.perf_counter() - start)
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-    batch_size: int = 1024,
+    model: nn.Module, x: Any, y: torch.Tensor | None, device: torch.device,
+    batch_size: int = 1024, task: Task | None = None,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``."""
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-        out = model(xb)
-        loss_sum += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
-        correct += int((out.argmax(dim=1) == yb).sum())
-    n = max(len(y), 1)
-    return loss_sum / n, correct / n
+    """Mean loss and accuracy of ``model`` on ``(x, y)`` under ``task`` (default:
+    classification: cross-entropy and accuracy); ``task.evaluate`` has every metric."""
+    metrics = (task or CLASSIFICATION).evaluate(model, x, y, device, batch_size)
+    return metrics["eval_loss"], metrics["eval_accuracy"]

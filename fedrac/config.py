@@ -20,6 +20,16 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names key, value and what is allowed."""
 
 
+def _minilm(cache_dir: str) -> str:
+    from fedrac.experiments.text_minilm import minilm_path
+
+    return minilm_path(cache_dir)
+
+
+# ${fedrac.minilm:<cache_dir>}: the packaged all-MiniLM-L6-v2 checkpoint (+experiment=text_minilm)
+OmegaConf.register_new_resolver("fedrac.minilm", _minilm, replace=True)
+
+
 def conf_dir() -> Path:
     """The ``conf/`` tree: inside the installed package, else the source checkout's."""
     here = Path(__file__).resolve().parent
@@ -103,19 +113,92 @@ def _to_float(text: str) -> float | None:
 
 def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Resolve ``cfg`` to a plain dict and check every value (ConfigError on the first bad one)."""
+    from omegaconf.errors import InterpolationResolutionError
+
     from strategies import STRATEGIES
 
-    d: dict[str, Any] = (OmegaConf.to_container(cfg, resolve=True)
-                         if isinstance(cfg, DictConfig) else dict(cfg))
+    try:
+        d: dict[str, Any] = (OmegaConf.to_container(cfg, resolve=True)
+                             if isinstance(cfg, DictConfig) else dict(cfg))
+    except InterpolationResolutionError as err:  # a resolver's own one-line error
+        raise ConfigError(str(err.__cause__ or err).splitlines()[0]) from err
     s = d["strategy"]
     _require(s.get("name") in STRATEGIES, "strategy", s.get("name"), ", ".join(STRATEGIES))
     strategy_cls = STRATEGIES[s["name"]]
+    link_task(d)
     check_run(d, strategy_cls)
     check_client(d["client"])
+    check_task(d)
     check_engine(d["engine"])
     check_strategy(s, strategy_cls)
     check_objects(d, strategy_cls)
     return d
+
+
+def link_task(d: dict[str, Any]) -> None:
+    """Fill in what the model and the data take from each other (in place).
+
+    ``model.task`` (which head a transformers model gets) is the task's name; a text
+    dataset gets ``dataset.task``, ``dataset.tokenizer`` (``model.tokenizer``, else
+    ``model.path``) and ``dataset.cache_dir`` (where its tokenised rows are cached).
+    """
+    from fedrac.data.text import is_text
+
+    task = d.get("task") or {"name": "classification"}
+    d["task"] = task
+    if d["model"].get("name") == "hf":
+        d["model"]["task"] = task.get("name")
+    if is_text(d["dataset"]):
+        d["dataset"]["task"] = task.get("name")
+        if not d["dataset"].get("tokenizer") and d["model"].get("name") == "hf":
+            d["dataset"]["tokenizer"] = d["model"].get("tokenizer") or d["model"].get("path")
+        d["dataset"].setdefault("cache_dir", d.get("cache_dir"))
+
+
+def check_task(d: Mapping[str, Any]) -> None:
+    """The task against the model and the data: which pairs can work at all."""
+    from fedrac.data.text import is_text
+    from fedrac.tasks import TASKS
+
+    name = d["task"].get("name")
+    _require(name in TASKS, "task", name, ", ".join(TASKS))
+    model, text = d["model"].get("name"), is_text(d["dataset"])
+    if name == "causal_lm":
+        _require(model == "hf", "task", name, "classification (causal_lm needs model=hf, a "
+                 "transformers causal language model)")
+        _require(text, "task", name, "classification (causal_lm needs text: set "
+                 "dataset.text_column, or prompt_column and response_column)")
+        part = d["partitioner"].get("name")
+        _require(part in ("iid", "size_skew", "natural"), "partitioner", part,
+                 "iid, size_skew, natural (causal_lm data has no labels to skew)")
+    if model == "hf":
+        from fedrac.models.hf import check_checkpoint, check_tokenizer
+
+        try:
+            if d["model"].get("path") and not d["model"].get("config"):
+                check_checkpoint(d["model"]["path"])
+            check_tokenizer(d["model"])
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        _require(text, "dataset.text_column", d["dataset"].get("text_column"),
+                 "the text column of a table (model=hf reads text; images and numeric "
+                 "features need model=mlp, cnn or vit_tiny)")
+        dtype = d["model"].get("dtype", "float32")
+        _require(dtype == "float32" or d["strategy"]["name"] != "fedavg", "model.dtype", dtype,
+                 "float32 with strategy=fedavg (full fine-tuning keeps every weight and its "
+                 "optimizer state in float32; bfloat16/float16 bases need an adapter strategy)")
+        has_modules = bool(d["model"].get("trainable_modules")) and \
+            d["model"].get("trainable_modules") not in ("none", [])
+        _require(not (has_modules and d["strategy"].get("download") == "delta"),
+                 "strategy.download", "delta", "full with model.trainable_modules (the "
+                 "trained modules are not replayed from seeds)")
+    elif text:
+        _require(False, "model", model, "hf (text needs a transformers model and its "
+                 "tokenizer)")
+    max_length = d["dataset"].get("max_length")
+    if text:
+        _require(_is_int(max_length) and max_length > 0, "dataset.max_length", max_length,
+                 "an integer > 0 (tokens per example)")
 
 
 def check_run(d: Mapping[str, Any], strategy_cls: type) -> None:
@@ -180,6 +263,14 @@ def check_client(c: Mapping[str, Any]) -> None:
              c["batch_size"], "an integer >= 1")
     _require(_is_num(c["weight_decay"]) and c["weight_decay"] >= 0, "client.weight_decay",
              c["weight_decay"], "a number >= 0")
+    full_lr = c.get("full_lr")
+    _require(full_lr is None or (_is_num(full_lr) and full_lr > 0), "client.full_lr", full_lr,
+             "null (use client.lr) or a number > 0")
+    warm = c.get("warmup_steps", 0)
+    _require(_is_int(warm) and warm >= 0, "client.warmup_steps", warm, "an integer >= 0")
+    clip = c.get("max_grad_norm")
+    _require(clip is None or (_is_num(clip) and clip > 0), "client.max_grad_norm", clip,
+             "null (no clipping) or a number > 0")
 
 
 def check_engine(e: Mapping[str, Any]) -> None:
@@ -212,18 +303,30 @@ def check_strategy(s: Mapping[str, Any], strategy_cls: type) -> None:
 
 def check_objects(d: Mapping[str, Any], strategy_cls: type) -> None:
     """Build the task, model and partitions once: what only they can tell (shapes, ranks)."""
-    from fedrac.data import load_task
+    from fedrac.data import load_splits
     from fedrac.data.partitioners import check_partitions
     from fedrac.lora import AdapterConfigError, check_rank, find_target_layers
     from fedrac.models import build_model, check_model
 
     s = d["strategy"]
     try:
-        task = load_task(d["dataset"])
-        model = build_model(d["model"], task.input_shape, task.num_classes)
-        check_model(model, d["model"], task.input_shape, task.num_classes)
+        splits = load_splits(d["dataset"])
+        model = build_model(d["model"], splits.input_shape, splits.num_classes)
+        check_model(model, d["model"], splits.input_shape, splits.num_classes)
         check_partitions(d["dataset"], d["partitioner"], d["num_clients"], d["seed"])
         layers = find_target_layers(model, d["model"].get("target_modules", ["all"]))
+        if d["model"].get("name") == "hf":
+            from fedrac.models.export import check_export
+            from fedrac.models.hf import trainable_modules
+
+            both = sorted(n for n in layers if any(
+                n == m or n.startswith(m + ".")
+                for m in trainable_modules(model, d["model"].get("trainable_modules", "auto"))))
+            if both:
+                raise ConfigError(f"model.target_modules={d['model'].get('target_modules')} "
+                                  f"and model.trainable_modules both select {both[:3]}; allowed:"
+                                  " a layer is either adapted or trained in full")
+            check_export(d)
         if s["name"] != "fedavg":
             check_rank(layers, s["rank"])
         if hasattr(strategy_cls, "validate_config"):

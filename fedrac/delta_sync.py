@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fedrac.lora import LayerSpec, delta_weight
+from fedrac.lora import LayerSpec
 from fedrac.sketch import make_sketch
 
 STATE_WEIGHTS = "fedrac.weights"  # node Context.state keys of the cached global weights
@@ -63,8 +63,8 @@ def merge_factors(
             pair.append(factors[key] if key in factors else sketches[key])
         a, b = pair
         w = out[spec.weight_key]
-        out[spec.weight_key] = (w.to(torch.float64) + delta_weight(
-            a.to(torch.float64), b.to(torch.float64), scale, w.shape)).to(w.dtype)
+        out[spec.weight_key] = (w.to(torch.float64) + spec.delta(
+            a.to(torch.float64), b.to(torch.float64), scale)).to(w.dtype)
     return out
 
 

@@ -3,9 +3,11 @@
 A target layer's weight ``W`` (``d_out x d_in``; a conv kernel is flattened to
 ``out x (in*kh*kw)``) is replaced on the fly by ``W + s * B @ A`` with
 ``B: d_out x r``, ``A: r x d_in`` and ``s = alpha / r``. Each factor is either a
-trained ``nn.Parameter`` or a frozen buffer. Merging is
+trained ``nn.Parameter`` or a frozen buffer, always float32 (a frozen base in bfloat16 or
+float16 gets the delta cast to its dtype in the forward pass). Merging is
 ``remove_parametrizations(leave_parametrized=True)``; any module type with a
-2-D or conv-shaped ``weight`` works.
+2-D or conv-shaped ``weight`` works, and ``transformers``' ``Conv1D`` (GPT-2), whose
+weight is stored transposed (``d_in x d_out``), gets ``(s * B @ A).T``.
 """
 
 from __future__ import annotations
@@ -26,23 +28,46 @@ class AdapterConfigError(ValueError):
     """Raised for adapter settings a model cannot take (message names the key)."""
 
 
+def is_transposed(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``transformers`` ``Conv1D`` (weight ``d_in x d_out``).
+
+    Duck-typed (class name and ``nf``), so fedrac never imports transformers for it.
+    """
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """Linear, Conv1d/2d/3d, or transformers' ``Conv1D``."""
+    return isinstance(module, ADAPTABLE) or is_transposed(module)
+
+
 @dataclass(frozen=True)
 class LayerSpec:
-    """A target layer: its name, weight shape and flattened ``d_out x d_in``."""
+    """A target layer: its name, weight shape and flattened ``d_out x d_in``.
+
+    ``transposed``: the weight is stored ``d_in x d_out`` (transformers' ``Conv1D``).
+    """
 
     name: str
     weight_shape: tuple[int, ...]
+    transposed: bool = False
 
     @property
     def d_out(self) -> int:
-        return int(self.weight_shape[0])
+        return int(self.weight_shape[1 if self.transposed else 0])
 
     @property
     def d_in(self) -> int:
+        if self.transposed:
+            return int(self.weight_shape[0])
         n = 1
         for d in self.weight_shape[1:]:
             n *= int(d)
         return n
+
+    def delta(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        """``scale * B @ A`` laid out like this layer's weight."""
+        return delta_weight(a, b, scale, self.weight_shape, self.transposed)
 
     @property
     def weight_key(self) -> str:
@@ -56,26 +81,52 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
 
 
+def default_target_modules(model: nn.Module) -> list[str]:
+    """PEFT's default LoRA targets for a transformers model's ``config.model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        raise AdapterConfigError("model.target_modules=auto needs a transformers model "
+                                 "(model=hf); allowed here: layer names, globs or 'all'")
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    if not targets:
+        raise AdapterConfigError(
+            f"model.target_modules=auto: PEFT has no default for model_type {model_type!r}; "
+            f"allowed: names or globs over {layer_names(model)} or 'all'")
+    return list(targets)
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """The adaptable layers' names, shortened to their distinct last parts when many."""
+    names = [n for n, m in model.named_modules() if n and is_adaptable(m)]
+    if len(names) <= 12:
+        return names
+    return sorted({n.rsplit(".", 1)[-1] for n in names})
+
+
 def find_target_layers(
     model: nn.Module, target_modules: Iterable[str] | str
 ) -> dict[str, LayerSpec]:
     """The layers of ``model`` whose names match ``target_modules`` (PEFT style).
 
     A pattern matches a module name exactly, as a dotted suffix, or as a glob;
-    ``"all"`` selects every Linear/Conv layer. Raises when nothing matches.
+    ``"all"`` selects every Linear/Conv layer; ``"auto"`` takes PEFT's default for the
+    transformers model's architecture. Raises when nothing matches.
     """
     patterns = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    if patterns == ["auto"]:
+        patterns = default_target_modules(model)
     found: dict[str, LayerSpec] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, ADAPTABLE) or not name:
+        if not name or not is_adaptable(module):
             continue
         if any(p == "all" or _matches(name, p) for p in patterns):
-            found[name] = LayerSpec(name, tuple(module.weight.shape))
+            found[name] = LayerSpec(name, tuple(module.weight.shape), is_transposed(module))
     if not found:
-        allowed = [n for n, m in model.named_modules() if isinstance(m, ADAPTABLE)]
         raise AdapterConfigError(
             f"model.target_modules={patterns} matches no Linear/Conv layer; "
-            f"allowed: names or globs over {allowed} or 'all'"
+            f"allowed: names or globs over {layer_names(model)} or 'all'"
         )
     return found
 
@@ -106,8 +157,11 @@ def resolve_trained(spec: LayerSpec, train_factor: str) -> str:
     return train_factor
 
 
-def delta_weight(a: torch.Tensor, b: torch.Tensor, scale: float, weight_shape) -> torch.Tensor:
-    """``scale * B @ A`` reshaped to the layer's weight shape."""
+def delta_weight(a: torch.Tensor, b: torch.Tensor, scale: float, weight_shape,
+                 transposed: bool = False) -> torch.Tensor:
+    """``scale * B @ A`` reshaped to the layer's weight shape (transposed for ``Conv1D``)."""
+    if transposed:
+        return (scale * (b @ a)).T
     return (scale * (b @ a)).reshape(weight_shape)
 
 
@@ -115,10 +169,12 @@ class LoRAParametrization(nn.Module):
     """``W -> W + s * B @ A`` with each factor trained (parameter) or frozen (buffer)."""
 
     def __init__(
-        self, a: torch.Tensor, b: torch.Tensor, scale: float, trained: str
+        self, a: torch.Tensor, b: torch.Tensor, scale: float, trained: str,
+        transposed: bool = False,
     ) -> None:
         super().__init__()
         self.scale = float(scale)
+        self.transposed = bool(transposed)
         for key, value, train in (("lora_A", a, trained in ("A", "both")),
                                   ("lora_B", b, trained in ("B", "both"))):
             if train:
@@ -127,7 +183,8 @@ class LoRAParametrization(nn.Module):
                 self.register_buffer(key, value.clone())
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + delta_weight(self.lora_A, self.lora_B, self.scale, weight.shape)
+        delta = delta_weight(self.lora_A, self.lora_B, self.scale, weight.shape, self.transposed)
+        return weight + (delta if delta.dtype == weight.dtype else delta.to(weight.dtype))
 
 
 def attach_adapters(
@@ -138,17 +195,20 @@ def attach_adapters(
     alpha: float,
     trained: Mapping[str, str],
 ) -> None:
-    """Wrap each layer's weight with ``W + (alpha/rank) * B @ A``; freeze all else."""
+    """Wrap each layer's weight with ``W + (alpha/rank) * B @ A``; freeze all else.
+
+    The factors are float32 whatever the base weight's dtype.
+    """
     for p in model.parameters():
         p.requires_grad_(False)
     modules = dict(model.named_modules())
     for name in layers:
         module = modules[name]
         a, b = factors[name]
-        device, dtype = module.weight.device, module.weight.dtype
+        device = module.weight.device
         param = LoRAParametrization(
-            a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype),
-            alpha / rank, trained[name],
+            a.to(device=device, dtype=torch.float32), b.to(device=device, dtype=torch.float32),
+            alpha / rank, trained[name], layers[name].transposed,
         )
         parametrize.register_parametrization(module, "weight", param)
 

@@ -16,10 +16,10 @@ from safetensors.torch import save_file
 
 from fedrac.ledger import ByteLedger
 
-KINDS = ("weights", "factors", "residual", "deltas", "seeds", "config", "metrics")
+KINDS = ("weights", "factors", "residual", "deltas", "seeds", "config", "metrics", "modules")
 COLUMNS = (
-    ["round", "train_loss", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down", "seconds",
-     "client_seconds", "clients", "failed", "rejected"]
+    ["round", "train_loss", "eval_loss", "eval_accuracy", "eval_perplexity", "bytes_up",
+     "bytes_down", "seconds", "client_seconds", "clients", "failed", "rejected"]
     + [f"bytes_{d}_{k}" for d in ("up", "down") for k in KINDS]
 )
 
@@ -48,13 +48,16 @@ class RunRecorder:
         self._writer = csv.DictWriter(self._csv, fieldnames=COLUMNS)
         self._writer.writeheader()
 
-    def log_round(self, server_round: int, eval_loss: float, eval_accuracy: float) -> dict:
-        """Record a finished round (``nan`` where it was not evaluated) and print progress."""
+    def log_round(self, server_round: int, eval_loss: float, eval_accuracy: float,
+                  eval_perplexity: float = math.nan) -> dict:
+        """Record a finished round (``nan`` where it was not evaluated) and print progress
+        (``eval_perplexity``: language-model tasks only)."""
         now = time.perf_counter()
         m = self.round_metrics.get(server_round, {})
         row: dict[str, Any] = {
             "round": server_round, "train_loss": m.get("train_loss", math.nan),
             "eval_loss": eval_loss, "eval_accuracy": eval_accuracy,
+            "eval_perplexity": eval_perplexity,
             "bytes_up": self.ledger.round_total(server_round, "up"),
             "bytes_down": self.ledger.round_total(server_round, "down"),
             "seconds": now - self._last if server_round else 0.0,
@@ -79,6 +82,8 @@ class RunRecorder:
         acc = row["eval_accuracy"]
         ev = "acc   -    loss   -   " if math.isnan(acc) else \
             f"acc {acc:.4f} loss {row['eval_loss']:.4f}"
+        if not math.isnan(row.get("eval_perplexity", math.nan)):
+            ev += f" ppl {row['eval_perplexity']:.2f}"
         tl = row["train_loss"]
         train = "-" if math.isnan(tl) else f"{tl:.4f}"
         width = len(str(self.num_rounds))
@@ -86,12 +91,14 @@ class RunRecorder:
                 f"up {human_bytes(row['bytes_up'])} down {human_bytes(row['bytes_down'])} | "
                 f"{row['seconds']:.2f} s (clients {row['client_seconds']:.2f} s)")
 
-    def finish(self, final_state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        """Write summary.json, model.safetensors and curves.png; return the summary."""
+    def finish(self, final_state: Mapping[str, torch.Tensor],
+               extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Write summary.json, model.safetensors and curves.png; return the summary
+        (with ``extra`` entries added, e.g. the label names and the exports)."""
         self._csv.close()
         save_file({k: v.detach().cpu().contiguous() for k, v in final_state.items()},
                   str(self.dir / "model.safetensors"))
-        summary = self.summary()
+        summary = {**self.summary(), **(extra or {})}
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         plot_curves(self.rows, self.dir / "curves.png", title=summary["label"])
         return summary
@@ -120,6 +127,8 @@ class RunRecorder:
             "initial_accuracy": self.rows[0]["eval_accuracy"] if self.rows else math.nan,
             "final_accuracy": final["eval_accuracy"] if final else math.nan,
             "final_eval_loss": final["eval_loss"] if final else math.nan,
+            "final_eval_perplexity": final.get("eval_perplexity", math.nan) if final
+            else math.nan,
             "best_accuracy": best["eval_accuracy"] if best else math.nan,
             "best_round": best["round"] if best else None,
             "bytes_up": sum(r["bytes_up"] for r in rounds),
@@ -135,6 +144,7 @@ class RunRecorder:
             "client_seconds_per_round": sum(r["client_seconds"] for r in rounds) / n,
             "config": {
                 "strategy": dict(s), "dataset": self.cfg["dataset"].get("name"),
+                "task": (self.cfg.get("task") or {}).get("name", "classification"),
                 "model": self.cfg["model"].get("name", self.cfg["model"].get("_target_")),
                 "partitioner": dict(self.cfg["partitioner"]),
                 "engine": self.cfg["engine"]["name"], "num_clients": self.cfg["num_clients"],

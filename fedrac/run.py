@@ -41,6 +41,8 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
         summary_path.unlink()
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     quiet_flower(bool(cfg.get("verbose", False)))
+    if cfg.get("verbose"):
+        os.environ["FEDRAC_VERBOSE"] = "1"  # transformers' own reports too (fedrac/models/hf.py)
     # Pretrain (or load the cache) here, once, before any engine starts.
     pretrained_state(cfg["model"], cfg["dataset"], cfg["pretrain"], cfg["cache_dir"])
     partition_summary(cfg, out)

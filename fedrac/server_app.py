@@ -10,34 +10,45 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from clients.local_training import evaluate, resolve_device
-from fedrac.data import load_task, to_tensors
+from clients.handlers import client_model, module_keys
+from clients.local_training import move_to, resolve_device
+from fedrac.data import load_splits, to_tensors
 from fedrac.lora import find_target_layers
-from fedrac.models import build_model
 from fedrac.models.pretrain import pretrained_state
 from fedrac.records import to_array_record, to_shared_state_dict, to_state_dict
 from fedrac.results import RunRecorder
+from fedrac.tasks import task_of
 from strategies import build_strategy
 
 log = logging.getLogger(__name__)
 
 
 def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
-    """Run ``num_rounds`` of the configured strategy over ``grid``; write and return results."""
-    task = load_task(cfg["dataset"])
-    model = build_model(cfg["model"], task.input_shape, task.num_classes)
+    """Run ``num_rounds`` of the configured strategy over ``grid``; write and return results.
+
+    The server evaluates with the task's metrics on the target test split, on this
+    process's model instance (shared with clients simulated in the same process).
+    """
+    splits = load_splits(cfg["dataset"])
+    model = client_model(cfg)
     state = pretrained_state(cfg["model"], cfg["dataset"], cfg["pretrain"], cfg["cache_dir"])
     model.load_state_dict(state)
     layers = find_target_layers(model, cfg["model"]["target_modules"])
     strategy = build_strategy(cfg, layers)
+    if getattr(strategy, "layers", None):  # an adapter method: new heads are trained in full
+        strategy.set_trainable_modules({k: tuple(p.shape)
+                                        for k, p in module_keys(model, cfg).items()})
     num_rounds, every = int(cfg["num_rounds"]), int(cfg["eval_every"])
     recorder = RunRecorder(cfg["output_dir"], cfg, strategy.ledger, strategy.round_metrics,
                            num_rounds)
     device = resolve_device(str(cfg["device"]))
-    model.to(device)
-    x_test, y_test = to_tensors(task.target_test)
+    task = task_of(cfg)
+    x_test, y_test = to_tensors(splits.target_test)
     initial = to_array_record(state)
     latest = {"arrays": initial}
+    if splits.label_names:
+        print("labels: " + ", ".join(f"{i}={n}" for i, n in enumerate(splits.label_names)),
+              flush=True)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         latest["arrays"] = arrays
@@ -45,13 +56,24 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
             recorder.log_round(server_round, math.nan, math.nan)
             return None
         model.load_state_dict(to_shared_state_dict(arrays))
-        loss, acc = evaluate(model, x_test, y_test, device)
-        recorder.log_round(server_round, loss, acc)
-        return MetricRecord({"eval_loss": loss, "eval_accuracy": acc})
+        move_to(model, device)
+        metrics = task.evaluate(model, x_test, y_test, device)
+        recorder.log_round(server_round, metrics["eval_loss"], metrics["eval_accuracy"],
+                           metrics.get("eval_perplexity", math.nan))
+        return MetricRecord(metrics)
 
     strategy.start(grid, initial, num_rounds=num_rounds,
                    timeout=float(cfg["round_timeout"]), evaluate_fn=evaluate_fn)
-    return recorder.finish(to_state_dict(latest["arrays"]))
+    final = to_state_dict(latest["arrays"])
+    extra: dict[str, Any] = {}
+    if splits.label_names:
+        extra["label_names"] = list(splits.label_names)
+    if cfg["model"].get("name") == "hf":
+        from fedrac.models.export import export_transformers
+
+        extra["export"] = export_transformers(cfg, model, layers, state, final,
+                                              cfg["output_dir"])
+    return recorder.finish(final, extra)
 
 
 def make_server_app(cfg: Mapping[str, Any]) -> ServerApp:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
@@ -30,7 +30,10 @@ CLIENT_KEYS = {  # Hydra `client.*` key -> ConfigRecord key sent to clients
     "optimizer": "optimizer", "lr": "lr", "local_epochs": "local-epochs",
     "local_steps": "local-steps", "batch_size": "batch-size",
     "weight_decay": "weight-decay", "momentum": "momentum",
+    "full_lr": "full-lr", "warmup_steps": "warmup-steps", "max_grad_norm": "max-grad-norm",
 }
+OFF = {"full_lr": None, "warmup_steps": 0, "max_grad_norm": None}  # not sent when so
+MODULES_KEY = "modules"  # reply record of the fully trained modules (ledger kind "modules")
 SAMPLING_STREAM = 1  # derive_seed(run_seed, round, SAMPLING_STREAM) picks the round's clients
 
 
@@ -41,6 +44,8 @@ def client_config_record(client_cfg: Mapping[str, Any]) -> dict[str, Any]:
         value = client_cfg.get(key)
         if key == "local_steps":
             value = int(value or 0)
+        if key in OFF and value == OFF[key]:
+            continue
         if value is not None:
             out[wire] = value
     return out
@@ -54,6 +59,7 @@ class ValidReply:
     tensors: dict[str, torch.Tensor]
     weight: float
     metrics: MetricRecord
+    modules: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def require_choice(key: str, value: Any, allowed: Sequence[str], owner: str = "") -> None:
@@ -104,6 +110,24 @@ class FedracStrategy(FedAvg):
         self.ledger = ledger or ByteLedger()
         self.round_metrics: dict[int, dict[str, float]] = {}
         self.sent: dict[int, list[Message]] = {}  # round -> train messages awaiting replies
+        self.module_shapes: dict[str, tuple[int, ...]] = {}
+
+    def set_trainable_modules(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """The parameters clients train in full beside the adapters (``model.trainable_modules``,
+        e.g. a new classifier head): every reply must carry them in a ``modules`` record
+        (ledger kind ``modules``); :meth:`apply_modules` averages them FedAvg-style."""
+        self.module_shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
+
+    def apply_modules(self, state: Mapping[str, torch.Tensor],
+                      valid: Sequence[ValidReply]) -> dict[str, torch.Tensor]:
+        """``state`` with the trained modules replaced by their weighted average."""
+        out = dict(state)
+        if not self.module_shapes or not valid:
+            return out
+        avg = weighted_average([r.modules for r in valid], [r.weight for r in valid])
+        for key, value in avg.items():
+            out[key] = value.to(out[key].dtype) if key in out else value
+        return out
 
     def set_adapters(
         self, layers: Mapping[str, LayerSpec], rank: int, alpha: float, sketch: str
@@ -182,6 +206,7 @@ class FedracStrategy(FedAvg):
         for node in missing:
             log(WARNING, "round %d: node %d did not reply (disconnected or past the round "
                 "timeout)", server_round, node)
+        kinds = {MODULES_KEY: "modules", **kinds}
         for msg in replies:
             node = self.reply_node(msg, to)
             if msg.has_error():
@@ -190,6 +215,8 @@ class FedracStrategy(FedAvg):
                 continue
             self.ledger.add(server_round, "up", record_dict_nbytes(msg.content, dict(kinds)))
             reason, reply = self._check_reply(msg, array_key, expected)
+            if reason is None and self.module_shapes and array_key != "arrays":
+                reason = self._check_modules(msg, reply)
             if reason:
                 rejected += 1
                 log(WARNING, "round %d: reply of node %d rejected: %s", server_round, node, reason)
@@ -237,6 +264,25 @@ class FedracStrategy(FedAvg):
                 return f"'{key}' has non-finite values", None
             tensors[key] = torch.from_numpy(arr)  # array_to_numpy returns a writable copy
         return None, ValidReply(msg.metadata.src_node_id, tensors, weight, metrics)
+
+    def _check_modules(self, msg: Message, reply: ValidReply) -> str | None:
+        """Why the reply's ``modules`` record is unusable (``None``: kept in ``reply``)."""
+        record = msg.content.get(MODULES_KEY) if MODULES_KEY in msg.content else None
+        if not isinstance(record, ArrayRecord):
+            return f"no ArrayRecord '{MODULES_KEY}' (model.trainable_modules)"
+        keys = set(record.keys())
+        if keys != set(self.module_shapes):
+            missing, extra = sorted(set(self.module_shapes) - keys), sorted(keys - set(
+                self.module_shapes))
+            return f"wrong '{MODULES_KEY}' keys (missing {missing[:5]}, unexpected {extra[:5]})"
+        for key, shape in self.module_shapes.items():
+            arr = array_to_numpy(record[key])
+            if tuple(arr.shape) != shape:
+                return f"'{key}' has shape {tuple(arr.shape)}, expected {shape}"
+            if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+                return f"'{key}' has non-finite values"
+            reply.modules[key] = torch.from_numpy(arr)
+        return None
 
     def round_metric_record(self, server_round: int) -> MetricRecord:
         """The round's aggregated train metrics as a MetricRecord."""

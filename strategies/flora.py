@@ -29,7 +29,7 @@ class FLoRA(TwoFactorLoRA):
             b = torch.cat([r.tensors[f"{name}.lora_B"].to(torch.float64) * (self.scale * w / total)
                            for r, w in zip(valid, weights, strict=True)], dim=1)
             a = torch.cat([r.tensors[f"{name}.lora_A"].to(torch.float64) for r in valid], dim=0)
-            deltas[name] = (b @ a).reshape(spec.weight_shape)
+            deltas[name] = spec.delta(a, b, 1.0)
             update[f"{name}.stack_B"], update[f"{name}.stack_A"] = b.float(), a.float()
         self.merge_into_base(deltas, as_update=True)
         self.update = update

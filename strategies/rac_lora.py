@@ -154,6 +154,7 @@ class RacLoRA(FedracStrategy):
         sketches = {k: v for k, v in plan.sketches.items() if k not in avg}
         state = merge_factors(to_shared_state_dict(self._global), self.layers, avg, sketches,
                               self.scale)
+        state = self.apply_modules(state, valid)
         if self.sync is not None:
             self.sync.record(server_round, plan.seed, avg)
         return to_array_record(state), metrics

@@ -18,7 +18,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedrac.lora import LayerSpec, delta_weight
+from fedrac.lora import LayerSpec
 from fedrac.records import to_array_record, to_state_dict
 from fedrac.sketch import derive_seed, fingerprint, make_sketch
 from strategies.base import FedracStrategy, ValidReply, require_choice
@@ -31,7 +31,7 @@ def lora_product(
     a: torch.Tensor, b: torch.Tensor, scale: float, spec: LayerSpec
 ) -> torch.Tensor:
     """``scale * B @ A`` in float64, shaped like the layer's weight."""
-    return delta_weight(a.to(torch.float64), b.to(torch.float64), scale, spec.weight_shape)
+    return spec.delta(a.to(torch.float64), b.to(torch.float64), scale)
 
 
 class TwoFactorLoRA(FedracStrategy):
@@ -121,6 +121,10 @@ class TwoFactorLoRA(FedracStrategy):
         if not valid:
             return None, metrics
         self.combine(server_round, valid)
+        if self.module_shapes:
+            self.base = self.apply_modules(self.base, valid)
+            if self.sent_base is not None:  # the update record goes on top of sent_base
+                self.sent_base = self.apply_modules(self.sent_base, valid)
         return to_array_record(self.effective_state()), metrics
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> None:

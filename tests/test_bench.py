@@ -34,3 +34,7 @@ def test_quick_benchmark_runs_and_floor_is_the_same_math(tmp_path, monkeypatch):
     # pfl-research's protocol (shrunk): partial participation, SGD, CNN -- still the same math
     assert [r["what"] for r in res["pfl"]] == ["fedrac fedavg", "fedrac rac_lora"]
     assert all(r["identical_to_floor"] and r["cohort"] == 5 for r in res["pfl"])
+    # one transformer for 10 and 100 clients: one base model per process, memory about flat
+    tf = {r["clients"]: r for r in res["transformer"]}
+    assert set(tf) == {10, 100}
+    assert tf[100]["peak_rss_mib"] < 1.15 * tf[10]["peak_rss_mib"]

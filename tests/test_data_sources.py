@@ -145,9 +145,13 @@ def test_csv_without_the_label_column_names_the_columns(tmp_path):
 
 
 def test_labels_that_are_not_integers_are_refused(tmp_path):
-    (tmp_path / "t.csv").write_text("a,label\n1,cat\n3,dog\n")
-    with pytest.raises(DataConfigError, match=r"labels must be integers .*got 'cat'"):
-        build_task({**FILES, "path": str(tmp_path / "t.csv")})
+    (tmp_path / "t.csv").write_text("a,label\n1,cat\n3,dog\n2,cat\n4,dog\n")
+    splits = build_task({**FILES, "path": str(tmp_path / "t.csv"), "test_fraction": 0.5})
+    assert splits.label_names == ["cat", "dog"]  # string labels are mapped to ids, not refused
+    (tmp_path / "u.csv").write_text("a,label\n5,emu\n")
+    with pytest.raises(DataConfigError, match=r"labels \['emu'\] are not in dataset.label_names"):
+        build_task({**FILES, "path": str(tmp_path / "t.csv"), "label_names": ["cat", "dog"],
+                    "test_path": str(tmp_path / "u.csv")})
     np.savez(tmp_path / "f.npz", x=np.zeros((4, 2)), y=np.array([0.5, 1, 0, 1]))
     with pytest.raises(DataConfigError, match=r"labels must be integers .*got 0.5"):
         build_task({**FILES, "path": str(tmp_path / "f.npz")})

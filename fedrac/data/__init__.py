@@ -1,10 +1,14 @@
-"""Data: sources, normalisation and source/target tasks, client partitions, partition summary."""
+"""Data: sources, text tokenisation, normalisation and source/target splits, client partitions,
+partition summary."""
 
 from fedrac.data.load import (
     DATASETS,
+    DataSplits,
     Task,
+    build_splits,
     build_task,
     load_dataset_from_path,
+    load_splits,
     load_task,
     partition,
     plain,
@@ -15,6 +19,7 @@ from fedrac.data.load import (
 from fedrac.data.partitioners import PARTITIONERS, build_partitioner
 from fedrac.data.sources import DataConfigError
 
-__all__ = ["DATASETS", "PARTITIONERS", "DataConfigError", "Task", "build_partitioner",
-           "build_task", "load_dataset_from_path", "load_task", "partition", "plain",
-           "source_stamp", "to_dataset", "to_tensors"]
+__all__ = ["DATASETS", "PARTITIONERS", "DataConfigError", "DataSplits", "Task",
+           "build_partitioner", "build_splits", "build_task", "load_dataset_from_path",
+           "load_splits", "load_task", "partition", "plain", "source_stamp", "to_dataset",
+           "to_tensors"]

@@ -1,4 +1,4 @@
-"""Tasks as ``datasets.Dataset`` objects: normalisation, source/target splits, client partitions.
+"""Data splits as ``datasets.Dataset`` objects: normalisation, source/target splits, partitions.
 
 A source (see :mod:`fedrac.data.sources`) gives raw arrays; this module normalises them
 (``x * scale``, then ``(x - mean) / std`` per channel or feature), splits off a test
@@ -6,7 +6,13 @@ set, and splits classes (or groups) into a *source* task, used for pretraining,
 and a *target* task, fine-tuned federatedly. The embedded default is
 scikit-learn's digits: pretrain on 0-4, fine-tune on 5-9 (relabelled 0-4).
 Every dataset has the columns ``x`` (float32, sample shape kept) and ``label``
-(int64), plus the ``group_column`` when one is set.
+(int64), plus the ``group_column`` when one is set. String labels (tables and text) are
+mapped to ids (``dataset.label_names``, else their sorted values). Text datasets
+(``dataset.text_column``) are tokenised instead (:mod:`fedrac.data.text`) and have the
+columns ``input_ids`` (...) and ``label``.
+
+(What a model is trained *for* -- loss, metrics, batching -- is a *task*:
+:mod:`fedrac.tasks`. The source/target data here are :class:`DataSplits`.)
 """
 
 from __future__ import annotations
@@ -24,7 +30,14 @@ import pyarrow as pa
 import torch
 from datasets import Dataset
 
-from fedrac.data.sources import SOURCES, Arrays, DataConfigError, read_path, read_source
+from fedrac.data.sources import (
+    SOURCES,
+    Arrays,
+    DataConfigError,
+    _quiet_datasets,
+    read_path,
+    read_source,
+)
 
 DATASETS = SOURCES
 
@@ -33,8 +46,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Task:
-    """An adaptation task: source data to pretrain on, target data to fine-tune on."""
+class DataSplits:
+    """The data of an adaptation: source data to pretrain on, target data to fine-tune on.
+
+    ``label_names[i]`` names class id ``i`` when the labels were strings (else ``None``).
+    """
 
     source_train: Dataset
     source_test: Dataset
@@ -42,6 +58,7 @@ class Task:
     target_test: Dataset
     input_shape: tuple[int, ...]
     num_classes: int
+    label_names: list[str] | None = None
 
 
 def to_dataset(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None,
@@ -163,9 +180,46 @@ def _num_classes(cfg: Mapping[str, Any], a: Arrays, tgt_map: dict | None) -> int
     return n
 
 
-def build_task(cfg: Mapping[str, Any]) -> Task:
-    """The task of a ``dataset`` config (uncached; see :func:`load_task`)."""
+def _map_labels(raw: Arrays, cfg: Mapping[str, Any]) -> list[str] | None:
+    """Map string labels of ``raw`` (and its test split) to ids in place; the names."""
+    from fedrac.data.text import label_ids, label_names_of
+
+    test_y = raw.test.y if raw.test is not None else None
+    strings = [a for a in (raw.y, test_y) if a is not None and a.dtype.kind in "USO"]
+    if not strings and not cfg.get("label_names"):
+        return None
+    names = label_names_of(cfg, raw.y.tolist(), None if test_y is None else test_y.tolist())
+    key = f"dataset.label_column={cfg.get('label_column') or 'label'!r}"
+    raw.y = label_ids(raw.y, names, key)
+    if raw.test is not None:
+        raw.test.y = label_ids(raw.test.y, names, key + " (test)")
+    return names
+
+
+def _class_ids(cfg: Mapping[str, Any], names: list[str] | None) -> dict[str, Any]:
+    """``cfg`` with class names in source_classes / target_classes replaced by their ids."""
+    out = dict(cfg)
+    for key in ("source_classes", "target_classes"):
+        value = cfg.get(key)
+        if value is None or names is None or not any(isinstance(v, str) for v in value):
+            continue
+        unknown = [v for v in value if str(v) not in names]
+        if unknown:
+            raise DataConfigError(f"dataset.{key}={list(value)} names unknown labels {unknown}; "
+                                  f"allowed: {', '.join(names)}")
+        out[key] = [names.index(str(v)) for v in value]
+    return out
+
+
+def build_splits(cfg: Mapping[str, Any]) -> DataSplits:
+    """The data splits of a ``dataset`` config (uncached; see :func:`load_splits`)."""
+    from fedrac.data.text import is_text
+
+    if is_text(cfg):
+        return build_text_splits(cfg)
     raw = read_source(cfg)
+    label_names = _map_labels(raw, cfg)
+    cfg = _class_ids(cfg, label_names)
     if raw.x.ndim < 2 or len(raw.x) != len(raw.y):
         raise DataConfigError(f"dataset {cfg.get('name')!r}: x has shape {raw.x.shape} and "
                               f"{len(raw.y)} labels; allowed: x of shape (N, ...) with N labels")
@@ -188,8 +242,71 @@ def build_task(cfg: Mapping[str, Any]) -> Task:
     if len(parts["target_train"]) == 0:
         raise DataConfigError(f"dataset {cfg.get('name')!r} leaves no target training samples; "
                               "check dataset.target_classes / target_groups")
-    return Task(**parts, input_shape=tuple(int(d) for d in raw.x.shape[1:]),
-                num_classes=num_classes)
+    return DataSplits(**parts, input_shape=tuple(int(d) for d in raw.x.shape[1:]),
+                      num_classes=num_classes, label_names=label_names)
+
+
+def build_text_splits(cfg: Mapping[str, Any]) -> DataSplits:
+    """Text data splits: the table read, labels mapped, rows tokenised once, then split."""
+    from fedrac.data.text import (
+        check_columns,
+        finish_split,
+        label_names_of,
+        read_text_tables,
+        text_arrays,
+        text_columns,
+        tokenize,
+    )
+
+    task = str(cfg.get("task") or "classification")
+    cols = text_columns(cfg, task)
+    with _quiet_datasets():
+        train_table, test_table = read_text_tables(cfg)
+    where = f"dataset {cfg.get('name')!r} ({cfg.get('path') or cfg.get('_target_')})"
+    check_columns(train_table, cols, where)
+    if test_table is not None:
+        check_columns(test_table, cols, where + " test split")
+    names = None
+    if task == "classification":
+        names = label_names_of(cfg, train_table[cols["label"]],
+                               None if test_table is None else test_table[cols["label"]])
+    cfg = _class_ids(cfg, names)
+    tokenised = tokenize(train_table, cfg, task, cols)
+    raw = text_arrays(train_table, cols, names, task, where)
+    if test_table is not None:
+        tokenised_test = tokenize(test_table, cfg, task, cols)
+        raw.test = text_arrays(test_table, cols, names, task, where + " test split")
+        train, test = raw, raw.test
+        test_source = tokenised_test
+    else:
+        train, test = _split_test(raw, cfg)
+        test_source = tokenised
+    keep = [cols["group"]] if "group" in cols else []
+    parts = {}
+    for split, a, source in (("train", train, tokenised), ("test", test, test_source)):
+        src, tgt, src_map, tgt_map = _source_target(a, cfg) if task == "classification" \
+            else _group_masks(a, cfg)
+        for role, mask, mapping in (("source", src, src_map), ("target", tgt, tgt_map)):
+            parts[f"{role}_{split}"] = finish_split(source, _select(a, mask, mapping), keep)
+    if len(parts["target_train"]) == 0:
+        raise DataConfigError(f"dataset {cfg.get('name')!r} leaves no target training rows; "
+                              "check dataset.target_classes / target_groups")
+    if task == "classification":
+        _, _, _, tgt_map = _source_target(train, cfg)
+        num_classes = _num_classes(cfg, raw, tgt_map)
+        if names is not None and tgt_map is not None:
+            names = [names[c] for c in tgt_map]
+    else:
+        num_classes = 1
+    return DataSplits(**parts, input_shape=(), num_classes=num_classes, label_names=names)
+
+
+def _group_masks(a: Arrays, cfg: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, None, None]:
+    """Source/target masks of unlabelled rows: by group (``source_groups``), else all target."""
+    if cfg.get("source_groups") is not None or cfg.get("target_groups") is not None:
+        return _source_target(a, {k: v for k, v in cfg.items()
+                                  if k not in ("source_classes", "target_classes")})
+    return np.zeros(len(a.y), bool), np.ones(len(a.y), bool), None, None
 
 
 def plain(value: Any) -> Any:
@@ -210,12 +327,12 @@ def _key(cfg: Mapping[str, Any]) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_task_cached(key: str) -> Task:
-    task = build_task(json.loads(key))
+def _load_splits_cached(key: str) -> DataSplits:
+    splits = build_splits(json.loads(key))
     log.info("dataset: input shape %s, %d classes, target %d train / %d test, source %d / %d",
-             task.input_shape, task.num_classes, len(task.target_train), len(task.target_test),
-             len(task.source_train), len(task.source_test))
-    return task
+             splits.input_shape, splits.num_classes, len(splits.target_train),
+             len(splits.target_test), len(splits.source_train), len(splits.source_test))
+    return splits
 
 
 def source_stamp(dataset_cfg: Mapping[str, Any]) -> str:
@@ -234,9 +351,16 @@ def source_stamp(dataset_cfg: Mapping[str, Any]) -> str:
     return ";".join(stamps)
 
 
-def load_task(dataset_cfg: Mapping[str, Any]) -> Task:
-    """The source/target task described by the ``dataset`` config group (cached per process)."""
-    return _load_task_cached(_key(dict(dataset_cfg)))
+def load_splits(dataset_cfg: Mapping[str, Any]) -> DataSplits:
+    """The source/target splits of the ``dataset`` config group (cached per process)."""
+    return _load_splits_cached(_key(dict(dataset_cfg)))
+
+
+# The names before the task group existed (fedrac.tasks); kept while other branches move over.
+Task = DataSplits
+build_task = build_splits
+load_task = load_splits
+_load_task_cached = _load_splits_cached
 
 
 def partition(
@@ -267,8 +391,16 @@ def _column_array(col: pa.Array | pa.ChunkedArray, n: int) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False).reshape(n, *shape)
 
 
-def to_tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, y)`` tensors of a dataset with columns ``x`` and ``label`` (read via Arrow)."""
+def to_tensors(ds: Dataset) -> tuple[Any, torch.Tensor | None]:
+    """``(x, y)`` tensors of a dataset with columns ``x`` and ``label`` (read via Arrow).
+
+    A tokenised text dataset gives ``(TokenData, labels)`` (padded per batch by the task).
+    """
+    if "input_ids" in ds.column_names:
+        from fedrac.data.text import token_data
+
+        x = token_data(ds)
+        return x, x.labels
     table = ds.with_format("arrow")[:]
     n = len(ds)
     x = torch.from_numpy(np.array(_column_array(table["x"], n), dtype=np.float32))
@@ -284,10 +416,16 @@ def load_dataset_from_path(path: str | os.PathLike, dataset_cfg: Mapping[str, An
     ``x``/``y``. Samples are kept in the target task (its classes, relabelled as in
     ``dataset.target_classes``) so they match the global model's head.
     """
+    from fedrac.data.text import is_text
+
     cfg = plain(dataset_cfg)
+    if is_text(cfg):
+        return _text_from_path(path, cfg)
     raw = read_path(path, cfg, key="data-path")
     if raw.test is not None:
         raw = Arrays(np.concatenate([raw.x, raw.test.x]), np.concatenate([raw.y, raw.test.y]))
+    _warn_own_names(raw.y, cfg, path)
+    cfg = _class_ids(cfg, _map_labels(raw, cfg))
     raw.x = _normalise(raw.x, cfg)
     _, tgt, _, tgt_map = _source_target(raw, cfg)
     if tgt_map is not None:
@@ -297,3 +435,39 @@ def load_dataset_from_path(path: str | os.PathLike, dataset_cfg: Mapping[str, An
                         path, unknown)
     s = _select(raw, tgt, tgt_map)
     return to_dataset(s.x, s.y, s.groups, cfg.get("group_column"))
+
+
+def _warn_own_names(y: Any, cfg: Mapping[str, Any], path: Any) -> None:
+    if np.asarray(y).dtype.kind in "USO" and not cfg.get("label_names"):
+        log.warning("data-path=%s has string labels and dataset.label_names is not set: they "
+                    "are mapped in sorted order, which matches the other nodes only if every "
+                    "node holds every label", path)
+
+
+def _text_from_path(path: Any, cfg: Mapping[str, Any]) -> Dataset:
+    """A node's own text table, tokenised as the run's splits are (target rows only)."""
+    from fedrac.data.text import (
+        _read_table,
+        check_columns,
+        finish_split,
+        label_names_of,
+        text_arrays,
+        text_columns,
+        tokenize,
+    )
+
+    task = str(cfg.get("task") or "classification")
+    cols = text_columns(cfg, task)
+    with _quiet_datasets():
+        table = _read_table(path, "data-path")
+    check_columns(table, cols, f"data-path={str(path)!r}")
+    names = None
+    if task == "classification":
+        _warn_own_names(table[cols["label"]], cfg, path)
+        names = label_names_of(cfg, table[cols["label"]])
+    cfg = _class_ids(cfg, names)
+    raw = text_arrays(table, cols, names, task, f"data-path={str(path)!r}")
+    _, tgt, _, tgt_map = _source_target(raw, cfg) if task == "classification" else \
+        _group_masks(raw, cfg)
+    return finish_split(tokenize(table, cfg, task, cols), _select(raw, tgt, tgt_map),
+                        [cols["group"]] if "group" in cols else [])

@@ -55,6 +55,15 @@ def integer_labels(values: Any, key: str) -> np.ndarray:
     return out
 
 
+def table_labels(values: Any, key: str) -> np.ndarray:
+    """A table's labels: strings kept as they are (mapped to ids with the test split, see
+    :func:`fedrac.data.load.build_splits`), anything else as :func:`integer_labels`."""
+    values = list(values)
+    if values and all(isinstance(v, str) for v in values):
+        return np.asarray(values, dtype=object)
+    return integer_labels(values, key)
+
+
 # ---------------------------------------------------------------- embedded digits
 
 
@@ -241,7 +250,7 @@ def hf_to_arrays(ds: Any, cfg: Mapping[str, Any], where: str) -> Arrays:
     if group is not None and group not in cols:
         raise DataConfigError(f"dataset.group_column={group!r} is not a column of {where}; "
                               f"allowed: {', '.join(c for c in cols if c != label)}")
-    y = integer_labels(ds[label], f"dataset.label_column={label!r} of {where}")
+    y = table_labels(ds[label], f"dataset.label_column={label!r} of {where}")
     image_col = cfg.get("image_column") or next(
         (c for c in cols if isinstance(ds.features[c], Image)), None)
     features = cfg.get("feature_columns")

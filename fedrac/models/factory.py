@@ -1,4 +1,5 @@
-"""Model factories: ``mlp``, ``cnn``, ``vit_tiny``, or any ``nn.Module`` via ``_target_``.
+"""Model factories: ``mlp``, ``cnn``, ``vit_tiny``, ``hf`` (transformers, see
+:mod:`fedrac.models.hf`), or any ``nn.Module`` via ``_target_``.
 
 Every factory takes the task's ``input_shape`` (without the batch dimension) and
 ``num_classes``. ``model.weights`` loads a ``.safetensors`` / ``.pt`` state dict
@@ -18,7 +19,7 @@ from fedrac.models.builtin import CNN, MLP, ViTTiny
 from fedrac.models.errors import ModelConfigError
 from fedrac.models.weights import load_weights
 
-MODELS = ("mlp", "cnn", "vit_tiny")
+MODELS = ("mlp", "cnn", "vit_tiny", "hf")
 _NOT_KWARGS = ("name", "target_modules", "weights")
 
 
@@ -38,6 +39,10 @@ def build_model(
             raise ModelConfigError(f"model._target_={model_cfg['_target_']!r} failed: "
                                    f"{str(err).splitlines()[0]}") from err
     name = model_cfg.get("name")
+    if name == "hf":
+        from fedrac.models.hf import build_hf_model
+
+        return build_hf_model(model_cfg, num_classes)
     kw = _kwargs(model_cfg)
     if name == "mlp":
         input_dim = 1
@@ -75,6 +80,11 @@ def check_model_input(model: nn.Module, input_shape: Sequence[int], num_classes:
 def check_model(model: nn.Module, model_cfg: Mapping[str, Any], input_shape: Sequence[int],
                 num_classes: int) -> None:
     """Load ``model.weights`` when set and dry-run the input shape (one-line errors)."""
+    if model_cfg.get("name") == "hf":
+        from fedrac.models.hf import check_hf_model
+
+        check_hf_model(model, model_cfg)
+        return
     if model_cfg.get("weights"):
         load_weights(model, model_cfg["weights"])
     check_model_input(model, input_shape, num_classes,
