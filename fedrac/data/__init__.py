@@ -1,5 +1,6 @@
 """Data: sources, normalisation and source/target tasks, client partitions, partition summary."""
 
+from fedrac.data import lazy_imports  # noqa: F401 - first: defers flwr_datasets' plots
 from fedrac.data.load import (
     DATASETS,
     Task,
