@@ -124,7 +124,7 @@ def measure(argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> dict[
 def command(system: str, proto: dict[str, Any], overrides: list[str], rounds: int,
             threads: int, data: Path, out: Path) -> list[str]:
     """The command line of one run of ``system``."""
-    if system == "fedrac":
+    if system in ("fedrac", "fedrac-baseline"):
         return [sys.executable, "-m", "fedrac", *overrides, f"num_rounds={rounds}",
                 f"engine.threads={threads}", f"output_dir={out}"]
     script = {"pfl": SCRIPTS / "pfl_cifar10.py", "blazefl": SCRIPTS / "blazefl_cifar10.py"}
@@ -141,7 +141,7 @@ def _final_loss(system: str, out: Path) -> float | None:
         summary = json.loads((out / "summary.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    value = summary.get("final_eval_loss" if system == "fedrac" else "eval_loss")
+    value = summary.get("final_eval_loss" if system.startswith("fedrac") else "eval_loss")
     return None if value is None else float(value)
 
 
@@ -150,10 +150,16 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 def peers(pairs: int, rounds: int, quick: bool, threads: int = 1,
-          systems: list[str] | None = None) -> dict[str, Any]:
-    """Interleaved runs of fedrac and the installed peers; medians, ranges, ratios to pfl."""
+          systems: list[str] | None = None, baseline: Path | None = None) -> dict[str, Any]:
+    """Interleaved runs of fedrac and the installed peers; medians, ranges, ratios to pfl.
+
+    ``baseline``: another fedrac checkout (e.g. before a change), run as system
+    ``fedrac-baseline`` with this venv.
+    """
     found, notes = available()
     systems = [s for s in (systems or found) if s in found]
+    if baseline is not None:
+        systems.insert(1, "fedrac-baseline")
     overrides = ["+experiment=pfl_cifar10", "strategy=fedavg", *(QUICK if quick else [])]
     with tempfile.TemporaryDirectory(prefix="fedrac-peers-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -173,7 +179,11 @@ def peers(pairs: int, rounds: int, quick: bool, threads: int = 1,
                 out = tmp / f"{system}-{i}"
                 out.mkdir()
                 argv = command(system, proto, overrides, rounds, threads, data, out)
-                run = measure(argv, env, ROOT, tmp / f"{system}-{i}.log")
+                where, run_env = ROOT, env
+                if system == "fedrac-baseline":
+                    assert baseline is not None
+                    where, run_env = baseline, {**env, "PYTHONPATH": str(baseline)}
+                run = measure(argv, run_env, where, tmp / f"{system}-{i}.log")
                 run["final_loss"] = _final_loss(system, out)
                 runs[system].append(run)
     rows = []
@@ -233,13 +243,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--systems", default=None, help="comma-separated subset of "
                         f"{','.join(SYSTEMS)}")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("--baseline", default=None,
+                        help="another fedrac checkout to run beside this one (before/after)")
     parser.add_argument("--dump", default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
     if args.dump:
         print(json.dumps(dump_workload(rest, Path(args.dump))))
         return None
     res = peers(args.pairs, args.rounds, args.quick,
-                systems=args.systems.split(",") if args.systems else None)
+                systems=args.systems.split(",") if args.systems else None,
+                baseline=Path(args.baseline).resolve() if args.baseline else None)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
     print("\n".join(to_markdown(res)))

@@ -92,7 +92,8 @@ def test_flwr_datasets_plots_are_imported_only_when_used():
     code = ("import sys, fedrac.data.partitioners; print('seaborn' in sys.modules); "
             "from flwr_datasets.visualization import plot_label_distributions as p; "
             "print(callable(p), 'seaborn' in sys.modules); "
-            "import flwr_datasets.visualization.heatmap_plot as h; print(callable(h._plot_heatmap))")
+            "import flwr_datasets.visualization.heatmap_plot as h; "
+            "print(callable(h._plot_heatmap))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["False", "True", "True", "True"]
