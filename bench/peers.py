@@ -160,6 +160,8 @@ def peers(pairs: int, rounds: int, quick: bool, threads: int = 1,
     systems = [s for s in (systems or found) if s in found]
     if baseline is not None:
         systems.insert(1, "fedrac-baseline")
+    if len(systems) < 2:  # nothing to set fedrac beside
+        return {"protocol": None, "rows": [], "notes": notes, "runs": {}}
     overrides = ["+experiment=pfl_cifar10", "strategy=fedavg", *(QUICK if quick else [])]
     with tempfile.TemporaryDirectory(prefix="fedrac-peers-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -218,6 +220,8 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
 def to_markdown(res: dict[str, Any]) -> list[str]:
     """The peers table (median and range over runs; ratios to pfl over pairs)."""
     p = res["protocol"]
+    if p is None:
+        return [f"Peers not measured: {'; '.join(res['notes'])}."]
     lines = [f"| peers, pfl protocol ({p['users']} users, cohort {p['cohort']}, {p['rounds']} "
              f"rounds, {p['pairs']} interleaved runs each, {p['threads']} thread) | start-up s "
              "| s/round | CPU s/round | peak RSS MiB | final eval loss |",

@@ -34,3 +34,14 @@ def test_quick_benchmark_runs_and_floor_is_the_same_math(tmp_path, monkeypatch):
     # pfl-research's protocol (shrunk): partial participation, SGD, CNN -- still the same math
     assert [r["what"] for r in res["pfl"]] == ["fedrac fedavg", "fedrac rac_lora"]
     assert all(r["identical_to_floor"] and r["cohort"] == 5 for r in res["pfl"])
+
+
+def test_peers_are_skipped_with_a_note_when_absent(monkeypatch, tmp_path):
+    from bench import peers
+
+    monkeypatch.setenv("FEDRAC_BLAZEFL_PYTHON", str(tmp_path / "no-python"))
+    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: None)
+    res = peers.peers(1, 2, quick=True)
+    assert res["rows"] == [] and len(res["notes"]) == 2
+    text = "\n".join(peers.to_markdown(res))
+    assert "pfl-research skipped" in text and "BlazeFL skipped" in text
