@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: run test test-fast lint install clean
+.PHONY: run test test-fast lint install clean bench-peers blazefl-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,16 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .
+
+# python -m bench's peers: pfl-research in this venv, BlazeFL 2.x in .venv-blazefl (Python 3.12)
+PYTHON312 ?= python3.12
+bench-peers: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+
+blazefl-venv:
+	$(PYTHON312) -m venv .venv-blazefl
+	.venv-blazefl/bin/python -m pip install --quiet 'blazefl>=2,<3' tqdm \
+	    "torch==$$($(BIN)/python -c 'import torch; print(torch.__version__.split("+")[0])')"
 
 clean:
 	rm -rf $(VENV) outputs multirun

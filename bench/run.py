@@ -13,6 +13,8 @@ Sections (each time a median over ``--repeats`` runs in this process, same seeds
    users x 50 random 3x32x32 images, cohort 50, 5 SGD steps of batch 10, small CNN),
    fedrac against the plain loop, as in 1;
 6. transformer: peak memory of one transformer for 10 and 100 clients (bench/transformer.py).
+7. peers: the same protocol in pfl-research and BlazeFL, interleaved with fedrac, each run
+   in its own process (start-up, s/round, CPU s/round, peak RSS; bench/peers.py).
 Writes ``results.json`` and ``results.md`` into ``--out``.
 """
 
@@ -239,6 +241,10 @@ def to_markdown(res: dict[str, Any]) -> str:
         rss = "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"
         lines.append(f"| {r['point']} | {r['strategy']} | {r['seconds_per_round']:.3f} | "
                      f"{r['client_seconds_per_round']:.3f} | {rss} |")
+    if res.get("peers"):
+        from bench.peers import to_markdown as peers_markdown
+
+        lines += ["", *peers_markdown(res["peers"])]
     kinds = [k for k in KINDS if any(r[f"{d}_{k}"] for r in res["bytes"] for d in ("up", "down"))]
     head = " | ".join(f"{d} {k}" for d in ("down", "up") for k in kinds)
     lines += ["", f"| bytes per round (10 clients, rounds 2..) | down | up | down/up | {head} |",
@@ -264,6 +270,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray engine comparison")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="skip pfl-research and BlazeFL (section 6)")
+    parser.add_argument("--peer-pairs", type=int, default=None,
+                        help="interleaved runs of each system in section 6 (default 3; quick 1)")
     args = parser.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 100)
     repeats = args.repeats or (1 if args.quick else 5)
@@ -287,6 +297,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["bytes"] = bytes_per_round(base, max(rounds if args.quick else 10, 3), tmp)
         res["pfl"] = pfl_cifar10(1 if args.quick else 10, repeats, args.quick, tmp)
         res["transformer"] = transformer_points(args.quick, tmp)
+        if not args.no_peers:
+            from bench.peers import peers
+
+            res["peers"] = peers(args.peer_pairs or (1 if args.quick else 3),
+                                 2 if args.quick else 20, args.quick, threads)
     (out / "results.json").write_text(json.dumps(res, indent=2))
     md = to_markdown(res)
     (out / "results.md").write_text(md)

@@ -280,6 +280,24 @@ def check_engine(e: Mapping[str, Any]) -> None:
     threads = e.get("threads")
     _require(threads is None or (_is_int(threads) and threads >= 1), "engine.threads", threads,
              "null or an integer >= 1")
+    address = e.get("address")
+    _require(address is None or (isinstance(address, str) and _ray_address(address)),
+             "engine.address", address,
+             'null, "auto", host:port of a Ray head (e.g. 10.0.0.5:6379) or ray://host:port')
+    resources = e.get("client_resources") or {}
+    _require(isinstance(resources, Mapping) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+        for v in resources.values()), "engine.client_resources", resources,
+        "a mapping of Ray resource names to numbers >= 0, e.g. {num_cpus: 1, num_gpus: 0.5}")
+
+
+def _ray_address(address: str) -> bool:
+    """Whether ``address`` is one ``ray.init(address=...)`` takes: auto, host:port, ray://."""
+    if address in ("auto", "local"):
+        return True
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    host, _, port = rest.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
 def check_strategy(s: Mapping[str, Any], strategy_cls: type) -> None:

@@ -3,7 +3,10 @@
 Both compose the same Hydra config as the CLI, from the run-config key ``overrides``
 (``flwr run . local -c 'overrides="num_rounds=20 output_dir=/abs/out"'``), validate
 it, and call the engine-independent :func:`fedrac.server_app.run_server` and
-:mod:`clients.handlers`.
+:mod:`clients.handlers`. When the SuperNode's environment names a node worker folder
+(``FEDRAC_WORKER_DIR``; see :mod:`fedrac.deploy.worker`), the ClientApp hands each message
+to that node's warm worker instead. Heavy imports (torch, Hydra, data) happen only where
+they are used, so that Flower's per-message ``flwr-clientapp`` process stays light.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import shlex
 import time
 from pathlib import Path, PurePath
@@ -20,16 +24,14 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from clients import handlers
-from fedrac.config import ConfigError, check_group_overrides, conf_dir, expand_paths, validate
-from fedrac.server_app import run_server
-
 log = logging.getLogger(__name__)
 
 OVERRIDES_KEY = "overrides"  # the run-config key (pyproject [tool.flwr.app.config])
 
 
 def _overrides(run_config: Any) -> str:
+    from fedrac.config import ConfigError
+
     value = run_config.get(OVERRIDES_KEY, "") if run_config is not None else ""
     if not isinstance(value, str):
         raise ConfigError(f"run config {OVERRIDES_KEY}={value!r} is not allowed; "
@@ -40,6 +42,8 @@ def _overrides(run_config: Any) -> str:
 @functools.lru_cache(maxsize=4)
 def _compose(overrides: str) -> str:
     from hydra import compose, initialize_config_dir
+
+    from fedrac.config import ConfigError, check_group_overrides, conf_dir, expand_paths, validate
 
     items = expand_paths(shlex.split(overrides))
     check_group_overrides(items)
@@ -80,6 +84,55 @@ def wait_for_nodes(grid: Grid, wanted: int, poll: float = 1.0) -> list[int]:
     return nodes
 
 
+class PromptGrid(Grid):
+    """The ServerApp's ``Grid``, pulling replies every ``poll`` s instead of every 3 s.
+
+    Flower 1.41's ``send_and_receive`` sleeps 3 s between pulls, so a round's replies wait
+    up to 3 s on the SuperLink. Same pushes, pulls and timeout semantics, through the
+    wrapped grid's own ``push_messages`` / ``pull_messages``.
+    """
+
+    def __init__(self, grid: Grid, poll: float = 0.1) -> None:
+        self._grid, self._poll = grid, poll
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def set_run(self, run_id: int) -> None:
+        self._grid.set_run(run_id)
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._grid.get_node_ids())
+
+    def push_messages(self, messages: Any) -> Any:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Any) -> Any:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        """Push ``messages``; pull their replies every ``poll`` s until all came or
+        ``timeout`` s passed (``None``: wait for all)."""
+        wanted = set(self.push_messages(messages))
+        end = time.time() + (timeout or 0.0)
+        replies: list[Message] = []
+        while timeout is None or time.time() < end:
+            got = list(self.pull_messages(wanted))
+            replies += got
+            wanted -= {m.metadata.reply_to_message_id for m in got}
+            if not wanted:
+                break
+            time.sleep(self._poll)
+        return replies
+
+
 server_app = ServerApp()
 
 
@@ -87,12 +140,28 @@ server_app = ServerApp()
 def _server_main(grid: Grid, context: Context) -> None:
     cfg = deployment_config(context.run_config)
     save_resolved_config(cfg, _overrides(context.run_config))
+    grid = PromptGrid(grid)
     if cfg.get("min_available_clients") is None:
         # Start when all num_clients nodes are connected, then let later rounds go on with
         # whoever is still connected: a dead node must not stall the run.
         wait_for_nodes(grid, int(cfg["num_clients"]))
         cfg["min_available_clients"] = 1
+    from fedrac.server_app import run_server
+
     run_server(cfg, grid)
+
+
+def _client(kind: str, msg: Message, context: Context) -> Message:
+    """Handle ``msg`` in this node's warm worker when there is one, else here."""
+    folder = os.environ.get("FEDRAC_WORKER_DIR")  # fedrac.deploy.worker.WORKER_DIR_ENV
+    if folder:
+        from fedrac.deploy.worker import call_worker
+
+        return call_worker(folder, kind, msg, context)
+    from clients import handlers
+
+    handle = handlers.handle_train if kind == "train" else handlers.handle_evaluate
+    return handle(deployment_config(context.run_config), msg, context)
 
 
 client_app = ClientApp()
@@ -100,9 +169,9 @@ client_app = ClientApp()
 
 @client_app.train()
 def _client_train(msg: Message, context: Context) -> Message:
-    return handlers.handle_train(deployment_config(context.run_config), msg, context)
+    return _client("train", msg, context)
 
 
 @client_app.evaluate()
 def _client_evaluate(msg: Message, context: Context) -> Message:
-    return handlers.handle_evaluate(deployment_config(context.run_config), msg, context)
+    return _client("evaluate", msg, context)

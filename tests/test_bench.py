@@ -38,3 +38,14 @@ def test_quick_benchmark_runs_and_floor_is_the_same_math(tmp_path, monkeypatch):
     tf = {r["clients"]: r for r in res["transformer"]}
     assert set(tf) == {10, 100}
     assert tf[100]["peak_rss_mib"] < 1.15 * tf[10]["peak_rss_mib"]
+
+
+def test_peers_are_skipped_with_a_note_when_absent(monkeypatch, tmp_path):
+    from bench import peers
+
+    monkeypatch.setenv("FEDRAC_BLAZEFL_PYTHON", str(tmp_path / "no-python"))
+    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: None)
+    res = peers.peers(1, 2, quick=True)
+    assert res["rows"] == [] and len(res["notes"]) == 2
+    text = "\n".join(peers.to_markdown(res))
+    assert "pfl-research skipped" in text and "BlazeFL skipped" in text

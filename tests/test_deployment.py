@@ -169,3 +169,97 @@ def test_killed_supernode_run_completes_and_log_names_it(federation, flwr_env):
     dropped = {int(n) for n in before
                if f"round 2: node {n} did not reply" in log or f"round 2: node {n} failed" in log}
     assert len(dropped) == 1, log
+
+
+def _worker_pids(fed: Federation) -> dict[str, list[int]]:
+    from fedrac.deploy.worker import worker_pids
+
+    return {name: sorted(worker_pids(fed.worker_dir(name))) for name in fed.node_pids}
+
+
+def _inline_model(overrides: str, out: Path, ref: Path) -> dict:
+    cfg = deployment_config({"overrides": overrides.replace(str(out), str(ref))})
+    run_experiment({**cfg, "engine": {"name": "inline"}})
+    return load_file(ref / "model.safetensors")
+
+
+def _assert_same_model(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same code, same seeds: bit-identical
+
+
+def test_warm_workers_give_the_inline_result_and_fast_rounds(federation, flwr_env):
+    """One warm worker per node serves every round of the run; rounds after the first
+    cost what the work costs (limit generous for CI's shared cores); the model is
+    bit-identical to the inline engine's."""
+    fed = federation(2)
+    out = flwr_env / "out"
+    overrides = f"strategy=rac_lora num_rounds=5 num_clients=2 {FAST} output_dir={out}"
+    run = flwr_run(fed, overrides)
+    log, _ = run.communicate(timeout=240)
+    assert run.returncode == 0, log
+    pids = _worker_pids(fed)
+    assert all(len(p) == 1 for p in pids.values()), pids  # one worker per node, kept warm
+    from fedrac.deploy.worker import socket_path
+
+    for name, folder in ((n, fed.worker_dir(n)) for n in fed.node_pids):
+        assert oct(folder.stat().st_mode & 0o777) == "0o700", name
+        runs = [int(p.stem.split("-")[1]) for p in folder.glob("run-*.pid")]
+        assert len(runs) == 1
+        sock = socket_path(folder, runs[0])
+        assert oct(sock.stat().st_mode & 0o777) == "0o600"
+        assert oct(sock.parent.stat().st_mode & 0o777) == "0o700"
+    seconds = [float(r["seconds"]) for r in rows(out)[2:]]
+    assert sorted(seconds)[len(seconds) // 2] < 6.0, seconds  # cold Flower path: 18-26 s
+    _assert_same_model(load_file(out / "model.safetensors"),
+                       _inline_model(overrides, out, flwr_env / "ref"))
+
+
+def test_killed_worker_is_restarted_and_the_run_goes_on(federation, flwr_env):
+    fed = federation(2)
+    out = flwr_env / "out"
+    overrides = f"num_rounds=4 num_clients=2 round_timeout=120 {FAST} output_dir={out}"
+    run = flwr_run(fed, overrides)
+    try:
+        deadline = time.monotonic() + 150
+        while not ((out / "metrics.csv").exists() and len(rows(out)) >= 2):
+            assert run.poll() is None and time.monotonic() < deadline, "round 1 never finished"
+            time.sleep(0.2)
+        victim = _worker_pids(fed)["supernode-1"][0]
+        os.kill(victim, signal.SIGKILL)
+        log, _ = run.communicate(timeout=200)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, log
+    table = rows(out)
+    assert [int(r["round"]) for r in table] == [0, 1, 2, 3, 4]
+    assert all(int(r["clients"]) == 2 and int(r["failed"]) == 0 for r in table[1:]), log
+    assert victim not in _worker_pids(fed)["supernode-1"]  # a new worker took over
+    _assert_same_model(load_file(out / "model.safetensors"),
+                       _inline_model(overrides, out, flwr_env / "ref"))
+
+
+def test_two_runs_get_their_own_workers_which_refuse_other_runs(federation, flwr_env):
+    from fedrac.deploy.worker import _recv, _send, socket_path
+
+    fed = federation(1)
+    for i in (1, 2):
+        out = flwr_env / f"out{i}"
+        run = flwr_run(fed, f"num_rounds=1 num_clients=1 {FAST} output_dir={out}")
+        log, _ = run.communicate(timeout=240)
+        assert run.returncode == 0, log
+    folder = fed.worker_dir("supernode-0")
+    runs = sorted(int(p.stem.split("-")[1]) for p in folder.glob("run-*.pid"))
+    assert len(runs) == 2 and len(_worker_pids(fed)["supernode-0"]) == 2
+    # a message of another run is refused by a worker (one socket, the other run's id)
+    run_a, run_b = runs
+    import socket as sk
+
+    with sk.socket(sk.AF_UNIX, sk.SOCK_STREAM) as conn:
+        conn.connect(str(socket_path(folder, run_a)))
+        _send(conn, json.dumps({"run_id": run_b, "node_id": 1, "task_id": 1,
+                                "kind": "train"}).encode(), b"", b"")
+        head, _, _ = _recv(conn, 3)
+    status = json.loads(head)
+    assert not status["ok"] and f"serves run {run_a}, not run {run_b}" in status["error"]

@@ -131,3 +131,27 @@ def test_partition_summary_files(tmp_path, capsys):
     assert rows[0] == ["client", "samples", "label_0", "label_1", "label_2", "label_3", "label_4"]
     assert len(rows) == 7
     assert (tmp_path / "partition.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_histograms_without_loading_partitions_equal_the_loaded_ones(name):
+    """label_histograms reads the partitioners' index tables; the counts must be those of
+    the partitions the clients really load."""
+    n = 5  # 672 = 5 * 134 + 2: IID shards of unequal sizes
+    loaded = np.array([np.bincount(labels, minlength=5) for labels in
+                       (np.asarray(c, dtype=np.int64) for c in _labels(OPTIONS[name], n, 4))])
+    assert np.array_equal(label_histograms(DIGITS, OPTIONS[name], n, 4, 5), loaded)
+
+
+def test_summary_lists_every_client_up_to_50_and_summarises_beyond(capsys):
+    synthetic = {"name": "synthetic", "features": 4, "num_classes": 3, "source_samples": 0,
+                 "target_samples": 600, "test_samples": 10, "target_classes": [3, 4, 5]}
+    for n, listed in ((50, 50), (51, 0)):
+        cfg = {"dataset": synthetic, "partitioner": {"name": "iid"}, "num_clients": n,
+               "seed": 0}
+        partition_summary(cfg)
+        out = capsys.readouterr().out.splitlines()
+        rows = [line for line in out if line.split()[:1] and line.split()[0].isdigit()]
+        assert len(rows) == listed
+        if n == 51:
+            assert out[1].startswith("  samples per client: min 11, median 12, max 12;")

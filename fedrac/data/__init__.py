@@ -1,6 +1,7 @@
 """Data: sources, text tokenisation, normalisation and source/target splits, client partitions,
 partition summary."""
 
+from fedrac.data import lazy_imports  # noqa: F401 - first: defers flwr_datasets' plots
 from fedrac.data.load import (
     DATASETS,
     DataSplits,

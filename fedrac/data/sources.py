@@ -93,18 +93,22 @@ def read_synthetic(cfg: Mapping[str, Any]) -> Arrays:
     rng = np.random.default_rng(int(cfg.get("seed", 0)))
     means = rng.standard_normal((2 * k, dim), dtype=np.float32) * 2.0
 
-    def draw(first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    def draw(first: int, count: int, x: np.ndarray) -> np.ndarray:
+        """Labels of ``count`` samples of classes ``first..``; their values written into ``x``."""
         y = rng.integers(first, first + k, count)
-        x = rng.standard_normal((count, dim), dtype=np.float32)
-        x += means[y]
-        return x.reshape(count, *sample_shape), y
+        rng.standard_normal(dtype=np.float32, out=x)
+        for i in range(0, count, 4096):  # += means[y] without a temporary of x's size
+            x[i:i + 4096] += means[y[i:i + 4096]]
+        return y
 
     n_src, n_tgt = int(cfg.get("source_samples", 2000)), int(cfg.get("target_samples", 50000))
     n_test = int(cfg.get("test_samples", 1000))
-    (xs, ys), (xt, yt) = draw(0, n_src), draw(k, n_tgt)
-    (xs2, ys2), (xt2, yt2) = draw(0, n_test), draw(k, n_test)
-    test = Arrays(np.concatenate([xs2, xt2]), np.concatenate([ys2, yt2]))
-    return Arrays(np.concatenate([xs, xt]), np.concatenate([ys, yt]), test=test)
+    # source and target samples straight into one array each for train and test (no copies)
+    x, x_test = np.empty((n_src + n_tgt, dim), np.float32), np.empty((2 * n_test, dim), np.float32)
+    y = np.concatenate([draw(0, n_src, x[:n_src]), draw(k, n_tgt, x[n_src:])])
+    y_test = np.concatenate([draw(0, n_test, x_test[:n_test]), draw(k, n_test, x_test[n_test:])])
+    test = Arrays(x_test.reshape(-1, *sample_shape), y_test)
+    return Arrays(x.reshape(-1, *sample_shape), y, test=test)
 
 
 # ---------------------------------------------------------------- MNIST / CIFAR-10 files

@@ -55,19 +55,30 @@ def partition_summary(cfg: Mapping[str, Any], out_dir: str | Path | None = None,
     return summary
 
 
-def format_summary(summary: Mapping[str, Any], max_rows: int = 20) -> str:
-    """A short text table: samples and label counts per client."""
+FULL_TABLE_CLIENTS = 50  # up to this many clients the table lists every client
+
+
+def format_summary(summary: Mapping[str, Any], max_rows: int = FULL_TABLE_CLIENTS) -> str:
+    """A short text table: samples and label counts per client, every client up to
+    ``max_rows`` of them; beyond, the spread of samples and classes over the clients."""
     c = int(summary["num_classes"])
+    clients = summary["clients"]
     lines = [f"partition: {summary['partitioner']} on {summary['dataset']}, input shape "
              f"{tuple(summary['input_shape'])}, {c} classes, {summary['num_clients']} clients, "
              f"{summary['samples']} samples, label skew (mean TV) {summary['label_skew_tv']:.3f}"]
+    if len(clients) > max_rows:
+        sizes = np.array([row["samples"] for row in clients])
+        present = np.array([sum(1 for v in row["labels"] if v) for row in clients])
+        lines.append(f"  samples per client: min {sizes.min()}, median {np.median(sizes):g}, "
+                     f"max {sizes.max()}; classes per client: min {present.min()}, median "
+                     f"{np.median(present):g}, max {present.max()}; every client in "
+                     "partition.csv")
+        return "\n".join(lines)
     if c <= 20:
         lines.append("  client  samples  labels " + " ".join(f"{k:>4}" for k in range(c)))
-    for row in summary["clients"][:max_rows]:
+    for row in clients:
         counts = " ".join(f"{v:>4}" for v in row["labels"]) if c <= 20 else ""
         lines.append(f"  {row['client']:>6}  {row['samples']:>7}         {counts}".rstrip())
-    if len(summary["clients"]) > max_rows:
-        lines.append(f"  ... {len(summary['clients']) - max_rows} more clients in partition.csv")
     return "\n".join(lines)
 
 

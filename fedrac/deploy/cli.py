@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from fedrac.deploy import procs
 from fedrac.deploy.certs import make_certificates, make_node_keys
 from fedrac.deploy.local import DEFAULT_CONNECTION, DeployError, Federation, down, up
+from fedrac.deploy.worker import worker_pids
 
 DEFAULT_DIR = ".fedrac-federation"
 
@@ -39,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--threads", type=int, default=1,
                    help="OMP_NUM_THREADS of each node process (default 1; 0: leave unset)")
     u.add_argument("--dir", default=DEFAULT_DIR, help=f"state and logs (default: {DEFAULT_DIR})")
+    u.add_argument("--no-workers", action="store_true",
+                   help="no warm node workers: every message is handled in Flower's fresh "
+                        "ClientApp process (slower: imports, config and data each time)")
+    u.add_argument("--poll", type=float, default=0.1,
+                   help="SuperNode idle polling interval in seconds (default 0.1; 0: Flower's "
+                        "fixed 3 s)")
     d = sub.add_parser("down", help="stop the processes `up` started")
     d.add_argument("--dir", default=DEFAULT_DIR)
     s = sub.add_parser("status", help="show the recorded processes and whether they run")
@@ -66,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             signal.signal(signal.SIGTERM, _interrupt)  # a killed `up` stops what it started
             fed = up(args.dir, args.nodes, tls=args.tls, auth=args.auth, port=args.port,
                      connection=args.connection, data_paths=args.data_path,
-                     threads=args.threads or None)
+                     threads=args.threads or None, workers=not args.no_workers,
+                     poll=args.poll or None)
             print(f"SuperLink {fed.address} (pid {fed.superlink_pid}), "
                   f"{len(fed.node_pids)} SuperNodes online; logs in {fed.dir}/logs")
             print(f"Flower connection '{fed.connection}' written to {fed.flwr_home}/config.toml")
@@ -82,6 +90,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             for name, pid in names.items():
                 state = "running" if procs.alive(pid) else "stopped"
                 print(f"{name:14s} pid {pid:<8d} {state:8s} log {fed.log(name)}")
+            for name in fed.node_pids:
+                for pid in worker_pids(fed.worker_dir(name)):
+                    state = "running" if procs.alive(pid) else "stopped"
+                    print(f"  worker of {name}: pid {pid:<8d} {state:8s} in "
+                          f"{fed.worker_dir(name)}")
     except DeployError as err:
         print(f"fedrac.deploy: error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -80,9 +80,14 @@ def node_config_string(node_config: Mapping[str, Any]) -> str:
 
 def supernode_command(superlink: str, port: int, node_config: Mapping[str, Any],
                       root_cert: str | Path | None = None,
-                      private_key: str | Path | None = None) -> list[str]:
-    """``flower-supernode`` argv: TLS when ``root_cert`` is given, auth with ``private_key``."""
-    argv = [flwr_exe("flower-supernode"), "--superlink", superlink, "--port", str(port),
+                      private_key: str | Path | None = None,
+                      poll: float | None = None) -> list[str]:
+    """``flower-supernode`` argv: TLS when ``root_cert`` is given, auth with ``private_key``;
+    with ``poll`` the same SuperNode through :mod:`fedrac.deploy.supernode` (idle polls of
+    ``poll`` s instead of Flower's fixed 3 s)."""
+    start = ([sys.executable, "-m", "fedrac.deploy.supernode", "--poll", str(poll)]
+             if poll else [flwr_exe("flower-supernode")])
+    argv = [*start, "--superlink", superlink, "--port", str(port),
             "--node-config", node_config_string(node_config)]
     argv += ["--root-certificates", str(root_cert)] if root_cert else ["--insecure"]
     if private_key:
@@ -162,6 +167,8 @@ class Federation:
     root_cert: str | None = None
     node_keys: dict[str, str] = field(default_factory=dict)
     flwr_home: str = ""
+    workers: bool = True  # each SuperNode hands its messages to warm node workers
+    poll: float | None = None  # SuperNode idle polls (s); None: Flower's fixed 3 s
 
     def save(self) -> Path:
         path = Path(self.dir) / STATE_FILE
@@ -183,6 +190,10 @@ class Federation:
     def log(self, name: str) -> Path:
         return Path(self.dir) / "logs" / f"{name}.log"
 
+    def worker_dir(self, name: str) -> Path:
+        """Node ``name``'s worker folder (sockets, PIDs, logs of its warm workers)."""
+        return Path(self.dir) / "workers" / name
+
     def run_line(self, app: str = ".", overrides: str = "") -> str:
         """The ``flwr run`` command for this federation."""
         ov = overrides or (f"num_clients={len(self.node_pids)} "
@@ -198,8 +209,14 @@ def start_node(fed: Federation, name: str, node_config: Mapping[str, Any],
                private_key: str | Path | None = None, threads: int | None = 1) -> int:
     """Start one SuperNode of ``fed`` (also to bring a stopped one back); record its PID."""
     port = fed.node_ports.get(name) or procs.free_port()
-    argv = supernode_command(fed.address, port, node_config, fed.root_cert, private_key)
-    proc = procs.spawn(argv, fed.log(name), process_env(threads))
+    argv = supernode_command(fed.address, port, node_config, fed.root_cert, private_key,
+                             fed.poll)
+    extra = {}
+    if fed.workers:
+        from fedrac.deploy.worker import WORKER_DIR_ENV, private_folder
+
+        extra[WORKER_DIR_ENV] = str(private_folder(fed.worker_dir(name)))
+    proc = procs.spawn(argv, fed.log(name), process_env(threads, extra))
     fed.node_pids[name], fed.node_ports[name] = proc.pid, port
     fed.node_configs[name] = dict(node_config)
     if private_key:
@@ -222,10 +239,15 @@ def up(
     directory: str | Path, nodes: int = 2, *, tls: bool = False, auth: bool = False,
     host: str = "127.0.0.1", port: int | None = None, connection: str = DEFAULT_CONNECTION,
     data_paths: Sequence[str] = (), threads: int | None = 1, timeout: float = 90,
+    workers: bool = True, poll: float | None = 0.1,
 ) -> Federation:
     """Start a SuperLink and ``nodes`` SuperNodes (node i: ``partition-id=i``, or its data path).
 
-    ``auth`` implies ``tls`` (Flower requires TLS for SuperNode authentication). Waits
+    ``auth`` implies ``tls`` (Flower requires TLS for SuperNode authentication).
+    ``workers``: each SuperNode hands its messages to a warm fedrac node worker per run
+    (:mod:`fedrac.deploy.worker`), started on the run's first message. ``poll``: the
+    SuperNodes' idle polling interval (:mod:`fedrac.deploy.supernode`; ``None``: Flower's
+    fixed 3 s). Waits
     until every node is online; on failure stops what it started and raises DeployError.
     """
     out = Path(directory).resolve()
@@ -245,7 +267,7 @@ def up(
     port = port or procs.free_port(host)
     fed = Federation(dir=str(out), connection=connection, address=f"{host}:{port}",
                      superlink_pid=0, root_cert=str(certs["ca_cert"]) if certs else None,
-                     flwr_home=str(flwr_home()))
+                     flwr_home=str(flwr_home()), workers=workers, poll=poll)
     env = process_env(threads)
     try:
         sl = procs.spawn(superlink_command(host, port, certs, auth), fed.log("superlink"), env)
@@ -272,8 +294,13 @@ def up(
 
 
 def down(directory: str | Path) -> list[int]:
-    """Stop the recorded SuperLink and SuperNodes (and their children); return those PIDs."""
+    """Stop the recorded SuperLink, SuperNodes (and their children) and node workers; return
+    those PIDs."""
+    from fedrac.deploy.worker import worker_pids
+
     fed = Federation.load(directory)
     stopped = procs.stop(fed.pids)
+    stopped += procs.stop([pid for name in fed.node_pids
+                           for pid in worker_pids(fed.worker_dir(name))])
     (Path(fed.dir) / STATE_FILE).unlink(missing_ok=True)
     return stopped

@@ -15,13 +15,20 @@ def run_on_ray(
     server_app: ServerApp, client_app: ClientApp, num_supernodes: int,
     engine_cfg: Mapping[str, Any], verbose: bool = False,
 ) -> None:
-    """Run the apps with ``flwr.simulation.run_simulation`` and ``client_resources`` from config."""
+    """Run the apps with ``flwr.simulation.run_simulation`` and ``client_resources`` from config.
+
+    ``engine_cfg["address"]`` (e.g. ``"10.0.0.5:6379"`` or ``"auto"``) joins that running Ray
+    cluster (Flower passes ``init_args`` to ``ray.init``): each client then takes
+    ``client_resources`` on whichever of the cluster's machines has them free.
+    """
     from flwr.simulation import run_simulation
 
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     resources = {k: float(v) for k, v in dict(engine_cfg.get("client_resources", {})).items()}
     init_args: dict[str, Any] = {"include_dashboard": False}
+    if engine_cfg.get("address"):
+        init_args["address"] = str(engine_cfg["address"])
     if not verbose:
         init_args["logging_level"] = logging.ERROR
         init_args["log_to_driver"] = True
