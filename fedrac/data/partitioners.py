@@ -201,6 +201,13 @@ def check_partitions(dataset_cfg: Mapping[str, Any], part_cfg: Mapping[str, Any]
     partitioner_for(dataset_cfg, part_cfg, num_partitions, seed)
 
 
+def partition_sizes(dataset_cfg: Mapping[str, Any], part_cfg: Mapping[str, Any],
+                    num_partitions: int, seed: int) -> list[int]:
+    """Each client's whole share (train and validation parts), in samples."""
+    p = partitioner_for(dataset_cfg, part_cfg, num_partitions, seed)
+    return [len(p.load_partition(i)) for i in range(num_partitions)]
+
+
 def label_histograms(dataset_cfg: Mapping[str, Any], part_cfg: Mapping[str, Any],
                      num_partitions: int, seed: int, num_classes: int) -> np.ndarray:
     """``(clients, classes)`` counts of each client's whole share."""
