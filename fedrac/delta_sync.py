@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from fedrac.lora import LayerSpec, delta_weight
+from fedrac.models.weights import state_digest
 from fedrac.sketch import make_sketch
 
 STATE_WEIGHTS = "fedrac.weights"  # node Context.state keys of the cached global weights
@@ -41,12 +42,7 @@ class ResyncNeeded(RuntimeError):
 
 def weights_checksum(state: Mapping[str, torch.Tensor]) -> str:
     """A 16-hex-digit hash of the state dict's keys, dtypes, shapes and raw bytes."""
-    h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().to("cpu").contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
+    return state_digest(state)[:16]
 
 
 def config_checksum(config: Mapping[str, Any]) -> str:
