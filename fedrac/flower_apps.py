@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from clients import handlers
+from clients.node_errors import reported
 from fedrac.config import ConfigError, check_group_overrides, conf_dir, validate
 from fedrac.server_app import run_server
 
@@ -98,11 +99,20 @@ def _server_main(grid: Grid, context: Context) -> None:
 client_app = ClientApp()
 
 
+def _verbose(run_config: Any) -> bool:
+    try:
+        return bool(deployment_config(run_config).get("verbose_node_errors", False))
+    except Exception:  # noqa: BLE001 - a bad config is reported (tersely) by the handler
+        return False
+
+
 @client_app.train()
 def _client_train(msg: Message, context: Context) -> Message:
-    return handlers.handle_train(deployment_config(context.run_config), msg, context)
+    with reported(_verbose(context.run_config)):
+        return handlers.handle_train(deployment_config(context.run_config), msg, context)
 
 
 @client_app.evaluate()
 def _client_evaluate(msg: Message, context: Context) -> Message:
-    return handlers.handle_evaluate(deployment_config(context.run_config), msg, context)
+    with reported(_verbose(context.run_config)):
+        return handlers.handle_evaluate(deployment_config(context.run_config), msg, context)
