@@ -72,12 +72,16 @@ class Updates(Sequence[torch.Tensor]):
 
 
 def normalised(weights: Sequence[float]) -> torch.Tensor:
-    """``w_k / sum w`` in float64, computed as ``(w_k / max w) / sum(w / max w)`` (no overflow)."""
-    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
-    if not len(w) or not bool(torch.isfinite(w).all()) or not bool((w > 0).all()):
-        raise ValueError(f"weights must be finite and > 0, got {list(weights)[:5]}")
-    w = w / w.max()
-    return w / w.sum()
+    """``w_k / sum w`` in float64; when the sum overflows, ``(w_k / max w) / sum(w / max w)``."""
+    ws = [float(x) for x in weights]
+    if not ws or not all(math.isfinite(x) and x > 0 for x in ws):
+        raise ValueError(f"weights must be finite and > 0, got {ws[:5]}")
+    total = sum(ws)
+    if not math.isfinite(total):
+        top = max(ws)
+        ws = [x / top for x in ws]
+        total = sum(ws)
+    return torch.tensor([x / total for x in ws], dtype=torch.float64)
 
 
 class Rule:
@@ -90,6 +94,9 @@ class Rule:
     name: ClassVar[str] = ""
     linear: ClassVar[bool] = True
     default_max_update_norm: ClassVar[Any] = None
+    # combine on the values instead of the updates: the same for a weighted mean (the
+    # coefficients sum to 1), and bit-identical to fedrac's earlier FedAvg arithmetic
+    on_values: ClassVar[bool] = False
 
     def __init__(self, settings: Mapping[str, Any], run_seed: int = 0) -> None:
         self.settings, self.run_seed = dict(settings), int(run_seed)
@@ -116,6 +123,7 @@ class Mean(Rule):
     """``sum_k p_k u_k``, ``p_k`` proportional to ``num-examples`` (the FedAvg rule)."""
 
     name = "mean"
+    on_values = True
 
 
 class OrderStatistic(Rule):
@@ -161,6 +169,7 @@ class NormClip(Rule):
 
     name = "norm_clip"
     default_max_update_norm = "auto"
+    on_values = True  # the clipping was applied to each reply by the screen
 
     def scales(self, norms: Sequence[float]) -> list[float]:
         bound = median(norms)
@@ -331,13 +340,14 @@ class Aggregator:
         """``reference + rule(values - reference)`` per tensor, in the reference's dtype (or the
         values' dtype when ``reference`` is ``None``, i.e. zero)."""
         coefficients = self.rule.coefficients(weights)
+        against = None if self.rule.on_values else reference
         out: dict[str, torch.Tensor] = {}
         for key, first in values[0].items():
-            agg = self.rule.combine(key, Updates(values, key, reference), coefficients,
+            agg = self.rule.combine(key, Updates(values, key, against), coefficients,
                                     server_round)
             dtype = first.dtype if reference is None else reference[key].dtype
-            if reference is not None:
-                agg = agg + reference[key].to(torch.float64)
+            if against is not None:
+                agg = agg + against[key].to(torch.float64)
             if not dtype.is_floating_point and not dtype.is_complex:
                 agg = agg.round()
             out[key] = agg.reshape(first.shape).to(dtype)
