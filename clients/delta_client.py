@@ -3,7 +3,8 @@
 The node keeps the global weights it last had in ``Context.state`` (persisted between
 rounds by every Flower engine). A message with ``deltas`` is replayed on that cache with
 the server's own merge (:func:`fedrac.delta_sync.apply_deltas`) and checked against the
-sent checksum; any problem raises :class:`~fedrac.delta_sync.ResyncNeeded`, which the
+sent checksum, which also covers the train config completed from the cache; any problem
+raises :class:`~fedrac.delta_sync.ResyncNeeded`, which the
 handler turns into a ``resync`` reply so the server sends the full weights.
 """
 
@@ -20,7 +21,7 @@ from fedrac.delta_sync import (
     STATE_WEIGHTS,
     ResyncNeeded,
     apply_deltas,
-    weights_checksum,
+    sync_checksum,
 )
 from fedrac.lora import LayerSpec
 from fedrac.records import to_array_record, to_shared_state_dict, to_state_dict
@@ -38,14 +39,15 @@ def _cached(context: Context, base: int) -> dict[str, torch.Tensor]:
     try:
         return to_state_dict(state[STATE_WEIGHTS])
     except Exception as err:  # an unreadable cache is a cache miss, not a crash
-        raise ResyncNeeded(f"cached weights unreadable: {err}") from err
+        raise ResyncNeeded(f"cached weights unreadable ({type(err).__name__})") from err
 
 
 def restore_config(content: RecordDict, context: Context) -> None:
     """Complete a delta message's slim ``config`` from the node cache (in place)."""
     if "deltas" not in content:
         return
-    if STATE_CONFIG not in context.state:
+    if STATE_CONFIG not in context.state or \
+            not isinstance(context.state[STATE_CONFIG], ConfigRecord):
         raise ResyncNeeded("no cached train config on this node")
     content["config"] = ConfigRecord({**context.state[STATE_CONFIG], **content["config"]})
 
@@ -73,9 +75,9 @@ def downloaded_weights(
             _cached(context, int(sync["base"])), layers, to_state_dict(content["deltas"]),
             [int(r) for r in sync["rounds"]], [int(s) for s in sync["seeds"]],
             int(config["rank"]), float(config["alpha"]), str(sketch["distribution"]))
-        got = weights_checksum(state)
+        got = sync_checksum(state, config)  # ``config``: completed from the node cache
         if got != sync["checksum"]:
-            raise ResyncNeeded(f"rebuilt weights have checksum {got}, "
+            raise ResyncNeeded(f"rebuilt weights and cached train config have checksum {got}, "
                                f"the server's are {sync['checksum']}")
         record = to_array_record(state)
     context.state[STATE_WEIGHTS] = record

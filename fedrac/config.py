@@ -131,6 +131,7 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     check_task(d)
     check_engine(d["engine"])
     check_strategy(s, strategy_cls)
+    check_guards(d, strategy_cls)
     check_objects(d, strategy_cls)
     return d
 
@@ -317,6 +318,18 @@ def check_strategy(s: Mapping[str, Any], strategy_cls: type) -> None:
     downloads = getattr(strategy_cls, "DOWNLOADS", ("full",))
     _require(s.get("download", "full") in downloads, "strategy.download", s.get("download"),
              f"{', '.join(downloads)} (for strategy {s['name']})")
+
+
+def check_guards(d: Mapping[str, Any], strategy_cls: type) -> None:
+    """The ``aggregation`` group (robust rules, reply screen) and ``verbose_node_errors``."""
+    from strategies.aggregation import check_config
+
+    try:
+        check_config(d.get("aggregation") or {}, strategy_cls)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    v = d.get("verbose_node_errors", False)
+    _require(isinstance(v, bool), "verbose_node_errors", v, "true, false")
 
 
 def check_objects(d: Mapping[str, Any], strategy_cls: type) -> None:

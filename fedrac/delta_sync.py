@@ -9,21 +9,26 @@ rebuilt weights are bit-identical; a checksum of the result confirms it.
 Wire format (``strategy.download=delta``): a ``deltas`` ArrayRecord whose keys are
 ``"<round>/<layer>.lora_<side>"`` (the averaged trained factor of that round) and a
 ``sync`` ConfigRecord with ``base`` (the version the client must hold), ``rounds`` and
-``seeds`` (the merged rounds and their sketch seeds) and ``checksum`` (of the weights
-rebuilt, ``W_{t-1}`` at round ``t``); its ``config`` record holds only ``server-round``, the
-rest of the (constant) train config being cached with the weights. A full download
-carries ``arrays``, the whole ``config`` and a ``sync`` record with ``target`` and
-``checksum``.
+``seeds`` (the merged rounds and their sketch seeds) and ``checksum``
+(:func:`sync_checksum` of what the node will train from: the weights rebuilt, ``W_{t-1}``
+at round ``t``, and the round's whole train config); its ``config`` record holds only
+``server-round`` and what changed, the rest of the (constant) train config being cached
+with the weights -- so a node whose cached config differs (an edited ``lr`` or
+``local-epochs``) resyncs instead of training with it. A full download carries ``arrays``,
+the whole ``config`` and a ``sync`` record with ``target`` and ``checksum``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from fedrac.lora import LayerSpec
+from fedrac.models.weights import state_digest
 from fedrac.sketch import make_sketch
 
 STATE_WEIGHTS = "fedrac.weights"  # node Context.state keys of the cached global weights
@@ -37,12 +42,27 @@ class ResyncNeeded(RuntimeError):
 
 def weights_checksum(state: Mapping[str, torch.Tensor]) -> str:
     """A 16-hex-digit hash of the state dict's keys, dtypes, shapes and raw bytes."""
-    h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().to("cpu").contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
+    return state_digest(state)[:16]
+
+
+def config_checksum(config: Mapping[str, Any]) -> str:
+    """A 16-hex-digit hash of a train config's keys and typed values (``1`` != ``1.0``)."""
+    def typed(v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            return [typed(x) for x in v]
+        if isinstance(v, bytes):
+            return ["bytes", v.hex()]
+        return [type(v).__name__, v]
+
+    text = json.dumps({str(k): typed(v) for k, v in config.items()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def sync_checksum(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> str:
+    """The checksum a delta download carries: the weights' and the train config's, hashed
+    together (16 hex digits)."""
+    both = f"{weights_checksum(state)}|{config_checksum(config)}"
+    return hashlib.sha256(both.encode()).hexdigest()[:16]
 
 
 def merge_factors(

@@ -167,11 +167,28 @@ def _client(kind: str, msg: Message, context: Context) -> Message:
 client_app = ClientApp()
 
 
+def _verbose(run_config: Any) -> bool:
+    """Whether the run's overrides set ``verbose_node_errors=true`` (read without composing
+    the config, which the warm path avoids in this short-lived process)."""
+    try:
+        items = shlex.split(_overrides(run_config))
+    except Exception:  # noqa: BLE001 - a bad config is reported (tersely) by the handler
+        return False
+    return any(i.lstrip("+").lower() in ("verbose_node_errors=true", "verbose_node_errors=1")
+               for i in items)
+
+
 @client_app.train()
 def _client_train(msg: Message, context: Context) -> Message:
-    return _client("train", msg, context)
+    from clients.node_errors import reported
+
+    with reported(_verbose(context.run_config)):
+        return _client("train", msg, context)
 
 
 @client_app.evaluate()
 def _client_evaluate(msg: Message, context: Context) -> Message:
-    return _client("evaluate", msg, context)
+    from clients.node_errors import reported
+
+    with reported(_verbose(context.run_config)):
+        return _client("evaluate", msg, context)

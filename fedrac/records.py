@@ -50,10 +50,14 @@ def array_to_numpy(arr: Array) -> np.ndarray:
     return out.copy(order="K")
 
 
+def array_to_tensor(arr: Array) -> torch.Tensor:
+    """One ``Array`` as a (writable) torch tensor, as :func:`to_state_dict` decodes it."""
+    return torch.from_numpy(array_to_numpy(arr))
+
+
 def to_state_dict(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
     """``record.to_torch_state_dict()``, faster (see the module docstring)."""
-    return OrderedDict((key, torch.from_numpy(array_to_numpy(arr)))
-                       for key, arr in record.items())
+    return OrderedDict((key, array_to_tensor(arr)) for key, arr in record.items())
 
 
 _last_shared: list[tuple[tuple[Array, ...], OrderedDict[str, torch.Tensor]]] = []

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedrac.ledger import ByteLedger
+from strategies.aggregation import Aggregator
 from strategies.base import FedracStrategy
 from strategies.cola import Cola
 from strategies.fedavg import FedAvgFPFT
@@ -28,5 +29,21 @@ def build_strategy(
         raise ValueError(f"strategy={name!r} is not a strategy; allowed: {', '.join(STRATEGIES)}")
     common = dict(run_seed=int(cfg["seed"]), client_config=cfg["client"],
                   fraction_train=float(cfg["fraction_train"]), ledger=ledger,
-                  min_available_nodes=int(cfg.get("min_available_clients") or cfg["num_clients"]))
+                  min_available_nodes=int(cfg.get("min_available_clients") or cfg["num_clients"]),
+                  aggregator=build_aggregator(cfg))
     return STRATEGIES[name].from_config(cfg, layers, **common)
+
+
+def build_aggregator(cfg: Mapping[str, Any]) -> Aggregator:
+    """The run's :class:`Aggregator` from the ``aggregation`` group; ``max_client_weight=auto``
+    caps at the largest partition outside deployment (where the server knows the partitions).
+    """
+    agg = dict(cfg.get("aggregation") or {})
+    known = None
+    if agg.get("max_client_weight", "auto") == "auto" and \
+            (cfg.get("engine") or {}).get("name") != "deployment" and "partitioner" in cfg:
+        from fedrac.data.partitioners import partition_sizes
+
+        known = max(partition_sizes(cfg["dataset"], cfg["partitioner"], int(cfg["num_clients"]),
+                                    int(cfg["seed"])))
+    return Aggregator.from_config(agg, known_max_weight=known, run_seed=int(cfg["seed"]))

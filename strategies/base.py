@@ -1,7 +1,10 @@
 """Plumbing every fedrac strategy shares: seeded sampling, byte ledger, reply checks.
 
-Subclasses implement ``configure_train`` / ``aggregate_train`` with their own rule.
-Evaluation is server-side (``evaluate_fn``), so ``configure_evaluate`` sends nothing.
+Subclasses implement ``configure_train`` / ``aggregate_train`` with their own rule; they
+average through :meth:`FedracStrategy.average`, i.e. the run's
+:class:`~strategies.aggregation.Aggregator` (``aggregation=mean|trimmed_mean|median|
+norm_clip``). Evaluation is server-side (``evaluate_fn``), so ``configure_evaluate`` sends
+nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -23,8 +25,9 @@ from flwr.supercore import log
 
 from fedrac.ledger import ByteLedger, record_dict_nbytes
 from fedrac.lora import LayerSpec, check_rank
-from fedrac.records import array_to_numpy
+from fedrac.records import array_to_tensor
 from fedrac.sketch import DISTRIBUTIONS, derive_seed
+from strategies.aggregation import Aggregator, normalised, scaled
 
 CLIENT_KEYS = {  # Hydra `client.*` key -> ConfigRecord key sent to clients
     "optimizer": "optimizer", "lr": "lr", "local_epochs": "local-epochs",
@@ -35,6 +38,13 @@ CLIENT_KEYS = {  # Hydra `client.*` key -> ConfigRecord key sent to clients
 OFF = {"full_lr": None, "warmup_steps": 0, "max_grad_norm": None}  # not sent when so
 MODULES_KEY = "modules"  # reply record of the fully trained modules (ledger kind "modules")
 SAMPLING_STREAM = 1  # derive_seed(run_seed, round, SAMPLING_STREAM) picks the round's clients
+FACTOR_DTYPE = torch.float32  # LoRA factors of half-precision layers, and the default
+
+
+def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a layer's LoRA factors live and travel in: the weight's own for float32 and
+    float64 layers, :data:`FACTOR_DTYPE` for half-precision (bf16/fp16) frozen bases."""
+    return weight_dtype if weight_dtype in (torch.float32, torch.float64) else FACTOR_DTYPE
 
 
 def client_config_record(client_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -72,19 +82,31 @@ def require_choice(key: str, value: Any, allowed: Sequence[str], owner: str = ""
 def weighted_average(
     tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
 ) -> dict[str, torch.Tensor]:
-    """``sum_k p_k T_k`` per key with ``p_k = w_k / sum w`` (float64 accumulation)."""
-    total = float(sum(weights))
+    """``sum_k p_k T_k`` per key with ``p_k = w_k / sum w`` (float64 accumulation; the
+    weights are normalised without overflow, see :func:`strategies.aggregation.normalised`)."""
+    p = normalised(weights).tolist()
     out: dict[str, torch.Tensor] = {}
     for key, first in tensors[0].items():
         acc = torch.zeros(first.shape, dtype=torch.float64)
-        for t, w in zip(tensors, weights, strict=True):
-            acc += t[key].to(torch.float64) * (w / total)
+        for t, pk in zip(tensors, p, strict=True):
+            acc += t[key].to(torch.float64) * pk
         out[key] = acc.to(first.dtype)
     return out
 
 
+def _number(metrics: MetricRecord, key: str, default: float) -> float:
+    """A reply's scalar metric as a float (``default`` when absent, not a number or not finite)."""
+    value = metrics.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or \
+            not math.isfinite(float(value)):
+        return default
+    return float(value)
+
+
 class FedracStrategy(FedAvg):
-    """FedAvg with seeded client sampling, a byte ledger and strict reply checks.
+    """FedAvg with seeded client sampling, a byte ledger, strict reply checks and the run's
+    aggregation rule (``aggregator``; default: ``mean`` with ``num-examples`` capped at 10x
+    the round's median claim).
 
     Sends in every train message a ``config`` ConfigRecord holding the ``client.*``
     settings (``optimizer``, ``lr``, ``local-epochs``, ``local-steps``,
@@ -97,7 +119,7 @@ class FedracStrategy(FedAvg):
     def __init__(
         self, *, run_seed: int, client_config: Mapping[str, Any], fraction_train: float = 1.0,
         min_train_nodes: int = 1, min_available_nodes: int = 1,
-        ledger: ByteLedger | None = None,
+        ledger: ByteLedger | None = None, aggregator: Aggregator | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train, fraction_evaluate=1.0,
@@ -108,6 +130,7 @@ class FedracStrategy(FedAvg):
         self.run_seed = int(run_seed)
         self.client_config = client_config_record(client_config)
         self.ledger = ledger or ByteLedger()
+        self.aggregator = aggregator or Aggregator(run_seed=self.run_seed)
         self.round_metrics: dict[int, dict[str, float]] = {}
         self.sent: dict[int, list[Message]] = {}  # round -> train messages awaiting replies
         self.module_shapes: dict[str, tuple[int, ...]] = {}
@@ -118,13 +141,18 @@ class FedracStrategy(FedAvg):
         (ledger kind ``modules``); :meth:`apply_modules` averages them FedAvg-style."""
         self.module_shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
 
-    def apply_modules(self, state: Mapping[str, torch.Tensor],
+    def apply_modules(self, server_round: int, state: Mapping[str, torch.Tensor],
                       valid: Sequence[ValidReply]) -> dict[str, torch.Tensor]:
-        """``state`` with the trained modules replaced by their weighted average."""
+        """``state`` with the trained modules replaced by the round's aggregate of them (the
+        run's aggregation rule, on the updates against ``state``'s modules)."""
         out = dict(state)
         if not self.module_shapes or not valid:
             return out
-        avg = weighted_average([r.modules for r in valid], [r.weight for r in valid])
+        reference = {k: out[k] for k in self.module_shapes if k in out} or None
+        if reference is not None and len(reference) != len(self.module_shapes):
+            reference = None
+        avg = self.aggregator.aggregate(server_round, [r.modules for r in valid],
+                                        [r.weight for r in valid], reference)
         for key, value in avg.items():
             out[key] = value.to(out[key].dtype) if key in out else value
         return out
@@ -139,6 +167,14 @@ class FedracStrategy(FedAvg):
         self.rank, self.alpha = int(rank), float(alpha)
         self.scale = self.alpha / self.rank
         self.sketch = sketch
+
+    def factor_dtypes(
+        self, weights: Mapping[str, torch.Tensor], keys: Iterable[str]
+    ) -> dict[str, torch.dtype]:
+        """The expected dtype of each ``<layer>.lora_<side>`` key: :func:`adapter_dtype` of the
+        layer's weight in ``weights`` (the global state the server sent or keeps)."""
+        return {key: adapter_dtype(weights[self.layers[key.rpartition(".lora_")[0]]
+                                           .weight_key].dtype) for key in keys}
 
     # ----------------------------------------------------------------- sending
     def sample_train_nodes(self, grid: Grid, server_round: int) -> list[int]:
@@ -189,14 +225,22 @@ class FedracStrategy(FedAvg):
     def collect_replies(
         self, server_round: int, replies: Iterable[Message], array_key: str,
         expected: Mapping[str, tuple[int, ...]], kinds: Mapping[str, str],
+        reference: Mapping[str, torch.Tensor] | None = None,
+        dtypes: Mapping[str, torch.dtype] | None = None,
     ) -> list[ValidReply]:
-        """Replies that carry exactly ``expected`` (key -> shape), finite, with ``num-examples``.
+        """Replies that carry exactly ``expected`` (key -> shape) in the expected dtypes, finite,
+        with a positive ``num-examples``, and that pass the aggregator's screen.
 
-        Others are dropped with a logged reason; nodes sent a message that did not
-        reply (timed out, disconnected) are logged by id. Bytes up go to the ledger; the
-        round's train loss, client seconds and counts go to ``round_metrics``.
+        ``dtypes`` (key -> dtype; default :data:`FACTOR_DTYPE` for every key) is what the
+        server sent or keeps for each tensor; ``reference`` is what the clients started from
+        (default zero), against which the screen measures each update. Rejected replies are
+        dropped with a logged reason; a weight over ``max_client_weight`` is capped; the
+        rule's per-client scaling (``norm_clip``) is applied to the returned tensors. Nodes
+        sent a message that did not reply (timed out, disconnected) are logged by id. Bytes
+        up go to the ledger; the round's train loss, client seconds and counts go to
+        ``round_metrics``.
         """
-        valid: list[ValidReply] = []
+        checked: list[ValidReply] = []
         failed = rejected = 0
         replies = list(replies)
         sent = self.sent.pop(server_round, [])
@@ -214,21 +258,30 @@ class FedracStrategy(FedAvg):
                 log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
                 continue
             self.ledger.add(server_round, "up", record_dict_nbytes(msg.content, dict(kinds)))
-            reason, reply = self._check_reply(msg, array_key, expected)
+            reason, reply = self._check_reply(msg, array_key, expected, dtypes)
             if reason is None and self.module_shapes and array_key != "arrays":
                 reason = self._check_modules(msg, reply)
             if reason:
                 rejected += 1
                 log(WARNING, "round %d: reply of node %d rejected: %s", server_round, node, reason)
                 continue
-            valid.append(reply)
+            checked.append(reply)
+        kept, weights, scales = self.aggregator.screen(
+            server_round, [r.node_id for r in checked], [r.tensors for r in checked],
+            [r.weight for r in checked], reference)
+        rejected += len(checked) - len(kept)
+        valid = []
+        for i, w, scale in zip(kept, weights, scales, strict=True):
+            r = checked[i]
+            tensors = r.tensors if scale == 1.0 else scaled(r.tensors, reference, scale)
+            valid.append(ValidReply(r.node_id, tensors, w, r.metrics, r.modules))
         total_w = sum(r.weight for r in valid)
         metrics = {
             "clients": float(len(valid)), "failed": float(failed + len(missing)),
             "rejected": float(rejected),
-            "client_seconds": float(sum(float(r.metrics.get("train-seconds", 0.0))
+            "client_seconds": float(sum(_number(r.metrics, "train-seconds", 0.0)
                                         for r in valid)),
-            "train_loss": (float(sum(float(r.metrics.get("train-loss", math.nan)) * r.weight
+            "train_loss": (float(sum(_number(r.metrics, "train-loss", math.nan) * r.weight
                                      for r in valid) / total_w) if total_w else math.nan),
         }
         self.round_metrics[server_round] = metrics
@@ -236,9 +289,19 @@ class FedracStrategy(FedAvg):
             len(valid), failed, rejected)
         return valid
 
+    def average(
+        self, server_round: int, valid: Sequence[ValidReply],
+        reference: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The round's aggregate of the valid replies' tensors: ``reference + rule(updates)``
+        (``reference`` ``None``: zero), in the reference's (else the replies') dtypes."""
+        return self.aggregator.aggregate(server_round, [r.tensors for r in valid],
+                                         [r.weight for r in valid], reference)
+
     @staticmethod
     def _check_reply(
-        msg: Message, array_key: str, expected: Mapping[str, tuple[int, ...]]
+        msg: Message, array_key: str, expected: Mapping[str, tuple[int, ...]],
+        dtypes: Mapping[str, torch.dtype] | None = None,
     ) -> tuple[str | None, ValidReply | None]:
         content = msg.content
         metric_records = [r for r in content.values() if isinstance(r, MetricRecord)]
@@ -247,7 +310,10 @@ class FedracStrategy(FedAvg):
         if len(metric_records) != 1 or "num-examples" not in metric_records[0]:
             return "no MetricRecord with 'num-examples'", None
         metrics = metric_records[0]
-        weight = float(metrics["num-examples"])
+        raw = metrics["num-examples"]
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            return f"num-examples={raw!r} is not a number", None
+        weight = float(raw)
         if not weight > 0 or not math.isfinite(weight):
             return f"num-examples={weight} is not positive", None
         record = content[array_key]
@@ -257,12 +323,20 @@ class FedracStrategy(FedAvg):
             return f"wrong keys (missing {missing[:5]}, unexpected {extra[:5]})", None
         tensors: dict[str, torch.Tensor] = {}
         for key, shape in expected.items():
-            arr = array_to_numpy(record[key])
-            if tuple(arr.shape) != tuple(shape):
-                return f"'{key}' has shape {tuple(arr.shape)}, expected {tuple(shape)}", None
-            if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            want = FACTOR_DTYPE if dtypes is None else dtypes[key]
+            try:
+                tensor = array_to_tensor(record[key])
+            except Exception as err:  # noqa: BLE001 - any undecodable bytes are a bad reply
+                return f"'{key}' cannot be decoded ({type(err).__name__})", None
+            if tensor.dtype != want:
+                return (f"'{key}' has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                        f"expected {str(want).removeprefix('torch.')}"), None
+            if tuple(tensor.shape) != tuple(shape):
+                return f"'{key}' has shape {tuple(tensor.shape)}, expected {tuple(shape)}", None
+            if (tensor.is_floating_point() or tensor.is_complex()) and \
+                    not bool(torch.isfinite(tensor).all()):
                 return f"'{key}' has non-finite values", None
-            tensors[key] = torch.from_numpy(arr)  # array_to_numpy returns a writable copy
+            tensors[key] = tensor
         return None, ValidReply(msg.metadata.src_node_id, tensors, weight, metrics)
 
     def _check_modules(self, msg: Message, reply: ValidReply) -> str | None:
@@ -276,12 +350,18 @@ class FedracStrategy(FedAvg):
                 self.module_shapes))
             return f"wrong '{MODULES_KEY}' keys (missing {missing[:5]}, unexpected {extra[:5]})"
         for key, shape in self.module_shapes.items():
-            arr = array_to_numpy(record[key])
-            if tuple(arr.shape) != shape:
-                return f"'{key}' has shape {tuple(arr.shape)}, expected {shape}"
-            if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            try:
+                tensor = array_to_tensor(record[key])
+            except Exception as err:  # noqa: BLE001 - any undecodable bytes are a bad reply
+                return f"'{key}' cannot be decoded ({type(err).__name__})"
+            if tensor.dtype != FACTOR_DTYPE:
+                return (f"'{key}' has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                        f"expected {str(FACTOR_DTYPE).removeprefix('torch.')}")
+            if tuple(tensor.shape) != shape:
+                return f"'{key}' has shape {tuple(tensor.shape)}, expected {shape}"
+            if not bool(torch.isfinite(tensor).all()):
                 return f"'{key}' has non-finite values"
-            reply.modules[key] = torch.from_numpy(arr)
+            reply.modules[key] = tensor
         return None
 
     def round_metric_record(self, server_round: int) -> MetricRecord:

@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from fedrac.delta_sync import weights_checksum
+from fedrac.delta_sync import sync_checksum
 from fedrac.ledger import array_record_nbytes, record_dict_nbytes
 from fedrac.records import to_array_record, to_state_dict
 
@@ -67,10 +67,10 @@ class DeltaSync:
         target = server_round - 1
         full_bytes = array_record_nbytes(arrays)
         self._prune(full_bytes)
-        checksum = weights_checksum(to_state_dict(arrays))
+        config = dict(common["config"])
+        checksum = sync_checksum(to_state_dict(arrays), config)  # weights and train config
         self._full = RecordDict({"arrays": arrays, "sync": ConfigRecord(
             {"target": target, "checksum": checksum}), **common})
-        config = dict(common["config"])
         by_key: dict[tuple, RecordDict | None] = {}
         out: dict[int, RecordDict] = {}
         for node in node_ids:

@@ -8,14 +8,16 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedrac.records import to_array_record
-from strategies.base import FedracStrategy, weighted_average
+from fedrac.records import to_array_record, to_shared_state_dict
+from strategies.base import FedracStrategy
 
 
 class FedAvgFPFT(FedracStrategy):
     """Every client trains all weights; the server takes their weighted average.
 
-    Rule: ``W <- sum_k p_k W_k`` with ``p_k`` proportional to ``num-examples``.
+    Rule: ``W <- sum_k p_k W_k`` with ``p_k`` proportional to ``num-examples``; under a
+    robust ``aggregation`` rule ``W <- W + rule(W_k - W)`` (the rule acts on the updates).
+    Every reply tensor must have the dtype of the global tensor it replaces.
     Sends ``arrays`` (the full global weights, kind ``weights``) and ``config``
     with ``mode="full"``; expects back ``arrays`` with the same keys and shapes.
     """
@@ -44,13 +46,15 @@ class FedAvgFPFT(FedracStrategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Weighted average of the clients' full weights."""
+        """The global weights plus the aggregate of the clients' updates (their weighted
+        average under ``aggregation=mean``)."""
         assert self._global is not None
-        expected = {k: tuple(a.shape) for k, a in self._global.items()}
+        current = to_shared_state_dict(self._global)
+        expected = {k: tuple(t.shape) for k, t in current.items()}
         valid = self.collect_replies(server_round, replies, "arrays", expected,
-                                     {"arrays": "weights"})
+                                     {"arrays": "weights"}, reference=current,
+                                     dtypes={k: t.dtype for k, t in current.items()})
         metrics = self.round_metric_record(server_round)
         if not valid:
             return None, metrics
-        avg = weighted_average([r.tensors for r in valid], [r.weight for r in valid])
-        return to_array_record(avg), metrics
+        return to_array_record(self.average(server_round, valid, current)), metrics

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from strategies.base import ValidReply, weighted_average
+from strategies.base import ValidReply
 from strategies.two_factor import TwoFactorLoRA, lora_product
 
 
@@ -15,7 +15,10 @@ class FedExLoRA(TwoFactorLoRA):
     ``W0 <- W0 + s * (sum_k p_k B_k A_k - B @ A)``, so ``W0 + s * B @ A`` moves by
     exactly ``sum_k p_k s B_k A_k``. The residual is dense (``d_out * d_in`` per layer):
     it is sent next round as the ``update`` record (kind ``residual``) on top of the
-    previous base weights. Config keys as FedIT.
+    previous base weights. Config keys as FedIT. Under a robust ``aggregation`` rule the
+    factors are ``rule(A_k)``, ``rule(B_k)`` and the residual makes the model move by exactly
+    the rule applied to the clients' dense products ``s B_k A_k`` (coordinate-wise for
+    ``median`` / ``trimmed_mean``).
     """
 
     name = "fedex_lora"
@@ -23,14 +26,14 @@ class FedExLoRA(TwoFactorLoRA):
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> None:
         """Average the factors and fold the residual into the base weights."""
+        self.adapters = self.average(server_round, valid, self.round_start)
         weights = [r.weight for r in valid]
-        total = float(sum(weights))
-        self.adapters = weighted_average([r.tensors for r in valid], weights)
         residual = {}
-        for name, spec in self.layers.items():
-            exact = sum(w / total * lora_product(r.tensors[f"{name}.lora_A"],
-                                                 r.tensors[f"{name}.lora_B"], self.scale, spec)
-                        for r, w in zip(valid, weights, strict=True))
+        for name, spec in self.layers.items():  # one layer's dense products at a time
+            products = [{name: lora_product(r.tensors[f"{name}.lora_A"],
+                                            r.tensors[f"{name}.lora_B"], self.scale, spec)}
+                        for r in valid]
+            exact = self.aggregator.aggregate(server_round, products, weights)[name]
             residual[name] = exact - lora_product(self.adapters[f"{name}.lora_A"],
                                                   self.adapters[f"{name}.lora_B"], self.scale,
                                                   spec)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from strategies.base import ValidReply, weighted_average
+from strategies.base import ValidReply
 from strategies.two_factor import TwoFactorLoRA
 
 
@@ -15,11 +15,12 @@ class FedIT(TwoFactorLoRA):
     (``adapters``, ``r * (d_in + d_out)`` numbers per layer; in round 1 only the seed of
     the random factor) and upload both. Config keys: ``rank``, ``alpha``, ``sketch``
     (distribution of the random initial factor), ``train_factor`` (which factor starts
-    at zero: ``both`` = ``B``, or ``A`` / ``B``).
+    at zero: ``both`` = ``B``, or ``A`` / ``B``). A robust ``aggregation`` rule acts on each
+    factor separately (``A <- rule(A_k)``, ``B <- rule(B_k)``): inexact for every rule.
     """
 
     name = "fedit"
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> None:
         """Average each factor separately; the adapters carry over to the next round."""
-        self.adapters = weighted_average([r.tensors for r in valid], [r.weight for r in valid])
+        self.adapters = self.average(server_round, valid, self.round_start)

@@ -16,18 +16,26 @@ class FLoRA(TwoFactorLoRA):
     ``= W + s * sum_k p_k B_k A_k`` (exact). The stacked factors go to the clients
     next round as the ``update`` record (kind ``factors``) on top of the previous
     weights, so the download grows with the number of clients. Config keys as FedIT.
+    Stacking needs one coefficient ``p_k`` per client: ``aggregation=mean`` or ``norm_clip``
+    (exact for the clipped factors); ``median`` and ``trimmed_mean`` are refused.
     """
 
     name = "flora"
+    linear_aggregation_only = True
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not self.aggregator.rule.linear:
+            raise ValueError(f"aggregation={self.aggregator.rule.name} is not allowed for "
+                             "strategy flora; allowed: mean, norm_clip")
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> None:
         """Stack the weighted factors, merge their product and restart the adapters."""
-        weights = [r.weight for r in valid]
-        total = float(sum(weights))
+        p = self.aggregator.coefficients([r.weight for r in valid]).tolist()
         update, deltas = {}, {}
         for name, spec in self.layers.items():
-            b = torch.cat([r.tensors[f"{name}.lora_B"].to(torch.float64) * (self.scale * w / total)
-                           for r, w in zip(valid, weights, strict=True)], dim=1)
+            b = torch.cat([r.tensors[f"{name}.lora_B"].to(torch.float64) * (self.scale * pk)
+                           for r, pk in zip(valid, p, strict=True)], dim=1)
             a = torch.cat([r.tensors[f"{name}.lora_A"].to(torch.float64) for r in valid], dim=0)
             deltas[name] = spec.delta(a, b, 1.0)
             update[f"{name}.stack_B"], update[f"{name}.stack_A"] = b.float(), a.float()

@@ -13,14 +13,17 @@ from fedrac.engines.inline import run_inline
 
 
 def run_strategy(strategy, initial: ArrayRecord, num_rounds: int, num_nodes: int,
-                 train: Callable[[Message, Context], Message]) -> list[ArrayRecord]:
-    """Run ``strategy`` with a ClientApp whose train handler is ``train``.
+                 train: Callable[[Message, Context], Message] | ClientApp) -> list[ArrayRecord]:
+    """Run ``strategy`` with a ClientApp whose train handler is ``train`` (or that ClientApp).
 
     Returns the global arrays after each round (index 0: the initial ones).
     """
     seen: list[ArrayRecord] = []
-    client = ClientApp()
-    client.train()(train)
+    if isinstance(train, ClientApp):
+        client = train
+    else:
+        client = ClientApp()
+        client.train()(train)
     server = ServerApp()
 
     @server.main()

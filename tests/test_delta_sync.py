@@ -16,6 +16,7 @@ from clients.client_app import make_client_app
 from fedrac.config import ConfigError, conf_dir, validate
 from fedrac.data import load_task
 from fedrac.delta_sync import (
+    STATE_CONFIG,
     STATE_SYNC,
     STATE_WEIGHTS,
     ResyncNeeded,
@@ -105,8 +106,10 @@ def test_partial_participation_rebuilds_bit_identical_weights(cache, tmp_path, s
         sum(s_full.ledger.round_total(r, "down") for r in range(1, ROUNDS + 1)) / 2
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "delete"])
+@pytest.mark.parametrize("damage", ["corrupt", "delete", "lr", "local-epochs"])
 def test_damaged_cache_triggers_a_full_resync(cache, tmp_path, damage):
+    """Altered or missing cached weights, or a cached train config with another ``lr`` or
+    ``local-epochs`` (which the checksum of the round's config covers)."""
     resynced: list[int] = []
 
     def tamper(rnd: int, grid) -> None:
@@ -118,6 +121,10 @@ def test_damaged_cache_triggers_a_full_resync(cache, tmp_path, damage):
                 continue
             if damage == "delete":
                 del ctx.state[STATE_WEIGHTS]
+            elif damage in ("lr", "local-epochs"):
+                config = dict(ctx.state[STATE_CONFIG])
+                config[damage] = config[damage] * 2
+                ctx.state[STATE_CONFIG] = ConfigRecord(config)
             else:
                 weights = ctx.state[STATE_WEIGHTS].to_torch_state_dict()
                 weights["fc1.weight"] = weights["fc1.weight"] + 1e-6

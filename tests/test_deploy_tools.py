@@ -111,3 +111,91 @@ def test_stop_ends_the_process_and_its_children(tmp_path):
     assert len(tree) == 3
     assert set(procs.stop([proc.pid], grace=5)) == set(tree)
     assert not any(procs.alive(p) for p in tree)
+
+
+def test_private_keys_are_0600_from_their_first_byte(tmp_path, monkeypatch):
+    """Every file is written through a descriptor: record its mode when data goes in."""
+    import os
+    import re
+
+    from fedrac.deploy import certs as certs_module
+
+    modes: dict[str, int] = {}
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, *args, **kwargs):
+        f = real_fdopen(fd, *args, **kwargs)
+        real_write = f.write
+
+        def write(data):
+            modes[os.readlink(f"/proc/self/fd/{fd}")] = os.fstat(fd).st_mode & 0o777
+            return real_write(data)
+
+        f.write = write
+        return f
+
+    monkeypatch.setattr(certs_module.os, "fdopen", fdopen)
+    (tmp_path / "keys").mkdir()
+    old = tmp_path / "keys" / "site0"
+    old.write_text("old key")
+    old.chmod(0o644)  # an earlier, world-readable file of that name
+    paths = make_certificates(tmp_path / "certs")
+    private, public = make_node_keys(tmp_path / "keys", "site0")
+    for path in (paths["ca_key"], paths["server_key"], private):
+        assert oct(path.stat().st_mode & 0o777) == "0o600", path
+        temp = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]+")
+        at_write = [m for k, m in modes.items() if temp.fullmatch(os.path.basename(k))]
+        assert at_write == [0o600], (path, modes)
+    assert oct(paths["ca_cert"].stat().st_mode & 0o777) == "0o644"
+    assert oct(public.stat().st_mode & 0o777) == "0o644"
+    assert private.read_bytes() != b"old key"
+
+
+def test_write_connection_never_sets_the_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    write_connection("fedrac-local", "127.0.0.1:9")
+    data = tomli.loads((tmp_path / "config.toml").read_text())
+    assert "default" not in data["superlink"]
+    assert data["superlink"]["fedrac-local"] == {"address": "127.0.0.1:9", "insecure": True}
+
+
+def test_superlink_command_keeps_the_control_api_on_localhost():
+    from fedrac.deploy.local import superlink_command
+
+    argv = superlink_command("10.0.0.5", 9092, auth=True, control_port=9093)
+    assert argv[1:3] == ["-m", "fedrac.deploy.superlink"]
+    flags = dict(zip(argv[3::2], argv[4::2], strict=False))
+    assert flags["--fleet-host"] == "10.0.0.5" and flags["--fleet-port"] == "9092"
+    assert flags["--host"] == "127.0.0.1" and flags["--port"] == "9093"
+    assert "--enable-supernode-auth" in argv and "0.0.0.0" not in argv
+
+
+def test_the_fleet_listener_serves_only_the_fleet_routes():
+    import asyncio
+
+    from fedrac.deploy.superlink import fleet_only, fleet_paths
+
+    paths = fleet_paths()
+    assert "/v1/fleet/register-node" in paths and "/v1/fleet/pull-messages" in paths
+    assert all(p.startswith("/v1/fleet/") for p in paths)
+    served: list[str] = []
+
+    async def app(scope, receive, send):
+        served.append(scope["path"])
+
+    def call(path: str, kind: str = "http") -> list[dict]:
+        sent: list[dict] = []
+
+        async def send(event):
+            sent.append(event)
+
+        asyncio.run(fleet_only(app)({"type": kind, "path": path}, None, send))
+        return sent
+
+    for path in ("/v1/control/start-run", "/v1/control/register-node",
+                 "/v1/runtime/acquire-task", "/v1/fleet/../control/start-run", "/docs",
+                 "/v1/fleet/register-node/", "/V1/FLEET/REGISTER-NODE"):
+        sent = call(path)
+        assert sent[0]["status"] == 404, path
+    assert call("/v1/fleet/register-node") == [] and served == ["/v1/fleet/register-node"]
+    assert call("/v1/fleet/pull-messages", "websocket")[0]["type"] == "websocket.close"

@@ -263,3 +263,56 @@ def test_two_runs_get_their_own_workers_which_refuse_other_runs(federation, flwr
         head, _, _ = _recv(conn, 3)
     status = json.loads(head)
     assert not status["ok"] and f"serves run {run_a}, not run {run_b}" in status["error"]
+
+
+def _listen_addresses(port: int) -> set[str]:
+    """The local addresses something LISTENs on ``port`` at (from /proc/net/tcp and tcp6)."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            host, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                out.add(host)
+    return out
+
+
+def test_an_outsider_with_the_ca_cannot_register_a_key_or_start_a_run(federation, flwr_env):
+    """The Fleet port serves only the Fleet API: `flwr` commands aimed at it with the CA
+    certificate are refused (404); the Control API listens on 127.0.0.1 only."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    fed = federation(1, auth=True)
+    fleet_port = int(fed.address.rsplit(":", 1)[1])
+    control_port = int(fed.control_address.rsplit(":", 1)[1])
+    assert fleet_port != control_port
+    assert _listen_addresses(control_port) == {"0100007F"}  # 127.0.0.1, nothing else
+    config = Path(fed.flwr_home) / "config.toml"
+    config.write_text(config.read_text() + f'\n[superlink.outsider]\naddress = "{fed.address}"'
+                      f'\nroot-certificates = "{fed.root_cert}"\n')
+    _, pub = make_node_keys(flwr_env / "keys", "intruder")
+    res = flwr_cli(["supernode", "register", str(pub), "outsider"])
+    assert res.returncode != 0 and "404" in res.stdout + res.stderr, res.stdout
+    outsider = Federation(**{**fed.__dict__, "connection": "outsider"})
+    run = flwr_run(outsider, f"num_rounds=1 num_clients=1 output_dir={flwr_env / 'never'}")
+    log, _ = run.communicate(timeout=120)
+    assert run.returncode != 0 and "404" in log, log
+    # the raw request, too: the Control API's routes do not exist on the Fleet port
+    ctx = ssl.create_default_context(cafile=fed.root_cert)
+    req = urllib.request.Request(f"https://{fed.address}/v1/control/start-run", data=b"",
+                                 method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, context=ctx, timeout=20)
+    assert err.value.code == 404
+    # the operator's connection (the Control API on 127.0.0.1) still works, and the only
+    # node is the one whose key `up` registered there
+    assert len(online_nodes(fed.connection)) == 1
+    nodes = json.loads(flwr_cli(["supernode", "list", fed.connection, "--format",
+                                 "json"]).stdout)["nodes"]
+    assert len(nodes) == 1

@@ -242,6 +242,13 @@ def _size(partitioner: Partitioner, partition_id: int) -> int:
     return len(partitioner.load_partition(partition_id)) if rows is None else len(rows)
 
 
+def partition_sizes(dataset_cfg: Mapping[str, Any], part_cfg: Mapping[str, Any],
+                    num_partitions: int, seed: int) -> list[int]:
+    """Each client's whole share (train and validation parts), in samples."""
+    p = partitioner_for(dataset_cfg, part_cfg, num_partitions, seed)
+    return [_size(p, i) for i in range(num_partitions)]
+
+
 def label_histograms(dataset_cfg: Mapping[str, Any], part_cfg: Mapping[str, Any],
                      num_partitions: int, seed: int, num_classes: int) -> np.ndarray:
     """``(clients, classes)`` counts of each client's whole share."""

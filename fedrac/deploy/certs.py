@@ -1,9 +1,16 @@
-"""A local certificate authority, a SuperLink TLS certificate, and SuperNode key pairs."""
+"""A local certificate authority, a SuperLink TLS certificate, and SuperNode key pairs.
+
+The CA certificate (``ca.crt``) is public: it lets a site check that it talks to the
+SuperLink, and it is no credential -- anyone may hold it. Private keys (``ca.key``,
+``server.key``, SuperNode keys) are created with mode 0600 from the first byte.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,10 +23,22 @@ DEFAULT_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> Path:
+    """Write ``data`` atomically; a ``private`` file is created with mode 0600 (never wider,
+    not even for a moment: the temporary file is opened with that mode)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    if private:
-        path.chmod(0o600)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        if not private:
+            os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     return path
 
 

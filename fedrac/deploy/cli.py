@@ -1,4 +1,5 @@
-"""``python -m fedrac.deploy {certs,node-keys,up,down,status}`` (also ``fedrac-deploy``)."""
+"""``python -m fedrac.deploy {certs,node-keys,superlink,up,down,status}`` (also
+``fedrac-deploy``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fedrac.deploy",
                                 description="fedrac deployment helpers")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("superlink", add_help=False,
+                   help="run a SuperLink with its Control API apart from the Fleet API "
+                        "(--fleet-host/--fleet-port for SuperNodes, --host/--port for the flwr "
+                        "CLI, other flower-superlink flags as they are)")
     c = sub.add_parser("certs", help="generate a local CA and a SuperLink TLS certificate")
     c.add_argument("--out", default="certs", help="output folder (default: certs)")
     c.add_argument("--host", action="append", default=[],
@@ -33,7 +38,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="SuperNode authentication with registered keys (implies --tls)")
     u.add_argument("--data-path", action="append", default=[],
                    help="node i reads this folder instead of partition i (one per node)")
-    u.add_argument("--port", type=int, default=None, help="SuperLink port (default: a free one)")
+    u.add_argument("--host", default="127.0.0.1",
+                   help="interface the SuperNodes reach the Fleet API on (default 127.0.0.1)")
+    u.add_argument("--port", type=int, default=None,
+                   help="Fleet API port (default: a free one)")
+    u.add_argument("--control-host", default="127.0.0.1",
+                   help="interface of the Control API, for the flwr CLI (default 127.0.0.1)")
+    u.add_argument("--control-port", type=int, default=None,
+                   help="Control API port (default: a free one)")
     u.add_argument("--connection", default=DEFAULT_CONNECTION,
                    help=f"SuperLink connection name in Flower's config (default: "
                         f"{DEFAULT_CONNECTION})")
@@ -59,6 +71,12 @@ def _interrupt(signum, frame) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["superlink"]:  # every other flag goes to Flower's SuperLink
+        from fedrac.deploy import superlink
+
+        superlink.main(argv[1:])
+        return
     args = _parser().parse_args(argv)
     try:
         if args.command == "certs":
@@ -71,11 +89,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(f"{name}: private {private}, public {public}")
         elif args.command == "up":
             signal.signal(signal.SIGTERM, _interrupt)  # a killed `up` stops what it started
-            fed = up(args.dir, args.nodes, tls=args.tls, auth=args.auth, port=args.port,
-                     connection=args.connection, data_paths=args.data_path,
-                     threads=args.threads or None, workers=not args.no_workers,
+            fed = up(args.dir, args.nodes, tls=args.tls, auth=args.auth, host=args.host,
+                     port=args.port, connection=args.connection, data_paths=args.data_path,
+                     threads=args.threads or None, control_host=args.control_host,
+                     control_port=args.control_port, workers=not args.no_workers,
                      poll=args.poll or None)
-            print(f"SuperLink {fed.address} (pid {fed.superlink_pid}), "
+            print(f"SuperLink (pid {fed.superlink_pid}): Fleet API for SuperNodes at "
+                  f"{fed.address}, Control API for the flwr CLI at {fed.control_address} only; "
                   f"{len(fed.node_pids)} SuperNodes online; logs in {fed.dir}/logs")
             print(f"Flower connection '{fed.connection}' written to {fed.flwr_home}/config.toml")
             print("Run fedrac on it:")

@@ -1,8 +1,11 @@
 """A local federation on one machine: a SuperLink and N SuperNodes, started and stopped by PID.
 
 ``up`` writes ``<dir>/federation.json`` (PIDs, ports, files), logs to ``<dir>/logs/`` and
-a SuperLink connection into Flower's config (``$FLWR_HOME/config.toml``); ``down``
-stops exactly the recorded processes and their children.
+a SuperLink connection into Flower's config (``$FLWR_HOME/config.toml``; it never changes
+the ``default`` connection); ``down`` stops exactly the recorded processes and their
+children. The SuperLink is :mod:`fedrac.deploy.superlink`: its Control API (what the
+connection names) listens on ``control_host`` (127.0.0.1), apart from the Fleet API the
+SuperNodes reach.
 """
 
 from __future__ import annotations
@@ -55,9 +58,14 @@ def process_env(threads: int | None = None, extra: Mapping[str, str] | None = No
 
 
 def superlink_command(host: str, port: int, certs: Mapping[str, Any] | None = None,
-                      auth: bool = False) -> list[str]:
-    """``flower-superlink`` argv: TLS with ``certs`` (else --insecure), optional node auth."""
-    argv = [flwr_exe("flower-superlink"), "--host", host, "--port", str(port),
+                      auth: bool = False, control_host: str = "127.0.0.1",
+                      control_port: int | None = None) -> list[str]:
+    """SuperLink argv (:mod:`fedrac.deploy.superlink`): the Fleet API on ``host:port``, the
+    Control API on ``control_host:control_port``; TLS with ``certs`` (else --insecure),
+    optional node auth."""
+    argv = [sys.executable, "-m", "fedrac.deploy.superlink", "--fleet-host", host,
+            "--fleet-port", str(port), "--host", control_host,
+            "--port", str(control_port or procs.free_port(control_host)),
             "--disable-runtime-dependency-installation"]
     if certs:
         argv += ["--ssl-ca-certfile", str(certs["ca_cert"]),
@@ -102,7 +110,8 @@ def flwr_home() -> Path:
 
 def write_connection(name: str, address: str, root_cert: str | Path | None = None,
                      make_default: bool = False) -> Path:
-    """Add (or replace) ``[superlink.<name>]`` in Flower's ``config.toml``; keep other entries."""
+    """Add (or replace) ``[superlink.<name>]`` in Flower's ``config.toml``; keep other entries
+    and the ``default`` connection (unless ``make_default``)."""
     path = flwr_home() / "config.toml"
     data: dict[str, Any] = tomli.loads(path.read_text()) if path.exists() else {}
     links = data.setdefault("superlink", {})
@@ -112,7 +121,7 @@ def write_connection(name: str, address: str, root_cert: str | Path | None = Non
     else:
         entry["insecure"] = True
     links[name] = entry
-    if make_default or "default" not in links:
+    if make_default:
         links["default"] = name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(data))
@@ -155,12 +164,17 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 @dataclass
 class Federation:
-    """What ``up`` started: addresses, files and PIDs (saved as ``federation.json``)."""
+    """What ``up`` started: addresses, files and PIDs (saved as ``federation.json``).
+
+    ``address``: the Fleet API (SuperNodes); ``control_address``: the Control API (the
+    ``flwr`` CLI's connection).
+    """
 
     dir: str
     connection: str
     address: str
     superlink_pid: int
+    control_address: str = ""
     node_pids: dict[str, int] = field(default_factory=dict)
     node_ports: dict[str, int] = field(default_factory=dict)
     node_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -240,15 +254,17 @@ def up(
     host: str = "127.0.0.1", port: int | None = None, connection: str = DEFAULT_CONNECTION,
     data_paths: Sequence[str] = (), threads: int | None = 1, timeout: float = 90,
     workers: bool = True, poll: float | None = 0.1,
+    control_host: str = "127.0.0.1", control_port: int | None = None,
 ) -> Federation:
     """Start a SuperLink and ``nodes`` SuperNodes (node i: ``partition-id=i``, or its data path).
 
-    ``auth`` implies ``tls`` (Flower requires TLS for SuperNode authentication).
-    ``workers``: each SuperNode hands its messages to a warm fedrac node worker per run
-    (:mod:`fedrac.deploy.worker`), started on the run's first message. ``poll``: the
-    SuperNodes' idle polling interval (:mod:`fedrac.deploy.supernode`; ``None``: Flower's
-    fixed 3 s). Waits
-    until every node is online; on failure stops what it started and raises DeployError.
+    The SuperNodes reach the Fleet API on ``host:port``; the Control API (the ``flwr`` CLI:
+    runs, node keys) listens on ``control_host:control_port`` only. ``auth`` implies ``tls``
+    (Flower requires TLS for SuperNode authentication). ``workers``: each SuperNode hands its
+    messages to a warm fedrac node worker per run (:mod:`fedrac.deploy.worker`), started on
+    the run's first message. ``poll``: the SuperNodes' idle polling interval
+    (:mod:`fedrac.deploy.supernode`; ``None``: Flower's fixed 3 s). Waits until every node is
+    online; on failure stops what it started and raises DeployError.
     """
     out = Path(directory).resolve()
     if (out / STATE_FILE).exists():
@@ -263,19 +279,23 @@ def up(
                           f"({nodes} nodes)")
     tls = tls or auth
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    certs = make_certificates(out / "certs", [host]) if tls else None
+    certs = make_certificates(out / "certs", [host, control_host]) if tls else None
     port = port or procs.free_port(host)
+    control_port = control_port or procs.free_port(control_host)
     fed = Federation(dir=str(out), connection=connection, address=f"{host}:{port}",
+                     control_address=f"{control_host}:{control_port}",
                      superlink_pid=0, root_cert=str(certs["ca_cert"]) if certs else None,
                      flwr_home=str(flwr_home()), workers=workers, poll=poll)
     env = process_env(threads)
     try:
-        sl = procs.spawn(superlink_command(host, port, certs, auth), fed.log("superlink"), env)
+        argv = superlink_command(host, port, certs, auth, control_host, control_port)
+        sl = procs.spawn(argv, fed.log("superlink"), env)
         fed.superlink_pid = sl.pid
         fed.save()
-        wait_for(lambda: procs.port_open(host, port), timeout, "the SuperLink did not listen",
-                 fed, "superlink")
-        write_connection(connection, fed.address, fed.root_cert)
+        wait_for(lambda: procs.port_open(host, port) and procs.port_open(
+            control_host, control_port), timeout, "the SuperLink did not listen", fed,
+            "superlink")
+        write_connection(connection, fed.control_address, fed.root_cert)
         for i in range(nodes):
             name = f"supernode-{i}"
             cfg: dict[str, Any] = ({"data-path": data_paths[i]} if data_paths else

@@ -3,29 +3,100 @@
 Pretraining uses the run's task (loss and batching), like the clients. A transformers
 model (``model=hf``) starts from its checkpoint: with ``pretrain.epochs=0`` (its default)
 its weights are used as they are, without a cache file.
+
+A cache entry is named by a hash of everything that shapes the weights: the model, dataset
+and pretraining settings, torch's version, the bytes of ``model.weights``, the local data
+files' stamps and the source file of every ``_target_`` (a custom model or dataset: editing
+its code makes a new entry). Each entry stores the SHA-256 of its tensors; an entry that
+cannot be read or does not match (altered bytes, a truncated file) is rebuilt with a
+warning naming the file.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from clients.local_training import TrainSettings, evaluate, resolve_device, train_locally
 from fedrac.data import load_splits, source_stamp, to_tensors
-from fedrac.models import build_model, file_digest, load_weights
+from fedrac.models import ModelConfigError, build_model, file_digest, load_weights
+from fedrac.models.weights import state_digest
 from fedrac.tasks import get_task
 
 log = logging.getLogger(__name__)
+CACHE_FORMAT = 2  # 2: entries carry the SHA-256 of their tensors; keys hash `_target_` code
+DIGEST_KEY = "fedrac.sha256"  # safetensors metadata key of that digest
+
+
+def _targets(cfg: Any) -> Iterator[str]:
+    """Every ``_target_`` string in a (nested) config."""
+    if isinstance(cfg, Mapping):
+        for key, value in cfg.items():
+            if key == "_target_" and isinstance(value, str):
+                yield value
+            else:
+                yield from _targets(value)
+    elif isinstance(cfg, list | tuple):
+        for value in cfg:
+            yield from _targets(value)
+
+
+def code_stamp(*cfgs: Mapping[str, Any]) -> dict[str, str]:
+    """``{target: sha256 of the source file that defines it}`` for every ``_target_`` in
+    ``cfgs`` (``"unavailable"`` when it cannot be imported or has no source file)."""
+    from hydra.utils import get_object
+
+    stamps = {}
+    for target in sorted({t for cfg in cfgs for t in _targets(cfg)}):
+        try:
+            obj = get_object(target)
+            source = inspect.getsourcefile(obj) or inspect.getfile(obj)
+            stamps[target] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+        except Exception:  # noqa: BLE001 - building the model reports the real error
+            stamps[target] = "unavailable"
+    return stamps
+
+
+def read_cache(path: Path) -> dict[str, torch.Tensor] | None:
+    """The cached state dict at ``path``, or ``None`` (with a warning naming the file) when the
+    entry is damaged: unreadable, truncated, without its digest, or not matching it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            digest = (f.metadata() or {}).get(DIGEST_KEY)
+            state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+        problem = ("has no checksum" if digest is None else
+                   "does not match its checksum" if state_digest(state) != digest else None)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is a damaged entry
+        problem = f"cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    if problem is None:
+        return state
+    log.warning("pretrained-weights cache %s %s; rebuilding it", path, problem)
+    return None
+
+
+def write_cache(path: Path, state: Mapping[str, torch.Tensor]) -> None:
+    """Write ``state`` with its digest atomically (temporary file + rename) to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(dict(state), tmp, metadata={DIGEST_KEY: state_digest(state)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _cache_path(cache_dir: str | os.PathLike, key: Mapping[str, Any]) -> Path:
@@ -56,15 +127,17 @@ def pretrained_state(
         return dict(_checkpoint_state(json.dumps([model_cfg, dataset_cfg], sort_keys=True,
                                                  default=str)))
     key = {"model": dict(model_cfg), "dataset": dict(dataset_cfg), "pretrain": dict(pretrain_cfg),
-           "torch": torch.__version__.split("+")[0]}
+           "torch": torch.__version__.split("+")[0], "format": CACHE_FORMAT}
+    if code := code_stamp(model_cfg, dataset_cfg):
+        key["code"] = code
     if model_cfg.get("weights"):
         key["weights_sha256"] = file_digest(model_cfg["weights"])
     if source_stamp(dataset_cfg):
         key["data_files"] = source_stamp(dataset_cfg)
     path = _cache_path(cache_dir, key)
-    if path.exists():
+    if path.exists() and (cached := read_cache(path)) is not None:
         log.info("pretrained weights from cache %s", path)
-        return load_file(str(path))
+        return cached
     splits = load_splits(dataset_cfg)
     task = get_task(str(model_cfg.get("task") or dataset_cfg.get("task") or "classification"))
     torch.manual_seed(int(pretrain_cfg.get("seed", 0)))
@@ -88,10 +161,12 @@ def pretrained_state(
                  "(%.1f s)", result.loss, acc, result.seconds)
     state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
              .contiguous().clone() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    save_file(state, tmp)
-    os.replace(tmp, path)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise ModelConfigError(
+            f"pretraining on the source task gave non-finite weights ({bad[0]}) with "
+            f"pretrain.lr={pretrain_cfg.get('lr')!r}; allowed: settings under which it "
+            "converges (a smaller pretrain.lr)")
+    write_cache(path, state)
     log.info("pretrained weights cached at %s", path)
     return state

@@ -53,6 +53,19 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's keys, dtypes, shapes and bytes (the integrity check of a
+    weights cache entry)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a weights file (part of the pretraining cache key); "" when it is missing."""
     import hashlib
