@@ -3,8 +3,9 @@
 A target layer's weight ``W`` (``d_out x d_in``; a conv kernel is flattened to
 ``out x (in*kh*kw)``) is replaced on the fly by ``W + s * B @ A`` with
 ``B: d_out x r``, ``A: r x d_in`` and ``s = alpha / r``. Each factor is either a
-trained ``nn.Parameter`` or a frozen buffer, always float32 (a frozen base in bfloat16 or
-float16 gets the delta cast to its dtype in the forward pass). Merging is
+trained ``nn.Parameter`` or a frozen buffer, in the weight's dtype for float32 / float64
+layers and float32 for a frozen base in bfloat16 or float16 (which gets the delta cast to
+its dtype in the forward pass; :func:`adapter_dtype`). Merging is
 ``remove_parametrizations(leave_parametrized=True)``; any module type with a
 2-D or conv-shaped ``weight`` works, and ``transformers``' ``Conv1D`` (GPT-2), whose
 weight is stored transposed (``d_in x d_out``), gets ``(s * B @ A).T``.
@@ -165,6 +166,15 @@ def delta_weight(a: torch.Tensor, b: torch.Tensor, scale: float, weight_shape,
     return (scale * (b @ a)).reshape(weight_shape)
 
 
+FACTOR_DTYPE = torch.float32  # LoRA factors of half-precision layers, and the default
+
+
+def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a layer's LoRA factors live and travel in: the weight's own for float32 and
+    float64 layers, :data:`FACTOR_DTYPE` for half-precision (bf16/fp16) frozen bases."""
+    return weight_dtype if weight_dtype in (torch.float32, torch.float64) else FACTOR_DTYPE
+
+
 class LoRAParametrization(nn.Module):
     """``W -> W + s * B @ A`` with each factor trained (parameter) or frozen (buffer)."""
 
@@ -197,7 +207,7 @@ def attach_adapters(
 ) -> None:
     """Wrap each layer's weight with ``W + (alpha/rank) * B @ A``; freeze all else.
 
-    The factors are float32 whatever the base weight's dtype.
+    The factors are in :func:`adapter_dtype` of the base weight's dtype.
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -205,9 +215,9 @@ def attach_adapters(
     for name in layers:
         module = modules[name]
         a, b = factors[name]
-        device = module.weight.device
+        device, dtype = module.weight.device, adapter_dtype(module.weight.dtype)
         param = LoRAParametrization(
-            a.to(device=device, dtype=torch.float32), b.to(device=device, dtype=torch.float32),
+            a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype),
             alpha / rank, trained[name], layers[name].transposed,
         )
         parametrize.register_parametrization(module, "weight", param)

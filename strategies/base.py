@@ -24,7 +24,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from fedrac.ledger import ByteLedger, record_dict_nbytes
-from fedrac.lora import LayerSpec, check_rank
+from fedrac.lora import FACTOR_DTYPE, LayerSpec, adapter_dtype, check_rank
 from fedrac.records import array_to_tensor
 from fedrac.sketch import DISTRIBUTIONS, derive_seed
 from strategies.aggregation import Aggregator, normalised, scaled
@@ -38,13 +38,6 @@ CLIENT_KEYS = {  # Hydra `client.*` key -> ConfigRecord key sent to clients
 OFF = {"full_lr": None, "warmup_steps": 0, "max_grad_norm": None}  # not sent when so
 MODULES_KEY = "modules"  # reply record of the fully trained modules (ledger kind "modules")
 SAMPLING_STREAM = 1  # derive_seed(run_seed, round, SAMPLING_STREAM) picks the round's clients
-FACTOR_DTYPE = torch.float32  # LoRA factors of half-precision layers, and the default
-
-
-def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """The dtype a layer's LoRA factors live and travel in: the weight's own for float32 and
-    float64 layers, :data:`FACTOR_DTYPE` for half-precision (bf16/fp16) frozen bases."""
-    return weight_dtype if weight_dtype in (torch.float32, torch.float64) else FACTOR_DTYPE
 
 
 def client_config_record(client_cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -70,7 +70,9 @@ def test_the_deployment_client_app_reports_the_same_way(verbose, monkeypatch):
     monkeypatch.setattr(handlers, "handle_train", failing)
     monkeypatch.setattr(flower_apps, "deployment_config",
                         lambda run_config: {"verbose_node_errors": verbose})
-    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    overrides = "num_rounds=2 verbose_node_errors=true" if verbose else "num_rounds=2"
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
+                  run_config={"overrides": overrides})
     with pytest.raises(NodeError) as err:
         flower_apps._client_train(None, ctx)  # the handler fails before reading the message
     assert (SECRET in str(err.value)) == verbose
