@@ -16,11 +16,15 @@ from safetensors.torch import save_file
 
 from fedrac.ledger import ByteLedger
 
-KINDS = ("weights", "factors", "residual", "deltas", "seeds", "config", "metrics")
+KINDS = ("weights", "factors", "residual", "deltas", "seeds", "config", "metrics", "eval")
+# client-side evaluation (fraction_evaluate > 0): weighted means and spread across clients
+CLIENT_EVAL = tuple(f"client_eval_{m}{s}" for m in ("loss", "accuracy")
+                    for s in ("", "_std", "_min", "_max")) + ("client_eval_clients",)
 COLUMNS = (
     ["round", "train_loss", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down", "seconds",
      "client_seconds", "clients", "failed", "rejected"]
     + [f"bytes_{d}_{k}" for d in ("up", "down") for k in KINDS]
+    + list(CLIENT_EVAL)
 )
 
 
@@ -66,6 +70,10 @@ class RunRecorder:
             kinds = self.ledger.round_kinds(server_round, d)
             for k in KINDS:
                 row[f"bytes_{d}_{k}"] = kinds.get(k, 0)
+        for key in CLIENT_EVAL:
+            value = m.get(key)
+            row[key] = math.nan if value is None else (
+                int(value) if key == "client_eval_clients" else float(value))
         self._last = now
         self.rows.append(row)
         self._writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
@@ -81,6 +89,10 @@ class RunRecorder:
             f"acc {acc:.4f} loss {row['eval_loss']:.4f}"
         tl = row["train_loss"]
         train = "-" if math.isnan(tl) else f"{tl:.4f}"
+        ca = row.get("client_eval_accuracy", math.nan)
+        if not math.isnan(ca):
+            train += (f" | clients acc {ca:.4f} ({row['client_eval_accuracy_min']:.2f}-"
+                      f"{row['client_eval_accuracy_max']:.2f})")
         width = len(str(self.num_rounds))
         return (f"[round {row['round']:>{width}}/{self.num_rounds}] {ev} | train {train} | "
                 f"up {human_bytes(row['bytes_up'])} down {human_bytes(row['bytes_down'])} | "
@@ -122,6 +134,7 @@ class RunRecorder:
             "final_eval_loss": final["eval_loss"] if final else math.nan,
             "best_accuracy": best["eval_accuracy"] if best else math.nan,
             "best_round": best["round"] if best else None,
+            **_final_client_eval(self.rows),
             "bytes_up": sum(r["bytes_up"] for r in rounds),
             "bytes_down": sum(r["bytes_down"] for r in rounds),
             "bytes_up_per_round": sum(r["bytes_up"] for r in rounds) / n,
@@ -143,6 +156,16 @@ class RunRecorder:
                 "client": dict(self.cfg["client"]),
             },
         }
+
+
+def _final_client_eval(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The last client-side evaluation: ``final_client_eval_*`` (empty when there was none)."""
+    done = [r for r in rows if not math.isnan(r.get("client_eval_loss", math.nan))]
+    if not done:
+        return {}
+    last = done[-1]
+    return {"final_client_eval_round": last["round"],
+            **{f"final_{k}": last[k] for k in CLIENT_EVAL if not math.isnan(last[k])}}
 
 
 def plot_curves(rows: list[Mapping[str, Any]], path: Path, title: str = "") -> None:

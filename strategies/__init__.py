@@ -28,5 +28,7 @@ def build_strategy(
         raise ValueError(f"strategy={name!r} is not a strategy; allowed: {', '.join(STRATEGIES)}")
     common = dict(run_seed=int(cfg["seed"]), client_config=cfg["client"],
                   fraction_train=float(cfg["fraction_train"]), ledger=ledger,
-                  min_available_nodes=int(cfg.get("min_available_clients") or cfg["num_clients"]))
+                  min_available_nodes=int(cfg.get("min_available_clients") or cfg["num_clients"]),
+                  fraction_evaluate=float(cfg.get("fraction_evaluate") or 0.0),
+                  eval_every=int(cfg.get("eval_every", 1)), num_rounds=int(cfg["num_rounds"]))
     return STRATEGIES[name].from_config(cfg, layers, **common)
