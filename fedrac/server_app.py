@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.local_training import evaluate, resolve_device
 from fedrac.data import load_task, to_tensors
+from fedrac.data.standardise import write_data_json
 from fedrac.lora import find_target_layers
 from fedrac.models import build_model
 from fedrac.models.pretrain import pretrained_state
@@ -30,6 +31,10 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     model.load_state_dict(state)
     layers = find_target_layers(model, cfg["model"]["target_modules"])
     strategy = build_strategy(cfg, layers)
+    if task.standardisation is not None:
+        strategy.data_config = task.standardisation.wire()  # for nodes with their own data
+        write_data_json(cfg["output_dir"], {"standardisation": task.standardisation.to_json(),
+                                            "nan": cfg["dataset"].get("nan") or "error"})
     num_rounds, every = int(cfg["num_rounds"]), int(cfg["eval_every"])
     recorder = RunRecorder(cfg["output_dir"], cfg, strategy.ledger, strategy.round_metrics,
                            num_rounds)

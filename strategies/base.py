@@ -129,6 +129,9 @@ class FedracStrategy(FedAvg):
         self.round_metrics: dict[int, dict[str, float]] = {}
         self.sent: dict[int, list[Message]] = {}  # round -> train messages awaiting replies
         self.sent_eval: dict[int, list[Message]] = {}  # round -> evaluate messages
+        # sent in every train/evaluate config: the run's data statistics (``data-mean`` /
+        # ``data-std``, see fedrac.data.standardise) for nodes that read their own data-path
+        self.data_config: dict[str, Any] = {}
 
     def set_adapters(
         self, layers: Mapping[str, LayerSpec], rank: int, alpha: float, sketch: str
@@ -162,7 +165,8 @@ class FedracStrategy(FedAvg):
 
     def train_config(self, server_round: int, **extra: Any) -> ConfigRecord:
         """The ``config`` record of a train message."""
-        return ConfigRecord({**self.client_config, "server-round": server_round, **extra})
+        return ConfigRecord({**self.client_config, **self.data_config,
+                             "server-round": server_round, **extra})
 
     def make_messages(
         self, server_round: int, contents: Mapping[int, RecordDict] | RecordDict,
@@ -209,7 +213,8 @@ class FedracStrategy(FedAvg):
         nodes = self._sample(grid, server_round, self.fraction_evaluate, 1, EVAL_STREAM,
                              "configure_evaluate")
         content = RecordDict({"arrays": arrays,
-                              "config": ConfigRecord({"server-round": server_round})})
+                              "config": ConfigRecord({**self.data_config,
+                                                      "server-round": server_round})})
         size = record_dict_nbytes(content, EVAL_KINDS)
         messages = []
         for node_id in nodes:

@@ -24,6 +24,7 @@ import pyarrow as pa
 import torch
 from datasets import Dataset
 
+from fedrac.data import standardise
 from fedrac.data.sources import SOURCES, Arrays, DataConfigError, read_path, read_source
 
 DATASETS = SOURCES
@@ -42,6 +43,7 @@ class Task:
     target_test: Dataset
     input_shape: tuple[int, ...]
     num_classes: int
+    standardisation: standardise.Standardisation | None = None
 
 
 def to_dataset(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None,
@@ -169,14 +171,15 @@ def build_task(cfg: Mapping[str, Any]) -> Task:
     if raw.x.ndim < 2 or len(raw.x) != len(raw.y):
         raise DataConfigError(f"dataset {cfg.get('name')!r}: x has shape {raw.x.shape} and "
                               f"{len(raw.y)} labels; allowed: x of shape (N, ...) with N labels")
-    raw.x = _normalise(raw.x, cfg)
-    if raw.test is not None:
-        raw.test.x = _normalise(raw.test.x, cfg)
-        if raw.test.x.shape[1:] != raw.x.shape[1:]:
-            raise DataConfigError(f"dataset {cfg.get('name')!r}: test samples have shape "
-                                  f"{raw.test.x.shape[1:]}, training ones {raw.x.shape[1:]}")
+    if raw.test is not None and raw.test.x.shape[1:] != raw.x.shape[1:]:
+        raise DataConfigError(f"dataset {cfg.get('name')!r}: test samples have shape "
+                              f"{raw.test.x.shape[1:]}, training ones {raw.x.shape[1:]}")
+    raw, _ = standardise.handle_non_finite(raw, cfg, _where(cfg))
     num_classes = 0
     train, test = _split_test(raw, cfg)
+    stats = standardise.fit(train.x, cfg, raw.columns)  # from the training split only
+    for a in (train, test):
+        a.x = standardise.zero_non_finite(_normalise(a.x, stats.config(cfg)), cfg)
     group_col = cfg.get("group_column")
     parts = {}
     for split, a in (("train", train), ("test", test)):
@@ -189,7 +192,13 @@ def build_task(cfg: Mapping[str, Any]) -> Task:
         raise DataConfigError(f"dataset {cfg.get('name')!r} leaves no target training samples; "
                               "check dataset.target_classes / target_groups")
     return Task(**parts, input_shape=tuple(int(d) for d in raw.x.shape[1:]),
-                num_classes=num_classes)
+                num_classes=num_classes, standardisation=stats)
+
+
+def _where(cfg: Mapping[str, Any]) -> str:
+    if cfg.get("name") == "files":
+        return f"dataset.path={str(cfg.get('path'))!r}"
+    return f"dataset {cfg.get('name') or cfg.get('_target_')!r}"
 
 
 def plain(value: Any) -> Any:
@@ -276,19 +285,26 @@ def to_tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def load_dataset_from_path(path: str | os.PathLike, dataset_cfg: Mapping[str, Any]) -> Dataset:
+def load_dataset_from_path(path: str | os.PathLike, dataset_cfg: Mapping[str, Any],
+                           stats: Mapping[str, Any] | None = None) -> Dataset:
     """A node's own data from ``path`` with the columns and normalisation the partitions have.
 
     The format is inferred from the path: a folder of class sub-folders (image folder),
     ``.csv`` / ``.parquet`` / ``.json`` with ``dataset.label_column``, or ``.npz`` with
     ``x``/``y``. Samples are kept in the target task (its classes, relabelled as in
-    ``dataset.target_classes``) so they match the global model's head.
+    ``dataset.target_classes``) so they match the global model's head. Features are
+    standardised with the configured statistics or, for ``auto``, the run's (``stats``:
+    ``data-mean`` / ``data-std`` as the server sends them), never this data's own.
     """
     cfg = plain(dataset_cfg)
     raw = read_path(path, cfg, key="data-path")
     if raw.test is not None:
-        raw = Arrays(np.concatenate([raw.x, raw.test.x]), np.concatenate([raw.y, raw.test.y]))
-    raw.x = _normalise(raw.x, cfg)
+        raw = Arrays(np.concatenate([raw.x, raw.test.x]), np.concatenate([raw.y, raw.test.y]),
+                     columns=raw.columns)
+    where = f"data-path={str(path)!r}"
+    raw, _ = standardise.handle_non_finite(raw, cfg, where)
+    node = standardise.for_node(cfg, raw.x, stats, where)
+    raw.x = standardise.zero_non_finite(_normalise(raw.x, node.config(cfg)), cfg)
     _, tgt, _, tgt_map = _source_target(raw, cfg)
     if tgt_map is not None:
         unknown = sorted(set(raw.y[~tgt].tolist()))
