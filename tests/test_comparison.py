@@ -100,6 +100,10 @@ def test_a_cli_multirun_writes_the_comparison(tmp_path):
          f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
+    # quiet: no Flower INFO lines, no digits loaded (the toy never uses them)
+    lines = (out.stdout + out.stderr).splitlines()
+    assert not [x for x in lines if "[flwr]" in x or "INFO" in x and "HYDRA" not in x], lines[:5]
+    assert "dataset: input shape" not in out.stdout + out.stderr and len(lines) < 40
     table = {r["strategy"]: r for r in _rows(tmp_path / "sweep" / "comparison.csv")}
     assert set(table) == {"fedavg", "ffa_lora"}
     assert float(table["fedavg"]["final_mean"]) < float(table["ffa_lora"]["final_mean"])
