@@ -168,33 +168,62 @@ def _final_client_eval(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
             **{f"final_{k}": last[k] for k in CLIENT_EVAL if not math.isnan(last[k])}}
 
 
+def cumulative_mib(rows: list[Mapping[str, Any]], directions: tuple[str, ...]) -> dict[int, float]:
+    """Round -> MiB sent so far in ``directions`` (``("up",)`` or ``("up", "down")``)."""
+    out, total = {}, 0.0
+    for r in rows:
+        total += sum(r.get(f"bytes_{d}", 0) for d in directions)
+        out[r["round"]] = total / 2**20
+    return out
+
+
 def plot_curves(rows: list[Mapping[str, Any]], path: Path, title: str = "") -> None:
-    """Accuracy and loss per round, and accuracy per cumulative byte."""
+    """Accuracy and loss per round; accuracy per MiB uploaded and per MiB sent (up + down).
+
+    Client-side evaluation, when on, is drawn beside the server's (mean, min-max band).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ev = [r for r in rows if not math.isnan(r["eval_accuracy"])]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot([r["round"] for r in ev], [r["eval_accuracy"] for r in ev], marker=".")
-    axes[0].set(xlabel="round", ylabel="eval accuracy")
+    ce = [r for r in rows if not math.isnan(r.get("client_eval_loss", math.nan))]
+    ca = [r for r in ce if not math.isnan(r.get("client_eval_accuracy", math.nan))]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    (acc, loss), (up, total) = axes
+    acc.plot([r["round"] for r in ev], [r["eval_accuracy"] for r in ev], marker=".",
+             label="server (test split)")
+    if ca:
+        x = [r["round"] for r in ca]
+        line, = acc.plot(x, [r["client_eval_accuracy"] for r in ca], marker=".",
+                         label="clients (weighted mean)")
+        acc.fill_between(x, [r["client_eval_accuracy_min"] for r in ca],
+                         [r["client_eval_accuracy_max"] for r in ca], alpha=0.2,
+                         color=line.get_color(), label="clients (min-max)")
+        acc.legend(fontsize=8)
+    acc.set(xlabel="round", ylabel="accuracy")
     tr = [r for r in rows if not math.isnan(r["train_loss"])]
-    axes[1].plot([r["round"] for r in ev], [r["eval_loss"] for r in ev], label="eval")
-    axes[1].plot([r["round"] for r in tr], [r["train_loss"] for r in tr], label="train")
-    axes[1].set(xlabel="round", ylabel="loss")
-    axes[1].legend()
-    cum, total = {}, 0
-    for r in rows:
-        total += r["bytes_up"] + r["bytes_down"]
-        cum[r["round"]] = total / 2**20
-    axes[2].plot([cum[r["round"]] for r in ev], [r["eval_accuracy"] for r in ev], marker=".")
-    axes[2].set(xlabel="MB sent (up + down)", ylabel="eval accuracy")
-    for ax in axes:
+    loss.plot([r["round"] for r in ev], [r["eval_loss"] for r in ev], label="eval (server)")
+    loss.plot([r["round"] for r in tr], [r["train_loss"] for r in tr], label="train")
+    if ce:
+        loss.plot([r["round"] for r in ce], [r["client_eval_loss"] for r in ce],
+                  label="eval (clients)")
+    loss.set(xlabel="round", ylabel="loss")
+    loss.legend(fontsize=8)
+    for ax, directions, label in ((up, ("up",), "MiB uploaded (clients -> server)"),
+                                  (total, ("up", "down"), "MiB sent (up + down)")):
+        cum = cumulative_mib(rows, directions)
+        ax.plot([cum[r["round"]] for r in ev], [r["eval_accuracy"] for r in ev], marker=".")
+        ax.set(xlabel=label, ylabel="accuracy (server)")
+    for ax in (acc, loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     # fixed margins: tight_layout would draw the figure twice (half the plotting time)
-    fig.subplots_adjust(left=0.055, right=0.99, bottom=0.15, top=0.88, wspace=0.25)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.08, top=0.92, wspace=0.22, hspace=0.32)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
