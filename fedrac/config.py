@@ -129,6 +129,8 @@ def check_run(d: Mapping[str, Any], strategy_cls: type) -> None:
              f"an integer >= {strategy_cls.min_clients} (the minimum of strategy {s['name']})")
     fr = d["fraction_train"]
     _require(_is_num(fr) and 0 < fr <= 1, "fraction_train", fr, "a number in (0, 1]")
+    _require(d.get("progress", "auto") in ("auto", "bar", "lines"), "progress",
+             d.get("progress"), "auto, bar, lines")
     fe = d.get("fraction_evaluate", 0.0)
     _require(_is_num(fe) and 0 <= fe <= 1, "fraction_evaluate", fe,
              "a number in [0, 1] (0: no client-side evaluation)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +27,22 @@ COLUMNS = (
     + [f"bytes_{d}_{k}" for d in ("up", "down") for k in KINDS]
     + list(CLIENT_EVAL)
 )
+
+
+PROGRESS = ("auto", "bar", "lines")
+
+
+def progress_bar(cfg: Mapping[str, Any], num_rounds: int) -> Any:
+    """A tqdm bar over the rounds (``progress=bar``, or ``auto`` with stdout a terminal),
+    else ``None``: one progress line per round (logs, CI, tests)."""
+    mode = cfg.get("progress", "auto")
+    if mode == "lines" or (mode == "auto" and not sys.stdout.isatty()):
+        return None
+    from tqdm.auto import tqdm
+
+    s = cfg.get("strategy", {})
+    return tqdm(total=num_rounds, desc=str(s.get("name", "fedrac")), unit="round",
+                file=sys.stdout, dynamic_ncols=True, leave=True)
 
 
 def human_bytes(n: float) -> str:
@@ -51,6 +68,7 @@ class RunRecorder:
         self._csv = (self.dir / "metrics.csv").open("w", newline="")
         self._writer = csv.DictWriter(self._csv, fieldnames=COLUMNS)
         self._writer.writeheader()
+        self._bar = progress_bar(cfg, num_rounds)
 
     def log_round(self, server_round: int, eval_loss: float, eval_accuracy: float) -> dict:
         """Record a finished round (``nan`` where it was not evaluated) and print progress."""
@@ -79,7 +97,14 @@ class RunRecorder:
         self._writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
                                for k, v in row.items()})
         self._csv.flush()
-        print(self.progress_line(row), flush=True)
+        if self._bar is None:
+            print(self.progress_line(row), flush=True)
+        else:
+            self._bar.update(server_round - self._bar.n)
+            if not math.isnan(row["eval_accuracy"]):
+                self._bar.set_postfix_str(
+                    f"acc {row['eval_accuracy']:.4f} loss {row['eval_loss']:.4f} | "
+                    f"up {human_bytes(row['bytes_up'])}/round", refresh=True)
         return row
 
     def progress_line(self, row: Mapping[str, Any]) -> str:
@@ -101,6 +126,10 @@ class RunRecorder:
     def finish(self, final_state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """Write summary.json, model.safetensors and curves.png; return the summary."""
         self._csv.close()
+        if self._bar is not None:
+            self._bar.close()
+            if self.rows:
+                print(self.progress_line(self.rows[-1]), flush=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in final_state.items()},
                   str(self.dir / "model.safetensors"))
         summary = self.summary()
