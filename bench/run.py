@@ -12,7 +12,8 @@ Sections (each time a median over ``--repeats`` runs in this process, same seeds
 5. pfl: pfl-research's cross-device CIFAR-10 protocol (``+experiment=pfl_cifar10``: 1,000
    users x 50 random 3x32x32 images, cohort 50, 5 SGD steps of batch 10, small CNN),
    fedrac against the plain loop, as in 1.
-Writes ``results.json`` and ``results.md`` into ``--out``.
+Writes ``results.json`` and ``results.md`` into ``--out`` (default ``bench/results``; with
+``--quick`` a new temporary folder, so a smoke run never overwrites the committed figures).
 """
 
 from __future__ import annotations
@@ -237,11 +238,26 @@ def to_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def results_dir(out: str | None, quick: bool) -> Path:
+    """``--out``; else the committed ``bench/results`` for a full run, or a new temporary
+    folder for ``--quick`` (a smoke run must not overwrite the committed figures)."""
+    if out is not None:
+        path = Path(out)
+    elif quick:
+        path = Path(tempfile.mkdtemp(prefix="fedrac-bench-quick-"))
+    else:
+        path = ROOT / "bench" / "results"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark and write ``results.json`` / ``results.md``."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few rounds, small points only")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=None,
+                        help="where results.json/.md go (default: bench/results, or a new "
+                             "temporary folder with --quick)")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray engine comparison")
@@ -254,8 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads = compose_cfg()["engine"].get("threads", 1) or 1
     set_torch_threads(threads)
     base = ["engine=inline"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = results_dir(args.out, args.quick)
     res: dict[str, Any] = {"machine": machine(), "mode": "quick" if args.quick else "full",
                            "rounds": rounds, "repeats": repeats, "threads": threads,
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -271,4 +286,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     md = to_markdown(res)
     (out / "results.md").write_text(md)
     print(md)
+    print(f"bench: results in {out}", flush=True)
     return res

@@ -34,3 +34,13 @@ def test_quick_benchmark_runs_and_floor_is_the_same_math(tmp_path, monkeypatch):
     # pfl-research's protocol (shrunk): partial participation, SGD, CNN -- still the same math
     assert [r["what"] for r in res["pfl"]] == ["fedrac fedavg", "fedrac rac_lora"]
     assert all(r["identical_to_floor"] and r["cohort"] == 5 for r in res["pfl"])
+
+
+def test_quick_results_go_to_a_temporary_folder_unless_out_is_given(tmp_path):
+    from bench.run import ROOT, results_dir
+
+    quick = results_dir(None, quick=True)
+    assert quick.is_dir() and ROOT not in quick.parents and quick != ROOT / "bench" / "results"
+    quick.rmdir()
+    assert results_dir(str(tmp_path / "x"), quick=True) == tmp_path / "x"
+    assert results_dir(None, quick=False) == ROOT / "bench" / "results"
