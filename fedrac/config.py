@@ -131,6 +131,11 @@ def check_run(d: Mapping[str, Any], strategy_cls: type) -> None:
     _require(_is_num(fr) and 0 < fr <= 1, "fraction_train", fr, "a number in (0, 1]")
     _require(d.get("progress", "auto") in ("auto", "bar", "lines"), "progress",
              d.get("progress"), "auto, bar, lines")
+    from fedrac.tracking import check_logger
+
+    problem = check_logger(d)
+    if problem:
+        raise ConfigError(problem)
     fe = d.get("fraction_evaluate", 0.0)
     _require(_is_num(fe) and 0 <= fe <= 1, "fraction_evaluate", fe,
              "a number in [0, 1] (0: no client-side evaluation)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import sys
 import time
@@ -16,6 +17,9 @@ import torch
 from safetensors.torch import save_file
 
 from fedrac.ledger import ByteLedger
+from fedrac.tracking import Tracker, make_tracker, round_scalars
+
+log = logging.getLogger(__name__)
 
 KINDS = ("weights", "factors", "residual", "deltas", "seeds", "config", "metrics", "eval")
 # client-side evaluation (fraction_evaluate > 0): weighted means and spread across clients
@@ -69,6 +73,8 @@ class RunRecorder:
         self._writer = csv.DictWriter(self._csv, fieldnames=COLUMNS)
         self._writer.writeheader()
         self._bar = progress_bar(cfg, num_rounds)
+        self.tracker = make_tracker(cfg, self.dir)  # logger=tensorboard | mlflow
+        self._totals: dict[str, float] = {}
 
     def log_round(self, server_round: int, eval_loss: float, eval_accuracy: float) -> dict:
         """Record a finished round (``nan`` where it was not evaluated) and print progress."""
@@ -97,6 +103,7 @@ class RunRecorder:
         self._writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
                                for k, v in row.items()})
         self._csv.flush()
+        self._track("log_round", server_round, round_scalars(row, self._totals))
         if self._bar is None:
             print(self.progress_line(row), flush=True)
         else:
@@ -135,7 +142,18 @@ class RunRecorder:
         summary = self.summary()
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         plot_curves(self.rows, self.dir / "curves.png", title=summary["label"])
+        self._track("finish", summary, self.dir)
         return summary
+
+    def _track(self, method: str, *args: Any) -> None:
+        """Call the tracker; when it fails mid-run, warn once and go on without it (the run
+        folder keeps everything)."""
+        try:
+            getattr(self.tracker, method)(*args)
+        except Exception as err:  # noqa: BLE001 - a tracking server going away ends no run
+            log.warning("logger: %s failed (%s); the run goes on, results in %s", method,
+                        str(err).splitlines()[0] if str(err) else type(err).__name__, self.dir)
+            self.tracker = Tracker()
 
     def summary(self) -> dict[str, Any]:
         """Final and best accuracy, totals of bytes and seconds, the key config choices."""

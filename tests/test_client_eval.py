@@ -7,24 +7,19 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from clients.local_training import evaluate
-from fedrac.config import ConfigError, conf_dir, validate
+from fedrac.config import ConfigError
 from fedrac.data import partition, to_tensors
 from fedrac.models import build_model
 from fedrac.run import run_experiment
 from strategies.base import client_eval_metrics
+from tests.helpers import run_config
 
 
 def _cfg(tmp_path, *overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        cfg = validate(compose("config", overrides=["engine=inline", "num_clients=4",
-                                                     "num_rounds=2", *overrides]))
-    cfg["output_dir"] = str(tmp_path / "out")
-    cfg["cache_dir"] = str(tmp_path / "cache")
-    return cfg
+    return run_config(tmp_path, "num_clients=4", "num_rounds=2", *overrides)
 
 
 def _rows(path) -> list[dict]:
@@ -92,22 +87,3 @@ def test_client_eval_is_off_by_default_and_checked(tmp_path):
                                           r"a number in \[0, 1\]"):
         _cfg(tmp_path, "fraction_evaluate=1.5")
 
-
-@pytest.mark.parametrize("tty", [True, False])
-def test_progress_bar_on_a_terminal_lines_otherwise(tmp_path, capsys, monkeypatch, tty):
-    import sys
-
-    monkeypatch.setattr(sys.stdout, "isatty", lambda: tty)
-    run_experiment(_cfg(tmp_path, "num_rounds=3"))
-    out = capsys.readouterr().out
-    if tty:  # a tqdm bar: round count, accuracy, elapsed<remaining (the ETA)
-        assert "3/3" in out and "acc " in out and "<00:" in out and "\r" in out
-        assert "[round 1/3]" not in out and out.count("[round 3/3]") == 1  # final line kept
-    else:
-        assert all(f"[round {r}/3] acc" in out for r in range(4)) and "\r" not in out
-
-
-def test_progress_lines_can_be_forced_and_bad_values_are_refused(tmp_path):
-    assert _cfg(tmp_path, "progress=lines")["progress"] == "lines"
-    with pytest.raises(ConfigError, match=r"^progress='spinner' is not allowed; allowed: auto"):
-        _cfg(tmp_path, "progress=spinner")
