@@ -215,17 +215,26 @@ def _final_client_eval(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
             **{f"final_{k}": last[k] for k in CLIENT_EVAL if not math.isnan(last[k])}}
 
 
-def cumulative_mib(rows: list[Mapping[str, Any]], directions: tuple[str, ...]) -> dict[int, float]:
-    """Round -> MiB sent so far in ``directions`` (``("up",)`` or ``("up", "down")``)."""
+def byte_unit(largest: float) -> tuple[str, float]:
+    """The unit a bytes axis reads best in: ``("KiB", 1024)`` below 1 MiB, MiB, or GiB."""
+    for name, size in (("KiB", 2**10), ("MiB", 2**20)):
+        if largest < 1024 * size:
+            return name, float(size)
+    return "GiB", float(2**30)
+
+
+def cumulative_bytes(rows: list[Mapping[str, Any]], directions: tuple[str, ...]
+                     ) -> dict[int, float]:
+    """Round -> bytes sent so far in ``directions`` (``("up",)`` or ``("up", "down")``)."""
     out, total = {}, 0.0
     for r in rows:
         total += sum(r.get(f"bytes_{d}", 0) for d in directions)
-        out[r["round"]] = total / 2**20
+        out[r["round"]] = total
     return out
 
 
 def plot_curves(rows: list[Mapping[str, Any]], path: Path, title: str = "") -> None:
-    """Accuracy and loss per round; accuracy per MiB uploaded and per MiB sent (up + down).
+    """Accuracy and loss per round; accuracy per byte uploaded and per byte sent (up + down).
 
     Client-side evaluation, when on, is drawn beside the server's (mean, min-max band).
     """
@@ -259,11 +268,14 @@ def plot_curves(rows: list[Mapping[str, Any]], path: Path, title: str = "") -> N
                   label="eval (clients)")
     loss.set(xlabel="round", ylabel="loss")
     loss.legend(fontsize=8)
-    for ax, directions, label in ((up, ("up",), "MiB uploaded (clients -> server)"),
-                                  (total, ("up", "down"), "MiB sent (up + down)")):
-        cum = cumulative_mib(rows, directions)
-        ax.plot([cum[r["round"]] for r in ev], [r["eval_accuracy"] for r in ev], marker=".")
-        ax.set(xlabel=label, ylabel="accuracy (server)")
+    for ax, directions, label in ((up, ("up",), "uploaded (clients -> server)"),
+                                  (total, ("up", "down"), "sent (up + down)")):
+        cum = cumulative_bytes(rows, directions)
+        unit, size = byte_unit(max(cum.values(), default=0.0))
+        ax.plot([cum[r["round"]] / size for r in ev], [r["eval_accuracy"] for r in ev],
+                marker=".")
+        ax.set(xlabel=f"{unit} {label}", ylabel="accuracy (server)")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
     for ax in (acc, loss):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes.flat:

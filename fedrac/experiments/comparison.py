@@ -291,6 +291,15 @@ def plot_lines(runs: Sequence[Run]) -> tuple[list[PlotLine], list[str]]:
     return lines, [o.lstrip("+") for o in common]
 
 
+def _folded(settings: Sequence[str]) -> str:
+    """``["strategy.rank=1", "strategy.rank=4"]`` -> ``"strategy.rank=1|4"``."""
+    pairs = [x.split("=", 1) for x in settings]
+    if all(len(p) == 2 and " " not in x for p, x in zip(pairs, settings, strict=True)) \
+            and len({p[0] for p in pairs}) == 1:
+        return f"{pairs[0][0]}=" + "|".join(p[1] for p in pairs)
+    return f"{len(settings)} settings"
+
+
 _STYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 3)), (0, (6, 2, 1, 2))]
 _MARKERS = ["", "o", "s", "^", "v", "D"]
 
@@ -301,7 +310,7 @@ def _is_fpft(family: str) -> bool:
 
 def plot_comparison(runs: Sequence[Run], path: Path) -> None:
     """Small multiples: one column per method family (``fedit_A``/``fedit_B`` -> ``fedit``),
-    rows the metric per round, per MiB uploaded and per MiB sent (up + down).
+    rows the metric per round, per byte uploaded and per byte sent (up + down).
 
     Colour names the method, line style the setting (both in the legends outside the
     axes); overrides every run shares go to the title, not the labels; identical curves
@@ -325,7 +334,13 @@ def plot_comparison(runs: Sequence[Run], path: Path) -> None:
     style = {s: (_STYLES[i % len(_STYLES)], _MARKERS[i // len(_STYLES) % len(_MARKERS)])
              for i, s in enumerate(settings)}
     metric = runs[0].metric
-    ncol, rows = len(families), ("round", "MiB uploaded", "MiB sent (up + down)")
+    from fedrac.results import byte_unit
+
+    up_unit = byte_unit(max((r.bytes_up_until(r.series()[-1][0]) for r in runs if r.series()),
+                            default=0.0))
+    all_unit = byte_unit(max((r.series()[-1][2] for r in runs if r.series()), default=0.0))
+    ncol = len(families)
+    rows = ("round", f"{up_unit[0]} uploaded", f"{all_unit[0]} sent (up + down)")
     longest = max([len(m) for m in methods] + [len(s) for s in settings] + [22])
     width, height, legend_w = 2.9 * ncol + 1.0, 2.5 * len(rows) + 1.0, 1.0 + 0.055 * longest
     fig, axes = plt.subplots(len(rows), ncol, figsize=(width + legend_w, height),
@@ -340,10 +355,10 @@ def plot_comparison(runs: Sequence[Run], path: Path) -> None:
         vals = np.array([[p[1] for p in s[:n]] for s in series])
         with np.errstate(invalid="ignore"):  # diverged runs hold inf
             mean, std = vals.mean(axis=0), vals.std(axis=0)
-        up = np.mean([[r.bytes_up_until(p[0]) / 2**20 for p in s[:n]]
+        up = np.mean([[r.bytes_up_until(p[0]) / up_unit[1] for p in s[:n]]
                       for r, s in zip(ln.members, series, strict=True)], axis=0)
         xs = ([p[0] for p in series[0][:n]], up,
-              np.mean([[p[2] / 2**20 for p in s[:n]] for s in series], axis=0))
+              np.mean([[p[2] / all_unit[1] for p in s[:n]] for s in series], axis=0))
         ls, marker = style[ln.setting]
         c = (0.6, 0.6, 0.6) if grey else colour[ln.method]
         for row, x in enumerate(xs):
@@ -360,9 +375,9 @@ def plot_comparison(runs: Sequence[Run], path: Path) -> None:
         mine = [ln for ln in lines if ln.family == fam]
         for ln in mine:
             draw(col, ln)
-        folded = sum(len(ln.same) - 1 for ln in mine)
-        axes[0][col].set_title(fam + (f"\n({folded} identical runs drawn once)" if folded
-                                      else ""), fontsize=9)
+        notes = [f"{ln.method if ln.method != fam else ''} {_folded(ln.same)}: identical, "
+                 "drawn once".strip() for ln in mine if len(ln.same) > 1]
+        axes[0][col].set_title("\n".join([fam, *notes]), fontsize=8)
         for row, xlabel in enumerate(rows):
             axes[row][col].set_xlabel(xlabel, fontsize=8)
     ylabel = "distance to optimum" if metric == "distance" else "eval accuracy"
@@ -376,19 +391,17 @@ def plot_comparison(runs: Sequence[Run], path: Path) -> None:
                 ax.set_ylim(top=10.0)
     for ax in axes[0]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (*axes[1], *axes[2]):
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
     method_handles = [Line2D([], [], color=colour[m], label=m) for m in methods]
     if fpft and len(families) > 1:
         method_handles.append(Line2D([], [], color=(0.6, 0.6, 0.6), linewidth=0.9,
                                      label="FPFT (reference, grey)"))
     setting_handles = []
     for s in settings:
-        same = next((ln.same for ln in lines if ln.setting == s), [s])
-        label = s or "(no other override)"
-        if len(same) > 1:
-            label += " = " + ", ".join(x or "-" for x in same[1:])
         setting_handles.append(Line2D([], [], color="black", linestyle=style[s][0],
                                       marker=style[s][1] or None, markersize=3,
-                                      label=label))
+                                      label=s or "(no other override)"))
     right = width / (width + legend_w)
     handles = [Line2D([], [], linestyle="none", label="method (colour)"), *method_handles]
     if len(settings) > 1 or settings[0]:
