@@ -15,7 +15,8 @@ Sections (each time a median over ``--repeats`` runs in this process, same seeds
 6. transformer: peak memory of one transformer for 10 and 100 clients (bench/transformer.py).
 7. peers: the same protocol in pfl-research and BlazeFL, interleaved with fedrac, each run
    in its own process (start-up, s/round, CPU s/round, peak RSS; bench/peers.py).
-Writes ``results.json`` and ``results.md`` into ``--out``.
+Writes ``results.json`` and ``results.md`` into ``--out`` (default ``bench/results``; with
+``--quick`` a new temporary folder, so a smoke run never overwrites the committed figures).
 """
 
 from __future__ import annotations
@@ -262,11 +263,26 @@ def to_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def results_dir(out: str | None, quick: bool) -> Path:
+    """``--out``; else the committed ``bench/results`` for a full run, or a new temporary
+    folder for ``--quick`` (a smoke run must not overwrite the committed figures)."""
+    if out is not None:
+        path = Path(out)
+    elif quick:
+        path = Path(tempfile.mkdtemp(prefix="fedrac-bench-quick-"))
+    else:
+        path = ROOT / "bench" / "results"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark and write ``results.json`` / ``results.md``."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few rounds, small points only")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=None,
+                        help="where results.json/.md go (default: bench/results, or a new "
+                             "temporary folder with --quick)")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray engine comparison")
@@ -283,8 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads = compose_cfg()["engine"].get("threads", 1) or 1
     set_torch_threads(threads)
     base = ["engine=inline"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = results_dir(args.out, args.quick)
     res: dict[str, Any] = {"machine": machine(), "mode": "quick" if args.quick else "full",
                            "rounds": rounds, "repeats": repeats, "threads": threads,
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -306,4 +321,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     md = to_markdown(res)
     (out / "results.md").write_text(md)
     print(md)
+    print(f"bench: results in {out}", flush=True)
     return res

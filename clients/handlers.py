@@ -107,13 +107,15 @@ def module_keys(model: nn.Module, cfg: Mapping[str, Any]) -> dict[str, nn.Parame
             for key, p in module.named_parameters()}
 
 
-def client_data(cfg: Mapping[str, Any], context: Context,
-                split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+def client_data(cfg: Mapping[str, Any], context: Context, split: str = "train",
+                config: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """This node's data (``train`` or ``val`` part) as tensors: its own ``data-path`` (all of
-    it, for either part), else the partition named by ``partition-id`` / ``num-partitions``."""
+    it, for either part, standardised with the run's statistics from the message ``config``),
+    else the partition named by ``partition-id`` / ``num-partitions``."""
     node_cfg = context.node_config
     if "data-path" in node_cfg:
-        return to_tensors(load_dataset_from_path(str(node_cfg["data-path"]), cfg["dataset"]))
+        return to_tensors(load_dataset_from_path(str(node_cfg["data-path"]), cfg["dataset"],
+                                                 config))
     for key in ("partition-id", "num-partitions"):
         if key not in node_cfg:
             raise KeyError(f"node config lacks '{key}'; give it with --node-config "
@@ -235,7 +237,7 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
         return resync_reply(msg, err)
     model.load_state_dict(apply_update(weights, content, layers), strict=True)
     move_to(model, device)
-    x, y = client_data(cfg, context)
+    x, y = client_data(cfg, context, config=config)
     seed = derive_seed(int(cfg["seed"]), server_round, SHUFFLE_STREAM, node_stream(context))
     mode, task = str(config["mode"]), task_of(cfg)
     records: dict[str, Any] = {}
@@ -273,7 +275,7 @@ def handle_evaluate(cfg: Mapping[str, Any], msg: Message, context: Context) -> M
     model = client_model(cfg)
     model.load_state_dict(to_shared_state_dict(msg.content["arrays"]), strict=True)
     move_to(model, device)
-    x, y = client_data(cfg, context, "val")
+    x, y = client_data(cfg, context, "val", msg.content.config_records.get("config"))
     loss, acc = evaluate(model, x, y, device, task=task_of(cfg))
     metrics = MetricRecord({"num-examples": len(x), "eval-loss": loss, "eval-accuracy": acc})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

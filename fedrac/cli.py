@@ -29,7 +29,13 @@ def _hydra_main(cfg: DictConfig) -> float:
     if run_cfg.get("runner"):  # an experiment with its own loop, e.g. fedrac.experiments.quadratic
         from hydra.utils import get_method
 
-        summary = get_method(run_cfg["runner"])(run_cfg)
+        from fedrac.run import quiet_flower
+
+        quiet_flower(bool(run_cfg.get("verbose", False)))
+        try:
+            summary = get_method(run_cfg["runner"])(run_cfg)
+        except ConfigError as err:
+            _fail(err)
         return float(summary.get("final_accuracy", summary.get("final_distance", math.nan)))
     from fedrac.run import run_experiment
 

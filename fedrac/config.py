@@ -132,7 +132,8 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     check_engine(d["engine"])
     check_strategy(s, strategy_cls)
     check_guards(d, strategy_cls)
-    check_objects(d, strategy_cls)
+    if not d.get("runner"):  # an experiment with its own loop builds (and checks) its own
+        check_objects(d, strategy_cls)
     return d
 
 
@@ -212,6 +213,16 @@ def check_run(d: Mapping[str, Any], strategy_cls: type) -> None:
              f"an integer >= {strategy_cls.min_clients} (the minimum of strategy {s['name']})")
     fr = d["fraction_train"]
     _require(_is_num(fr) and 0 < fr <= 1, "fraction_train", fr, "a number in (0, 1]")
+    _require(d.get("progress", "auto") in ("auto", "bar", "lines"), "progress",
+             d.get("progress"), "auto, bar, lines")
+    from fedrac.tracking import check_logger
+
+    problem = check_logger(d)
+    if problem:
+        raise ConfigError(problem)
+    fe = d.get("fraction_evaluate", 0.0)
+    _require(_is_num(fe) and 0 <= fe <= 1, "fraction_evaluate", fe,
+             "a number in [0, 1] (0: no client-side evaluation)")
     mac = d.get("min_available_clients")
     _require(mac is None or (_is_int(mac) and 1 <= mac <= d["num_clients"]),
              "min_available_clients", mac,

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,13 +17,37 @@ import torch
 from safetensors.torch import save_file
 
 from fedrac.ledger import ByteLedger
+from fedrac.tracking import Tracker, make_tracker, round_scalars
 
-KINDS = ("weights", "factors", "residual", "deltas", "seeds", "config", "metrics", "modules")
+log = logging.getLogger(__name__)
+
+KINDS = ("weights", "factors", "residual", "deltas", "seeds", "config", "metrics", "modules",
+         "eval")
+# client-side evaluation (fraction_evaluate > 0): weighted means and spread across clients
+CLIENT_EVAL = tuple(f"client_eval_{m}{s}" for m in ("loss", "accuracy")
+                    for s in ("", "_std", "_min", "_max")) + ("client_eval_clients",)
 COLUMNS = (
     ["round", "train_loss", "eval_loss", "eval_accuracy", "eval_perplexity", "bytes_up",
      "bytes_down", "seconds", "client_seconds", "clients", "failed", "rejected"]
     + [f"bytes_{d}_{k}" for d in ("up", "down") for k in KINDS]
+    + list(CLIENT_EVAL)
 )
+
+
+PROGRESS = ("auto", "bar", "lines")
+
+
+def progress_bar(cfg: Mapping[str, Any], num_rounds: int) -> Any:
+    """A tqdm bar over the rounds (``progress=bar``, or ``auto`` with stdout a terminal),
+    else ``None``: one progress line per round (logs, CI, tests)."""
+    mode = cfg.get("progress", "auto")
+    if mode == "lines" or (mode == "auto" and not sys.stdout.isatty()):
+        return None
+    from tqdm.auto import tqdm
+
+    s = cfg.get("strategy", {})
+    return tqdm(total=num_rounds, desc=str(s.get("name", "fedrac")), unit="round",
+                file=sys.stdout, dynamic_ncols=True, leave=True)
 
 
 def human_bytes(n: float) -> str:
@@ -47,6 +73,9 @@ class RunRecorder:
         self._csv = (self.dir / "metrics.csv").open("w", newline="")
         self._writer = csv.DictWriter(self._csv, fieldnames=COLUMNS)
         self._writer.writeheader()
+        self._bar = progress_bar(cfg, num_rounds)
+        self.tracker = make_tracker(cfg, self.dir)  # logger=tensorboard | mlflow
+        self._totals: dict[str, float] = {}
 
     def log_round(self, server_round: int, eval_loss: float, eval_accuracy: float,
                   eval_perplexity: float = math.nan) -> dict:
@@ -69,12 +98,24 @@ class RunRecorder:
             kinds = self.ledger.round_kinds(server_round, d)
             for k in KINDS:
                 row[f"bytes_{d}_{k}"] = kinds.get(k, 0)
+        for key in CLIENT_EVAL:
+            value = m.get(key)
+            row[key] = math.nan if value is None else (
+                int(value) if key == "client_eval_clients" else float(value))
         self._last = now
         self.rows.append(row)
         self._writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
                                for k, v in row.items()})
         self._csv.flush()
-        print(self.progress_line(row), flush=True)
+        self._track("log_round", server_round, round_scalars(row, self._totals))
+        if self._bar is None:
+            print(self.progress_line(row), flush=True)
+        else:
+            self._bar.update(server_round - self._bar.n)
+            if not math.isnan(row["eval_accuracy"]):
+                self._bar.set_postfix_str(
+                    f"acc {row['eval_accuracy']:.4f} loss {row['eval_loss']:.4f} | "
+                    f"up {human_bytes(row['bytes_up'])}/round", refresh=True)
         return row
 
     def progress_line(self, row: Mapping[str, Any]) -> str:
@@ -86,6 +127,10 @@ class RunRecorder:
             ev += f" ppl {row['eval_perplexity']:.2f}"
         tl = row["train_loss"]
         train = "-" if math.isnan(tl) else f"{tl:.4f}"
+        ca = row.get("client_eval_accuracy", math.nan)
+        if not math.isnan(ca):
+            train += (f" | clients acc {ca:.4f} ({row['client_eval_accuracy_min']:.2f}-"
+                      f"{row['client_eval_accuracy_max']:.2f})")
         width = len(str(self.num_rounds))
         return (f"[round {row['round']:>{width}}/{self.num_rounds}] {ev} | train {train} | "
                 f"up {human_bytes(row['bytes_up'])} down {human_bytes(row['bytes_down'])} | "
@@ -96,12 +141,27 @@ class RunRecorder:
         """Write summary.json, model.safetensors and curves.png; return the summary
         (with ``extra`` entries added, e.g. the label names and the exports)."""
         self._csv.close()
+        if self._bar is not None:
+            self._bar.close()
+            if self.rows:
+                print(self.progress_line(self.rows[-1]), flush=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in final_state.items()},
                   str(self.dir / "model.safetensors"))
         summary = {**self.summary(), **(extra or {})}
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         plot_curves(self.rows, self.dir / "curves.png", title=summary["label"])
+        self._track("finish", summary, self.dir)
         return summary
+
+    def _track(self, method: str, *args: Any) -> None:
+        """Call the tracker; when it fails mid-run, warn once and go on without it (the run
+        folder keeps everything)."""
+        try:
+            getattr(self.tracker, method)(*args)
+        except Exception as err:  # noqa: BLE001 - a tracking server going away ends no run
+            log.warning("logger: %s failed (%s); the run goes on, results in %s", method,
+                        str(err).splitlines()[0] if str(err) else type(err).__name__, self.dir)
+            self.tracker = Tracker()
 
     def summary(self) -> dict[str, Any]:
         """Final and best accuracy, totals of bytes and seconds, the key config choices."""
@@ -131,6 +191,7 @@ class RunRecorder:
             else math.nan,
             "best_accuracy": best["eval_accuracy"] if best else math.nan,
             "best_round": best["round"] if best else None,
+            **_final_client_eval(self.rows),
             "bytes_up": sum(r["bytes_up"] for r in rounds),
             "bytes_down": sum(r["bytes_down"] for r in rounds),
             "bytes_up_per_round": sum(r["bytes_up"] for r in rounds) / n,
@@ -155,33 +216,84 @@ class RunRecorder:
         }
 
 
+def _final_client_eval(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The last client-side evaluation: ``final_client_eval_*`` (empty when there was none)."""
+    done = [r for r in rows if not math.isnan(r.get("client_eval_loss", math.nan))]
+    if not done:
+        return {}
+    last = done[-1]
+    return {"final_client_eval_round": last["round"],
+            **{f"final_{k}": last[k] for k in CLIENT_EVAL if not math.isnan(last[k])}}
+
+
+def byte_unit(largest: float) -> tuple[str, float]:
+    """The unit a bytes axis reads best in: ``("KiB", 1024)`` below 1 MiB, MiB, or GiB."""
+    for name, size in (("KiB", 2**10), ("MiB", 2**20)):
+        if largest < 1024 * size:
+            return name, float(size)
+    return "GiB", float(2**30)
+
+
+def cumulative_bytes(rows: list[Mapping[str, Any]], directions: tuple[str, ...]
+                     ) -> dict[int, float]:
+    """Round -> bytes sent so far in ``directions`` (``("up",)`` or ``("up", "down")``)."""
+    out, total = {}, 0.0
+    for r in rows:
+        total += sum(r.get(f"bytes_{d}", 0) for d in directions)
+        out[r["round"]] = total
+    return out
+
+
 def plot_curves(rows: list[Mapping[str, Any]], path: Path, title: str = "") -> None:
-    """Accuracy and loss per round, and accuracy per cumulative byte."""
+    """Accuracy and loss per round; accuracy per byte uploaded and per byte sent (up + down).
+
+    Client-side evaluation, when on, is drawn beside the server's (mean, min-max band).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ev = [r for r in rows if not math.isnan(r["eval_accuracy"])]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot([r["round"] for r in ev], [r["eval_accuracy"] for r in ev], marker=".")
-    axes[0].set(xlabel="round", ylabel="eval accuracy")
+    ce = [r for r in rows if not math.isnan(r.get("client_eval_loss", math.nan))]
+    ca = [r for r in ce if not math.isnan(r.get("client_eval_accuracy", math.nan))]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    (acc, loss), (up, total) = axes
+    acc.plot([r["round"] for r in ev], [r["eval_accuracy"] for r in ev], marker=".",
+             label="server (test split)")
+    if ca:
+        x = [r["round"] for r in ca]
+        line, = acc.plot(x, [r["client_eval_accuracy"] for r in ca], marker=".",
+                         label="clients (weighted mean)")
+        acc.fill_between(x, [r["client_eval_accuracy_min"] for r in ca],
+                         [r["client_eval_accuracy_max"] for r in ca], alpha=0.2,
+                         color=line.get_color(), label="clients (min-max)")
+        acc.legend(fontsize=8)
+    acc.set(xlabel="round", ylabel="accuracy")
     tr = [r for r in rows if not math.isnan(r["train_loss"])]
-    axes[1].plot([r["round"] for r in ev], [r["eval_loss"] for r in ev], label="eval")
-    axes[1].plot([r["round"] for r in tr], [r["train_loss"] for r in tr], label="train")
-    axes[1].set(xlabel="round", ylabel="loss")
-    axes[1].legend()
-    cum, total = {}, 0
-    for r in rows:
-        total += r["bytes_up"] + r["bytes_down"]
-        cum[r["round"]] = total / 2**20
-    axes[2].plot([cum[r["round"]] for r in ev], [r["eval_accuracy"] for r in ev], marker=".")
-    axes[2].set(xlabel="MB sent (up + down)", ylabel="eval accuracy")
-    for ax in axes:
+    loss.plot([r["round"] for r in ev], [r["eval_loss"] for r in ev], label="eval (server)")
+    loss.plot([r["round"] for r in tr], [r["train_loss"] for r in tr], label="train")
+    if ce:
+        loss.plot([r["round"] for r in ce], [r["client_eval_loss"] for r in ce],
+                  label="eval (clients)")
+    loss.set(xlabel="round", ylabel="loss")
+    loss.legend(fontsize=8)
+    for ax, directions, label in ((up, ("up",), "uploaded (clients -> server)"),
+                                  (total, ("up", "down"), "sent (up + down)")):
+        cum = cumulative_bytes(rows, directions)
+        unit, size = byte_unit(max(cum.values(), default=0.0))
+        ax.plot([cum[r["round"]] / size for r in ev], [r["eval_accuracy"] for r in ev],
+                marker=".")
+        ax.set(xlabel=f"{unit} {label}", ylabel="accuracy (server)")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
+    for ax in (acc, loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     # fixed margins: tight_layout would draw the figure twice (half the plotting time)
-    fig.subplots_adjust(left=0.055, right=0.99, bottom=0.15, top=0.88, wspace=0.25)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.08, top=0.92, wspace=0.22, hspace=0.32)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

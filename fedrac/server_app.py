@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from clients.handlers import client_model, module_keys
 from clients.local_training import move_to, resolve_device
 from fedrac.data import load_splits, to_tensors
+from fedrac.data.standardise import write_data_json
 from fedrac.lora import find_target_layers
 from fedrac.models.pretrain import pretrained_state
 from fedrac.records import to_array_record, to_shared_state_dict, to_state_dict
@@ -38,6 +39,10 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     if getattr(strategy, "layers", None):  # an adapter method: new heads are trained in full
         strategy.set_trainable_modules({k: tuple(p.shape)
                                         for k, p in module_keys(model, cfg).items()})
+    if splits.standardisation is not None:
+        strategy.data_config = splits.standardisation.wire()  # for nodes with their own data
+        write_data_json(cfg["output_dir"], {"standardisation": splits.standardisation.to_json(),
+                                            "nan": cfg["dataset"].get("nan") or "error"})
     num_rounds, every = int(cfg["num_rounds"]), int(cfg["eval_every"])
     recorder = RunRecorder(cfg["output_dir"], cfg, strategy.ledger, strategy.round_metrics,
                            num_rounds)

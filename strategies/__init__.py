@@ -30,7 +30,9 @@ def build_strategy(
     common = dict(run_seed=int(cfg["seed"]), client_config=cfg["client"],
                   fraction_train=float(cfg["fraction_train"]), ledger=ledger,
                   min_available_nodes=int(cfg.get("min_available_clients") or cfg["num_clients"]),
-                  aggregator=build_aggregator(cfg))
+                  aggregator=build_aggregator(cfg),
+                  fraction_evaluate=float(cfg.get("fraction_evaluate") or 0.0),
+                  eval_every=int(cfg.get("eval_every", 1)), num_rounds=int(cfg["num_rounds"]))
     return STRATEGIES[name].from_config(cfg, layers, **common)
 
 

@@ -3,8 +3,10 @@
 Subclasses implement ``configure_train`` / ``aggregate_train`` with their own rule; they
 average through :meth:`FedracStrategy.average`, i.e. the run's
 :class:`~strategies.aggregation.Aggregator` (``aggregation=mean|trimmed_mean|median|
-norm_clip``). Evaluation is server-side (``evaluate_fn``), so ``configure_evaluate`` sends
-nothing.
+norm_clip``). Evaluation is server-side (``evaluate_fn``) and, with ``fraction_evaluate > 0``,
+also client-side: every ``eval_every`` rounds (and in the last one) a seeded sample of the
+nodes gets an ``evaluate`` message with the global weights
+(:meth:`FedracStrategy.configure_evaluate`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -38,6 +41,8 @@ CLIENT_KEYS = {  # Hydra `client.*` key -> ConfigRecord key sent to clients
 OFF = {"full_lr": None, "warmup_steps": 0, "max_grad_norm": None}  # not sent when so
 MODULES_KEY = "modules"  # reply record of the fully trained modules (ledger kind "modules")
 SAMPLING_STREAM = 1  # derive_seed(run_seed, round, SAMPLING_STREAM) picks the round's clients
+EVAL_STREAM = 6  # derive_seed(run_seed, round, EVAL_STREAM) picks the clients that evaluate
+EVAL_KINDS = {"arrays": "eval", "config": "eval", "metrics": "eval"}  # ledger kind of evaluation
 
 
 def client_config_record(client_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -70,6 +75,24 @@ def require_choice(key: str, value: Any, allowed: Sequence[str], owner: str = ""
     if value not in allowed:
         where = f" for {owner}" if owner else ""
         raise ValueError(f"{key}={value!r} is not allowed{where}; allowed: {', '.join(allowed)}")
+
+
+def client_eval_metrics(results: Sequence[tuple[float, Mapping[str, float]]]
+                        ) -> dict[str, float]:
+    """``client_eval_<m>`` (mean weighted by examples) and ``_std`` / ``_min`` / ``_max``
+    (across clients, unweighted) for ``m`` in loss, accuracy, from ``(examples, values)``."""
+    out: dict[str, float] = {"client_eval_clients": float(len(results))}
+    for key in ("loss", "accuracy"):
+        pairs = [(w, v[key]) for w, v in results if key in v]
+        if not pairs or len(pairs) != len(results):
+            continue
+        values = np.array([v for _, v in pairs], dtype=np.float64)
+        weights = np.array([w for w, _ in pairs], dtype=np.float64)
+        name = f"client_eval_{key}"
+        out[name] = float(np.sum(weights * values) / np.sum(weights))
+        out[f"{name}_std"] = float(values.std())
+        out[f"{name}_min"], out[f"{name}_max"] = float(values.min()), float(values.max())
+    return out
 
 
 def weighted_average(
@@ -113,19 +136,25 @@ class FedracStrategy(FedAvg):
         self, *, run_seed: int, client_config: Mapping[str, Any], fraction_train: float = 1.0,
         min_train_nodes: int = 1, min_available_nodes: int = 1,
         ledger: ByteLedger | None = None, aggregator: Aggregator | None = None,
+        fraction_evaluate: float = 0.0, eval_every: int = 1, num_rounds: int | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train, fraction_evaluate=1.0,
             min_train_nodes=min_train_nodes, min_evaluate_nodes=0,
             min_available_nodes=max(min_available_nodes, min_train_nodes),
         )
-        self.fraction_evaluate = 0.0  # evaluation is server-side (set after FedAvg's warning)
+        self.fraction_evaluate = float(fraction_evaluate)  # set after FedAvg's warning for 0
+        self.eval_every, self.num_rounds = int(eval_every), num_rounds
         self.run_seed = int(run_seed)
         self.client_config = client_config_record(client_config)
         self.ledger = ledger or ByteLedger()
         self.aggregator = aggregator or Aggregator(run_seed=self.run_seed)
         self.round_metrics: dict[int, dict[str, float]] = {}
         self.sent: dict[int, list[Message]] = {}  # round -> train messages awaiting replies
+        self.sent_eval: dict[int, list[Message]] = {}  # round -> evaluate messages
+        # sent in every train/evaluate config: the run's data statistics (``data-mean`` /
+        # ``data-std``, see fedrac.data.standardise) for nodes that read their own data-path
+        self.data_config: dict[str, Any] = {}
         self.module_shapes: dict[str, tuple[int, ...]] = {}
 
     def set_trainable_modules(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
@@ -176,16 +205,22 @@ class FedracStrategy(FedAvg):
         Waits until ``min_available_nodes`` are connected (under Ray, nodes register
         after the ServerApp starts), then samples with ``derive_seed(run_seed, round)``.
         """
+        return self._sample(grid, server_round, self.fraction_train, self.min_train_nodes,
+                            SAMPLING_STREAM, "configure_train")
+
+    def _sample(self, grid: Grid, server_round: int, fraction: float, minimum: int,
+                stream: int, what: str) -> list[int]:
         _, all_nodes = sample_nodes(grid, self.min_available_nodes, 0)
-        size = max(int(len(all_nodes) * self.fraction_train), self.min_train_nodes)
-        rng = random.Random(derive_seed(self.run_seed, server_round, SAMPLING_STREAM))
+        size = max(int(len(all_nodes) * fraction), minimum)
+        rng = random.Random(derive_seed(self.run_seed, server_round, stream))
         chosen = sorted(rng.sample(sorted(all_nodes), min(size, len(all_nodes))))
-        log(INFO, "configure_train: sampled %d of %d nodes", len(chosen), len(all_nodes))
+        log(INFO, "%s: sampled %d of %d nodes", what, len(chosen), len(all_nodes))
         return chosen
 
     def train_config(self, server_round: int, **extra: Any) -> ConfigRecord:
         """The ``config`` record of a train message."""
-        return ConfigRecord({**self.client_config, "server-round": server_round, **extra})
+        return ConfigRecord({**self.client_config, **self.data_config,
+                             "server-round": server_round, **extra})
 
     def make_messages(
         self, server_round: int, contents: Mapping[int, RecordDict] | RecordDict,
@@ -210,9 +245,87 @@ class FedracStrategy(FedAvg):
         behalf of an unreachable node) the destination of the message it answers."""
         return destinations.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
 
-    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        """Evaluation is server-side; no evaluate messages are sent."""
-        return []
+    # ------------------------------------------------------ client-side evaluation
+    def evaluates_clients(self, server_round: int) -> bool:
+        """Whether round ``server_round`` sends evaluate messages (``fraction_evaluate > 0``,
+        every ``eval_every`` rounds and in the last one)."""
+        return self.fraction_evaluate > 0 and (
+            server_round % self.eval_every == 0 or server_round == self.num_rounds)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the global weights to a seeded sample of ``fraction_evaluate`` of the nodes.
+
+        Each message carries ``arrays`` (the weights the server also evaluates) and
+        ``config`` (``server-round``); the node evaluates them on its validation share
+        (``partitioner.val_fraction``; its whole partition when that is 0). Bytes go to the
+        ledger as kind ``eval``. No messages when the round does not evaluate.
+        """
+        if not self.evaluates_clients(server_round):
+            return []
+        nodes = self._sample(grid, server_round, self.fraction_evaluate, 1, EVAL_STREAM,
+                             "configure_evaluate")
+        content = RecordDict({"arrays": arrays,
+                              "config": ConfigRecord({**self.data_config,
+                                                      "server-round": server_round})})
+        size = record_dict_nbytes(content, EVAL_KINDS)
+        messages = []
+        for node_id in nodes:
+            self.ledger.add(server_round, "down", size)
+            messages.append(Message(content=content, message_type=MessageType.EVALUATE,
+                                    dst_node_id=node_id))
+        self.sent_eval[server_round] = messages
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """Weighted means (by ``num-examples``) of the clients' ``eval-loss`` and
+        ``eval-accuracy``, with their spread across clients (std, min, max).
+
+        They go to ``round_metrics`` as ``client_eval_loss``, ``client_eval_loss_std``,
+        ``client_eval_loss_min``, ``client_eval_loss_max``, the same for ``accuracy`` (when
+        the replies carry it) and ``client_eval_clients``. Failed replies and replies
+        without a positive ``num-examples`` or with a non-finite loss are logged and left out.
+        """
+        sent = self.sent_eval.pop(server_round, [])
+        if not sent:
+            return None
+        to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in sent}
+        results: list[tuple[float, dict[str, float]]] = []
+        for msg in replies:
+            node = self.reply_node(msg, to)
+            if msg.has_error():
+                log(WARNING, "round %d: evaluation on node %d failed: %s", server_round, node,
+                    msg.error.reason)
+                continue
+            self.ledger.add(server_round, "up", record_dict_nbytes(msg.content, EVAL_KINDS))
+            reason, result = self._check_eval_reply(msg)
+            if reason:
+                log(WARNING, "round %d: evaluation of node %d rejected: %s", server_round,
+                    node, reason)
+                continue
+            results.append(result)
+        metrics = client_eval_metrics(results)
+        self.round_metrics.setdefault(server_round, {}).update(metrics)
+        return MetricRecord({k: v for k, v in metrics.items() if math.isfinite(v)})
+
+    @staticmethod
+    def _check_eval_reply(msg: Message) -> tuple[str | None, tuple[float, dict[str, float]]]:
+        records = [r for r in msg.content.values() if isinstance(r, MetricRecord)]
+        if len(records) != 1 or "num-examples" not in records[0]:
+            return "no MetricRecord with 'num-examples'", (0.0, {})
+        m = records[0]
+        weight = float(m["num-examples"])
+        if not weight > 0 or not math.isfinite(weight):
+            return f"num-examples={weight} is not positive", (0.0, {})
+        values = {}
+        for key in ("loss", "accuracy"):
+            if f"eval-{key}" in m:
+                values[key] = float(m[f"eval-{key}"])
+        if not math.isfinite(values.get("loss", math.nan)):
+            return f"eval-loss={values.get('loss')} is not a finite number", (0.0, {})
+        return None, (weight, values)
 
     # --------------------------------------------------------------- receiving
     def collect_replies(

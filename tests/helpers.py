@@ -12,6 +12,18 @@ from flwr.serverapp import Grid, ServerApp
 from fedrac.engines.inline import run_inline
 
 
+def run_config(tmp_path, *overrides: str) -> dict:
+    """The validated config of an inline run with ``overrides``, writing into ``tmp_path``."""
+    from hydra import compose, initialize_config_dir
+
+    from fedrac.config import conf_dir, validate
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        cfg = validate(compose("config", overrides=["engine=inline", *overrides]))
+    cfg["output_dir"], cfg["cache_dir"] = str(tmp_path / "out"), str(tmp_path / "cache")
+    return cfg
+
+
 def run_strategy(strategy, initial: ArrayRecord, num_rounds: int, num_nodes: int,
                  train: Callable[[Message, Context], Message] | ClientApp) -> list[ArrayRecord]:
     """Run ``strategy`` with a ClientApp whose train handler is ``train`` (or that ClientApp).

@@ -49,3 +49,13 @@ def test_peers_are_skipped_with_a_note_when_absent(monkeypatch, tmp_path):
     assert res["rows"] == [] and len(res["notes"]) == 2
     text = "\n".join(peers.to_markdown(res))
     assert "pfl-research skipped" in text and "BlazeFL skipped" in text
+
+
+def test_quick_results_go_to_a_temporary_folder_unless_out_is_given(tmp_path):
+    from bench.run import ROOT, results_dir
+
+    quick = results_dir(None, quick=True)
+    assert quick.is_dir() and ROOT not in quick.parents and quick != ROOT / "bench" / "results"
+    quick.rmdir()
+    assert results_dir(str(tmp_path / "x"), quick=True) == tmp_path / "x"
+    assert results_dir(None, quick=False) == ROOT / "bench" / "results"

@@ -100,7 +100,48 @@ def test_a_cli_multirun_writes_the_comparison(tmp_path):
          f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
+    # quiet: no Flower INFO lines, no digits loaded (the toy never uses them)
+    lines = (out.stdout + out.stderr).splitlines()
+    assert not [x for x in lines if "[flwr]" in x or "INFO" in x and "HYDRA" not in x], lines[:5]
+    assert "dataset: input shape" not in out.stdout + out.stderr and len(lines) < 40
     table = {r["strategy"]: r for r in _rows(tmp_path / "sweep" / "comparison.csv")}
     assert set(table) == {"fedavg", "ffa_lora"}
     assert float(table["fedavg"]["final_mean"]) < float(table["ffa_lora"]["final_mean"])
     assert (tmp_path / "sweep" / "comparison.png").is_file()
+
+
+def test_comparison_plot_folds_identical_runs_and_drops_shared_overrides(tmp_path):
+    from fedrac.experiments.comparison import load_run, plot_comparison, plot_lines
+
+    same = [0.5, 0.9, 0.95]
+    for rank in (1, 4):  # FPFT ignores the rank: two identical runs
+        _fake_run(tmp_path, f"f{rank}", ["strategy=fedavg", f"strategy.rank={rank}",
+                                         "num_rounds=2"], "fedavg", same)
+        _fake_run(tmp_path, f"r{rank}", ["strategy=rac_lora", f"strategy.rank={rank}",
+                                         "num_rounds=2"], "rac_lora", [0.5, 0.6 + rank / 100,
+                                                                       0.9])
+    for side in ("A", "B"):
+        _fake_run(tmp_path, f"a{side}", [f"+arm=fedit_{side}", "strategy.rank=1", "num_rounds=2"],
+                  "fedit", [0.5, 0.55, 0.6])
+    runs = [load_run(p) for p in sorted(tmp_path.iterdir())]
+    lines, common = plot_lines(runs)
+    assert common == ["num_rounds=2"]  # in every run: the title, not the labels
+    by = {(ln.method, ln.setting): ln for ln in lines}
+    fedavg = [ln for ln in lines if ln.method == "fedavg"]
+    assert len(fedavg) == 1 and fedavg[0].same == ["strategy.rank=1", "strategy.rank=4"]
+    assert ("rac_lora", "strategy.rank=1") in by and ("rac_lora", "strategy.rank=4") in by
+    # arms of one method family share a panel, told apart by colour
+    assert {ln.family for ln in lines if ln.method.startswith("fedit")} == {"fedit"}
+    plot_comparison(runs, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+
+
+def test_partition_plot_names_the_source_labels(tmp_path):
+    from fedrac.data import load_task
+    from fedrac.data.summary import class_names
+
+    digits = {"name": "digits", "source_classes": [0, 1, 2, 3, 4],
+              "target_classes": [5, 6, 7, 8, 9]}
+    assert class_names(digits, load_task(digits)) == ["5", "6", "7", "8", "9"]
+    everything = {"name": "digits", "source_classes": None, "target_classes": None}
+    assert class_names(everything, load_task(everything)) == [str(i) for i in range(10)]

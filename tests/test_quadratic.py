@@ -35,3 +35,18 @@ def test_one_local_step_makes_federated_exact_methods_equal_to_centralized(tmp_p
 @pytest.mark.parametrize("strategy", ["fedit"])
 def test_lora_with_both_factors_diverges_at_step_one_over_l(tmp_path, strategy):
     assert not _run(tmp_path, strategy, 1) < 1.0
+
+
+def test_the_toy_loads_no_dataset_and_checks_the_rank_against_its_own_layer(tmp_path,
+                                                                              monkeypatch):
+    import fedrac.data
+
+    def no_data(*a, **k):
+        raise AssertionError("the quadratic experiment loaded a dataset")
+
+    monkeypatch.setattr(fedrac.data, "load_task", no_data)
+    _run(tmp_path, "fedavg", 1)  # validate() and the run: no dataset
+    from fedrac.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"strategy.rank=7 is larger than layer 'lin' \(8->6\)"):
+        _run(tmp_path, "rac_lora", 1, **{"strategy.rank": 7})

@@ -30,6 +30,7 @@ import pyarrow as pa
 import torch
 from datasets import Dataset
 
+from fedrac.data import standardise
 from fedrac.data.sources import (
     SOURCES,
     Arrays,
@@ -59,6 +60,7 @@ class DataSplits:
     input_shape: tuple[int, ...]
     num_classes: int
     label_names: list[str] | None = None
+    standardisation: standardise.Standardisation | None = None
 
 
 def _nested(a: np.ndarray) -> pa.Array:
@@ -262,14 +264,15 @@ def build_splits(cfg: Mapping[str, Any]) -> DataSplits:
     if raw.x.ndim < 2 or len(raw.x) != len(raw.y):
         raise DataConfigError(f"dataset {cfg.get('name')!r}: x has shape {raw.x.shape} and "
                               f"{len(raw.y)} labels; allowed: x of shape (N, ...) with N labels")
-    raw.x = _normalise(raw.x, cfg)
-    if raw.test is not None:
-        raw.test.x = _normalise(raw.test.x, cfg)
-        if raw.test.x.shape[1:] != raw.x.shape[1:]:
-            raise DataConfigError(f"dataset {cfg.get('name')!r}: test samples have shape "
-                                  f"{raw.test.x.shape[1:]}, training ones {raw.x.shape[1:]}")
+    if raw.test is not None and raw.test.x.shape[1:] != raw.x.shape[1:]:
+        raise DataConfigError(f"dataset {cfg.get('name')!r}: test samples have shape "
+                              f"{raw.test.x.shape[1:]}, training ones {raw.x.shape[1:]}")
+    raw, _ = standardise.handle_non_finite(raw, cfg, _where(cfg))
     num_classes = 0
     train, test = _split_test(raw, cfg)
+    stats = standardise.fit(train.x, cfg, raw.columns)  # from the training split only
+    for a in (train, test):
+        a.x = standardise.zero_non_finite(_normalise(a.x, stats.config(cfg)), cfg)
     group_col = cfg.get("group_column")
     parts = {}
     for split, a in (("train", train), ("test", test)):
@@ -282,7 +285,8 @@ def build_splits(cfg: Mapping[str, Any]) -> DataSplits:
         raise DataConfigError(f"dataset {cfg.get('name')!r} leaves no target training samples; "
                               "check dataset.target_classes / target_groups")
     return DataSplits(**parts, input_shape=tuple(int(d) for d in raw.x.shape[1:]),
-                      num_classes=num_classes, label_names=label_names)
+                      num_classes=num_classes, label_names=label_names,
+                      standardisation=stats)
 
 
 def build_text_splits(cfg: Mapping[str, Any]) -> DataSplits:
@@ -346,6 +350,13 @@ def _group_masks(a: Arrays, cfg: Mapping[str, Any]) -> tuple[np.ndarray, np.ndar
         return _source_target(a, {k: v for k, v in cfg.items()
                                   if k not in ("source_classes", "target_classes")})
     return np.zeros(len(a.y), bool), np.ones(len(a.y), bool), None, None
+
+
+
+def _where(cfg: Mapping[str, Any]) -> str:
+    if cfg.get("name") == "files":
+        return f"dataset.path={str(cfg.get('path'))!r}"
+    return f"dataset {cfg.get('name') or cfg.get('_target_')!r}"
 
 
 def plain(value: Any) -> Any:
@@ -447,13 +458,16 @@ def to_tensors(ds: Dataset) -> tuple[Any, torch.Tensor | None]:
     return x, y
 
 
-def load_dataset_from_path(path: str | os.PathLike, dataset_cfg: Mapping[str, Any]) -> Dataset:
+def load_dataset_from_path(path: str | os.PathLike, dataset_cfg: Mapping[str, Any],
+                           stats: Mapping[str, Any] | None = None) -> Dataset:
     """A node's own data from ``path`` with the columns and normalisation the partitions have.
 
     The format is inferred from the path: a folder of class sub-folders (image folder),
     ``.csv`` / ``.parquet`` / ``.json`` with ``dataset.label_column``, or ``.npz`` with
     ``x``/``y``. Samples are kept in the target task (its classes, relabelled as in
-    ``dataset.target_classes``) so they match the global model's head.
+    ``dataset.target_classes``) so they match the global model's head. Features are
+    standardised with the configured statistics or, for ``auto``, the run's (``stats``:
+    ``data-mean`` / ``data-std`` as the server sends them), never this data's own.
     """
     from fedrac.data.text import is_text
 
@@ -462,10 +476,14 @@ def load_dataset_from_path(path: str | os.PathLike, dataset_cfg: Mapping[str, An
         return _text_from_path(path, cfg)
     raw = read_path(path, cfg, key="data-path")
     if raw.test is not None:
-        raw = Arrays(np.concatenate([raw.x, raw.test.x]), np.concatenate([raw.y, raw.test.y]))
+        raw = Arrays(np.concatenate([raw.x, raw.test.x]), np.concatenate([raw.y, raw.test.y]),
+                     columns=raw.columns)
     _warn_own_names(raw.y, cfg, path)
     cfg = _class_ids(cfg, _map_labels(raw, cfg))
-    raw.x = _normalise(raw.x, cfg)
+    where = f"data-path={str(path)!r}"
+    raw, _ = standardise.handle_non_finite(raw, cfg, where)
+    node = standardise.for_node(cfg, raw.x, stats, where)
+    raw.x = standardise.zero_non_finite(_normalise(raw.x, node.config(cfg)), cfg)
     _, tgt, _, tgt_map = _source_target(raw, cfg)
     if tgt_map is not None:
         unknown = sorted(set(raw.y[~tgt].tolist()))

@@ -30,12 +30,14 @@ class DataConfigError(ValueError):
 
 @dataclass
 class Arrays:
-    """Raw samples: ``x`` (N, *shape), integer ``y`` (N,), optional ``groups`` and test split."""
+    """Raw samples: ``x`` (N, *shape), integer ``y`` (N,), optional ``groups`` and test split
+    (``columns``: a table's feature names)."""
 
     x: np.ndarray
     y: np.ndarray
     groups: np.ndarray | None = None
     test: Arrays | None = None
+    columns: list[str] | None = None
 
 
 def integer_labels(values: Any, key: str) -> np.ndarray:
@@ -284,7 +286,7 @@ def hf_to_arrays(ds: Any, cfg: Mapping[str, Any], where: str) -> Arrays:
             raise DataConfigError(f"dataset.feature_columns={list(features)} of {where}: "
                                   f"not numeric ({str(err).splitlines()[0]})") from err
     groups = np.asarray([str(v) for v in ds[group]]) if group is not None else None
-    return Arrays(x, y, groups)
+    return Arrays(x, y, groups, columns=None if features is None else list(features))
 
 
 _NUMERIC = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",

@@ -28,10 +28,11 @@ def partition_summary(cfg: Mapping[str, Any], out_dir: str | Path | None = None,
     hist = label_histograms(cfg["dataset"], cfg["partitioner"], n, int(cfg["seed"]),
                             task.num_classes)
     sizes = hist.sum(axis=1)
+    names = class_names(cfg["dataset"], task)
     summary = {
         "dataset": cfg["dataset"].get("name") or cfg["dataset"].get("_target_"),
         "partitioner": cfg["partitioner"].get("name"),
-        "num_clients": n, "num_classes": task.num_classes,
+        "num_clients": n, "num_classes": task.num_classes, "class_names": names,
         "input_shape": list(task.input_shape), "seed": int(cfg["seed"]),
         "samples": int(sizes.sum()),
         "label_skew_tv": round(label_skew(hist), 6),
@@ -51,11 +52,25 @@ def partition_summary(cfg: Mapping[str, Any], out_dir: str | Path | None = None,
                 w.writerow([i, int(sizes[i]), *hist[i].tolist()])
         plot_heatmap(hist, out / "partition.png",
                      f"{summary['partitioner']} on {summary['dataset']} "
-                     f"(label skew TV {summary['label_skew_tv']:.3f})")
+                     f"(label skew TV {summary['label_skew_tv']:.3f})", names)
     return summary
 
 
 FULL_TABLE_CLIENTS = 50  # up to this many clients the table lists every client
+
+
+def class_names(dataset_cfg: Mapping[str, Any], task: Any) -> list[str]:
+    """Each class id's name in the source data: the label name (string labels), else the
+    source label it was relabelled from (``target_classes``: digits 5-9 for ids 0-4)."""
+    n = int(task.num_classes)
+    names = getattr(task, "label_names", None)
+    if names is not None and len(names) == n:
+        return [str(v) for v in names]
+    targets = dataset_cfg.get("target_classes")
+    if targets is not None and len(targets) == n:
+        return [str(names[t]) if names is not None and isinstance(t, int) and 0 <= t < len(names)
+                else str(t) for t in targets]
+    return [str(names[i]) if names is not None and i < len(names) else str(i) for i in range(n)]
 
 
 def format_summary(summary: Mapping[str, Any], max_rows: int = FULL_TABLE_CLIENTS) -> str:
@@ -66,6 +81,9 @@ def format_summary(summary: Mapping[str, Any], max_rows: int = FULL_TABLE_CLIENT
     lines = [f"partition: {summary['partitioner']} on {summary['dataset']}, input shape "
              f"{tuple(summary['input_shape'])}, {c} classes, {summary['num_clients']} clients, "
              f"{summary['samples']} samples, label skew (mean TV) {summary['label_skew_tv']:.3f}"]
+    names = summary.get("class_names") or [str(k) for k in range(c)]
+    if names != [str(k) for k in range(c)]:
+        lines.append("  classes: " + ", ".join(f"{k}={v}" for k, v in enumerate(names)))
     if len(clients) > max_rows:
         sizes = np.array([row["samples"] for row in clients])
         present = np.array([sum(1 for v in row["labels"] if v) for row in clients])
@@ -82,27 +100,31 @@ def format_summary(summary: Mapping[str, Any], max_rows: int = FULL_TABLE_CLIENT
     return "\n".join(lines)
 
 
-def plot_heatmap(hist: np.ndarray, path: str | Path, title: str) -> None:
-    """Save a labels x clients heat-map of ``hist`` (clients x labels counts)."""
+def plot_heatmap(hist: np.ndarray, path: str | Path, title: str,
+                 names: list[str] | None = None) -> None:
+    """Save a labels x clients heat-map of ``hist`` (clients x labels counts); rows are
+    labelled with ``names`` (the classes' source labels) when given."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n, c = hist.shape
-    width, height = min(2 + 0.45 * n, 16), min(1.5 + 0.4 * c, 10)
+    # margins in inches (tight_layout would draw the figure twice); room for the class names
+    left = 0.45 + 0.07 * max((len(v) for v in names or ["00"]), default=2)
+    width, height = min(2 + 0.45 * n, 16) + left - 0.55, min(1.5 + 0.4 * c, 10)
     fig, ax = plt.subplots(figsize=(width, height))
-    # margins in inches (tight_layout would draw the figure twice)
-    fig.subplots_adjust(left=0.55 / width, right=1 - 0.8 / width, bottom=0.5 / height,
+    fig.subplots_adjust(left=left / width, right=1 - 0.8 / width, bottom=0.5 / height,
                         top=1 - 0.3 / height)
     im = ax.imshow(hist.T, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("client")
-    ax.set_ylabel("label")
+    relabelled = names is not None and names != [str(k) for k in range(c)]
+    ax.set_ylabel("class (source label)" if relabelled else "class")
     ax.set_title(title, fontsize=9)
     if n <= 40:
         ax.set_xticks(range(n))
     if c <= 40:
-        ax.set_yticks(range(c))
+        ax.set_yticks(range(c), labels=names if names is not None else range(c))
     fig.colorbar(im, ax=ax, label="samples")
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -237,43 +237,186 @@ def format_comparison(table: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class PlotLine:
+    """One line of the comparison plot: runs (seeds) of one method and setting; ``same``
+    lists the settings of runs with identical curves, drawn once."""
+
+    family: str
+    method: str
+    setting: str
+    members: list[Run]
+    same: list[str] = field(default_factory=list)
+
+
+def _key(o: str) -> str:
+    return o.split("=", 1)[0].lstrip("+")
+
+
+def _method(r: Run) -> str:
+    chosen = [o.split("=", 1)[1] for o in r.overrides if _key(o) in ("strategy", "arm")]
+    return " ".join(chosen) or str(r.summary.get("strategy") or r.summary.get("label", "run"))
+
+
+def _family(method: str) -> str:
+    """``fedit_A`` / ``fedit_B`` -> ``fedit``: the panel a method is drawn in."""
+    return method[:-2] if method.endswith(("_A", "_B")) else method
+
+
+def plot_lines(runs: Sequence[Run]) -> tuple[list[PlotLine], list[str]]:
+    """The comparison plot's lines and the overrides every run shares (left out of labels).
+
+    Runs differing only by seed form one line; a line whose curves (metric and bytes per
+    round, every seed) equal another's of the same method is folded into it.
+    """
+    per_run = [[o for o in r.overrides if not o.startswith("seed=")] for r in runs]
+    common = [o for o in per_run[0] if all(o in p for p in per_run[1:])] if per_run else []
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for r, overrides in zip(runs, per_run, strict=True):
+        setting = " ".join(o.lstrip("+") for o in overrides
+                           if o not in common and _key(o) not in ("strategy", "arm"))
+        groups[(_method(r), setting)].append(r)
+    lines: list[PlotLine] = []
+    seen: dict[tuple[str, tuple], PlotLine] = {}
+    for (method, setting), members in sorted(groups.items()):
+        members.sort(key=lambda r: r.seed)
+        curve = tuple(tuple(r.series()) + (r.seed,) for r in members)
+        twin = seen.get((method, curve))
+        if twin is not None:
+            twin.same.append(setting)
+            continue
+        line = PlotLine(_family(method), method, setting, members, [setting])
+        seen[(method, curve)] = line
+        lines.append(line)
+    return lines, [o.lstrip("+") for o in common]
+
+
+def _folded(settings: Sequence[str]) -> str:
+    """``["strategy.rank=1", "strategy.rank=4"]`` -> ``"strategy.rank=1|4"``."""
+    pairs = [x.split("=", 1) for x in settings]
+    if all(len(p) == 2 and " " not in x for p, x in zip(pairs, settings, strict=True)) \
+            and len({p[0] for p in pairs}) == 1:
+        return f"{pairs[0][0]}=" + "|".join(p[1] for p in pairs)
+    return f"{len(settings)} settings"
+
+
+_STYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 3)), (0, (6, 2, 1, 2))]
+_MARKERS = ["", "o", "s", "^", "v", "D"]
+
+
+def _is_fpft(family: str) -> bool:
+    return family in ("fedavg", "fpft")
+
+
 def plot_comparison(runs: Sequence[Run], path: Path) -> None:
-    """Metric per round and per cumulative MB, mean over seeds with a std band."""
+    """Small multiples: one column per method family (``fedit_A``/``fedit_B`` -> ``fedit``),
+    rows the metric per round, per byte uploaded and per byte sent (up + down).
+
+    Colour names the method, line style the setting (both in the legends outside the
+    axes); overrides every run shares go to the title, not the labels; identical curves
+    are drawn once. FPFT appears in grey in the other panels as the reference. Mean over
+    seeds, band: one std.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
-    groups: dict[str, list[Run]] = defaultdict(list)
-    for r in runs:
-        groups[r.group].append(r)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    lines, common = plot_lines(runs)
+    families = sorted({ln.family for ln in lines}, key=lambda f: (not _is_fpft(f), f))
+    methods = sorted({ln.method for ln in lines}, key=lambda m: (not _is_fpft(_family(m)), m))
+    settings = list(dict.fromkeys(ln.setting for ln in lines))
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    colour = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+    style = {s: (_STYLES[i % len(_STYLES)], _MARKERS[i // len(_STYLES) % len(_MARKERS)])
+             for i, s in enumerate(settings)}
     metric = runs[0].metric
-    for label, members in groups.items():
-        series = [r.series() for r in members]
+    from fedrac.results import byte_unit
+
+    up_unit = byte_unit(max((r.bytes_up_until(r.series()[-1][0]) for r in runs if r.series()),
+                            default=0.0))
+    all_unit = byte_unit(max((r.series()[-1][2] for r in runs if r.series()), default=0.0))
+    ncol = len(families)
+    rows = ("round", f"{up_unit[0]} uploaded", f"{all_unit[0]} sent (up + down)")
+    longest = max([len(m) for m in methods] + [len(s) for s in settings] + [22])
+    width, height, legend_w = 2.9 * ncol + 1.0, 2.5 * len(rows) + 1.0, 1.0 + 0.055 * longest
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(width + legend_w, height),
+                             sharey=True, sharex="row", squeeze=False)
+    fpft = [ln for ln in lines if _is_fpft(ln.family)]
+
+    def draw(col: int, ln: PlotLine, grey: bool = False) -> None:
+        series = [r.series() for r in ln.members]
         n = min(len(s) for s in series)
         if n == 0:
-            continue
+            return
         vals = np.array([[p[1] for p in s[:n]] for s in series])
-        rounds = [p[0] for p in series[0][:n]]
-        mb = np.mean([[p[2] / 2**20 for p in s[:n]] for s in series], axis=0)
-        mean, std = vals.mean(axis=0), vals.std(axis=0)
-        for ax, x in ((axes[0], rounds), (axes[1], mb)):
-            line, = ax.plot(x, mean, label=label)
-            if len(members) > 1:
-                ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color())
+        with np.errstate(invalid="ignore"):  # diverged runs hold inf
+            mean, std = vals.mean(axis=0), vals.std(axis=0)
+        up = np.mean([[r.bytes_up_until(p[0]) / up_unit[1] for p in s[:n]]
+                      for r, s in zip(ln.members, series, strict=True)], axis=0)
+        xs = ([p[0] for p in series[0][:n]], up,
+              np.mean([[p[2] / all_unit[1] for p in s[:n]] for s in series], axis=0))
+        ls, marker = style[ln.setting]
+        c = (0.6, 0.6, 0.6) if grey else colour[ln.method]
+        for row, x in enumerate(xs):
+            ax = axes[row][col]
+            ax.plot(x, mean, color=c, linestyle=ls, marker=marker or None, markevery=0.1,
+                    markersize=3, linewidth=0.9 if grey else 1.4, zorder=1 if grey else 2)
+            if len(ln.members) > 1 and not grey:
+                ax.fill_between(x, mean - std, mean + std, alpha=0.15, color=c)
+
+    for col, fam in enumerate(families):
+        if not _is_fpft(fam):
+            for ln in fpft:
+                draw(col, ln, grey=True)
+        mine = [ln for ln in lines if ln.family == fam]
+        for ln in mine:
+            draw(col, ln)
+        notes = [f"{ln.method if ln.method != fam else ''} {_folded(ln.same)}: identical, "
+                 "drawn once".strip() for ln in mine if len(ln.same) > 1]
+        axes[0][col].set_title("\n".join([fam, *notes]), fontsize=8)
+        for row, xlabel in enumerate(rows):
+            axes[row][col].set_xlabel(xlabel, fontsize=8)
     ylabel = "distance to optimum" if metric == "distance" else "eval accuracy"
-    axes[0].set(xlabel="round", ylabel=ylabel)
-    axes[1].set(xlabel="MB sent (up + down)", ylabel=ylabel)
-    if metric == "distance":  # diverging runs leave the plot at the top
-        for ax in axes:
-            ax.set_yscale("log")
-            ax.set_ylim(top=10.0)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
+    for row_axes in axes:
+        row_axes[0].set_ylabel(ylabel, fontsize=8)
+        for ax in row_axes:
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+            if metric == "distance":  # diverging runs leave the plot at the top
+                ax.set_yscale("log")
+                ax.set_ylim(top=10.0)
+    for ax in axes[0]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (*axes[1], *axes[2]):
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+    method_handles = [Line2D([], [], color=colour[m], label=m) for m in methods]
+    if fpft and len(families) > 1:
+        method_handles.append(Line2D([], [], color=(0.6, 0.6, 0.6), linewidth=0.9,
+                                     label="FPFT (reference, grey)"))
+    setting_handles = []
+    for s in settings:
+        setting_handles.append(Line2D([], [], color="black", linestyle=style[s][0],
+                                      marker=style[s][1] or None, markersize=3,
+                                      label=s or "(no other override)"))
+    right = width / (width + legend_w)
+    handles = [Line2D([], [], linestyle="none", label="method (colour)"), *method_handles]
+    if len(settings) > 1 or settings[0]:
+        handles += [Line2D([], [], linestyle="none", label=" "),
+                    Line2D([], [], linestyle="none", label="setting (line style)"),
+                    *setting_handles]
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(right + 0.005, 0.95),
+               fontsize=7, frameon=False, handlelength=3.2)
+    title = f"{ylabel}, mean over seeds (band: ± std)"
+    if common:
+        title += "; every run: " + " ".join(common)
+    fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(left=0.9 / (width + legend_w), right=right - 0.01,
+                        bottom=0.7 / height, top=1 - 0.75 / height, wspace=0.08,
+                        hspace=0.45)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

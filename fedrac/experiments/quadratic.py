@@ -27,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from clients.handlers import global_state, prepare_adapters
+from fedrac.config import ConfigError
 from fedrac.engines.inline import run_inline
 from fedrac.ledger import ByteLedger
 from fedrac.lora import adapter_factors, find_target_layers, remove_adapters
@@ -99,7 +100,10 @@ def run_quadratic(cfg: Mapping[str, Any]) -> dict[str, Any]:
     w_star, xs, ys, lip = make_problem(q, n)
     layers = find_target_layers(_model(int(q["d_in"]), int(q["d_out"])), ["lin"])
     ledger = ByteLedger()
-    strategy = build_strategy(cfg, layers, ledger)
+    try:
+        strategy = build_strategy(cfg, layers, ledger)
+    except ValueError as err:  # rank, sketch, side: checked against this problem's layer
+        raise ConfigError(str(err)) from err
     rows: list[dict[str, float]] = []
 
     def distance(arrays: ArrayRecord) -> float:
