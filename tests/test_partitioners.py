@@ -154,4 +154,5 @@ def test_summary_lists_every_client_up_to_50_and_summarises_beyond(capsys):
         rows = [line for line in out if line.split()[:1] and line.split()[0].isdigit()]
         assert len(rows) == listed
         if n == 51:
-            assert out[1].startswith("  samples per client: min 11, median 12, max 12;")
+            assert out[1] == "  classes: 0=3, 1=4, 2=5"
+            assert out[2].startswith("  samples per client: min 11, median 12, max 12;")
