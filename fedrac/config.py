@@ -115,7 +115,16 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     check_engine(d["engine"])
     check_strategy(s, strategy_cls)
     check_objects(d, strategy_cls)
+    check_privacy(d)
     return d
+
+
+def check_privacy(d: Mapping[str, Any]) -> None:
+    """The ``privacy`` group (:func:`fedrac.privacy.settings_from_config`: noise, clipping,
+    a reachable target epsilon, an aggregation rule that keeps the sensitivity bound)."""
+    from fedrac.privacy import settings_from_config
+
+    settings_from_config(d)
 
 
 def check_run(d: Mapping[str, Any], strategy_cls: type) -> None:

@@ -19,7 +19,7 @@ from fedrac.ledger import ByteLedger
 KINDS = ("weights", "factors", "residual", "deltas", "seeds", "config", "metrics")
 COLUMNS = (
     ["round", "train_loss", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down", "seconds",
-     "client_seconds", "clients", "failed", "rejected"]
+     "client_seconds", "clients", "failed", "rejected", "epsilon", "clip_norm"]
     + [f"bytes_{d}_{k}" for d in ("up", "down") for k in KINDS]
 )
 
@@ -37,11 +37,15 @@ class RunRecorder:
     """Writes one run's results into ``output_dir`` as the rounds go by."""
 
     def __init__(self, output_dir: str | Path, cfg: Mapping[str, Any], ledger: ByteLedger,
-                 round_metrics: Mapping[int, Mapping[str, float]], num_rounds: int) -> None:
+                 round_metrics: Mapping[int, Mapping[str, float]], num_rounds: int,
+                 privacy: Mapping[str, Any] | None = None) -> None:
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cfg, self.ledger, self.round_metrics = cfg, ledger, round_metrics
         self.num_rounds = num_rounds
+        self.privacy = dict(privacy) if privacy else None  # resolved settings (fedrac.privacy)
+        self._privacy_last = {"epsilon": 0.0 if self.privacy else math.nan,
+                              "clip_norm": (self.privacy or {}).get("clip_norm", math.nan)}
         self.rows: list[dict[str, Any]] = []
         self._t0 = self._last = time.perf_counter()
         self._csv = (self.dir / "metrics.csv").open("w", newline="")
@@ -62,6 +66,9 @@ class RunRecorder:
             "clients": int(m.get("clients", 0)), "failed": int(m.get("failed", 0)),
             "rejected": int(m.get("rejected", 0)),
         }
+        for key in ("epsilon", "clip_norm"):  # privacy: carried over rounds without a release
+            self._privacy_last[key] = m.get(key, self._privacy_last[key])
+            row[key] = self._privacy_last[key]
         for d in ("up", "down"):
             kinds = self.ledger.round_kinds(server_round, d)
             for k in KINDS:
@@ -133,6 +140,8 @@ class RunRecorder:
             "seconds": time.perf_counter() - self._t0,
             "seconds_per_round": sum(r["seconds"] for r in rounds) / n,
             "client_seconds_per_round": sum(r["client_seconds"] for r in rounds) / n,
+            "epsilon": self._privacy_last["epsilon"],
+            "privacy": self.privacy,
             "config": {
                 "strategy": dict(s), "dataset": self.cfg["dataset"].get("name"),
                 "model": self.cfg["model"].get("name", self.cfg["model"].get("_target_")),

@@ -32,7 +32,7 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     strategy = build_strategy(cfg, layers)
     num_rounds, every = int(cfg["num_rounds"]), int(cfg["eval_every"])
     recorder = RunRecorder(cfg["output_dir"], cfg, strategy.ledger, strategy.round_metrics,
-                           num_rounds)
+                           num_rounds, privacy=strategy.privacy_summary())
     device = resolve_device(str(cfg["device"]))
     model.to(device)
     x_test, y_test = to_tensors(task.target_test)

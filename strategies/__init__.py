@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedrac.ledger import ByteLedger
+from fedrac.privacy import settings_from_config
 from strategies.base import FedracStrategy
 from strategies.cola import Cola
 from strategies.fedavg import FedAvgFPFT
@@ -28,5 +29,6 @@ def build_strategy(
         raise ValueError(f"strategy={name!r} is not a strategy; allowed: {', '.join(STRATEGIES)}")
     common = dict(run_seed=int(cfg["seed"]), client_config=cfg["client"],
                   fraction_train=float(cfg["fraction_train"]), ledger=ledger,
-                  min_available_nodes=int(cfg.get("min_available_clients") or cfg["num_clients"]))
+                  min_available_nodes=int(cfg.get("min_available_clients") or cfg["num_clients"]),
+                  privacy=settings_from_config(cfg))
     return STRATEGIES[name].from_config(cfg, layers, **common)

@@ -23,6 +23,7 @@ from flwr.supercore import log
 
 from fedrac.ledger import ByteLedger, record_dict_nbytes
 from fedrac.lora import LayerSpec, check_rank
+from fedrac.privacy import Accountant, CentralDP, PrivacySettings
 from fedrac.records import array_to_numpy
 from fedrac.sketch import DISTRIBUTIONS, derive_seed
 
@@ -91,7 +92,7 @@ class FedracStrategy(FedAvg):
     def __init__(
         self, *, run_seed: int, client_config: Mapping[str, Any], fraction_train: float = 1.0,
         min_train_nodes: int = 1, min_available_nodes: int = 1,
-        ledger: ByteLedger | None = None,
+        ledger: ByteLedger | None = None, privacy: PrivacySettings | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train, fraction_evaluate=1.0,
@@ -104,6 +105,12 @@ class FedracStrategy(FedAvg):
         self.ledger = ledger or ByteLedger()
         self.round_metrics: dict[int, dict[str, float]] = {}
         self.sent: dict[int, list[Message]] = {}  # round -> train messages awaiting replies
+        self.privacy = privacy or PrivacySettings()
+        self.dp = CentralDP(self.privacy, self.run_seed) if self.privacy.central else None
+        self.local_accountant = Accountant(self.privacy) if self.privacy.mode == "local_dp" \
+            else None
+        if self.privacy.enabled:
+            log(INFO, "%s", self.privacy.describe())
 
     def set_adapters(
         self, layers: Mapping[str, LayerSpec], rank: int, alpha: float, sketch: str
@@ -126,6 +133,12 @@ class FedracStrategy(FedAvg):
         _, all_nodes = sample_nodes(grid, self.min_available_nodes, 0)
         size = max(int(len(all_nodes) * self.fraction_train), self.min_train_nodes)
         rng = random.Random(derive_seed(self.run_seed, server_round, SAMPLING_STREAM))
+        if self.dp is not None and self.privacy.sampling == "poisson":
+            # DP accounting with Poisson sampling: each node independently, w.p. q
+            chosen = [n for n in sorted(all_nodes) if rng.random() < self.privacy.sample_rate]
+            log(INFO, "configure_train: Poisson-sampled %d of %d nodes (q=%.3g)",
+                len(chosen), len(all_nodes), self.privacy.sample_rate)
+            return chosen
         chosen = sorted(rng.sample(sorted(all_nodes), min(size, len(all_nodes))))
         log(INFO, "configure_train: sampled %d of %d nodes", len(chosen), len(all_nodes))
         return chosen
@@ -208,6 +221,41 @@ class FedracStrategy(FedAvg):
         log(INFO, "aggregate_train: %d valid, %d failed, %d rejected replies",
             len(valid), failed, rejected)
         return valid
+
+    def average(
+        self, server_round: int, valid: Sequence[ValidReply],
+        reference: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The round's combination of the valid replies' tensors: their weighted average, or
+        under ``privacy=dp`` the private mean of the updates ``tensors - reference``
+        (``reference`` None: zero; see :mod:`fedrac.privacy`). The one place every strategy
+        averages through, so the rule can move into a shared aggregation module."""
+        self.note_release(server_round, valid)
+        if self.dp is not None:
+            return self.private_average(server_round, [r.tensors for r in valid], reference)
+        return weighted_average([r.tensors for r in valid], [r.weight for r in valid])
+
+    def private_average(
+        self, server_round: int, values: Sequence[Mapping[str, torch.Tensor]],
+        reference: Mapping[str, torch.Tensor] | None,
+    ) -> dict[str, torch.Tensor]:
+        """Central DP over arbitrary per-client tensors (FedEx-LoRA / FLoRA add products)."""
+        assert self.dp is not None
+        out = self.dp.aggregate(server_round, values, reference)
+        self.round_metrics.setdefault(server_round, {}).update(self.dp.round_metrics())
+        return out
+
+    def privacy_summary(self) -> dict[str, Any] | None:
+        """The resolved privacy settings for summary.json (``None`` without privacy)."""
+        if not self.privacy.enabled:
+            return None
+        return {**self.privacy.__dict__, "accountant": "flwr RdpAccountant (dp-accounting)"}
+
+    def note_release(self, server_round: int, valid: Sequence[ValidReply]) -> None:
+        """Local DP: count the round's releases of the replying clients (their epsilon)."""
+        if self.local_accountant is not None:
+            eps = self.local_accountant.release([r.node_id for r in valid])
+            self.round_metrics.setdefault(server_round, {})["epsilon"] = eps
 
     @staticmethod
     def _check_reply(

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedrac.lora import LayerSpec
-from strategies.base import ValidReply, weighted_average
+from strategies.base import ValidReply
 from strategies.two_factor import TwoFactorLoRA, lora_product
 
 
@@ -47,7 +47,7 @@ class Cola(TwoFactorLoRA):
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> None:
         """Average the factors; on a merge round fold them into the weights and restart."""
-        self.adapters = weighted_average([r.tensors for r in valid], [r.weight for r in valid])
+        self.adapters = self.average(server_round, valid, self.round_start)
         if server_round % self.merge_every == 0:
             self.merge_into_base({n: lora_product(self.adapters[f"{n}.lora_A"],
                                                   self.adapters[f"{n}.lora_B"], self.scale, spec)

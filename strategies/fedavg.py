@@ -8,14 +8,15 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedrac.records import to_array_record
-from strategies.base import FedracStrategy, weighted_average
+from fedrac.records import to_array_record, to_shared_state_dict
+from strategies.base import FedracStrategy
 
 
 class FedAvgFPFT(FedracStrategy):
     """Every client trains all weights; the server takes their weighted average.
 
-    Rule: ``W <- sum_k p_k W_k`` with ``p_k`` proportional to ``num-examples``.
+    Rule: ``W <- sum_k p_k W_k`` with ``p_k`` proportional to ``num-examples``; under
+    ``privacy=dp`` ``W <- W + private_mean(W_k - W)`` (:mod:`fedrac.privacy`).
     Sends ``arrays`` (the full global weights, kind ``weights``) and ``config``
     with ``mode="full"``; expects back ``arrays`` with the same keys and shapes.
     """
@@ -52,5 +53,5 @@ class FedAvgFPFT(FedracStrategy):
         metrics = self.round_metric_record(server_round)
         if not valid:
             return None, metrics
-        avg = weighted_average([r.tensors for r in valid], [r.weight for r in valid])
-        return to_array_record(avg), metrics
+        current = to_shared_state_dict(self._global)
+        return to_array_record(self.average(server_round, valid, current)), metrics

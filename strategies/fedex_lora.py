@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from strategies.base import ValidReply, weighted_average
+from strategies.base import ValidReply
 from strategies.two_factor import TwoFactorLoRA, lora_product
 
 
@@ -15,7 +15,10 @@ class FedExLoRA(TwoFactorLoRA):
     ``W0 <- W0 + s * (sum_k p_k B_k A_k - B @ A)``, so ``W0 + s * B @ A`` moves by
     exactly ``sum_k p_k s B_k A_k``. The residual is dense (``d_out * d_in`` per layer):
     it is sent next round as the ``update`` record (kind ``residual``) on top of the
-    previous base weights. Config keys as FedIT.
+    previous base weights. Config keys as FedIT. Under ``privacy=dp`` a client's update is
+    its two factor updates *and* its dense product update ``s B_k A_k - s B A``, clipped
+    together: the residual is a non-linear function of the individual factors, so the server
+    can only form it from a privatised mean of the products (dense noise, as FPFT's).
     """
 
     name = "fedex_lora"
@@ -23,17 +26,37 @@ class FedExLoRA(TwoFactorLoRA):
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> None:
         """Average the factors and fold the residual into the base weights."""
-        weights = [r.weight for r in valid]
-        total = float(sum(weights))
-        self.adapters = weighted_average([r.tensors for r in valid], weights)
+        if self.dp is not None:
+            exact = self.private_combine(server_round, valid)
+        else:
+            weights = [r.weight for r in valid]
+            total = float(sum(weights))
+            self.adapters = self.average(server_round, valid, self.round_start)
+            exact = {name: sum(w / total * lora_product(r.tensors[f"{name}.lora_A"],
+                                                        r.tensors[f"{name}.lora_B"], self.scale,
+                                                        spec)
+                               for r, w in zip(valid, weights, strict=True))
+                     for name, spec in self.layers.items()}
         residual = {}
         for name, spec in self.layers.items():
-            exact = sum(w / total * lora_product(r.tensors[f"{name}.lora_A"],
-                                                 r.tensors[f"{name}.lora_B"], self.scale, spec)
-                        for r, w in zip(valid, weights, strict=True))
-            residual[name] = exact - lora_product(self.adapters[f"{name}.lora_A"],
-                                                  self.adapters[f"{name}.lora_B"], self.scale,
-                                                  spec)
+            residual[name] = exact[name] - lora_product(self.adapters[f"{name}.lora_A"],
+                                                        self.adapters[f"{name}.lora_B"],
+                                                        self.scale, spec)
         self.merge_into_base(residual, as_update=True)
         self.update = {self.layers[n].weight_key: r.to(torch.float32)
                        for n, r in residual.items()}
+
+    def private_combine(self, server_round: int, valid: list[ValidReply]
+                        ) -> dict[str, torch.Tensor]:
+        """Central DP: one private mean of (factors, dense products); returns the products."""
+        def with_products(factors):
+            return {**factors, **{f"{n}.product": lora_product(
+                factors[f"{n}.lora_A"], factors[f"{n}.lora_B"], self.scale, spec)
+                for n, spec in self.layers.items()}}
+
+        assert self.round_start is not None
+        self.note_release(server_round, valid)
+        agg = self.private_average(server_round, [with_products(r.tensors) for r in valid],
+                                   with_products(self.round_start))
+        self.adapters = {k: agg[k].to(torch.float32) for k in self.factor_keys()}
+        return {n: agg[f"{n}.product"] for n in self.layers}

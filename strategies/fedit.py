@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from strategies.base import ValidReply, weighted_average
+from strategies.base import ValidReply
 from strategies.two_factor import TwoFactorLoRA
 
 
@@ -22,4 +22,4 @@ class FedIT(TwoFactorLoRA):
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> None:
         """Average each factor separately; the adapters carry over to the next round."""
-        self.adapters = weighted_average([r.tensors for r in valid], [r.weight for r in valid])
+        self.adapters = self.average(server_round, valid, self.round_start)

@@ -14,7 +14,7 @@ from fedrac.delta_sync import merge_factors
 from fedrac.lora import LayerSpec, resolve_trained
 from fedrac.records import to_array_record, to_shared_state_dict
 from fedrac.sketch import derive_seed, fingerprint, make_sketch
-from strategies.base import FedracStrategy, require_choice, weighted_average
+from strategies.base import FedracStrategy, require_choice
 from strategies.delta_sync import DOWNLOADS, DeltaSync
 
 TRAIN_FACTORS = ("A", "B", "auto", "alternate", "bernoulli")
@@ -55,7 +55,9 @@ class RacLoRA(FedracStrategy):
     (the factor not trained, drawn from ``seed_t``) is frozen and the other factor
     starts at zero. Clients return only the trained factors; the server merges
     ``W <- W + s * B_bar @ A_t`` (or ``s * B_t @ A_bar``), ``s = alpha / rank``,
-    with ``B_bar = sum_k p_k B_k`` -- exact, because the sketch is shared.
+    with ``B_bar = sum_k p_k B_k`` -- exact, because the sketch is shared. Under
+    ``privacy=dp`` ``B_bar`` is the private mean of the ``B_k`` (the trained factor is the
+    update: it starts at zero); its noise lies in the factor's space, so the merge stays exact.
     ``resample_every=k`` keeps a sketch for k rounds; k beyond the run length is
     asymmetric LoRA (FFA-LoRA), confined to one subspace. ``train_factor``: ``A``,
     ``B``, ``auto`` (the smaller factor per layer), ``alternate`` (``B`` in odd rounds,
@@ -150,7 +152,7 @@ class RacLoRA(FedracStrategy):
         metrics = self.round_metric_record(server_round)
         if not valid:
             return None, metrics
-        avg = weighted_average([r.tensors for r in valid], [r.weight for r in valid])
+        avg = self.average(server_round, valid)
         sketches = {k: v for k, v in plan.sketches.items() if k not in avg}
         state = merge_factors(to_shared_state_dict(self._global), self.layers, avg, sketches,
                               self.scale)

@@ -6,7 +6,8 @@ weights (``arrays``), either the global factors (``adapters``, kind ``factors``)
 when they start fresh, the seed of the random factor (``sketch``, kind ``seeds``),
 and optionally the server's last merge as an ``update`` record. They train both
 factors and reply with both. Subclasses say how the replies are combined
-(:meth:`TwoFactorLoRA.combine`).
+(:meth:`TwoFactorLoRA.combine`); under ``privacy=dp`` a client's update is each factor minus
+the one it started from (:meth:`TwoFactorLoRA.start_factors`), clipped jointly.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class TwoFactorLoRA(FedracStrategy):
         self.adapters: dict[str, torch.Tensor] | None = None  # None: clients start fresh
         self.sent_base: dict[str, torch.Tensor] | None = None  # base before `update`
         self.update: dict[str, torch.Tensor] | None = None
+        self.round_start: dict[str, torch.Tensor] | None = None  # this round's start factors
         self.kinds = {"arrays": "weights", "adapters": "factors", "factors": "factors",
                       "sketch": "seeds", "config": "config", "update": self.update_kind}
 
@@ -84,6 +86,15 @@ class TwoFactorLoRA(FedracStrategy):
         return {f"{n}.lora_{side}": make_sketch(seed, f"{n}.lora_{side}",
                                                 spec.factor_shape(side, self.rank), self.sketch)
                 for n, spec in self.layers.items()}
+
+    def start_factors(self, server_round: int) -> dict[str, torch.Tensor]:
+        """The factors this round's clients start from (as sent: float32): the global
+        adapters, or zero and the fresh random factor drawn from the round's seed."""
+        if self.adapters is not None:
+            return {k: v.to(torch.float32) for k, v in self.adapters.items()}
+        fresh = self.fresh_sketches(derive_seed(self.run_seed, server_round, FRESH_STREAM))
+        return {k: fresh[k] if k in fresh else torch.zeros(shape)
+                for k, shape in self.factor_keys().items()}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -115,6 +126,7 @@ class TwoFactorLoRA(FedracStrategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Combine the clients' factors (subclass rule); return base + s * B @ A for evaluation."""
+        self.round_start = self.start_factors(server_round)
         valid = self.collect_replies(server_round, replies, "factors", self.factor_keys(),
                                      self.kinds)
         metrics = self.round_metric_record(server_round)
