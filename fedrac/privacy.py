@@ -34,10 +34,12 @@ reports the largest epsilon over clients. ``delta`` defaults to ``1 / num_client
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +103,12 @@ class PrivacySettings:
 
 # ----------------------------------------------------------------------------- accounting
 def _flower_accounting():
+    if "absl.logging" not in sys.modules:
+        # absl builds its log handler at import on the *current* sys.stderr; under a capturing
+        # test runner that stream is closed later, and the next logging reconfiguration (Hydra)
+        # fails flushing it. Bind it to the process's real stderr.
+        with contextlib.redirect_stderr(sys.__stderr__):
+            import absl.logging  # noqa: F401
     from flwr.serverapp import RdpAccountant
     from flwr.supercore.privacy_accounting import (
         GaussianPrivacyEvent,
@@ -109,8 +117,26 @@ def _flower_accounting():
         SamplingMethod,
     )
 
-    logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's per-order warnings
     return RdpAccountant, GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
+
+
+@contextlib.contextmanager
+def quiet_absl() -> Iterator[None]:
+    """Keep dp-accounting's per-order warnings quiet and out of the root logger: absl calls
+    ``logging.basicConfig()`` when the root logger has no handler, which would bind a stderr
+    handler for the rest of the process (and to a test's captured stream)."""
+    root, absl = logging.getLogger(), logging.getLogger("absl")
+    guard = logging.NullHandler() if not root.handlers else None
+    if guard is not None:
+        root.addHandler(guard)
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+        if guard is not None:
+            root.removeHandler(guard)
 
 
 def event_multiplier(noise_multiplier: float, mode: str, sampling: str) -> float:
@@ -142,8 +168,9 @@ class Accountant:
             return math.inf
         if self.s.central:
             self.rounds += 1
-            self._acc.compose(self._event())
-            self.epsilon = float(self._acc.get_epsilon(self.s.delta))
+            with quiet_absl():
+                self._acc.compose(self._event())
+                self.epsilon = float(self._acc.get_epsilon(self.s.delta))
         else:
             for node in nodes:
                 self.per_node[int(node)] = self.per_node.get(int(node), 0) + 1
@@ -161,8 +188,9 @@ class Accountant:
     def _local_epsilon(self, count: int) -> float:
         if count not in self._cache:
             acc = new_accountant(self.s)
-            acc.compose(self._event(), count)
-            self._cache[count] = float(acc.get_epsilon(self.s.delta))
+            with quiet_absl():
+                acc.compose(self._event(), count)
+                self._cache[count] = float(acc.get_epsilon(self.s.delta))
         return self._cache[count]
 
     def state_dict(self) -> dict[str, Any]:
@@ -176,7 +204,8 @@ class Accountant:
         self.per_node = {int(k): int(v) for k, v in dict(state["per_node"]).items()}
         self.epsilon = float(state["epsilon"])
         if state.get("accountant") is not None:
-            self._acc.load_state_dict(dict(state["accountant"]))
+            with quiet_absl():
+                self._acc.load_state_dict(dict(state["accountant"]))
 
 
 def new_accountant(s: PrivacySettings):
@@ -209,8 +238,9 @@ def _epsilon_after(mode: str, sampling: str, num_clients: int, cohort: int, delt
     s = PrivacySettings(mode=mode, sampling=sampling, num_clients=num_clients, cohort=cohort,
                         delta=delta, noise_multiplier=sigma)
     acc = Accountant(s)
-    acc._acc.compose(acc._event(), rounds)
-    return float(acc._acc.get_epsilon(delta))
+    with quiet_absl():
+        acc._acc.compose(acc._event(), rounds)
+        return float(acc._acc.get_epsilon(delta))
 
 
 def calibrate(s: PrivacySettings, target_epsilon: float, rounds: int,
