@@ -9,6 +9,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients import handlers
+from clients.secagg import secagg_mod
 
 
 def make_client_app(cfg: Mapping[str, Any]) -> ClientApp:
@@ -18,7 +19,7 @@ def make_client_app(cfg: Mapping[str, Any]) -> ClientApp:
     the handlers live in :mod:`clients.handlers` so that workers import torch there.
     """
     cfg = dict(cfg)
-    app = ClientApp()
+    app = ClientApp(mods=[secagg_mod(lambda context: cfg)])  # pass-through unless secagg=plus
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

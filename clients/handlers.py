@@ -239,15 +239,20 @@ def local_privacy(cfg: Mapping[str, Any], out: dict[str, torch.Tensor],
                   context: Context) -> dict[str, torch.Tensor]:
     """Under ``privacy=local_dp`` (this node's own config, not the server's word): the reply
     clipped and noised around what the client started from (:func:`fedrac.privacy.
-    privatize_update`), seeded by ``(run seed, round, node)``; otherwise ``out`` unchanged."""
-    if (cfg.get("privacy") or {}).get("mode", "none") != "local_dp":
+    privatize_update`), seeded by ``(run seed, round, node)``; under ``privacy=dp`` with
+    ``secagg=plus`` clipped only (the server adds the noise); otherwise ``out`` unchanged."""
+    mode = (cfg.get("privacy") or {}).get("mode", "none")
+    secagg = (cfg.get("secagg") or {}).get("name", "none") == "plus"
+    if mode != "local_dp" and not (mode == "dp" and secagg):
         return out
     from fedrac.privacy import privatize_update
 
     s = _local_settings(json.dumps({k: cfg[k] for k in ("privacy", "num_clients", "num_rounds",
                                                          "fraction_train")}, sort_keys=True))
     seed = derive_seed(int(cfg["seed"]), server_round, LOCAL_STREAM, node_stream(context))
-    return privatize_update(out, start, s.clip_norm, s.noise_multiplier, seed)
+    # central DP under SecAgg+: the server never sees an update, so the client clips it
+    sigma = s.noise_multiplier if mode == "local_dp" else 0.0
+    return privatize_update(out, start, s.clip_norm, sigma, seed)
 
 
 @functools.lru_cache(maxsize=8)

@@ -116,7 +116,18 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     check_strategy(s, strategy_cls)
     check_objects(d, strategy_cls)
     check_privacy(d)
+    check_secagg(d)
     return d
+
+
+def check_secagg(d: Mapping[str, Any]) -> None:
+    """The ``secagg`` group (:func:`fedrac.secagg.check_config`)."""
+    from fedrac.secagg import check_config
+
+    try:
+        check_config(d)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def check_privacy(d: Mapping[str, Any]) -> None:

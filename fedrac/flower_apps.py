@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from clients import handlers
+from clients.secagg import secagg_mod
 from fedrac.config import ConfigError, check_group_overrides, conf_dir, expand_paths, validate
 from fedrac.server_app import run_server
 
@@ -95,7 +96,7 @@ def _server_main(grid: Grid, context: Context) -> None:
     run_server(cfg, grid)
 
 
-client_app = ClientApp()
+client_app = ClientApp(mods=[secagg_mod(lambda context: deployment_config(context.run_config))])
 
 
 @client_app.train()

@@ -491,6 +491,12 @@ class CentralDP:
         mean, norms = private_mean(differences(values, reference), clip, self.update_sigma,
                                    self.s.cohort, derive_seed(self.run_seed, server_round,
                                                               NOISE_STREAM))
+        self.last_norms = sorted(norms)
+        from flwr.supercore import log
+
+        log(logging.INFO, "round %d: DP update norms median %.4g (max %.4g), %d of %d clipped to "
+            "%.4g", server_round, self.last_norms[len(norms) // 2], self.last_norms[-1],
+            sum(n > clip for n in norms), len(norms), clip)
         if self.s.clipping == "adaptive":
             self.clip_norm = self._adapted(server_round, norms, clip)
         self.accountant.release()

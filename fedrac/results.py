@@ -16,10 +16,11 @@ from safetensors.torch import save_file
 
 from fedrac.ledger import ByteLedger
 
-KINDS = ("weights", "factors", "residual", "deltas", "seeds", "config", "metrics")
+KINDS = ("weights", "factors", "residual", "deltas", "seeds", "config", "metrics", "secagg")
 COLUMNS = (
     ["round", "train_loss", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down", "seconds",
-     "client_seconds", "clients", "failed", "rejected", "epsilon", "clip_norm"]
+     "client_seconds", "clients", "failed", "rejected", "epsilon", "clip_norm",
+     "secagg_error_bound"]
     + [f"bytes_{d}_{k}" for d in ("up", "down") for k in KINDS]
 )
 
@@ -44,6 +45,7 @@ class RunRecorder:
         self.cfg, self.ledger, self.round_metrics = cfg, ledger, round_metrics
         self.num_rounds = num_rounds
         self.privacy = dict(privacy) if privacy else None  # resolved settings (fedrac.privacy)
+        self.secagg: dict[str, Any] | None = None  # SecAgg+ per-round figures (fedrac.secagg)
         self._privacy_last = {"epsilon": 0.0 if self.privacy else math.nan,
                               "clip_norm": (self.privacy or {}).get("clip_norm", math.nan)}
         self.rows: list[dict[str, Any]] = []
@@ -65,6 +67,7 @@ class RunRecorder:
             "client_seconds": m.get("client_seconds", 0.0),
             "clients": int(m.get("clients", 0)), "failed": int(m.get("failed", 0)),
             "rejected": int(m.get("rejected", 0)),
+            "secagg_error_bound": m.get("secagg_error_bound", math.nan),
         }
         for key in ("epsilon", "clip_norm"):  # privacy: carried over rounds without a release
             self._privacy_last[key] = m.get(key, self._privacy_last[key])
@@ -142,6 +145,12 @@ class RunRecorder:
             "client_seconds_per_round": sum(r["client_seconds"] for r in rounds) / n,
             "epsilon": self._privacy_last["epsilon"],
             "privacy": self.privacy,
+            "secagg": None if self.secagg is None else {
+                **{k: v for k, v in dict(self.cfg.get("secagg") or {}).items()},
+                "error_bound_max": max((r["error_bound"] for r in self.secagg["rounds"]),
+                                       default=math.nan),
+                "seconds_per_round": sum(r["seconds"] for r in self.secagg["rounds"])
+                / max(len(self.secagg["rounds"]), 1)},
             "config": {
                 "strategy": dict(s), "dataset": self.cfg["dataset"].get("name"),
                 "model": self.cfg["model"].get("name", self.cfg["model"].get("_target_")),

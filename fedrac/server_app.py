@@ -49,8 +49,14 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
         recorder.log_round(server_round, loss, acc)
         return MetricRecord({"eval_loss": loss, "eval_accuracy": acc})
 
-    strategy.start(grid, initial, num_rounds=num_rounds,
-                   timeout=float(cfg["round_timeout"]), evaluate_fn=evaluate_fn)
+    if (cfg.get("secagg") or {}).get("name", "none") == "plus":
+        from fedrac.secagg import run_secagg
+
+        recorder.secagg = run_secagg(strategy, grid, initial, num_rounds,
+                                     float(cfg["round_timeout"]), evaluate_fn, cfg["secagg"])
+    else:
+        strategy.start(grid, initial, num_rounds=num_rounds,
+                       timeout=float(cfg["round_timeout"]), evaluate_fn=evaluate_fn)
     return recorder.finish(to_state_dict(latest["arrays"]))
 
 
