@@ -10,6 +10,7 @@ from flwr.clientapp import ClientApp
 
 from clients import handlers
 from clients.node_errors import reported
+from clients.secagg import secagg_mod
 
 
 def make_client_app(cfg: Mapping[str, Any]) -> ClientApp:
@@ -21,7 +22,7 @@ def make_client_app(cfg: Mapping[str, Any]) -> ClientApp:
     text withheld unless ``verbose_node_errors``.
     """
     cfg = dict(cfg)
-    app = ClientApp()
+    app = ClientApp(mods=[secagg_mod(lambda context: cfg)])  # pass-through unless secagg=plus
     verbose = bool(cfg.get("verbose_node_errors", False))
 
     @app.train()

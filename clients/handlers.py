@@ -53,6 +53,7 @@ from fedrac.lora import (
     resolve_trained,
 )
 from fedrac.models import build_model
+from fedrac.privacy import LOCAL_STREAM, settings_from_config
 from fedrac.records import to_array_record, to_shared_state_dict, to_state_dict
 from fedrac.sketch import check_fingerprint, derive_seed, make_sketch, sketch_fingerprint
 from fedrac.tasks import task_of
@@ -235,7 +236,8 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
         weights = downloaded_weights(content, context, layers)
     except ResyncNeeded as err:
         return resync_reply(msg, err)
-    model.load_state_dict(apply_update(weights, content, layers), strict=True)
+    start = apply_update(weights, content, layers)
+    model.load_state_dict(start, strict=True)
     move_to(model, device)
     x, y = client_data(cfg, context, config=config)
     seed = derive_seed(int(cfg["seed"]), server_round, SHUFFLE_STREAM, node_stream(context))
@@ -249,6 +251,7 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
         out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     elif mode == "adapters":
         prepare_adapters(model, layers, content, server_round)
+        start = {k: v.detach().cpu().clone() for k, v in adapter_factors(model).items()}
         modules = module_keys(model, cfg)
         for p in modules.values():
             p.requires_grad_(True)
@@ -263,10 +266,37 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
         reply_key = "factors"
     else:
         raise ValueError(f"config mode={mode!r} is not allowed; allowed: full, adapters")
+    out = local_privacy(cfg, out, start, server_round, context)
     metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
                             "train-seconds": result.seconds, "train-steps": result.steps})
     return Message(RecordDict({reply_key: to_array_record(out), **records, "metrics": metrics}),
                    reply_to=msg)
+
+
+def local_privacy(cfg: Mapping[str, Any], out: dict[str, torch.Tensor],
+                  start: Mapping[str, torch.Tensor], server_round: int,
+                  context: Context) -> dict[str, torch.Tensor]:
+    """Under ``privacy=local_dp`` (this node's own config, not the server's word): the reply
+    clipped and noised around what the client started from (:func:`fedrac.privacy.
+    privatize_update`), seeded by ``(run seed, round, node)``; under ``privacy=dp`` with
+    ``secagg=plus`` clipped only (the server adds the noise); otherwise ``out`` unchanged."""
+    mode = (cfg.get("privacy") or {}).get("mode", "none")
+    secagg = (cfg.get("secagg") or {}).get("name", "none") == "plus"
+    if mode != "local_dp" and not (mode == "dp" and secagg):
+        return out
+    from fedrac.privacy import privatize_update
+
+    s = _local_settings(json.dumps({k: cfg[k] for k in ("privacy", "num_clients", "num_rounds",
+                                                         "fraction_train")}, sort_keys=True))
+    seed = derive_seed(int(cfg["seed"]), server_round, LOCAL_STREAM, node_stream(context))
+    # central DP under SecAgg+: the server never sees an update, so the client clips it
+    sigma = s.noise_multiplier if mode == "local_dp" else 0.0
+    return privatize_update(out, start, s.clip_norm, sigma, seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _local_settings(key: str):
+    return settings_from_config(json.loads(key))
 
 
 def handle_evaluate(cfg: Mapping[str, Any], msg: Message, context: Context) -> Message:

@@ -134,6 +134,8 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     check_guards(d, strategy_cls)
     if not d.get("runner"):  # an experiment with its own loop builds (and checks) its own
         check_objects(d, strategy_cls)
+    check_privacy(d)
+    check_secagg(d)
     return d
 
 
@@ -201,6 +203,25 @@ def check_task(d: Mapping[str, Any]) -> None:
     if text:
         _require(_is_int(max_length) and max_length > 0, "dataset.max_length", max_length,
                  "an integer > 0 (tokens per example)")
+
+
+
+def check_secagg(d: Mapping[str, Any]) -> None:
+    """The ``secagg`` group (:func:`fedrac.secagg.check_config`)."""
+    from fedrac.secagg import check_config
+
+    try:
+        check_config(d)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def check_privacy(d: Mapping[str, Any]) -> None:
+    """The ``privacy`` group (:func:`fedrac.privacy.settings_from_config`: noise, clipping,
+    a reachable target epsilon, an aggregation rule that keeps the sensitivity bound)."""
+    from fedrac.privacy import settings_from_config
+
+    settings_from_config(d)
 
 
 def check_run(d: Mapping[str, Any], strategy_cls: type) -> None:

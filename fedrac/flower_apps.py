@@ -164,7 +164,22 @@ def _client(kind: str, msg: Message, context: Context) -> Message:
     return handle(deployment_config(context.run_config), msg, context)
 
 
-client_app = ClientApp()
+def _secagg_cfg(context: Context) -> dict[str, Any]:
+    """The run's config for :func:`clients.secagg.secagg_mod`, composed only when the
+    overrides ask for SecAgg+ (this short-lived process otherwise stays light)."""
+    if not any(i.lstrip("+").replace(" ", "") in ("secagg=plus",)
+               for i in shlex.split(_overrides(context.run_config))):
+        return {}
+    return deployment_config(context.run_config)
+
+
+def _client_mods() -> list:
+    from clients.secagg import secagg_mod
+
+    return [secagg_mod(_secagg_cfg)]
+
+
+client_app = ClientApp(mods=_client_mods())
 
 
 def _verbose(run_config: Any) -> bool:

@@ -22,13 +22,14 @@ from fedrac.tracking import Tracker, make_tracker, round_scalars
 log = logging.getLogger(__name__)
 
 KINDS = ("weights", "factors", "residual", "deltas", "seeds", "config", "metrics", "modules",
-         "eval")
+         "eval", "secagg")
 # client-side evaluation (fraction_evaluate > 0): weighted means and spread across clients
 CLIENT_EVAL = tuple(f"client_eval_{m}{s}" for m in ("loss", "accuracy")
                     for s in ("", "_std", "_min", "_max")) + ("client_eval_clients",)
 COLUMNS = (
     ["round", "train_loss", "eval_loss", "eval_accuracy", "eval_perplexity", "bytes_up",
-     "bytes_down", "seconds", "client_seconds", "clients", "failed", "rejected"]
+     "bytes_down", "seconds", "client_seconds", "clients", "failed", "rejected", "epsilon",
+     "clip_norm", "secagg_error_bound"]
     + [f"bytes_{d}_{k}" for d in ("up", "down") for k in KINDS]
     + list(CLIENT_EVAL)
 )
@@ -63,11 +64,16 @@ class RunRecorder:
     """Writes one run's results into ``output_dir`` as the rounds go by."""
 
     def __init__(self, output_dir: str | Path, cfg: Mapping[str, Any], ledger: ByteLedger,
-                 round_metrics: Mapping[int, Mapping[str, float]], num_rounds: int) -> None:
+                 round_metrics: Mapping[int, Mapping[str, float]], num_rounds: int,
+                 privacy: Mapping[str, Any] | None = None) -> None:
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cfg, self.ledger, self.round_metrics = cfg, ledger, round_metrics
         self.num_rounds = num_rounds
+        self.privacy = dict(privacy) if privacy else None  # resolved settings (fedrac.privacy)
+        self.secagg: dict[str, Any] | None = None  # SecAgg+ per-round figures (fedrac.secagg)
+        self._privacy_last = {"epsilon": 0.0 if self.privacy else math.nan,
+                              "clip_norm": (self.privacy or {}).get("clip_norm", math.nan)}
         self.rows: list[dict[str, Any]] = []
         self._t0 = self._last = time.perf_counter()
         self._csv = (self.dir / "metrics.csv").open("w", newline="")
@@ -93,7 +99,11 @@ class RunRecorder:
             "client_seconds": m.get("client_seconds", 0.0),
             "clients": int(m.get("clients", 0)), "failed": int(m.get("failed", 0)),
             "rejected": int(m.get("rejected", 0)),
+            "secagg_error_bound": m.get("secagg_error_bound", math.nan),
         }
+        for key in ("epsilon", "clip_norm"):  # privacy: carried over rounds without a release
+            self._privacy_last[key] = m.get(key, self._privacy_last[key])
+            row[key] = self._privacy_last[key]
         for d in ("up", "down"):
             kinds = self.ledger.round_kinds(server_round, d)
             for k in KINDS:
@@ -203,6 +213,14 @@ class RunRecorder:
             "seconds": time.perf_counter() - self._t0,
             "seconds_per_round": sum(r["seconds"] for r in rounds) / n,
             "client_seconds_per_round": sum(r["client_seconds"] for r in rounds) / n,
+            "epsilon": self._privacy_last["epsilon"],
+            "privacy": self.privacy,
+            "secagg": None if self.secagg is None else {
+                **{k: v for k, v in dict(self.cfg.get("secagg") or {}).items()},
+                "error_bound_max": max((r["error_bound"] for r in self.secagg["rounds"]),
+                                       default=math.nan),
+                "seconds_per_round": sum(r["seconds"] for r in self.secagg["rounds"])
+                / max(len(self.secagg["rounds"]), 1)},
             "config": {
                 "strategy": dict(s), "dataset": self.cfg["dataset"].get("name"),
                 "task": (self.cfg.get("task") or {}).get("name", "classification"),

@@ -45,7 +45,7 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
                                             "nan": cfg["dataset"].get("nan") or "error"})
     num_rounds, every = int(cfg["num_rounds"]), int(cfg["eval_every"])
     recorder = RunRecorder(cfg["output_dir"], cfg, strategy.ledger, strategy.round_metrics,
-                           num_rounds)
+                           num_rounds, privacy=strategy.privacy_summary())
     device = resolve_device(str(cfg["device"]))
     task = task_of(cfg)
     x_test, y_test = to_tensors(splits.target_test)
@@ -67,8 +67,14 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
                            metrics.get("eval_perplexity", math.nan))
         return MetricRecord(metrics)
 
-    strategy.start(grid, initial, num_rounds=num_rounds,
-                   timeout=float(cfg["round_timeout"]), evaluate_fn=evaluate_fn)
+    if (cfg.get("secagg") or {}).get("name", "none") == "plus":
+        from fedrac.secagg import run_secagg
+
+        recorder.secagg = run_secagg(strategy, grid, initial, num_rounds,
+                                     float(cfg["round_timeout"]), evaluate_fn, cfg["secagg"])
+    else:
+        strategy.start(grid, initial, num_rounds=num_rounds,
+                       timeout=float(cfg["round_timeout"]), evaluate_fn=evaluate_fn)
     final = to_state_dict(latest["arrays"])
     extra: dict[str, Any] = {}
     if splits.label_names:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedrac.ledger import ByteLedger
+from fedrac.privacy import settings_from_config
 from strategies.aggregation import Aggregator
 from strategies.base import FedracStrategy
 from strategies.cola import Cola
@@ -32,7 +33,8 @@ def build_strategy(
                   min_available_nodes=int(cfg.get("min_available_clients") or cfg["num_clients"]),
                   aggregator=build_aggregator(cfg),
                   fraction_evaluate=float(cfg.get("fraction_evaluate") or 0.0),
-                  eval_every=int(cfg.get("eval_every", 1)), num_rounds=int(cfg["num_rounds"]))
+                  eval_every=int(cfg.get("eval_every", 1)), num_rounds=int(cfg["num_rounds"]),
+                  privacy=settings_from_config(cfg))
     return STRATEGIES[name].from_config(cfg, layers, **common)
 
 

@@ -28,6 +28,7 @@ from flwr.supercore import log
 
 from fedrac.ledger import ByteLedger, record_dict_nbytes
 from fedrac.lora import FACTOR_DTYPE, LayerSpec, adapter_dtype, check_rank
+from fedrac.privacy import Accountant, CentralDP, PrivacySettings
 from fedrac.records import array_to_tensor
 from fedrac.sketch import DISTRIBUTIONS, derive_seed
 from strategies.aggregation import Aggregator, normalised, scaled
@@ -137,6 +138,7 @@ class FedracStrategy(FedAvg):
         min_train_nodes: int = 1, min_available_nodes: int = 1,
         ledger: ByteLedger | None = None, aggregator: Aggregator | None = None,
         fraction_evaluate: float = 0.0, eval_every: int = 1, num_rounds: int | None = None,
+        privacy: PrivacySettings | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train, fraction_evaluate=1.0,
@@ -151,6 +153,12 @@ class FedracStrategy(FedAvg):
         self.aggregator = aggregator or Aggregator(run_seed=self.run_seed)
         self.round_metrics: dict[int, dict[str, float]] = {}
         self.sent: dict[int, list[Message]] = {}  # round -> train messages awaiting replies
+        self.privacy = privacy or PrivacySettings()
+        self.dp = CentralDP(self.privacy, self.run_seed) if self.privacy.central else None
+        self.local_accountant = Accountant(self.privacy) if self.privacy.mode == "local_dp" \
+            else None
+        if self.privacy.enabled:
+            log(INFO, "%s", self.privacy.describe())
         self.sent_eval: dict[int, list[Message]] = {}  # round -> evaluate messages
         # sent in every train/evaluate config: the run's data statistics (``data-mean`` /
         # ``data-std``, see fedrac.data.standardise) for nodes that read their own data-path
@@ -213,6 +221,13 @@ class FedracStrategy(FedAvg):
         _, all_nodes = sample_nodes(grid, self.min_available_nodes, 0)
         size = max(int(len(all_nodes) * fraction), minimum)
         rng = random.Random(derive_seed(self.run_seed, server_round, stream))
+        if stream == SAMPLING_STREAM and self.dp is not None and \
+                self.privacy.sampling == "poisson":
+            # DP accounting with Poisson sampling: each node independently, w.p. q
+            chosen = [n for n in sorted(all_nodes) if rng.random() < self.privacy.sample_rate]
+            log(INFO, "configure_train: Poisson-sampled %d of %d nodes (q=%.3g)",
+                len(chosen), len(all_nodes), self.privacy.sample_rate)
+            return chosen
         chosen = sorted(rng.sample(sorted(all_nodes), min(size, len(all_nodes))))
         log(INFO, "%s: sampled %d of %d nodes", what, len(chosen), len(all_nodes))
         return chosen
@@ -400,9 +415,37 @@ class FedracStrategy(FedAvg):
         reference: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The round's aggregate of the valid replies' tensors: ``reference + rule(updates)``
-        (``reference`` ``None``: zero), in the reference's (else the replies') dtypes."""
+        (``reference`` ``None``: zero), in the reference's (else the replies') dtypes; under
+        ``privacy=dp`` the private mean of the updates instead (see :mod:`fedrac.privacy`;
+        DP takes the place of the aggregation rule, whose combination with DP is checked at
+        start)."""
+        self.note_release(server_round, valid)
+        if self.dp is not None:
+            return self.private_average(server_round, [r.tensors for r in valid], reference)
         return self.aggregator.aggregate(server_round, [r.tensors for r in valid],
                                          [r.weight for r in valid], reference)
+
+    def private_average(
+        self, server_round: int, values: Sequence[Mapping[str, torch.Tensor]],
+        reference: Mapping[str, torch.Tensor] | None,
+    ) -> dict[str, torch.Tensor]:
+        """Central DP over arbitrary per-client tensors (FedEx-LoRA / FLoRA add products)."""
+        assert self.dp is not None
+        out = self.dp.aggregate(server_round, values, reference)
+        self.round_metrics.setdefault(server_round, {}).update(self.dp.round_metrics())
+        return out
+
+    def privacy_summary(self) -> dict[str, Any] | None:
+        """The resolved privacy settings for summary.json (``None`` without privacy)."""
+        if not self.privacy.enabled:
+            return None
+        return {**self.privacy.__dict__, "accountant": "flwr RdpAccountant (dp-accounting)"}
+
+    def note_release(self, server_round: int, valid: Sequence[ValidReply]) -> None:
+        """Local DP: count the round's releases of the replying clients (their epsilon)."""
+        if self.local_accountant is not None:
+            eps = self.local_accountant.release([r.node_id for r in valid])
+            self.round_metrics.setdefault(server_round, {})["epsilon"] = eps
 
     @staticmethod
     def _check_reply(

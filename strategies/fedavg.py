@@ -18,6 +18,7 @@ class FedAvgFPFT(FedracStrategy):
     Rule: ``W <- sum_k p_k W_k`` with ``p_k`` proportional to ``num-examples``; under a
     robust ``aggregation`` rule ``W <- W + rule(W_k - W)`` (the rule acts on the updates).
     Every reply tensor must have the dtype of the global tensor it replaces.
+    Under ``privacy=dp``: ``W <- W + private_mean(W_k - W)`` (:mod:`fedrac.privacy`).
     Sends ``arrays`` (the full global weights, kind ``weights``) and ``config``
     with ``mode="full"``; expects back ``arrays`` with the same keys and shapes.
     """

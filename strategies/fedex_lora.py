@@ -18,7 +18,10 @@ class FedExLoRA(TwoFactorLoRA):
     previous base weights. Config keys as FedIT. Under a robust ``aggregation`` rule the
     factors are ``rule(A_k)``, ``rule(B_k)`` and the residual makes the model move by exactly
     the rule applied to the clients' dense products ``s B_k A_k`` (coordinate-wise for
-    ``median`` / ``trimmed_mean``).
+    ``median`` / ``trimmed_mean``). Under ``privacy=dp`` a client's update is its two factor
+    updates *and* its dense product update ``s B_k A_k - s B A``, clipped together: the
+    residual is a non-linear function of the individual factors, so the server can only form
+    it from a privatised mean of the products (dense noise, as FPFT's).
     """
 
     name = "fedex_lora"
@@ -26,17 +29,37 @@ class FedExLoRA(TwoFactorLoRA):
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> None:
         """Average the factors and fold the residual into the base weights."""
-        self.adapters = self.average(server_round, valid, self.round_start)
-        weights = [r.weight for r in valid]
+        if self.dp is not None:
+            exact = self.private_combine(server_round, valid)
+        else:
+            self.adapters = self.average(server_round, valid, self.round_start)
+            weights = [r.weight for r in valid]
+            exact = {}
+            for name, spec in self.layers.items():  # one layer's dense products at a time
+                products = [{name: lora_product(r.tensors[f"{name}.lora_A"],
+                                                r.tensors[f"{name}.lora_B"], self.scale, spec)}
+                            for r in valid]
+                exact[name] = self.aggregator.aggregate(server_round, products, weights)[name]
         residual = {}
-        for name, spec in self.layers.items():  # one layer's dense products at a time
-            products = [{name: lora_product(r.tensors[f"{name}.lora_A"],
-                                            r.tensors[f"{name}.lora_B"], self.scale, spec)}
-                        for r in valid]
-            exact = self.aggregator.aggregate(server_round, products, weights)[name]
-            residual[name] = exact - lora_product(self.adapters[f"{name}.lora_A"],
-                                                  self.adapters[f"{name}.lora_B"], self.scale,
-                                                  spec)
+        for name, spec in self.layers.items():
+            residual[name] = exact[name] - lora_product(self.adapters[f"{name}.lora_A"],
+                                                        self.adapters[f"{name}.lora_B"],
+                                                        self.scale, spec)
         self.merge_into_base(residual, as_update=True)
         self.update = {self.layers[n].weight_key: r.to(torch.float32)
                        for n, r in residual.items()}
+
+    def private_combine(self, server_round: int, valid: list[ValidReply]
+                        ) -> dict[str, torch.Tensor]:
+        """Central DP: one private mean of (factors, dense products); returns the products."""
+        def with_products(factors):
+            return {**factors, **{f"{n}.product": lora_product(
+                factors[f"{n}.lora_A"], factors[f"{n}.lora_B"], self.scale, spec)
+                for n, spec in self.layers.items()}}
+
+        assert self.round_start is not None
+        self.note_release(server_round, valid)
+        agg = self.private_average(server_round, [with_products(r.tensors) for r in valid],
+                                   with_products(self.round_start))
+        self.adapters = {k: agg[k].to(torch.float32) for k in self.factor_keys()}
+        return {n: agg[f"{n}.product"] for n in self.layers}

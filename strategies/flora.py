@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from strategies.base import ValidReply
-from strategies.two_factor import TwoFactorLoRA
+from strategies.two_factor import TwoFactorLoRA, lora_product
 
 
 class FLoRA(TwoFactorLoRA):
@@ -18,6 +18,12 @@ class FLoRA(TwoFactorLoRA):
     weights, so the download grows with the number of clients. Config keys as FedIT.
     Stacking needs one coefficient ``p_k`` per client: ``aggregation=mean`` or ``norm_clip``
     (exact for the clipped factors); ``median`` and ``trimmed_mean`` are refused.
+
+    Under ``privacy=dp`` the stack cannot be sent: it is every client's own factors, i.e.
+    no aggregate at all. A client's update is then its dense product ``s B_k A_k`` (its
+    adapters start at zero product), privatised as one mean; the merge is that dense mean,
+    and the ``update`` record carries it (kind ``residual``, ``d_out * d_in`` per layer).
+    Under ``privacy=local_dp`` the factors are already noised by each client and are stacked.
     """
 
     name = "flora"
@@ -31,6 +37,10 @@ class FLoRA(TwoFactorLoRA):
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> None:
         """Stack the weighted factors, merge their product and restart the adapters."""
+        if self.dp is not None:
+            self.private_combine(server_round, valid)
+            return
+        self.note_release(server_round, valid)
         p = self.aggregator.coefficients([r.weight for r in valid]).tolist()
         update, deltas = {}, {}
         for name, spec in self.layers.items():
@@ -41,4 +51,16 @@ class FLoRA(TwoFactorLoRA):
             update[f"{name}.stack_B"], update[f"{name}.stack_A"] = b.float(), a.float()
         self.merge_into_base(deltas, as_update=True)
         self.update = update
+        self.adapters = None
+
+    def private_combine(self, server_round: int, valid: list[ValidReply]) -> None:
+        """Central DP: the private mean of the clients' dense products, merged and sent."""
+        self.kinds["update"] = "residual"
+        products = [{name: lora_product(r.tensors[f"{name}.lora_A"], r.tensors[f"{name}.lora_B"],
+                                        self.scale, spec) for name, spec in self.layers.items()}
+                    for r in valid]
+        self.note_release(server_round, valid)
+        deltas = self.private_average(server_round, products, None)
+        self.merge_into_base(deltas, as_update=True)
+        self.update = {self.layers[n].weight_key: d.to(torch.float32) for n, d in deltas.items()}
         self.adapters = None

@@ -59,6 +59,8 @@ class RacLoRA(FedracStrategy):
     ``aggregation`` rule ``B_bar = rule(B_k)`` (the trained factor is the update: it starts
     at zero), merged as exactly: every client's ``s B_k A_t`` lies in the one subspace the
     shared sketch spans, and the rule picks one point of it.
+    Under ``privacy=dp`` ``B_bar`` is the private mean of the ``B_k``; its noise lies in the
+    factor's space, so the merge stays exact.
     ``resample_every=k`` keeps a sketch for k rounds; k beyond the run length is
     asymmetric LoRA (FFA-LoRA), confined to one subspace. ``train_factor``: ``A``,
     ``B``, ``auto`` (the smaller factor per layer), ``alternate`` (``B`` in odd rounds,

@@ -7,7 +7,8 @@ when they start fresh, the seed of the random factor (``sketch``, kind ``seeds``
 and optionally the server's last merge as an ``update`` record. They train both
 factors and reply with both. Subclasses say how the replies are combined
 (:meth:`TwoFactorLoRA.combine`); the aggregation rule acts on each factor's update, i.e. the
-factor minus the one the client started from (:meth:`TwoFactorLoRA.start_factors`).
+factor minus the one the client started from (:meth:`TwoFactorLoRA.start_factors`). Under
+``privacy=dp`` those updates are clipped jointly and noised (:mod:`fedrac.privacy`).
 """
 
 from __future__ import annotations

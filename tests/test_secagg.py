@@ -1,0 +1,135 @@
+"""SecAgg+ (Flower's legacy workflow around fedrac's strategies): a run equals the plain run up
+to the stated quantisation error, in-process, under Ray and over real Flower processes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedrac.config import ConfigError, validate
+from fedrac.secagg import error_bound
+
+SMALL = ["num_clients=3", "client.local_steps=2", "seed=4", "eval_every=1"]
+
+
+def compose(*overrides: str) -> dict:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from fedrac.config import conf_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        return validate(hydra_compose(config_name="config", overrides=list(overrides)))
+
+
+def run(tmp_path, name: str, *overrides: str) -> tuple[dict, dict]:
+    from fedrac.run import run_experiment
+
+    out = tmp_path / name
+    summary = run_experiment(compose(*SMALL, *overrides, f"output_dir={out}"))
+    return summary, load_file(str(out / "model.safetensors"))
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    monkeypatch.setenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    monkeypatch.setenv("FEDRAC_CACHE", os.environ.get("FEDRAC_CACHE")
+                       or str(tmp_path.parent / "fedrac-cache"))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def test_error_bound_is_one_level_per_client_over_the_weight_sum():
+    sa = {"clipping_range": 8.0, "quantization_range": 2 ** 22, "max_weight": 1000.0}
+    step = 16.0 / 2 ** 22
+    assert error_bound([1000.0] * 4, sa) == pytest.approx(step)  # ratio 1 each: 4 steps / 4
+    assert error_bound([100.0] * 4, sa) == pytest.approx(10 * step, rel=1e-6)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["strategy=flora"], "secagg=plus is not allowed for strategy flora"),
+    (["strategy=fedex_lora"], "secagg=plus is not allowed for strategy fedex_lora"),
+    (["num_clients=1"], "secagg=plus needs at least 2 clients per round"),
+    (["strategy.download=delta"], "strategy.download=delta is not allowed with secagg=plus"),
+    (["secagg.clipping_range=0"], "secagg.clipping_range=0 is not allowed"),
+    (["secagg.modulus_range=1000"], "secagg.modulus_range=1000 is not allowed"),
+    (["privacy=dp", "privacy.clipping=adaptive", "privacy.noise_multiplier=0.1",
+      "privacy.target_epsilon=null"], "privacy.clipping=adaptive is not allowed with secagg"),
+])
+def test_secagg_refuses_what_it_cannot_sum(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose("secagg=plus", *overrides)
+
+
+def test_secagg_run_equals_the_plain_run_up_to_the_quantisation_error(tmp_path):
+    """fedavg, one round: the new global weights are SecAgg+'s weighted average itself."""
+    plain, w_plain = run(tmp_path, "plain", "strategy=fedavg", "num_rounds=1")
+    masked, w_masked = run(tmp_path, "secagg", "strategy=fedavg", "num_rounds=1", "secagg=plus")
+    bound = masked["secagg"]["error_bound_max"]
+    assert 0 < bound < 1e-3
+    assert 0 < _max_diff(w_plain, w_masked) <= bound  # masked and quantised, within the bound
+    assert masked["bytes_by_kind"]["up"]["secagg"] > 0 and "weights" not in \
+        masked["bytes_by_kind"]["up"]  # the weights went up only masked
+
+
+@pytest.mark.slow
+def test_secagg_with_central_dp_equals_plain_dp(tmp_path):
+    """Clients clip (the server never sees an update), the server adds the same seeded noise:
+    rac_lora under privacy=dp with and without SecAgg+ differ only by quantisation."""
+    dp = ["strategy=rac_lora", "num_rounds=2", "privacy=dp", "privacy.clip_norm=0.5",
+          "privacy.target_epsilon=8"]
+    plain, w_plain = run(tmp_path, "plain", *dp)
+    masked, w_masked = run(tmp_path, "secagg", *dp, "secagg=plus")
+    assert masked["epsilon"] == pytest.approx(plain["epsilon"]) and plain["epsilon"] <= 8
+    # round 2 starts from weights that differ by <= s * bound * max|A| (|A| <= 1: orthonormal)
+    assert _max_diff(w_plain, w_masked) <= 20 * masked["secagg"]["error_bound_max"]
+    assert masked["final_accuracy"] == pytest.approx(plain["final_accuracy"], abs=0.02)
+
+
+@pytest.mark.slow
+def test_secagg_under_the_ray_simulation_runtime(tmp_path):
+    plain, w_plain = run(tmp_path, "plain", "strategy=rac_lora", "num_rounds=1")
+    masked, w_masked = run(tmp_path, "ray", "strategy=rac_lora", "num_rounds=1", "secagg=plus",
+                           "engine=simulation")
+    assert masked["rounds"] == 1
+    assert _max_diff(w_plain, w_masked) <= masked["secagg"]["error_bound_max"]
+
+
+@pytest.mark.slow
+def test_secagg_over_real_flower_processes(tmp_path):
+    """SuperLink + 3 SuperNodes on 127.0.0.1, ``flwr run`` with secagg=plus."""
+    from fedrac.deploy.local import down, up
+    from fedrac.flower_apps import deployment_config
+    from fedrac.run import run_experiment
+    from tests.test_deployment import flwr_run, rows
+
+    fed = up(tmp_path / "fed", 3)
+    try:
+        out = tmp_path / "out"
+        overrides = (f"strategy=rac_lora num_rounds=2 secagg=plus {' '.join(SMALL)} "
+                     f"output_dir={out}")
+        proc = flwr_run(fed, overrides)
+        log, _ = proc.communicate(timeout=400)
+        assert proc.returncode == 0, log[-3000:]
+    finally:
+        down(fed.dir)
+    table = rows(out)
+    assert [int(r["round"]) for r in table] == [0, 1, 2]
+    assert all(int(r["clients"]) == 3 and int(r["bytes_up_secagg"]) > 0 for r in table[1:])
+    ref = tmp_path / "ref"
+    cfg = deployment_config({"overrides": overrides.replace(str(out), str(ref))})
+    run_experiment({**cfg, "engine": {"name": "inline"}, "secagg": {**cfg["secagg"],
+                                                                    "name": "none"}})
+    summary = json.loads((out / "summary.json").read_text())
+    diff = _max_diff(load_file(str(out / "model.safetensors")),
+                     load_file(str(ref / "model.safetensors")))
+    assert diff <= 20 * summary["secagg"]["error_bound_max"]
+    assert torch.isfinite(torch.tensor(diff))
