@@ -100,8 +100,11 @@ def run_quadratic(cfg: Mapping[str, Any]) -> dict[str, Any]:
     w_star, xs, ys, lip = make_problem(q, n)
     layers = find_target_layers(_model(int(q["d_in"]), int(q["d_out"])), ["lin"])
     ledger = ByteLedger()
+    agg = dict(cfg.get("aggregation") or {})
+    if agg.get("max_client_weight", "auto") == "auto":  # the toy's partitions, not the dataset's
+        agg["max_client_weight"] = max(len(xk) for xk in xs)
     try:
-        strategy = build_strategy(cfg, layers, ledger)
+        strategy = build_strategy({**cfg, "aggregation": agg}, layers, ledger)
     except ValueError as err:  # rank, sketch, side: checked against this problem's layer
         raise ConfigError(str(err)) from err
     rows: list[dict[str, float]] = []
