@@ -252,6 +252,15 @@ def check_run(d: Mapping[str, Any], strategy_cls: type) -> None:
     check_device(d["device"], d["engine"].get("name"))
     _require(_is_int(d["eval_every"]) and d["eval_every"] >= 1, "eval_every", d["eval_every"],
              "an integer >= 1")
+    me = d.get("monitor_every", 1)
+    _require(_is_int(me) and me >= 0, "monitor_every", me, "an integer >= 0 (0: no spectrum.csv)")
+    mon = d.get("monitor") or {}
+    _require(_is_int(mon.get("top_k", 8)) and mon.get("top_k", 8) >= 1, "monitor.top_k",
+             mon.get("top_k"), "an integer >= 1")
+    _require(_is_num(mon.get("rank_tol", 1e-3)) and 0 < mon.get("rank_tol", 1e-3) < 1,
+             "monitor.rank_tol", mon.get("rank_tol"), "a number in (0, 1)")
+    _require(_is_int(mon.get("exact_max", 1024)) and mon.get("exact_max", 1024) >= 1,
+             "monitor.exact_max", mon.get("exact_max"), "an integer >= 1")
     _require(_is_num(d["round_timeout"]) and d["round_timeout"] > 0, "round_timeout",
              d["round_timeout"], "a number of seconds > 0")
     ta = d.get("target_accuracy")
