@@ -259,7 +259,7 @@ def check_run(d: Mapping[str, Any], strategy_cls: type) -> None:
              mon.get("top_k"), "an integer >= 1")
     _require(_is_num(mon.get("rank_tol", 1e-3)) and 0 < mon.get("rank_tol", 1e-3) < 1,
              "monitor.rank_tol", mon.get("rank_tol"), "a number in (0, 1)")
-    _require(_is_int(mon.get("exact_max", 1024)) and mon.get("exact_max", 1024) >= 1,
+    _require(_is_int(mon.get("exact_max", 512)) and mon.get("exact_max", 512) >= 1,
              "monitor.exact_max", mon.get("exact_max"), "an integer >= 1")
     _require(_is_num(d["round_timeout"]) and d["round_timeout"] > 0, "round_timeout",
              d["round_timeout"], "a number of seconds > 0")

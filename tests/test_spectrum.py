@@ -37,9 +37,9 @@ def test_randomised_svd_of_a_big_low_rank_layer_matches_the_exact_one():
     x = _low_rank(300, 200, [9.0, 4.0, 3.0, 1.0, 0.5])
     exact = layer_stats(x, top_k=4, exact_max=1024)
     fast = layer_stats(x, top_k=4, exact_max=50)  # 200 > 50: torch.svd_lowrank
-    assert fast["top_singular_values"] == pytest.approx(exact["top_singular_values"], rel=1e-8)
+    assert fast["top_singular_values"] == pytest.approx(exact["top_singular_values"], rel=1e-5)
     assert fast["rank"] == exact["rank"] == 5
-    assert fast["nuclear_norm"] == pytest.approx(exact["nuclear_norm"], rel=1e-8)
+    assert fast["nuclear_norm"] == pytest.approx(exact["nuclear_norm"], rel=1e-5)
 
 
 def test_balance_is_zero_for_balanced_factors_only():

@@ -15,9 +15,11 @@ rounds it appends to ``spectrum.csv`` one row per adapted layer with
   FedAvg).
 
 Layers whose short side exceeds ``exact_max`` use a randomised SVD (``torch.svd_lowrank``,
-``q = min(short side, max(4 * top_k, 64))``, 2 power iterations): then ``nuclear_norm`` is
-the sum of the ``q`` values found (a lower bound) and ``rank`` is capped at ``q``.
-The cost per observed round is kept in :attr:`SpectrumMonitor.seconds`.
+in float32, ``q = min(short side, 2 * top_k + 16)``, 2 power iterations): then
+``nuclear_norm`` is the sum of the ``q`` values found (a lower bound) and ``rank`` is capped
+at ``q``. The cost per observed round is kept in :attr:`SpectrumMonitor.seconds` (one core:
+64x64 0.2 ms and 512x512 81 ms exact; 768x768 17 ms, 768x3072 72 ms and 4096x4096 0.37 s
+randomised).
 """
 
 from __future__ import annotations
@@ -50,18 +52,15 @@ def singular_values(x: torch.Tensor, top_k: int, exact_max: int) -> tuple[torch.
     short = min(x.shape)
     if short <= exact_max:
         return torch.linalg.svdvals(x), True
-    q = min(short, max(4 * top_k, 64))
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(0)  # svd_lowrank draws from the global RNG: keep it reproducible
-    try:
-        _, s, _ = torch.svd_lowrank(x, q=q, niter=2)
-    finally:
-        torch.random.set_rng_state(gen_state)
-    return s, q == short
+    q = min(short, 2 * top_k + 16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # svd_lowrank draws from the global RNG: keep it reproducible
+        _, s, _ = torch.svd_lowrank(x.to(torch.float32), q=q, niter=2)
+    return s.to(torch.float64), q == short
 
 
 def layer_stats(x: torch.Tensor, top_k: int = 8, rank_tol: float = 1e-3,
-                exact_max: int = 1024) -> dict[str, Any]:
+                exact_max: int = 512) -> dict[str, Any]:
     """Rank, nuclear and Frobenius norm and the top singular values of one matrix."""
     s, _ = singular_values(x, top_k, exact_max)
     s1 = float(s[0]) if s.numel() else 0.0
@@ -86,7 +85,7 @@ class SpectrumMonitor:
 
     def __init__(self, output_dir: str | Path, layers: Mapping[str, LayerSpec],
                  initial: Mapping[str, torch.Tensor], every: int = 1, top_k: int = 8,
-                 rank_tol: float = 1e-3, exact_max: int = 1024,
+                 rank_tol: float = 1e-3, exact_max: int = 512,
                  num_rounds: int | None = None) -> None:
         self.layers = dict(layers)
         self.every, self.top_k, self.rank_tol = int(every), int(top_k), float(rank_tol)
@@ -156,7 +155,7 @@ def monitor_from_config(cfg: Mapping[str, Any], layers: Mapping[str, LayerSpec],
     return SpectrumMonitor(cfg["output_dir"], layers, initial,
                            every=int(cfg.get("monitor_every", 1)),
                            top_k=int(m.get("top_k", 8)), rank_tol=float(m.get("rank_tol", 1e-3)),
-                           exact_max=int(m.get("exact_max", 1024)),
+                           exact_max=int(m.get("exact_max", 512)),
                            num_rounds=int(cfg["num_rounds"]))
 
 
