@@ -154,6 +154,7 @@ def settings_from(config: Mapping[str, Any]) -> TrainSettings:
         local_steps=int(config.get("local-steps", 0)) or None,
         batch_size=int(config.get("batch-size", 16)),
         weight_decay=float(config.get("weight-decay", 0.0)),
+        weight_decay_mode=str(config.get("weight-decay-mode", "auto")),
         momentum=float(config.get("momentum", 0.0)),
         warmup_steps=int(config.get("warmup-steps", 0)),
         max_grad_norm=None if clip is None else float(clip),

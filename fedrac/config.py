@@ -305,6 +305,12 @@ def check_client(c: Mapping[str, Any]) -> None:
              c["batch_size"], "an integer >= 1")
     _require(_is_num(c["weight_decay"]) and c["weight_decay"] >= 0, "client.weight_decay",
              c["weight_decay"], "a number >= 0")
+    from clients.local_training import WEIGHT_DECAY_MODES
+
+    mode = c.get("weight_decay_mode", "auto")
+    _require(mode in WEIGHT_DECAY_MODES, "client.weight_decay_mode", mode,
+             "auto (the optimizer's own: sgd coupled, adamw decoupled), coupled (L2 on the "
+             "factors = nuclear-norm penalty), decoupled (AdamW-style)")
     full_lr = c.get("full_lr")
     _require(full_lr is None or (_is_num(full_lr) and full_lr > 0), "client.full_lr", full_lr,
              "null (use client.lr) or a number > 0")
