@@ -362,6 +362,9 @@ def check_strategy(s: Mapping[str, Any], strategy_cls: type) -> None:
         allowed_sides = getattr(strategy_cls, "TRAIN_FACTORS", ("A", "B", "auto"))
         _require(s.get("train_factor") in allowed_sides, "strategy.train_factor",
                  s.get("train_factor"), ", ".join(allowed_sides))
+    _require(s.get("client_ranks") is None or s["name"] == "rac_lora", "strategy.client_ranks",
+             s.get("client_ranks"), "null (heterogeneous ranks are for strategy=rac_lora only: "
+             "nested slices of one shared sketch)")
     downloads = getattr(strategy_cls, "DOWNLOADS", ("full",))
     _require(s.get("download", "full") in downloads, "strategy.download", s.get("download"),
              f"{', '.join(downloads)} (for strategy {s['name']})")

@@ -131,3 +131,5 @@ def test_a_reply_of_a_rank_outside_the_list_is_rejected(caplog):
 def test_client_ranks_are_validated(tmp_path):
     with pytest.raises(ConfigError, match=r"strategy.client_ranks=\[1, 5\] is not allowed"):
         run_config(tmp_path, "strategy.rank=4", "strategy.client_ranks=[1,5]")
+    with pytest.raises(ConfigError, match=r"strategy.client_ranks=\[1, 2\] is not allowed"):
+        run_config(tmp_path, "strategy=fedit", "+strategy.client_ranks=[1,2]")
