@@ -9,6 +9,8 @@ A train message's ``config`` names the ``mode``:
   ``adapters`` when sent. With ``train-factor=both`` an unsent factor named by
   ``zero-factor`` (default ``B``) starts at zero and the other comes from the
   sketch. Reply ``factors`` holds the trained factors only.
+With ``client-ranks`` in the config (Fed-RAC-LoRA's heterogeneous ranks) the node trains at
+its own rank (:func:`own_rank`) against the first rows/columns of the sketch.
 An optional ``update`` record is added to ``arrays`` before training: dense
 ``<layer>.weight`` deltas, or stacked ``<layer>.stack_B`` / ``<layer>.stack_A``
 factors whose product is the delta (the server's last merge, for clients that
