@@ -252,6 +252,15 @@ def check_run(d: Mapping[str, Any], strategy_cls: type) -> None:
     check_device(d["device"], d["engine"].get("name"))
     _require(_is_int(d["eval_every"]) and d["eval_every"] >= 1, "eval_every", d["eval_every"],
              "an integer >= 1")
+    me = d.get("monitor_every", 1)
+    _require(_is_int(me) and me >= 0, "monitor_every", me, "an integer >= 0 (0: no spectrum.csv)")
+    mon = d.get("monitor") or {}
+    _require(_is_int(mon.get("top_k", 8)) and mon.get("top_k", 8) >= 1, "monitor.top_k",
+             mon.get("top_k"), "an integer >= 1")
+    _require(_is_num(mon.get("rank_tol", 1e-3)) and 0 < mon.get("rank_tol", 1e-3) < 1,
+             "monitor.rank_tol", mon.get("rank_tol"), "a number in (0, 1)")
+    _require(_is_int(mon.get("exact_max", 512)) and mon.get("exact_max", 512) >= 1,
+             "monitor.exact_max", mon.get("exact_max"), "an integer >= 1")
     _require(_is_num(d["round_timeout"]) and d["round_timeout"] > 0, "round_timeout",
              d["round_timeout"], "a number of seconds > 0")
     ta = d.get("target_accuracy")
@@ -296,6 +305,12 @@ def check_client(c: Mapping[str, Any]) -> None:
              c["batch_size"], "an integer >= 1")
     _require(_is_num(c["weight_decay"]) and c["weight_decay"] >= 0, "client.weight_decay",
              c["weight_decay"], "a number >= 0")
+    from clients.local_training import WEIGHT_DECAY_MODES
+
+    mode = c.get("weight_decay_mode", "auto")
+    _require(mode in WEIGHT_DECAY_MODES, "client.weight_decay_mode", mode,
+             "auto (the optimizer's own: sgd coupled, adamw decoupled), coupled (L2 on the "
+             "factors = nuclear-norm penalty), decoupled (AdamW-style)")
     full_lr = c.get("full_lr")
     _require(full_lr is None or (_is_num(full_lr) and full_lr > 0), "client.full_lr", full_lr,
              "null (use client.lr) or a number > 0")
@@ -347,6 +362,9 @@ def check_strategy(s: Mapping[str, Any], strategy_cls: type) -> None:
         allowed_sides = getattr(strategy_cls, "TRAIN_FACTORS", ("A", "B", "auto"))
         _require(s.get("train_factor") in allowed_sides, "strategy.train_factor",
                  s.get("train_factor"), ", ".join(allowed_sides))
+    _require(s.get("client_ranks") is None or s["name"] == "rac_lora", "strategy.client_ranks",
+             s.get("client_ranks"), "null (heterogeneous ranks are for strategy=rac_lora only: "
+             "nested slices of one shared sketch)")
     downloads = getattr(strategy_cls, "DOWNLOADS", ("full",))
     _require(s.get("download", "full") in downloads, "strategy.download", s.get("download"),
              f"{', '.join(downloads)} (for strategy {s['name']})")

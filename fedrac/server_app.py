@@ -14,9 +14,15 @@ from clients.handlers import client_model, module_keys
 from clients.local_training import move_to, resolve_device
 from fedrac.data import load_splits, to_tensors
 from fedrac.data.standardise import write_data_json
+from fedrac.experiments.spectrum import global_factors, monitor_from_config
 from fedrac.lora import find_target_layers
 from fedrac.models.pretrain import pretrained_state
-from fedrac.records import to_array_record, to_shared_state_dict, to_state_dict
+from fedrac.records import (
+    array_to_tensor,
+    to_array_record,
+    to_shared_state_dict,
+    to_state_dict,
+)
 from fedrac.results import RunRecorder
 from fedrac.tasks import task_of
 from strategies import build_strategy
@@ -51,12 +57,16 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     x_test, y_test = to_tensors(splits.target_test)
     initial = to_array_record(state)
     latest = {"arrays": initial}
+    monitor = monitor_from_config(cfg, layers, state)
     if splits.label_names:
         print("labels: " + ", ".join(f"{i}={n}" for i, n in enumerate(splits.label_names)),
               flush=True)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         latest["arrays"] = arrays
+        if monitor.due(server_round):
+            monitor.observe(server_round, {spec.weight_key: array_to_tensor(
+                arrays[spec.weight_key]) for spec in layers.values()}, global_factors(strategy))
         if server_round % every and server_round != num_rounds:
             recorder.log_round(server_round, math.nan, math.nan)
             return None
@@ -76,7 +86,8 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
         strategy.start(grid, initial, num_rounds=num_rounds,
                        timeout=float(cfg["round_timeout"]), evaluate_fn=evaluate_fn)
     final = to_state_dict(latest["arrays"])
-    extra: dict[str, Any] = {}
+    monitor.close()
+    extra: dict[str, Any] = {"spectrum": monitor.summary()}
     if splits.label_names:
         extra["label_names"] = list(splits.label_names)
     if cfg["model"].get("name") == "hf":

@@ -36,10 +36,12 @@ from strategies.aggregation import Aggregator, normalised, scaled
 CLIENT_KEYS = {  # Hydra `client.*` key -> ConfigRecord key sent to clients
     "optimizer": "optimizer", "lr": "lr", "local_epochs": "local-epochs",
     "local_steps": "local-steps", "batch_size": "batch-size",
-    "weight_decay": "weight-decay", "momentum": "momentum",
+    "weight_decay": "weight-decay", "weight_decay_mode": "weight-decay-mode",
+    "momentum": "momentum",
     "full_lr": "full-lr", "warmup_steps": "warmup-steps", "max_grad_norm": "max-grad-norm",
 }
-OFF = {"full_lr": None, "warmup_steps": 0, "max_grad_norm": None}  # not sent when so
+OFF = {"full_lr": None, "warmup_steps": 0, "max_grad_norm": None,  # not sent when so
+       "weight_decay_mode": "auto"}
 MODULES_KEY = "modules"  # reply record of the fully trained modules (ledger kind "modules")
 SAMPLING_STREAM = 1  # derive_seed(run_seed, round, SAMPLING_STREAM) picks the round's clients
 EVAL_STREAM = 6  # derive_seed(run_seed, round, EVAL_STREAM) picks the clients that evaluate
