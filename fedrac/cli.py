@@ -13,9 +13,9 @@ from fedrac.config import ConfigError, check_group_overrides, conf_dir, expand_p
 from fedrac.results import format_table
 
 
-def _fail(err: Exception) -> None:
+def _fail(err: Exception, code: int = 2) -> None:
     print(f"fedrac: error: {err}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(code)
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)
@@ -37,9 +37,12 @@ def _hydra_main(cfg: DictConfig) -> float:
         except ConfigError as err:
             _fail(err)
         return float(summary.get("final_accuracy", summary.get("final_distance", math.nan)))
-    from fedrac.run import run_experiment
+    from fedrac.run import RunFailedError, run_experiment
 
-    summary = run_experiment(run_cfg)
+    try:
+        summary = run_experiment(run_cfg)
+    except RunFailedError as err:  # no round had a valid reply: exit 3, one line
+        _fail(err, 3)
     print(format_table([summary]), flush=True)
     return float(summary["final_accuracy"])
 
