@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import pytest
 
@@ -80,3 +81,147 @@ def test_an_interrupted_atomic_write_keeps_the_old_file(tmp_path):
         assert tmp.parent == tmp_path and tmp.suffix == ".safetensors"
         tmp.write_text("run 2")
     assert path.read_text() == "run 2" and os.listdir(tmp_path) == ["model.safetensors"]
+
+
+# --- every config value and Hydra's own errors: one line, exit 2, nothing left behind -------
+
+BAD_VALUES = [
+    (["client.momentum=-5"], "client.momentum=-5 is not allowed; allowed: a number in [0, 1)"),
+    (["pretrain.lr=-1"], "pretrain.lr=-1 is not allowed; allowed: a number > 0"),
+    (["pretrain.optimizer=lion"], "pretrain.optimizer='lion' is not allowed; allowed: sgd, "
+                                  "adamw"),
+    (["pretrain.epochs=-1"], "pretrain.epochs=-1 is not allowed; allowed: an integer >= 0"),
+    (["pretrain.batch_size=0"], "pretrain.batch_size=0 is not allowed; allowed: an integer >= 1"),
+    (["strategy.resample_every=0"], "strategy.resample_every=0 is not allowed; allowed: an "
+                                    "integer >= 1"),
+    (["strategy.resample_every=1.5"], "strategy.resample_every=1.5 is not allowed"),
+    (["verbose=maybe"], "verbose='maybe' is not allowed; allowed: true, false"),
+    (["overwrite=maybe"], "overwrite='maybe' is not allowed; allowed: true, false"),
+    (["client=3"], "client=3 is not allowed; allowed: a mapping of client.* keys"),
+    (["strategy.rnak=2"], "strategy.rnak=2 is not a known key; allowed: the keys of strategy: "
+                          "alpha, download, name, rank, resample_every, sketch, train_factor "
+                          "(+strategy.rnak=2 adds a new key)"),
+    (["nokey=1"], "nokey=1 is not a known key; allowed: the top-level keys: aggregation, "
+                 "cache_dir, client,"),
+    (["num_rounds=[1,2"], "'num_rounds=[1,2' is not a valid override (no viable alternative at "
+                          "input '[1,2'); allowed: key=value"),
+    (["hydra/launcher=nope"], "Could not find 'hydra/launcher/nope'; allowed: basic"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_VALUES, ids=[a[0] for a, _ in BAD_VALUES])
+def test_every_bad_value_stops_with_one_line_and_leaves_no_folder(args, message, tmp_path,
+                                                                 monkeypatch, capsys):
+    from fedrac import cli
+
+    monkeypatch.setenv("FEDRAC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(sys, "argv", ["fedrac", *args, f"hydra.run.dir={tmp_path}/outputs/d/t"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("fedrac: error: ") and message in err[0], err[0]
+    assert not (tmp_path / "outputs").exists()  # no empty run folder after a failed start
+    assert "HYDRA_FULL_ERROR" not in os.environ
+
+
+# --- results are never overwritten ---------------------------------------------------------
+
+def test_a_folder_holding_a_run_is_refused(tmp_path, monkeypatch, capsys):
+    from fedrac import cli
+
+    out = tmp_path / "run1"
+    out.mkdir()
+    (out / "model.safetensors").write_text("run 1")
+    monkeypatch.setenv("FEDRAC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "argv", ["fedrac", f"output_dir={out}",
+                                      f"hydra.run.dir={tmp_path}/outputs/d/t"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fedrac: error: output_dir='{out}' is not empty (it holds model.safetensors)"
+                   "; allowed: a new or empty folder, overwrite=true (replace its run) or "
+                   "resume=<that folder> (continue its run)"]
+    assert (out / "model.safetensors").read_text() == "run 1"
+
+
+def test_output_folder_rules(tmp_path):
+    from fedrac.config import ConfigError
+    from fedrac.outputs import check_output_dir, clear_results, contents
+
+    out = tmp_path / "o"
+    check_output_dir({"output_dir": str(out)})  # new
+    (out / ".hydra").mkdir(parents=True)
+    (out / "fedrac.log").write_text("")
+    check_output_dir({"output_dir": str(out)})  # only what Hydra put there
+    for name in ("metrics.csv", "summary.json", "notes.txt"):
+        (out / name).write_text("old")
+    (out / "checkpoint").mkdir()
+    with pytest.raises(ConfigError, match="is not empty"):
+        check_output_dir({"output_dir": str(out)})
+    check_output_dir({"output_dir": str(out), "overwrite": True})
+    check_output_dir({"output_dir": str(out), "resume": str(out)})  # resume checks it itself
+    clear_results(out)  # overwrite=true: the old run's files go, nothing else
+    assert contents(out) == ["notes.txt"]
+
+
+def test_a_sweep_job_with_a_fixed_output_dir_gets_its_own_folder(tmp_path):
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+
+    from fedrac.outputs import job_output_dir
+
+    hc = SimpleNamespace(mode=RunMode.MULTIRUN, sweep=SimpleNamespace(subdir="3_strategy=x"),
+                         runtime=SimpleNamespace(output_dir="/h/3"))
+    assert job_output_dir(str(tmp_path), hc) == str(tmp_path / "3_strategy=x")
+    assert job_output_dir(None, hc) == "/h/3"
+    hc.mode = RunMode.RUN
+    assert job_output_dir(str(tmp_path), hc) == str(tmp_path)
+
+
+def test_default_folders_of_two_runs_started_together_differ():
+    import subprocess
+
+    from omegaconf import OmegaConf
+
+    from fedrac.config import conf_dir
+
+    run_dir = OmegaConf.load(conf_dir() / "config.yaml").hydra.run
+    assert "${fedrac.uid:}" in run_dir._get_node("dir")._value()
+    probe = ("import fedrac.config; from omegaconf import OmegaConf; "
+             "print(OmegaConf.create({'d': 't-${fedrac.uid:}'}).d)")
+    names = [subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True).stdout.strip() for _ in range(2)]
+    assert names[0] != names[1] and all(len(n.split("-")[-1]) >= 4 for n in names)
+
+
+# --- sweeps: identical jobs once, a bad job fails alone ------------------------------------
+
+def test_identical_jobs_are_the_ones_whose_strategy_ignores_the_difference(tmp_path):
+    from fedrac.sweep import identity
+
+    def key(*overrides: str) -> str:
+        return identity(run_config(tmp_path, "num_rounds=1", *overrides))
+
+    assert key("strategy=fedavg", "strategy.rank=1") == key("strategy=fedavg", "strategy.rank=4")
+    assert key("strategy=rac_lora", "strategy.rank=1") != key("strategy=rac_lora",
+                                                              "strategy.rank=4")
+    assert key("strategy=fedavg", "client.lr=0.1") != key("strategy=fedavg", "client.lr=0.2")
+    assert key("strategy=fedit", "strategy.resample_every=1") == key(
+        "strategy=fedit", "strategy.resample_every=3")
+
+
+def test_the_comparison_lists_failed_jobs(tmp_path):
+    from fedrac.experiments.comparison import write_comparison
+
+    job = tmp_path / "0_client.lr=1e30"
+    write_json(job / "failure.json", {"status": "failed", "failure": "no round had a valid reply",
+                                      "overrides": ["client.lr=1e30"]})
+    text = write_comparison(tmp_path)
+    assert "- 0_client.lr=1e30 (client.lr=1e30): status: failed, no round had a valid reply" \
+        in text
+    assert "failed" in (tmp_path / "comparison.csv").read_text()
