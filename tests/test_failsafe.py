@@ -225,3 +225,56 @@ def test_the_comparison_lists_failed_jobs(tmp_path):
     assert "- 0_client.lr=1e30 (client.lr=1e30): status: failed, no round had a valid reply" \
         in text
     assert "failed" in (tmp_path / "comparison.csv").read_text()
+
+
+def _fedrac(tmp_path, *args: str):
+    from tests.test_cli import fedrac
+
+    return fedrac(*args, env={**os.environ, "FEDRAC_CACHE": str(tmp_path / "cache")})
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_each_distinct_job_once_each_in_its_own_sub_folder(tmp_path):
+    out, sweep = tmp_path / "o", tmp_path / "sw"
+    proc = _fedrac(tmp_path, "-m", "strategy=fedavg,rac_lora", "strategy.rank=1,2",
+                   "num_rounds=1", "num_clients=2", f"output_dir={out}",
+                   f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 jobs, 1 identical to another" in proc.stdout
+    summaries = sorted(out.glob("*/summary.json"))
+    assert [p.parent.name[0] for p in summaries] == ["0", "2", "3"]  # job 1 = job 0: skipped
+    assert [json.loads(p.read_text())["strategy"] for p in summaries] == \
+        ["fedavg", "rac_lora", "rac_lora"]
+    assert (out / "comparison.md").is_file()
+    assert not [p for p in sweep.iterdir() if p.is_dir()]  # no empty Hydra job folders
+
+
+@pytest.mark.slow
+def test_a_sweep_survives_a_failing_job_and_exits_non_zero(tmp_path):
+    sweep = tmp_path / "sw"
+    proc = _fedrac(tmp_path, "-m", "client.lr=1e30,0.05", "num_rounds=1", "num_clients=2",
+                   f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "fedrac: error: 1 job of the sweep failed: job 0 (client.lr=1e+30 ")
+    ok = json.loads(next(sweep.glob("1_*/summary.json")).read_text())
+    assert ok["status"] == "ok"  # the job after the failed one ran
+    text = (sweep / "comparison.md").read_text()
+    assert "status: failed, no round had a valid reply in 1 round" in text
+
+
+@pytest.mark.slow
+def test_every_job_of_a_sweep_is_checked_before_the_first_starts(tmp_path):
+    sweep = tmp_path / "sw"
+    proc = _fedrac(tmp_path, "-m", "strategy.rank=1,9,0", "num_rounds=1",
+                   f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert err == [
+        "fedrac: error: job 1 (strategy.rank=9 num_rounds=1): strategy.rank=9 is larger than "
+        "layer 'head' (64->5) allows; allowed: 1..5 (or exclude the layer from "
+        "model.target_modules)",
+        "fedrac: error: job 2 (strategy.rank=0 num_rounds=1): strategy.rank=0 is not allowed; "
+        "allowed: an integer >= 1",
+        "fedrac: error: 2 of 3 jobs cannot run; nothing was started"]
+    assert not sweep.exists()
