@@ -123,6 +123,15 @@ class SweepGuard(Callback):
             print(f"fedrac: {len(jobs)} jobs, {twins} identical to another (the strategy "
                   f"ignores the override): {len(jobs) - twins} run", flush=True)
 
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Jobs run by a launcher in other processes left only their ``failure.json``."""
+        if _STATE["failed"]:
+            return
+        where = Path(config.get("output_dir") or config.hydra.sweep.dir)
+        records = [r for p in sorted(where.iterdir()) if p.is_dir() and (r := load_failure(p))
+                   ] if where.is_dir() else []
+        _STATE["failed"] = [f"{r['job']} ({r['overrides']}): {r['failure']}" for r in records]
+
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         job = tuple(config.hydra.overrides.task)
         if job in _STATE["twins"]:  # it never ran: no folder of its own

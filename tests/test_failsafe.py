@@ -278,3 +278,18 @@ def test_every_job_of_a_sweep_is_checked_before_the_first_starts(tmp_path):
         "allowed: an integer >= 1",
         "fedrac: error: 2 of 3 jobs cannot run; nothing was started"]
     assert not sweep.exists()
+
+
+def test_failures_of_jobs_run_elsewhere_are_read_from_their_folders(tmp_path):
+    from omegaconf import OmegaConf
+
+    from fedrac import sweep
+
+    write_json(tmp_path / "1_x=2" / "failure.json", {"status": "failed", "failure": "boom",
+                                                     "overrides": ["x=2"]})
+    (tmp_path / "0_x=1").mkdir()
+    sweep._STATE["failed"] = []
+    cfg = OmegaConf.create({"output_dir": None, "hydra": {"sweep": {"dir": str(tmp_path)}}})
+    sweep.SweepGuard().on_multirun_end(cfg)
+    assert sweep.failed_jobs() == ["1_x=2 (x=2): boom"]
+    sweep._STATE["failed"] = []
