@@ -113,7 +113,7 @@ def reach_target(series: Sequence[tuple[int, float, float]], target: float,
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    vals = [v for v in values if not math.isnan(v)]
+    vals = [v for v in values if v is not None and not math.isnan(v)]  # null in summary.json
     if not vals:
         return math.nan, math.nan
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0

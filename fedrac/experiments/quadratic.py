@@ -13,7 +13,6 @@ relative distance ``||W - W*||_F / ||W*||_F`` to ``metrics.csv``.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -145,6 +144,8 @@ def run_quadratic(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "config": {"strategy": dict(s), "num_clients": n, "quadratic": q,
                    "local_steps": cfg["client"].get("local_steps")},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    from fedrac.atomic import write_json
+
+    write_json(out / "summary.json", summary)  # strict JSON: a diverged distance is null
     print(f"final relative distance to W*: {summary['final_distance']:.3e}", flush=True)
     return summary
