@@ -37,6 +37,7 @@ def test_a_run_with_valid_replies_is_ok_and_counts_them(tmp_path):
     assert summary["status"] == "ok" and summary["rounds_with_valid_replies"] == 2
     assert summary["model_changed"] is True
     assert not list((tmp_path / "out").glob(".*tmp*"))  # no temporary file left behind
+    assert "NaN" not in (tmp_path / "out" / "summary.json").read_text()
 
 
 def test_run_status_blames_an_unchanged_model_and_no_valid_round():
@@ -192,6 +193,9 @@ def test_default_folders_of_two_runs_started_together_differ():
 
     run_dir = OmegaConf.load(conf_dir() / "config.yaml").hydra.run
     assert "${fedrac.uid:}" in run_dir._get_node("dir")._value()
+    for path in [conf_dir() / "config.yaml", *sorted((conf_dir() / "experiment").glob("*.yaml"))]:
+        dirs = [ln for ln in path.read_text().splitlines() if ln.strip().startswith("dir: ")]
+        assert all("${fedrac.uid:}" in ln for ln in dirs), path  # run and sweep folders
     probe = ("import fedrac.config; from omegaconf import OmegaConf; "
              "print(OmegaConf.create({'d': 't-${fedrac.uid:}'}).d)")
     names = [subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
