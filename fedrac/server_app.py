@@ -7,6 +7,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -87,7 +88,9 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
                        timeout=float(cfg["round_timeout"]), evaluate_fn=evaluate_fn)
     final = to_state_dict(latest["arrays"])
     monitor.close()
-    extra: dict[str, Any] = {"spectrum": monitor.summary()}
+    extra: dict[str, Any] = {"spectrum": monitor.summary(),
+                             "model_changed": not same_state(state, final),
+                             "last_problem": getattr(strategy, "last_problem", None)}
     if splits.label_names:
         extra["label_names"] = list(splits.label_names)
     if cfg["model"].get("name") == "hf":
@@ -96,6 +99,13 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
         extra["export"] = export_transformers(cfg, model, layers, state, final,
                                               cfg["output_dir"])
     return recorder.finish(final, extra)
+
+
+def same_state(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two state dicts hold the same keys with bit-identical tensors."""
+    return set(a) == set(b) and all(
+        a[k].shape == b[k].shape and torch.equal(a[k].cpu(), b[k].to(a[k].dtype).cpu())
+        for k in a)
 
 
 def make_server_app(cfg: Mapping[str, Any]) -> ServerApp:

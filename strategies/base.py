@@ -154,6 +154,7 @@ class FedracStrategy(FedAvg):
         self.ledger = ledger or ByteLedger()
         self.aggregator = aggregator or Aggregator(run_seed=self.run_seed)
         self.round_metrics: dict[int, dict[str, float]] = {}
+        self.last_problem: str | None = None  # why the latest failed or rejected reply was lost
         self.sent: dict[int, list[Message]] = {}  # round -> train messages awaiting replies
         self.privacy = privacy or PrivacySettings()
         self.dp = CentralDP(self.privacy, self.run_seed) if self.privacy.central else None
@@ -379,6 +380,7 @@ class FedracStrategy(FedAvg):
             if msg.has_error():
                 failed += 1
                 log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                self.last_problem = f"node failed: {msg.error.reason}"
                 continue
             self.ledger.add(server_round, "up", record_dict_nbytes(msg.content, dict(kinds)))
             reason, reply = self._check_reply(msg, array_key, expected, dtypes)
@@ -387,6 +389,7 @@ class FedracStrategy(FedAvg):
             if reason:
                 rejected += 1
                 log(WARNING, "round %d: reply of node %d rejected: %s", server_round, node, reason)
+                self.last_problem = f"reply rejected: {reason}"
                 continue
             checked.append(reply)
         kept, weights, scales = self.aggregator.screen(

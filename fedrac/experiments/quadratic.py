@@ -22,7 +22,6 @@ writes ``spectrum.csv``, warns when it "fails loudly" and records it in ``summar
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 from collections import OrderedDict
@@ -250,6 +249,8 @@ def run_quadratic(cfg: Mapping[str, Any]) -> dict[str, Any]:
                    "weight_decay": lam,
                    "weight_decay_mode": cfg["client"].get("weight_decay_mode", "auto")},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    from fedrac.atomic import write_json
+
+    write_json(out / "summary.json", summary)  # strict JSON: a diverged distance is null
     print(f"final relative distance to W*: {summary['final_distance']:.3e}", flush=True)
     return summary
