@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shutil
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -15,7 +18,21 @@ from fedrac.results import format_table
 
 def _fail(err: Exception) -> None:
     print(f"fedrac: error: {err}", file=sys.stderr, flush=True)
+    _drop_empty_run_dir()
     sys.exit(2)
+
+
+def _drop_empty_run_dir() -> None:
+    """A failed start leaves no output folder: Hydra's job folder goes if it holds only Hydra's
+    own files (``.hydra/``, the log), and its date folder if that is then empty."""
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    if out.is_dir() and {p.name for p in out.iterdir()} <= {".hydra", f"{hc.job.name}.log"}:
+        shutil.rmtree(out, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            out.parent.rmdir()
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)
