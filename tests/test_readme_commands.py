@@ -95,6 +95,22 @@ def test_the_checker_refuses_a_command_without_a_test():
     assert [kind(c) for c in readme_commands(text)] == ["fedrac", "none"]
 
 
+def test_readme_gpu_command_composes_to_gpu_shares(monkeypatch):
+    """The GPU line needs a GPU to run; without one, it must still compose and validate."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from fedrac.config import conf_dir, validate
+
+    command = next(c for c in COVERED if "num_gpus" in c)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        cfg = validate(compose("config", overrides=shlex.split(command)[1:]))
+    assert cfg["device"] == "cuda" and cfg["engine"]["name"] == "simulation"
+    assert cfg["engine"]["client_resources"]["num_gpus"] == 0.25
+
+
 def _make(*args: str, tmp: Path) -> str:
     proc = subprocess.run(["make", "-n", "-B", *args, f"VENV={tmp / 'venv'}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
