@@ -10,6 +10,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from fedrac.config import ConfigError, check_group_overrides, conf_dir, expand_paths, validate
@@ -54,9 +55,16 @@ def _hydra_main(cfg: DictConfig) -> float:
         except ConfigError as err:
             _fail(err)
         return float(summary.get("final_accuracy", summary.get("final_distance", math.nan)))
+    from fedrac.experiments.dedup import earlier_job, reuse
     from fedrac.run import run_experiment
 
-    summary = run_experiment(run_cfg)
+    hc = HydraConfig.get()
+    same = earlier_job(run_cfg, hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+    if same is not None:  # a sweep runs each distinct job once
+        print(f"fedrac: same run as {same} (only keys it ignores differ): results copied")
+        summary = reuse(same, run_cfg["output_dir"])
+    else:
+        summary = run_experiment(run_cfg)
     print(format_table([summary]), flush=True)
     return float(summary["final_accuracy"])
 
