@@ -1,4 +1,4 @@
-"""Test-session setup: one torch thread (tiny models; see README "Performance")."""
+"""Test-session setup: one torch thread (tiny models; see docs/design-notes.md)."""
 
 import os
 

@@ -316,7 +316,7 @@ def set_torch_threads(threads: int | None) -> None:
     """Set torch's intra-op threads for this process (``None`` keeps torch's default).
 
     Client models in a simulation are small: on a busy 2-core machine two intra-op threads
-    made a 64-wide MLP step 10-80x slower than one (see the README section "Performance").
+    made a 64-wide MLP step 10-80x slower than one (docs/design-notes.md, section 2).
     """
     if threads is not None:
         import torch
