@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedrac.reflora import Refactorer, trained_pairs
 from fedrac.sketch import derive_seed
 from fedrac.tasks import CLASSIFICATION, Task
 
@@ -21,7 +22,9 @@ class TrainSettings:
     """Local optimisation settings; ``local_steps`` (when set) overrides ``local_epochs``.
 
     ``warmup_steps``: linear learning-rate warm-up over the first local steps of each
-    round; ``max_grad_norm``: clip the gradient's global norm (``None``: no clipping).
+    round; ``max_grad_norm``: clip the gradient's global norm (``None``: no clipping);
+    ``refactor``: ``none``, ``reflora`` or ``reflora_s`` (:mod:`fedrac.reflora`, on the
+    adapters whose two factors train) with its ``eps``, ``interval`` and ``warmup_steps``.
     """
 
     optimizer: str = "adamw"
@@ -33,6 +36,10 @@ class TrainSettings:
     momentum: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float | None = None
+    refactor: str = "none"
+    refactor_eps: float = 1e-12
+    refactor_interval: int = 1
+    refactor_warmup_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,18 @@ def _lr_at(settings: TrainSettings, step: int) -> float:
     return lr
 
 
+def step_hooks(model: nn.Module, settings: TrainSettings) -> Refactorer | None:
+    """The RefLoRA refactorer of ``settings.refactor`` over ``model``'s two-factor adapters
+    (``None`` when off or when no adapter trains both factors)."""
+    if settings.refactor == "none":
+        return None
+    pairs = trained_pairs(model)
+    if not pairs:
+        return None
+    return Refactorer(pairs, settings.refactor, settings.refactor_eps,
+                      settings.refactor_interval, settings.refactor_warmup_steps)
+
+
 def train_locally(
     model: nn.Module, x: Any, y: torch.Tensor | None, settings: TrainSettings,
     seed: int, device: torch.device, task: Task | None = None,
@@ -118,6 +137,7 @@ def train_locally(
     data = task.prepare(x, y, device)
     n = task.num_examples(x, y)
     warm, clip = int(settings.warmup_steps or 0), settings.max_grad_norm
+    hooks = step_hooks(model, settings)
     model.train()
     total, count, steps = 0.0, 0, 0
     devices = [device] if device.type == "cuda" else []
@@ -132,7 +152,11 @@ def train_locally(
             loss.backward()
             if clip:
                 torch.nn.utils.clip_grad_norm_(params, float(clip))
+            if hooks is not None:
+                hooks.before_step()
             opt.step()
+            if hooks is not None:
+                hooks.after_step(opt)
             total += float(loss.detach()) * len(idx)
             count += len(idx)
             steps += 1

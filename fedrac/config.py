@@ -127,7 +127,7 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     strategy_cls = STRATEGIES[s["name"]]
     link_task(d)
     check_run(d, strategy_cls)
-    check_client(d["client"])
+    check_client(d["client"], strategy_cls)
     check_task(d)
     check_engine(d["engine"])
     check_strategy(s, strategy_cls)
@@ -281,9 +281,10 @@ def check_device(device: Any, engine: str | None = None) -> None:
                  "engine.client_resources.num_gpus)")
 
 
-def check_client(c: Mapping[str, Any]) -> None:
-    """The ``client.*`` local training settings."""
+def check_client(c: Mapping[str, Any], strategy_cls: type | None = None) -> None:
+    """The ``client.*`` local training settings (``refactor`` against the strategy)."""
     from clients.local_training import OPTIMIZERS
+    from fedrac.reflora import REFACTORS
 
     _require(c["optimizer"] in OPTIMIZERS, "client.optimizer", c["optimizer"],
              ", ".join(OPTIMIZERS))
@@ -304,6 +305,17 @@ def check_client(c: Mapping[str, Any]) -> None:
     clip = c.get("max_grad_norm")
     _require(clip is None or (_is_num(clip) and clip > 0), "client.max_grad_norm", clip,
              "null (no clipping) or a number > 0")
+    refactor = c.get("refactor", "none")
+    _require(refactor in REFACTORS, "client.refactor", refactor, ", ".join(REFACTORS))
+    if refactor != "none" and strategy_cls is not None:
+        _require(getattr(strategy_cls, "trains_both", False), "client.refactor", refactor,
+                 f"none for strategy {strategy_cls.name} (RefLoRA refactors two trained "
+                 "factors: fedit, cola, fedex_lora, flora; a shared sketch must not change)")
+    eps = c.get("refactor_eps", 1e-12)
+    _require(_is_num(eps) and eps > 0, "client.refactor_eps", eps, "a number > 0")
+    for key, low in (("refactor_interval", 1), ("refactor_warmup_steps", 0)):
+        v = c.get(key, low)
+        _require(_is_int(v) and v >= low, f"client.{key}", v, f"an integer >= {low}")
 
 
 def check_engine(e: Mapping[str, Any]) -> None:

@@ -38,8 +38,12 @@ CLIENT_KEYS = {  # Hydra `client.*` key -> ConfigRecord key sent to clients
     "local_steps": "local-steps", "batch_size": "batch-size",
     "weight_decay": "weight-decay", "momentum": "momentum",
     "full_lr": "full-lr", "warmup_steps": "warmup-steps", "max_grad_norm": "max-grad-norm",
+    "refactor": "refactor", "refactor_eps": "refactor-eps",
+    "refactor_interval": "refactor-interval", "refactor_warmup_steps": "refactor-warmup-steps",
 }
-OFF = {"full_lr": None, "warmup_steps": 0, "max_grad_norm": None}  # not sent when so
+OFF = {"full_lr": None, "warmup_steps": 0, "max_grad_norm": None,  # not sent when so
+       "refactor": "none"}
+REFACTOR_KEYS = ("refactor_eps", "refactor_interval", "refactor_warmup_steps")
 MODULES_KEY = "modules"  # reply record of the fully trained modules (ledger kind "modules")
 SAMPLING_STREAM = 1  # derive_seed(run_seed, round, SAMPLING_STREAM) picks the round's clients
 EVAL_STREAM = 6  # derive_seed(run_seed, round, EVAL_STREAM) picks the clients that evaluate
@@ -49,8 +53,11 @@ EVAL_KINDS = {"arrays": "eval", "config": "eval", "metrics": "eval"}  # ledger k
 def client_config_record(client_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The ``client`` config group as ConfigRecord values (``local-steps`` 0 means unset)."""
     out: dict[str, Any] = {}
+    refactor_off = client_cfg.get("refactor", "none") == "none"
     for key, wire in CLIENT_KEYS.items():
         value = client_cfg.get(key)
+        if refactor_off and key in REFACTOR_KEYS:
+            continue
         if key == "local_steps":
             value = int(value or 0)
         if key in OFF and value == OFF[key]:

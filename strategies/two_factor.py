@@ -47,6 +47,7 @@ class TwoFactorLoRA(FedracStrategy):
 
     TRAIN_FACTORS = ZERO_SIDES
     update_kind = "factors"
+    trains_both = True  # clients train A and B: client.refactor (RefLoRA) applies
 
     def __init__(
         self, *, layers: Mapping[str, LayerSpec], rank: int, alpha: float,

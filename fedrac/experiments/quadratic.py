@@ -4,10 +4,11 @@
 steps cause no client drift) and inputs scaled so the curvature is about
 ``diag(condition, 1, ..., 1)``. Every client takes ``client.local_steps`` plain
 gradient steps of size ``quadratic.step / L`` (``L`` the largest curvature of the
-global problem) on what the strategy lets it train: all of ``W`` (FPFT) or the
-LoRA factors (fedrac's real adapter path: sketch regeneration, fingerprint check,
-zero-init). The real strategies run on the in-process engine; each round logs the
-relative distance ``||W - W*||_F / ||W*||_F`` to ``metrics.csv``.
+global problem; ``client.refactor`` applies RefLoRA to them) on what the strategy
+lets it train: all of ``W`` (FPFT) or the LoRA factors (fedrac's real adapter path:
+sketch regeneration, fingerprint check, zero-init). The real strategies run on the
+in-process engine; each round logs the relative distance ``||W - W*||_F / ||W*||_F``
+to ``metrics.csv``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
-from clients.handlers import global_state, prepare_adapters
+from clients.handlers import global_state, prepare_adapters, settings_from
+from clients.local_training import step_hooks
 from fedrac.config import ConfigError
 from fedrac.engines.inline import run_inline
 from fedrac.ledger import ByteLedger
@@ -73,12 +75,17 @@ def quadratic_client(cfg: Mapping[str, Any], xs, ys, lip: float) -> ClientApp:
                              int(content["config"]["server-round"]))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=float(q["step"]) / lip)
+        hooks = step_hooks(model, settings_from(content["config"]))
         loss = torch.zeros(())
         for _ in range(steps):
             opt.zero_grad()
             loss = 0.5 * ((model(xs[pid]) - ys[pid]) ** 2).sum(dim=1).mean()
             loss.backward()
+            if hooks is not None:
+                hooks.before_step()
             opt.step()
+            if hooks is not None:
+                hooks.after_step(opt)
         if full:
             key, out = "arrays", {k: v.detach() for k, v in model.state_dict().items()}
         else:
