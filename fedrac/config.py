@@ -359,6 +359,10 @@ def check_strategy(s: Mapping[str, Any], strategy_cls: type) -> None:
         allowed_sides = getattr(strategy_cls, "TRAIN_FACTORS", ("A", "B", "auto"))
         _require(s.get("train_factor") in allowed_sides, "strategy.train_factor",
                  s.get("train_factor"), ", ".join(allowed_sides))
+    from strategies.base import CLIENT_WEIGHTINGS
+
+    cw = s.get("client_weighting", "examples")
+    _require(cw in CLIENT_WEIGHTINGS, "strategy.client_weighting", cw, ", ".join(CLIENT_WEIGHTINGS))
     downloads = getattr(strategy_cls, "DOWNLOADS", ("full",))
     _require(s.get("download", "full") in downloads, "strategy.download", s.get("download"),
              f"{', '.join(downloads)} (for strategy {s['name']})")
