@@ -161,6 +161,7 @@ def settings_from(config: Mapping[str, Any]) -> TrainSettings:
         refactor_eps=float(config.get("refactor-eps", 1e-12)),
         refactor_interval=int(config.get("refactor-interval", 1)),
         refactor_warmup_steps=int(config.get("refactor-warmup-steps", 0)),
+        projected_step=bool(config.get("projected-step", False)),
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedrac.projected_step import ProjectedStep
 from fedrac.reflora import Refactorer, trained_pairs
 from fedrac.sketch import derive_seed
 from fedrac.tasks import CLASSIFICATION, Task
@@ -24,7 +25,9 @@ class TrainSettings:
     ``warmup_steps``: linear learning-rate warm-up over the first local steps of each
     round; ``max_grad_norm``: clip the gradient's global norm (``None``: no clipping);
     ``refactor``: ``none``, ``reflora`` or ``reflora_s`` (:mod:`fedrac.reflora`, on the
-    adapters whose two factors train) with its ``eps``, ``interval`` and ``warmup_steps``.
+    adapters whose two factors train) with its ``eps``, ``interval`` and ``warmup_steps``;
+    ``projected_step``: precondition a lone trained factor by its sketch's inverse Gram
+    matrix (:mod:`fedrac.projected_step`).
     """
 
     optimizer: str = "adamw"
@@ -40,6 +43,7 @@ class TrainSettings:
     refactor_eps: float = 1e-12
     refactor_interval: int = 1
     refactor_warmup_steps: int = 0
+    projected_step: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,16 +110,36 @@ def _lr_at(settings: TrainSettings, step: int) -> float:
     return lr
 
 
-def step_hooks(model: nn.Module, settings: TrainSettings) -> Refactorer | None:
-    """The RefLoRA refactorer of ``settings.refactor`` over ``model``'s two-factor adapters
-    (``None`` when off or when no adapter trains both factors)."""
-    if settings.refactor == "none":
-        return None
-    pairs = trained_pairs(model)
-    if not pairs:
-        return None
-    return Refactorer(pairs, settings.refactor, settings.refactor_eps,
-                      settings.refactor_interval, settings.refactor_warmup_steps)
+class StepHooks:
+    """What runs around each optimizer step: ``before_step()`` between ``backward()`` and
+    ``step()``, ``after_step(opt)`` after it (RefLoRA, the projected step)."""
+
+    def __init__(self, hooks: list) -> None:
+        self.hooks = hooks
+
+    def before_step(self) -> None:
+        for hook in self.hooks:
+            hook.before_step()
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for hook in self.hooks:
+            hook.after_step(optimizer)
+
+
+def step_hooks(model: nn.Module, settings: TrainSettings) -> StepHooks | None:
+    """The step hooks ``settings`` ask for on ``model``'s adapters: the RefLoRA refactorer of
+    ``settings.refactor`` (two-factor adapters) and the projected step of
+    ``settings.projected_step`` (one-factor adapters); ``None`` when there are none."""
+    hooks: list = []
+    pairs = trained_pairs(model) if settings.refactor != "none" else []
+    if pairs:
+        hooks.append(Refactorer(pairs, settings.refactor, settings.refactor_eps,
+                                settings.refactor_interval, settings.refactor_warmup_steps))
+    if settings.projected_step:
+        projected = ProjectedStep(model)
+        if projected.items:
+            hooks.append(projected)
+    return StepHooks(hooks) if hooks else None
 
 
 def train_locally(

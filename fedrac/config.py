@@ -311,6 +311,12 @@ def check_client(c: Mapping[str, Any], strategy_cls: type | None = None) -> None
         _require(getattr(strategy_cls, "trains_both", False), "client.refactor", refactor,
                  f"none for strategy {strategy_cls.name} (RefLoRA refactors two trained "
                  "factors: fedit, cola, fedex_lora, flora; a shared sketch must not change)")
+    projected = c.get("projected_step", False)
+    _require(isinstance(projected, bool), "client.projected_step", projected, "true, false")
+    if projected and strategy_cls is not None:
+        _require(getattr(strategy_cls, "one_factor", False), "client.projected_step", projected,
+                 f"false for strategy {strategy_cls.name} (the projected step preconditions one "
+                 "trained factor by its sketch: rac_lora, ffa_lora)")
     eps = c.get("refactor_eps", 1e-12)
     _require(_is_num(eps) and eps > 0, "client.refactor_eps", eps, "a number > 0")
     for key, low in (("refactor_interval", 1), ("refactor_warmup_steps", 0)):

@@ -40,9 +40,10 @@ CLIENT_KEYS = {  # Hydra `client.*` key -> ConfigRecord key sent to clients
     "full_lr": "full-lr", "warmup_steps": "warmup-steps", "max_grad_norm": "max-grad-norm",
     "refactor": "refactor", "refactor_eps": "refactor-eps",
     "refactor_interval": "refactor-interval", "refactor_warmup_steps": "refactor-warmup-steps",
+    "projected_step": "projected-step",
 }
 OFF = {"full_lr": None, "warmup_steps": 0, "max_grad_norm": None,  # not sent when so
-       "refactor": "none"}
+       "refactor": "none", "projected_step": False}
 REFACTOR_KEYS = ("refactor_eps", "refactor_interval", "refactor_warmup_steps")
 MODULES_KEY = "modules"  # reply record of the fully trained modules (ledger kind "modules")
 SAMPLING_STREAM = 1  # derive_seed(run_seed, round, SAMPLING_STREAM) picks the round's clients

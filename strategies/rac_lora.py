@@ -72,6 +72,7 @@ class RacLoRA(FedracStrategy):
     """
 
     name = "rac_lora"
+    one_factor = True  # clients train one factor against a sketch: client.projected_step applies
     TRAIN_FACTORS = TRAIN_FACTORS
     DOWNLOADS = DOWNLOADS
 
