@@ -367,6 +367,8 @@ def check_strategy(s: Mapping[str, Any], strategy_cls: type) -> None:
                  s.get("train_factor"), ", ".join(allowed_sides))
     from strategies.base import CLIENT_WEIGHTINGS
 
+    tp = s.get("train_factor_p", 0.5)
+    _require(_is_num(tp) and 0 <= tp <= 1, "strategy.train_factor_p", tp, "a number in [0, 1]")
     cw = s.get("client_weighting", "examples")
     _require(cw in CLIENT_WEIGHTINGS, "strategy.client_weighting", cw, ", ".join(CLIENT_WEIGHTINGS))
     downloads = getattr(strategy_cls, "DOWNLOADS", ("full",))

@@ -159,3 +159,13 @@ def test_the_client_refuses_a_sketch_whose_fingerprint_differs():
     wrong = fingerprint({k: v * 1.0001 for k, v in sketches.items()})
     with pytest.raises(SketchMismatchError, match="round 4: regenerated sketch fingerprint"):
         prepare_adapters(model, layers, content(wrong), 4)
+
+
+def test_bernoulli_train_factor_p_sets_the_share_of_b_rounds():
+    sides = {p: [_strategy("rac_lora", train_factor="bernoulli", train_factor_p=p).round_side(t)
+                 for t in range(1, 401)] for p in (0.0, 0.2, 1.0)}
+    assert set(sides[0.0]) == {"A"} and set(sides[1.0]) == {"B"}
+    assert 0.15 < sides[0.2].count("B") / 400 < 0.25
+    with pytest.raises(ValueError, match=r"strategy.train_factor_p=1.5 is not allowed; "
+                                         r"allowed: a number in \[0, 1\]"):
+        _strategy("rac_lora", train_factor="bernoulli", train_factor_p=1.5)
