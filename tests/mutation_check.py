@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 IGNORE = shutil.ignore_patterns(".venv", ".git", "outputs", "multirun", "__pycache__",
                                 ".pytest_cache", ".ruff_cache")
-FAST = ["tests/test_baselines.py", "tests/test_faithfulness.py"]
+FAST = ["tests/test_baselines.py", "tests/test_faithfulness.py", "tests/test_client_merge.py"]
 LORA = ["tests/test_lora.py", *FAST]
 SKETCH = ["tests/test_sketch.py"]
 
