@@ -146,3 +146,14 @@ def test_cached_sketch_fingerprint_is_the_fingerprint_of_the_drawn_sketches():
         assert sketch_fingerprint(9, shapes, dist) == fingerprint(drawn)
     assert sketch_fingerprint(9, shapes) != sketch_fingerprint(10, shapes)
     assert sketch_fingerprint(9, shapes) != sketch_fingerprint(9, {"fc2.lora_B": (8, 2)})
+
+
+@pytest.mark.parametrize("shape", [(2, 20), (20, 2)])
+def test_orthogonal_sketches_are_sign_symmetric_like_haar(shape):
+    """Haar draws are symmetric: every entry has mean 0. Without the sign fix, QR makes
+    the first direction's first entry always one sign (mean about -0.18 here)."""
+    draws = torch.stack([make_sketch(seed, "haar", shape, "orthogonal").to(torch.float64)
+                         for seed in range(600)])
+    first = draws[:, 0, 0]
+    assert abs(float(first.mean())) < 0.05
+    assert 0.35 < float((first > 0).double().mean()) < 0.65
