@@ -160,6 +160,11 @@ def settings_from(config: Mapping[str, Any]) -> TrainSettings:
         momentum=float(config.get("momentum", 0.0)),
         warmup_steps=int(config.get("warmup-steps", 0)),
         max_grad_norm=None if clip is None else float(clip),
+        refactor=str(config.get("refactor", "none")),
+        refactor_eps=float(config.get("refactor-eps", 1e-12)),
+        refactor_interval=int(config.get("refactor-interval", 1)),
+        refactor_warmup_steps=int(config.get("refactor-warmup-steps", 0)),
+        projected_step=bool(config.get("projected-step", False)),
     )
 
 

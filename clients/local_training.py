@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedrac.projected_step import ProjectedStep
+from fedrac.reflora import Refactorer, trained_pairs
 from fedrac.sketch import derive_seed
 from fedrac.tasks import CLASSIFICATION, Task
 
@@ -27,6 +29,10 @@ class TrainSettings:
     in the loss: SGD's ``weight_decay``, Adam with L2); ``decoupled`` shrinks the parameters by
     ``1 - lr * weight_decay`` beside the step (AdamW, SGDW); ``auto`` is the optimizer's own
     (sgd: coupled, adamw: decoupled). See :func:`make_optimizer`.
+    ``refactor``: ``none``, ``reflora`` or ``reflora_s`` (:mod:`fedrac.reflora`, on the
+    adapters whose two factors train) with its ``eps``, ``interval`` and ``warmup_steps``;
+    ``projected_step``: precondition a lone trained factor by its sketch's inverse Gram
+    matrix (:mod:`fedrac.projected_step`).
     """
 
     optimizer: str = "adamw"
@@ -39,6 +45,11 @@ class TrainSettings:
     momentum: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float | None = None
+    refactor: str = "none"
+    refactor_eps: float = 1e-12
+    refactor_interval: int = 1
+    refactor_warmup_steps: int = 0
+    projected_step: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,6 +153,38 @@ def _lr_at(settings: TrainSettings, step: int) -> float:
     return lr
 
 
+class StepHooks:
+    """What runs around each optimizer step: ``before_step()`` between ``backward()`` and
+    ``step()``, ``after_step(opt)`` after it (RefLoRA, the projected step)."""
+
+    def __init__(self, hooks: list) -> None:
+        self.hooks = hooks
+
+    def before_step(self) -> None:
+        for hook in self.hooks:
+            hook.before_step()
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for hook in self.hooks:
+            hook.after_step(optimizer)
+
+
+def step_hooks(model: nn.Module, settings: TrainSettings) -> StepHooks | None:
+    """The step hooks ``settings`` ask for on ``model``'s adapters: the RefLoRA refactorer of
+    ``settings.refactor`` (two-factor adapters) and the projected step of
+    ``settings.projected_step`` (one-factor adapters); ``None`` when there are none."""
+    hooks: list = []
+    pairs = trained_pairs(model) if settings.refactor != "none" else []
+    if pairs:
+        hooks.append(Refactorer(pairs, settings.refactor, settings.refactor_eps,
+                                settings.refactor_interval, settings.refactor_warmup_steps))
+    if settings.projected_step:
+        projected = ProjectedStep(model)
+        if projected.items:
+            hooks.append(projected)
+    return StepHooks(hooks) if hooks else None
+
+
 def train_locally(
     model: nn.Module, x: Any, y: torch.Tensor | None, settings: TrainSettings,
     seed: int, device: torch.device, task: Task | None = None,
@@ -161,6 +204,7 @@ def train_locally(
     data = task.prepare(x, y, device)
     n = task.num_examples(x, y)
     warm, clip = int(settings.warmup_steps or 0), settings.max_grad_norm
+    hooks = step_hooks(model, settings)
     model.train()
     total, count, steps = 0.0, 0, 0
     devices = [device] if device.type == "cuda" else []
@@ -175,7 +219,11 @@ def train_locally(
             loss.backward()
             if clip:
                 torch.nn.utils.clip_grad_norm_(params, float(clip))
+            if hooks is not None:
+                hooks.before_step()
             opt.step()
+            if hooks is not None:
+                hooks.after_step(opt)
             total += float(loss.detach()) * len(idx)
             count += len(idx)
             steps += 1

@@ -132,7 +132,7 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     strategy_cls = STRATEGIES[s["name"]]
     link_task(d)
     check_run(d, strategy_cls)
-    check_client(d["client"])
+    check_client(d["client"], strategy_cls)
     check_pretrain(d["pretrain"])
     check_task(d)
     check_engine(d["engine"])
@@ -325,9 +325,10 @@ def check_device(device: Any, engine: str | None = None) -> None:
                  "engine.client_resources.num_gpus)")
 
 
-def check_client(c: Mapping[str, Any]) -> None:
-    """The ``client.*`` local training settings."""
+def check_client(c: Mapping[str, Any], strategy_cls: type | None = None) -> None:
+    """The ``client.*`` local training settings (``refactor`` against the strategy)."""
     from clients.local_training import OPTIMIZERS
+    from fedrac.reflora import REFACTORS
 
     _require(c["optimizer"] in OPTIMIZERS, "client.optimizer", c["optimizer"],
              ", ".join(OPTIMIZERS))
@@ -357,6 +358,23 @@ def check_client(c: Mapping[str, Any]) -> None:
     clip = c.get("max_grad_norm")
     _require(clip is None or (_is_num(clip) and clip > 0), "client.max_grad_norm", clip,
              "null (no clipping) or a number > 0")
+    refactor = c.get("refactor", "none")
+    _require(refactor in REFACTORS, "client.refactor", refactor, ", ".join(REFACTORS))
+    if refactor != "none" and strategy_cls is not None:
+        _require(getattr(strategy_cls, "trains_both", False), "client.refactor", refactor,
+                 f"none for strategy {strategy_cls.name} (RefLoRA refactors two trained "
+                 "factors: fedit, cola, fedex_lora, flora; a shared sketch must not change)")
+    projected = c.get("projected_step", False)
+    _require(isinstance(projected, bool), "client.projected_step", projected, "true, false")
+    if projected and strategy_cls is not None:
+        _require(getattr(strategy_cls, "one_factor", False), "client.projected_step", projected,
+                 f"false for strategy {strategy_cls.name} (the projected step preconditions one "
+                 "trained factor by its sketch: rac_lora, ffa_lora)")
+    eps = c.get("refactor_eps", 1e-12)
+    _require(_is_num(eps) and eps > 0, "client.refactor_eps", eps, "a number > 0")
+    for key, low in (("refactor_interval", 1), ("refactor_warmup_steps", 0)):
+        v = c.get(key, low)
+        _require(_is_int(v) and v >= low, f"client.{key}", v, f"an integer >= {low}")
 
 
 def check_engine(e: Mapping[str, Any]) -> None:
@@ -406,6 +424,12 @@ def check_strategy(s: Mapping[str, Any], strategy_cls: type) -> None:
     _require(s.get("client_ranks") is None or s["name"] == "rac_lora", "strategy.client_ranks",
              s.get("client_ranks"), "null (heterogeneous ranks are for strategy=rac_lora only: "
              "nested slices of one shared sketch)")
+    from strategies.base import CLIENT_WEIGHTINGS
+
+    tp = s.get("train_factor_p", 0.5)
+    _require(_is_num(tp) and 0 <= tp <= 1, "strategy.train_factor_p", tp, "a number in [0, 1]")
+    cw = s.get("client_weighting", "examples")
+    _require(cw in CLIENT_WEIGHTINGS, "strategy.client_weighting", cw, ", ".join(CLIENT_WEIGHTINGS))
     downloads = getattr(strategy_cls, "DOWNLOADS", ("full",))
     _require(s.get("download", "full") in downloads, "strategy.download", s.get("download"),
              f"{', '.join(downloads)} (for strategy {s['name']})")

@@ -26,11 +26,15 @@ def derive_seed(run_seed: int, *path: int) -> int:
     """A 63-bit seed derived from ``(run_seed, *path)``, e.g. ``(run_seed, round)``.
 
     Stateless: the same inputs give the same seed in any process, so a resumed run
-    draws the same seeds.
+    draws the same seeds. Injective in the tuple (up to a 2^-63 hash collision): the
+    tuple's length and every integer in full are hashed, so ``(0, 5)``, ``(0, 5, 0)`` and
+    ``(2**32,)`` vs ``(0, 1)`` differ (NumPy's ``SeedSequence`` ignores trailing zeros and
+    splits big integers into 32-bit words).
     """
-    state = np.random.SeedSequence([int(run_seed), *(int(p) for p in path)])
-    hi, lo = (int(x) for x in state.generate_state(2, dtype=np.uint32))
-    return ((hi << 32) | lo) & 0x7FFF_FFFF_FFFF_FFFF
+    parts = [int(run_seed), *(int(p) for p in path)]
+    text = f"fedrac.derive_seed:{len(parts)}:" + ",".join(str(p) for p in parts)
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def _layer_seed(round_seed: int, layer_name: str) -> int:

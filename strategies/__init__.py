@@ -34,7 +34,8 @@ def build_strategy(
                   aggregator=build_aggregator(cfg),
                   fraction_evaluate=float(cfg.get("fraction_evaluate") or 0.0),
                   eval_every=int(cfg.get("eval_every", 1)), num_rounds=int(cfg["num_rounds"]),
-                  privacy=settings_from_config(cfg))
+                  privacy=settings_from_config(cfg),
+                  client_weighting=str(cfg["strategy"].get("client_weighting", "examples")))
     return STRATEGIES[name].from_config(cfg, layers, **common)
 
 

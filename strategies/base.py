@@ -39,20 +39,28 @@ CLIENT_KEYS = {  # Hydra `client.*` key -> ConfigRecord key sent to clients
     "weight_decay": "weight-decay", "weight_decay_mode": "weight-decay-mode",
     "momentum": "momentum",
     "full_lr": "full-lr", "warmup_steps": "warmup-steps", "max_grad_norm": "max-grad-norm",
+    "refactor": "refactor", "refactor_eps": "refactor-eps",
+    "refactor_interval": "refactor-interval", "refactor_warmup_steps": "refactor-warmup-steps",
+    "projected_step": "projected-step",
 }
 OFF = {"full_lr": None, "warmup_steps": 0, "max_grad_norm": None,  # not sent when so
-       "weight_decay_mode": "auto"}
+       "weight_decay_mode": "auto", "refactor": "none", "projected_step": False}
+REFACTOR_KEYS = ("refactor_eps", "refactor_interval", "refactor_warmup_steps")
 MODULES_KEY = "modules"  # reply record of the fully trained modules (ledger kind "modules")
 SAMPLING_STREAM = 1  # derive_seed(run_seed, round, SAMPLING_STREAM) picks the round's clients
 EVAL_STREAM = 6  # derive_seed(run_seed, round, EVAL_STREAM) picks the clients that evaluate
 EVAL_KINDS = {"arrays": "eval", "config": "eval", "metrics": "eval"}  # ledger kind of evaluation
+CLIENT_WEIGHTINGS = ("examples", "uniform")  # strategy.client_weighting
 
 
 def client_config_record(client_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The ``client`` config group as ConfigRecord values (``local-steps`` 0 means unset)."""
     out: dict[str, Any] = {}
+    refactor_off = client_cfg.get("refactor", "none") == "none"
     for key, wire in CLIENT_KEYS.items():
         value = client_cfg.get(key)
+        if refactor_off and key in REFACTOR_KEYS:
+            continue
         if key == "local_steps":
             value = int(value or 0)
         if key in OFF and value == OFF[key]:
@@ -127,6 +135,10 @@ class FedracStrategy(FedAvg):
     aggregation rule (``aggregator``; default: ``mean`` with ``num-examples`` capped at 10x
     the round's median claim).
 
+    ``client_weighting``: ``examples`` (each reply's weight is its capped ``num-examples``)
+    or ``uniform`` (every valid reply weighs 1, the paper's ``1/M`` average); the weights
+    are what the aggregation rule (and the train-loss mean) takes.
+
     Sends in every train message a ``config`` ConfigRecord holding the ``client.*``
     settings (``optimizer``, ``lr``, ``local-epochs``, ``local-steps``,
     ``batch-size``, ``weight-decay``, ``momentum``), ``server-round`` and ``mode``.
@@ -140,8 +152,10 @@ class FedracStrategy(FedAvg):
         min_train_nodes: int = 1, min_available_nodes: int = 1,
         ledger: ByteLedger | None = None, aggregator: Aggregator | None = None,
         fraction_evaluate: float = 0.0, eval_every: int = 1, num_rounds: int | None = None,
-        privacy: PrivacySettings | None = None,
+        privacy: PrivacySettings | None = None, client_weighting: str = "examples",
     ) -> None:
+        require_choice("strategy.client_weighting", client_weighting, CLIENT_WEIGHTINGS)
+        self.client_weighting = client_weighting
         super().__init__(
             fraction_train=fraction_train, fraction_evaluate=1.0,
             min_train_nodes=min_train_nodes, min_evaluate_nodes=0,
@@ -396,6 +410,8 @@ class FedracStrategy(FedAvg):
             server_round, [r.node_id for r in checked], [r.tensors for r in checked],
             [r.weight for r in checked], reference)
         rejected += len(checked) - len(kept)
+        if self.client_weighting == "uniform":  # 1/M, the paper's average
+            weights = [1.0] * len(weights)
         valid = []
         for i, w, scale in zip(kept, weights, scales, strict=True):
             r = checked[i]

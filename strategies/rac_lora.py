@@ -64,7 +64,8 @@ class RacLoRA(FedracStrategy):
     ``resample_every=k`` keeps a sketch for k rounds; k beyond the run length is
     asymmetric LoRA (FFA-LoRA), confined to one subspace. ``train_factor``: ``A``,
     ``B``, ``auto`` (the smaller factor per layer), ``alternate`` (``B`` in odd rounds,
-    ``A`` in even ones) or ``bernoulli`` (a fair coin per round from the run seed).
+    ``A`` in even ones) or ``bernoulli`` (per round from the run seed, ``B`` with probability
+    ``train_factor_p``, 0.5 by default).
 
     Heterogeneous ranks (``client_ranks``: a list of ranks ``<= rank``, one per partition
     id, or a shorter list of tiers given to contiguous blocks of partition ids, see
@@ -80,15 +81,22 @@ class RacLoRA(FedracStrategy):
     """
 
     name = "rac_lora"
+    one_factor = True  # clients train one factor against a sketch: client.projected_step applies
     TRAIN_FACTORS = TRAIN_FACTORS
     DOWNLOADS = DOWNLOADS
 
     def __init__(
         self, *, layers: Mapping[str, LayerSpec], rank: int, alpha: float,
         sketch: str = "orthogonal", train_factor: str = "auto", resample_every: int = 1,
-        download: str = "full", client_ranks: Sequence[int] | None = None, **kwargs: Any,
+        download: str = "full", client_ranks: Sequence[int] | None = None,
+        train_factor_p: float = 0.5, **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        p = train_factor_p
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"strategy.train_factor_p={p!r} is not allowed; "
+                             "allowed: a number in [0, 1]")
+        self.train_factor_p = float(p)
         require_choice("strategy.train_factor", train_factor, TRAIN_FACTORS, "rac_lora")
         require_choice("strategy.download", download, DOWNLOADS)
         if int(resample_every) < 1:
@@ -109,7 +117,7 @@ class RacLoRA(FedracStrategy):
         return cls(layers=layers, rank=s["rank"], alpha=s["alpha"], sketch=s["sketch"],
                    train_factor=s["train_factor"], resample_every=s.get("resample_every", 1),
                    download=s.get("download", "full"), client_ranks=s.get("client_ranks"),
-                   **common)
+                   train_factor_p=s.get("train_factor_p", 0.5), **common)
 
     @staticmethod
     def check_client_ranks(value: Any, rank: int) -> tuple[int, ...] | None:
@@ -138,8 +146,9 @@ class RacLoRA(FedracStrategy):
         """The ``train-factor`` clients get this round (``alternate``/``bernoulli`` resolved)."""
         if self.train_factor == "alternate":
             return "B" if server_round % 2 else "A"
-        if self.train_factor == "bernoulli":
-            return "AB"[derive_seed(self.run_seed, server_round, SIDE_STREAM) % 2]
+        if self.train_factor == "bernoulli":  # B with probability train_factor_p
+            u = derive_seed(self.run_seed, server_round, SIDE_STREAM) / 2.0 ** 63
+            return "B" if u < self.train_factor_p else "A"
         return self.train_factor
 
     def configure_train(

@@ -48,6 +48,7 @@ class TwoFactorLoRA(FedracStrategy):
     TRAIN_FACTORS = ZERO_SIDES
     IGNORED_KEYS = ("resample_every",)  # no sketch to resample: a sweep over it runs once
     update_kind = "factors"
+    trains_both = True  # clients train A and B: client.refactor (RefLoRA) applies
 
     def __init__(
         self, *, layers: Mapping[str, LayerSpec], rank: int, alpha: float,

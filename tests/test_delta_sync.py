@@ -145,7 +145,8 @@ def test_full_participation_downloads_cost_about_the_upload(cache, tmp_path):
     _, _, strategy = _run(_cfg(cache, tmp_path, "strategy.download=delta"))
     for rnd in range(2, ROUNDS + 1):
         down, up = strategy.ledger.round_total(rnd, "down"), strategy.ledger.round_total(rnd, "up")
-        assert down <= 1.1 * up, (rnd, down, up)
+        # 1.15: the seed records' size depends on the seeds' values (a few bytes per round)
+        assert down <= 1.15 * up, (rnd, down, up)
 
 
 def test_apply_deltas_refuses_incomplete_deltas():

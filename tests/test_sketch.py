@@ -76,6 +76,22 @@ def test_round_seeds_are_derived_and_distinct():
     assert all(0 <= s < 2**63 for s in seeds)
 
 
+def test_derive_seed_is_injective_where_seed_sequence_is_not():
+    """NumPy's SeedSequence ignores trailing zeros and splits ints into 32-bit words."""
+    import numpy as np
+
+    def numpy_seed(*parts):
+        return tuple(np.random.SeedSequence(list(parts)).generate_state(2))
+
+    assert numpy_seed(0, 5) == numpy_seed(0, 5, 0)  # the collision fedrac must avoid
+    assert derive_seed(0, 5) != derive_seed(0, 5, 0)
+    assert derive_seed(0) != derive_seed(0, 0) != derive_seed(0, 0, 0)
+    assert derive_seed(2**32) != derive_seed(0, 1)
+    tuples = {(a, *rest) for a in range(4) for rest in
+              [(), (0,), (0, 0), (1,), (1, 0), (0, 1), (2, 3, 0), (2, 3), (2**32,)]}
+    assert len({derive_seed(*t) for t in tuples}) == len(tuples)
+
+
 @pytest.mark.parametrize("shape", [(3, 20), (20, 3)])
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
 def test_shape_and_expected_projection_scale(dist, shape):
@@ -88,8 +104,13 @@ def test_shape_and_expected_projection_scale(dist, shape):
         assert tuple(s.shape) == shape and s.dtype == torch.float64
         acc += s.T @ s if shape[0] == r else s @ s.T
     mean = acc / n
-    expected = torch.eye(k, dtype=torch.float64) * (r / k)
-    assert torch.allclose(mean, expected, atol=0.03), (mean - expected).abs().max()
+    diag = torch.diagonal(mean)
+    # the average diagonal entry is r/k to 3 % (a variance off by 15 % fails; for gaussian
+    # the sampling error is about 0.6 %, for the others it is exact); every entry to 25 %
+    assert float(diag.mean()) == pytest.approx(r / k, rel=0.03)
+    assert torch.allclose(diag, torch.full_like(diag, r / k), rtol=0.25, atol=0)
+    off = mean - torch.diag(diag)
+    assert float(off.abs().max()) < 0.25 * r / k, off.abs().max()
 
 
 def test_distribution_specific_structure():
@@ -125,3 +146,14 @@ def test_cached_sketch_fingerprint_is_the_fingerprint_of_the_drawn_sketches():
         assert sketch_fingerprint(9, shapes, dist) == fingerprint(drawn)
     assert sketch_fingerprint(9, shapes) != sketch_fingerprint(10, shapes)
     assert sketch_fingerprint(9, shapes) != sketch_fingerprint(9, {"fc2.lora_B": (8, 2)})
+
+
+@pytest.mark.parametrize("shape", [(2, 20), (20, 2)])
+def test_orthogonal_sketches_are_sign_symmetric_like_haar(shape):
+    """Haar draws are symmetric: every entry has mean 0. Without the sign fix, QR makes
+    the first direction's first entry always one sign (mean about -0.18 here)."""
+    draws = torch.stack([make_sketch(seed, "haar", shape, "orthogonal").to(torch.float64)
+                         for seed in range(600)])
+    first = draws[:, 0, 0]
+    assert abs(float(first.mean())) < 0.05
+    assert 0.35 < float((first > 0).double().mean()) < 0.65

@@ -4,10 +4,10 @@
 steps cause no client drift) and inputs scaled so the curvature is about
 ``diag(condition, 1, ..., 1)``. Every client takes ``client.local_steps`` plain
 gradient steps of size ``quadratic.step / L`` (``L`` the largest curvature of the
-global problem) on what the strategy lets it train: all of ``W`` (FPFT) or the
-LoRA factors (fedrac's real adapter path: sketch regeneration, fingerprint check,
-zero-init). The real strategies run on the in-process engine; each round logs the
-relative distance ``||W - W*||_F / ||W*||_F`` to ``metrics.csv``.
+global problem; ``client.refactor`` applies RefLoRA to them) on what the strategy
+lets it train: all of ``W`` (FPFT) or the LoRA factors (fedrac's real adapter path:
+sketch regeneration, fingerprint check, zero-init). The real strategies run on the
+in-process engine; each round logs the relative distance ``||W - W*||_F / ||W*||_F`` to ``metrics.csv``.
 
 Loud-failure extras (arXiv 2502.09376; ``+experiment=loud_failure``): the clients apply
 ``client.weight_decay`` as ``client.weight_decay_mode`` says (coupled: the nuclear-norm
@@ -36,7 +36,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from clients.handlers import global_state, prepare_adapters, settings_from
-from clients.local_training import TrainSettings, make_optimizer
+from clients.local_training import TrainSettings, make_optimizer, step_hooks
 from fedrac.config import ConfigError
 from fedrac.engines.inline import run_inline
 from fedrac.experiments.certificate import certify, reference_minimum
@@ -121,12 +121,17 @@ def quadratic_client(cfg: Mapping[str, Any], xs, ys, lip: float) -> ClientApp:
                 random_init(model, content, int(cfg["seed"]), float(q["init_scale"]))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(params, _settings(cfg, content["config"], float(q["step"]) / lip))
+        hooks = step_hooks(model, settings_from(content["config"]))
         loss = torch.zeros(())
         for _ in range(steps):
             opt.zero_grad()
             loss = 0.5 * ((model(xs[pid]) - ys[pid]) ** 2).sum(dim=1).mean()
             loss.backward()
+            if hooks is not None:
+                hooks.before_step()
             opt.step()
+            if hooks is not None:
+                hooks.after_step(opt)
         if full:
             key, out = "arrays", {k: v.detach() for k, v in model.state_dict().items()}
         else:

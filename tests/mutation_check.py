@@ -1,0 +1,136 @@
+"""A small mutation check: does the fast suite notice a wrong method? (not a pytest module)
+
+Each mutant replaces one exact snippet of the code under test (a flipped sign, a dropped
+scale, swapped factors, a removed check), runs the tests that should catch it (``-x``: the
+first failure kills the mutant). It works on a copy of the source tree in a temporary
+folder (the checkout is never touched; the copy's packages shadow the editable install):
+
+    OMP_NUM_THREADS=1 .venv/bin/python tests/mutation_check.py          # every mutant
+    OMP_NUM_THREADS=1 .venv/bin/python tests/mutation_check.py 3 7      # mutants 3 and 7
+
+Prints one line per mutant (killed / SURVIVED, seconds) and the count.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+IGNORE = shutil.ignore_patterns(".venv", ".git", "outputs", "multirun", "__pycache__",
+                                ".pytest_cache", ".ruff_cache")
+FAST = ["tests/test_baselines.py", "tests/test_faithfulness.py", "tests/test_client_merge.py"]
+LORA = ["tests/test_lora.py", *FAST]
+SKETCH = ["tests/test_sketch.py"]
+
+# (name, file, original snippet, mutated snippet, tests)
+MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
+    ("scale alpha/r -> alpha", "strategies/base.py",
+     "self.scale = self.alpha / self.rank", "self.scale = self.alpha", FAST),
+    ("merge sign flipped", "fedrac/delta_sync.py",
+     "(w.to(torch.float64) + spec.delta(", "(w.to(torch.float64) - spec.delta(", FAST),
+    ("merge swaps the factors", "fedrac/delta_sync.py",
+     "        a, b = pair\n        w = out[spec.weight_key]",
+     "        b, a = pair[0].T, pair[1].T\n        w = out[spec.weight_key]", FAST),
+    ("aggregate drops the reference", "strategies/aggregation.py",
+     "agg = agg + against[key].to(torch.float64)", "agg = agg",
+     ["tests/test_robust_aggregation.py"]),  # the mean rule acts on the values directly
+    ("two-factor product sign", "strategies/two_factor.py",
+     "return spec.delta(a.to(torch.float64), b.to(torch.float64), scale)",
+     "return spec.delta(a.to(torch.float64), b.to(torch.float64), -scale)", FAST),
+    ("FedEx-LoRA residual sign", "strategies/fedex_lora.py",
+     "residual[name] = exact[name] - lora_product(",
+     "residual[name] = exact[name] + lora_product(", FAST),
+    ("FLoRA drops the scale", "strategies/flora.py",
+     "* (self.scale * pk)", "* pk", FAST),
+    ("FLoRA unweighted stack", "strategies/flora.py",
+     "* (self.scale * pk)", "* (self.scale / len(valid))", FAST),
+    ("COLA never merges", "strategies/cola.py",
+     "if server_round % self.merge_every == 0:", "if False:", FAST),
+    ("FFA-LoRA resamples its sketch", "strategies/ffa_lora.py",
+     "return derive_seed(self.run_seed, 0)",
+     "return derive_seed(self.run_seed, server_round)", FAST),
+    ("RAC-LoRA never resamples", "strategies/rac_lora.py",
+     "first = (server_round - 1) // self.resample_every * self.resample_every + 1",
+     "first = 1", ["tests/test_faithfulness.py", "tests/test_quadratic.py"]),
+    ("uniform weighting ignored", "strategies/base.py",
+     'if self.client_weighting == "uniform":', "if False:", FAST),
+    ("LoRA delta drops the scale", "fedrac/lora.py",
+     "return (scale * (b @ a)).reshape(weight_shape)", "return (b @ a).reshape(weight_shape)",
+     LORA),
+    ("LoRA trains the wrong factor", "fedrac/lora.py",
+     '(("lora_A", a, trained in ("A", "both")),\n'
+     '                                  ("lora_B", b, trained in ("B", "both")))',
+     '(("lora_A", a, trained in ("B", "both")),\n'
+     '                                  ("lora_B", b, trained in ("A", "both")))', LORA),
+    ("auto trains the larger factor", "fedrac/lora.py",
+     'return "A" if spec.d_in < spec.d_out else "B"',
+     'return "B" if spec.d_in < spec.d_out else "A"', LORA),
+    ("gaussian variance off by 15 %", "fedrac/sketch.py",
+     "s = torch.randn(r, k, generator=gen, dtype=torch.float64) / np.sqrt(k)",
+     "s = torch.randn(r, k, generator=gen, dtype=torch.float64) / np.sqrt(1.15 * k)", SKETCH),
+    ("orthogonal sketch loses its Haar sign fix", "fedrac/sketch.py",
+     "s = (q * signs).T.contiguous()", "s = q.T.contiguous()", SKETCH),
+    ("derive_seed forgets the length", "fedrac/sketch.py",
+     'text = f"fedrac.derive_seed:{len(parts)}:" + ",".join(str(p) for p in parts)',
+     'text = "fedrac.derive_seed:" + ",".join(str(p) for p in parts if p)', SKETCH),
+    ("client skips the fingerprint check", "clients/handlers.py",
+     "        check_fingerprint(str(sketch[\"fingerprint\"]),",
+     "        (lambda *a: None)(str(sketch[\"fingerprint\"]),", FAST),
+    ("RefLoRA P uses Σ_M instead of Σ_M^1/2", "fedrac/reflora.py",
+     "sm_quarter = sm_sq ** 0.25", "sm_quarter = sm_sq ** 0.5", ["tests/test_reflora.py"]),
+    ("RefLoRA-S: exp_avg_sq scaled like exp_avg", "fedrac/reflora.py",
+     'state["exp_avg_sq"].mul_(g * g)', 'state["exp_avg_sq"].mul_(g)',
+     ["tests/test_reflora.py"]),
+    ("RefLoRA preconditions B with S⁻¹", "fedrac/reflora.py",
+     "b.grad.copy_((b.grad.to(torch.float64) @ s)",
+     "b.grad.copy_((b.grad.to(torch.float64) @ s_inv)", ["tests/test_reflora.py"]),
+]
+
+
+def run(index: int, root: Path) -> bool:
+    """Apply mutant ``index`` in the copy ``root``, run its tests, restore; True when a test
+    failed (killed)."""
+    name, rel, old, new, tests = MUTANTS[index]
+    path = root / rel
+    original = path.read_text()
+    if original.count(old) != 1:
+        raise SystemExit(f"mutant {index} ({name}): snippet found {original.count(old)} times "
+                         f"in {rel}; update the mutant")
+    try:
+        path.write_text(original.replace(old, new))
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                               "-m", "not slow", *tests], cwd=root, capture_output=True,
+                              text=True)
+    finally:
+        path.write_text(original)
+    return proc.returncode != 0
+
+
+def main(argv: list[str]) -> int:
+    """Run the chosen (default: all) mutants and print the kill count."""
+    chosen = [int(a) for a in argv] or list(range(len(MUTANTS)))
+    root = Path(tempfile.mkdtemp(prefix="fedrac-mutants-")) / "repo"
+    shutil.copytree(ROOT, root, ignore=IGNORE)
+    where = subprocess.run([sys.executable, "-c", "import fedrac; print(fedrac.__file__)"],
+                           cwd=root, capture_output=True, text=True, check=True).stdout
+    if not where.strip().startswith(str(root)):
+        raise SystemExit(f"the copy's fedrac is not the one imported ({where.strip()})")
+    killed = 0
+    for i in chosen:
+        start = time.perf_counter()
+        dead = run(i, root)
+        killed += dead
+        print(f"{i:2d} {'killed  ' if dead else 'SURVIVED'} {time.perf_counter() - start:6.1f}s"
+              f"  {MUTANTS[i][0]} ({MUTANTS[i][1]})", flush=True)
+    print(f"{killed} of {len(chosen)} mutants killed")
+    shutil.rmtree(root.parent, ignore_errors=True)
+    return 0 if killed == len(chosen) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
