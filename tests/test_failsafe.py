@@ -102,7 +102,8 @@ BAD_VALUES = [
     (["strategy.rnak=2"], "strategy.rnak=2 is not a known key; allowed: the keys of strategy: "
                           "alpha, "),  # ... every key of conf/strategy, then:
     (["strategy.rnak=2"], " rank, "),
-    (["strategy.rnak=2"], "train_factor (+strategy.rnak=2 adds a new key)"),
+    (["strategy.rnak=2"], ", train_factor, "),
+    (["strategy.rnak=2"], " (+strategy.rnak=2 adds a new key)"),
     (["nokey=1"], "nokey=1 is not a known key; allowed: the top-level keys: aggregation, "
                  "cache_dir, client,"),
     (["num_rounds=[1,2"], "'num_rounds=[1,2' is not a valid override (no viable alternative at "

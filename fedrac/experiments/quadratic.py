@@ -7,7 +7,8 @@ gradient steps of size ``quadratic.step / L`` (``L`` the largest curvature of th
 global problem; ``client.refactor`` applies RefLoRA to them) on what the strategy
 lets it train: all of ``W`` (FPFT) or the LoRA factors (fedrac's real adapter path:
 sketch regeneration, fingerprint check, zero-init). The real strategies run on the
-in-process engine; each round logs the relative distance ``||W - W*||_F / ||W*||_F`` to ``metrics.csv``.
+in-process engine; each round logs the relative distance ``||W - W*||_F / ||W*||_F``
+to ``metrics.csv``.
 
 Loud-failure extras (arXiv 2502.09376; ``+experiment=loud_failure``): the clients apply
 ``client.weight_decay`` as ``client.weight_decay_mode`` says (coupled: the nuclear-norm
