@@ -124,6 +124,50 @@ def pfl_cifar10(rounds: int, repeats: int, quick: bool, tmp: Path) -> list[dict[
     return rows
 
 
+def batched(base: list[str], rounds: int, pfl_rounds: int, repeats: int, quick: bool,
+            tmp: Path) -> list[dict[str, Any]]:
+    """``engine.batched=true`` against the sequential ClientApp path (interleaved pairs, the
+    median of the pairs' ratios), on the embedded default (also against the plain loop) and
+    on the pfl protocol; whether the final weights are bit-identical."""
+    small = ["num_clients=100", "dataset.target_samples=5000"] if quick else []
+    points = [("embedded default", [*base], rounds),
+              ("pfl CIFAR-10 protocol", ["+experiment=pfl_cifar10", *small], pfl_rounds)]
+    rows = []
+    for label, over, n in points:
+        for strategy in ("fedavg", "rac_lora"):
+            name = f"{label}-{strategy}".replace(" ", "_")
+            cfg = compose_cfg(*over, f"strategy={strategy}", f"num_rounds={n}",
+                              f"output_dir={tmp / name}")
+            cfg_b = {**cfg, "engine": {**cfg["engine"], "batched": True},
+                     "output_dir": str(tmp / (name + "-batched"))}
+            warm = [{**c, "num_rounds": 1} for c in (cfg, cfg_b)]
+            for c in warm:
+                timed(lambda c=c: _fedrac(c), 1)
+            run = timed_pair(lambda c=cfg_b: _fedrac(c), lambda c=cfg: _fedrac(c), repeats)
+            (s_b, state_b), (s_s, state_s) = run.result, run.floor_result
+            diff = max(float((state_b[k].double() - state_s[k].double()).abs().max())
+                       for k in state_s)
+            row = run.row(f"{label}, {strategy}: batched / sequential", rounds=n,
+                          s_per_round_batched=s_b["seconds_per_round"],
+                          s_per_round_sequential=s_s["seconds_per_round"],
+                          identical=states_equal(state_b, state_s), max_abs_diff=diff)
+            if label == "embedded default":
+                work = Workload(cfg)
+                timed(lambda w=work: plain_loop(w), 1)
+                floor = timed_pair(lambda c=cfg_b: _fedrac(c), lambda w=work: plain_loop(w),
+                                   repeats)
+                row["vs_floor"] = floor.ratio
+                row["vs_floor_min"], row["vs_floor_max"] = floor.ratio_min, floor.ratio_max
+            rows.append(row)
+    for r in rows:
+        floor = "" if "vs_floor" not in r else (
+            f"; batched / plain-PyTorch floor {r['vs_floor']:.2f}x "
+            f"({r['vs_floor_min']:.2f}-{r['vs_floor_max']:.2f})")
+        same = "bit-identical" if r["identical"] else f"max |diff| {r['max_abs_diff']:.1e}"
+        print(f"bench: {r['what']} {_ratio(r)}{floor}; {same}", flush=True)
+    return rows
+
+
 def engines(base: list[str], rounds: int, tmp: Path) -> list[dict[str, Any]]:
     """Seconds per round of the same run on the inline engine and on Ray."""
     rows = []

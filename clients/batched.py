@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from torch import nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, vmap
 
 from clients.delta_client import downloaded_weights, restore_config, resync_reply
 from clients.handlers import (
@@ -324,7 +324,16 @@ def fit(model: nn.Module, clients: Sequence[_Client], device: torch.device
                                                 scale), (x,))
         return nn.functional.cross_entropy(out, y)
 
-    step = vmap(grad_and_value(loss))
+    forward = vmap(loss)
+
+    def step(p, frozen_stacked, x, y):
+        """Per-client gradients and losses: autograd through the vmapped forward (the
+        gradient of a sum of independent losses is each client's own gradient)."""
+        with torch.enable_grad():
+            leaves = {k: v.detach().requires_grad_(True) for k, v in p.items()}
+            losses = forward(leaves, frozen_stacked, x, y)
+            grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
+        return dict(zip(leaves, grads, strict=True)), losses.detach()
     opt = _Optimizer(settings, params)
     totals, counts = [0.0] * n_clients, [0] * n_clients
     for s in range(rows.shape[0]):
