@@ -12,6 +12,8 @@ Sections (each time a median over ``--repeats`` runs in this process, same seeds
 5. pfl: pfl-research's cross-device CIFAR-10 protocol (``+experiment=pfl_cifar10``: 1,000
    users x 50 random 3x32x32 images, cohort 50, 5 SGD steps of batch 10, small CNN),
    fedrac against the plain loop, as in 1;
+   then ``engine.batched=true`` against the sequential path on both workloads (and the
+   plain loop on the embedded default), printed as ratios;
 6. transformer: peak memory of one transformer for 10 and 100 clients (bench/transformer.py).
 7. peers: the same protocol in pfl-research and BlazeFL, interleaved with fedrac, each run
    in its own process (start-up, s/round, CPU s/round, peak RSS; bench/peers.py).
@@ -274,6 +276,16 @@ def to_markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {r['what']} | {r['clients']} | {r['cohort']} | {r['rounds']} | "
                          f"{r['seconds']:.2f} | {r['floor']:.2f} | {_ratio(r)} | "
                          f"{'yes' if r['identical_to_floor'] else 'no'} |")
+    if res.get("batched"):
+        lines += ["", "| engine.batched=true (inline) | rounds | s/round batched | "
+                  "s/round sequential | run time ratio (range) | batched / floor | "
+                  "weights |", "|---|---|---|---|---|---|---|"]
+        for r in res["batched"]:
+            floor = f"{r['vs_floor']:.2f}x" if "vs_floor" in r else "-"
+            same = "identical" if r["identical"] else f"max diff {r['max_abs_diff']:.1e}"
+            lines.append(f"| {r['what']} | {r['rounds']} | {r['s_per_round_batched']:.3f} | "
+                         f"{r['s_per_round_sequential']:.3f} | {_ratio(r)} | {floor} | "
+                         f"{same} |")
     if res.get("engines"):
         lines += ["", "| engine (rac_lora, embedded default) | s/round | whole run (s) |",
                   "|---|---|---|"]
@@ -355,6 +367,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["scale"] = scale(base, 2 if args.quick else 20, args.quick, tmp)
         res["bytes"] = bytes_per_round(base, max(rounds if args.quick else 10, 3), tmp)
         res["pfl"] = pfl_cifar10(1 if args.quick else 10, repeats, args.quick, tmp)
+        res["batched"] = batched(base, rounds if args.quick else 20, 1 if args.quick else 5,
+                                 repeats, args.quick, tmp)
         res["transformer"] = transformer_points(args.quick, tmp)
         if not args.no_peers:
             from bench.peers import peers

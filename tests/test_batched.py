@@ -34,9 +34,25 @@ def _run(tmp_path: Path, cache: Path, name: str, *overrides: str):
     return load_file(str(out / "model.safetensors")), rows
 
 
-def _pair(tmp_path: Path, cache: Path, *overrides: str):
+@pytest.fixture
+def groups(monkeypatch) -> list[int]:
+    """Sizes of the client groups the batched path trained (a silent fallback would leave
+    it empty)."""
+    seen: list[int] = []
+    train_group = batched._train_group
+
+    def spy(cfg, clients, device):
+        seen.append(len(clients))
+        return train_group(cfg, clients, device)
+
+    monkeypatch.setattr(batched, "_train_group", spy)
+    return seen
+
+
+def _pair(tmp_path: Path, cache: Path, groups: list[int], *overrides: str):
     seq = _run(tmp_path, cache, "seq", *overrides)
     bat = _run(tmp_path, cache, "bat", "engine.batched=true", *overrides)
+    assert groups == [10, 10]  # every round's 10 clients in one group
     for a, b in zip(seq[1], bat[1], strict=True):  # same records: the ledger agrees exactly
         assert {k: v for k, v in a.items() if k.startswith("bytes")} == \
             {k: v for k, v in b.items() if k.startswith("bytes")}
@@ -45,8 +61,8 @@ def _pair(tmp_path: Path, cache: Path, *overrides: str):
     return seq[0], bat[0]
 
 
-def test_fedavg_batched_is_bit_identical(tmp_path: Path, cache: Path) -> None:
-    seq, bat = _pair(tmp_path, cache, "strategy=fedavg")
+def test_fedavg_batched_is_bit_identical(tmp_path: Path, cache: Path, groups) -> None:
+    seq, bat = _pair(tmp_path, cache, groups, "strategy=fedavg")
     assert seq.keys() == bat.keys()
     assert all(torch.equal(seq[k], bat[k]) for k in seq)
 
@@ -56,9 +72,9 @@ def test_fedavg_batched_is_bit_identical(tmp_path: Path, cache: Path) -> None:
     ("strategy=fedit", "client.optimizer=sgd", "client.momentum=0.9",
      "client.weight_decay=0.01"),
 ])
-def test_lora_methods_batched_match_to_float_rounding(tmp_path: Path, cache: Path,
+def test_lora_methods_batched_match_to_float_rounding(tmp_path: Path, cache: Path, groups,
                                                       overrides: tuple[str, ...]) -> None:
-    seq, bat = _pair(tmp_path, cache, *overrides)
+    seq, bat = _pair(tmp_path, cache, groups, *overrides)
     assert seq.keys() == bat.keys()
     for k in seq:  # the factor's gradient goes through one batched BLAS call: last bits differ
         torch.testing.assert_close(bat[k], seq[k], rtol=1e-5, atol=1e-6)
