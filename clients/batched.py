@@ -13,11 +13,12 @@ of ``torch.optim.SGD`` (momentum, weight decay) and ``torch.optim.AdamW``, with 
 warm-up and gradient clipping as :func:`clients.local_training.train_locally`.
 
 Clients of unequal data sizes and step counts: every step cuts each client's own next
-batch (same seed, same order as the sequential loop); a shorter batch is padded and its
-padding masked out of the loss, and a client whose steps are done keeps its tensors and
-optimizer state (its update that step is masked to nothing). Each message gets the reply
-``handle_train`` would build (records, keys, dtypes, metrics); ``train-seconds`` is the
-client's share of the batch's time.
+batch (same seed, same order as the sequential loop); a step whose batches differ in length
+runs once per length (padding would change the matrix products' summation and so the bits;
+a length only one client has runs unbatched), and a client whose steps are done keeps its
+tensors and optimizer state (its update that step is masked out). Each message gets the
+reply ``handle_train`` would build (records, keys, dtypes, metrics); ``train-seconds`` is
+the client's share of the batch's time. Exactness: docs/batched.md.
 
 What cannot be batched goes through the sequential ClientApp, with one log line naming
 why: a custom (``_target_``) or ``hf`` model, a task other than classification, local DP
