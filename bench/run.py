@@ -12,6 +12,8 @@ Sections (each time a median over ``--repeats`` runs in this process, same seeds
 5. pfl: pfl-research's cross-device CIFAR-10 protocol (``+experiment=pfl_cifar10``: 1,000
    users x 50 random 3x32x32 images, cohort 50, 5 SGD steps of batch 10, small CNN),
    fedrac against the plain loop, as in 1;
+   then ``engine.batched=true`` against the sequential path on both workloads (and the
+   plain loop on the embedded default), printed as ratios;
 6. transformer: peak memory of one transformer for 10 and 100 clients (bench/transformer.py).
 7. peers: the same protocol in pfl-research and BlazeFL, interleaved with fedrac, each run
    in its own process (start-up, s/round, CPU s/round, peak RSS; bench/peers.py).
@@ -124,6 +126,50 @@ def pfl_cifar10(rounds: int, repeats: int, quick: bool, tmp: Path) -> list[dict[
     return rows
 
 
+def batched(base: list[str], rounds: int, pfl_rounds: int, repeats: int, quick: bool,
+            tmp: Path) -> list[dict[str, Any]]:
+    """``engine.batched=true`` against the sequential ClientApp path (interleaved pairs, the
+    median of the pairs' ratios), on the embedded default (also against the plain loop) and
+    on the pfl protocol; whether the final weights are bit-identical."""
+    small = ["num_clients=100", "dataset.target_samples=5000"] if quick else []
+    points = [("embedded default", [*base], rounds),
+              ("pfl CIFAR-10 protocol", ["+experiment=pfl_cifar10", *small], pfl_rounds)]
+    rows = []
+    for label, over, n in points:
+        for strategy in ("fedavg", "rac_lora"):
+            name = f"{label}-{strategy}".replace(" ", "_")
+            cfg = compose_cfg(*over, f"strategy={strategy}", f"num_rounds={n}",
+                              f"output_dir={tmp / name}")
+            cfg_b = {**cfg, "engine": {**cfg["engine"], "batched": True},
+                     "output_dir": str(tmp / (name + "-batched"))}
+            warm = [{**c, "num_rounds": 1} for c in (cfg, cfg_b)]
+            for c in warm:
+                timed(lambda c=c: _fedrac(c), 1)
+            run = timed_pair(lambda c=cfg_b: _fedrac(c), lambda c=cfg: _fedrac(c), repeats)
+            (s_b, state_b), (s_s, state_s) = run.result, run.floor_result
+            diff = max(float((state_b[k].double() - state_s[k].double()).abs().max())
+                       for k in state_s)
+            row = run.row(f"{label}, {strategy}: batched / sequential", rounds=n,
+                          s_per_round_batched=s_b["seconds_per_round"],
+                          s_per_round_sequential=s_s["seconds_per_round"],
+                          identical=states_equal(state_b, state_s), max_abs_diff=diff)
+            if label == "embedded default":
+                work = Workload(cfg)
+                timed(lambda w=work: plain_loop(w), 1)
+                floor = timed_pair(lambda c=cfg_b: _fedrac(c), lambda w=work: plain_loop(w),
+                                   repeats)
+                row["vs_floor"] = floor.ratio
+                row["vs_floor_min"], row["vs_floor_max"] = floor.ratio_min, floor.ratio_max
+            rows.append(row)
+    for r in rows:
+        floor = "" if "vs_floor" not in r else (
+            f"; batched / plain-PyTorch floor {r['vs_floor']:.2f}x "
+            f"({r['vs_floor_min']:.2f}-{r['vs_floor_max']:.2f})")
+        same = "bit-identical" if r["identical"] else f"max |diff| {r['max_abs_diff']:.1e}"
+        print(f"bench: {r['what']} {_ratio(r)}{floor}; {same}", flush=True)
+    return rows
+
+
 def engines(base: list[str], rounds: int, tmp: Path) -> list[dict[str, Any]]:
     """Seconds per round of the same run on the inline engine and on Ray."""
     rows = []
@@ -230,6 +276,16 @@ def to_markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {r['what']} | {r['clients']} | {r['cohort']} | {r['rounds']} | "
                          f"{r['seconds']:.2f} | {r['floor']:.2f} | {_ratio(r)} | "
                          f"{'yes' if r['identical_to_floor'] else 'no'} |")
+    if res.get("batched"):
+        lines += ["", "| engine.batched=true (inline) | rounds | s/round batched | "
+                  "s/round sequential | run time ratio (range) | batched / floor | "
+                  "weights |", "|---|---|---|---|---|---|---|"]
+        for r in res["batched"]:
+            floor = f"{r['vs_floor']:.2f}x" if "vs_floor" in r else "-"
+            same = "identical" if r["identical"] else f"max diff {r['max_abs_diff']:.1e}"
+            lines.append(f"| {r['what']} | {r['rounds']} | {r['s_per_round_batched']:.3f} | "
+                         f"{r['s_per_round_sequential']:.3f} | {_ratio(r)} | {floor} | "
+                         f"{same} |")
     if res.get("engines"):
         lines += ["", "| engine (rac_lora, embedded default) | s/round | whole run (s) |",
                   "|---|---|---|"]
@@ -311,6 +367,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["scale"] = scale(base, 2 if args.quick else 20, args.quick, tmp)
         res["bytes"] = bytes_per_round(base, max(rounds if args.quick else 10, 3), tmp)
         res["pfl"] = pfl_cifar10(1 if args.quick else 10, repeats, args.quick, tmp)
+        res["batched"] = batched(base, rounds if args.quick else 20, 1 if args.quick else 5,
+                                 repeats, args.quick, tmp)
         res["transformer"] = transformer_points(args.quick, tmp)
         if not args.no_peers:
             from bench.peers import peers

@@ -384,6 +384,10 @@ def check_engine(e: Mapping[str, Any]) -> None:
     threads = e.get("threads")
     _require(threads is None or (_is_int(threads) and threads >= 1), "engine.threads", threads,
              "null or an integer >= 1")
+    batched = e.get("batched", False)
+    _require(isinstance(batched, bool), "engine.batched", batched, "true, false")
+    _require(not batched or e.get("name") == "inline", "engine.batched", batched,
+             f"false with engine={e.get('name')} (batched clients need engine=inline)")
     address = e.get("address")
     _require(address is None or (isinstance(address, str) and _ray_address(address)),
              "engine.address", address,

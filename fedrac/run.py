@@ -61,7 +61,12 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
         from fedrac.engines.inline import run_inline, set_torch_threads
 
         set_torch_threads(cfg["engine"].get("threads"))
-        run_inline(server_app, client_app, cfg["num_clients"])
+        batch = None
+        if cfg["engine"].get("batched"):
+            from clients.batched import batch_trainer
+
+            batch = batch_trainer(cfg)
+        run_inline(server_app, client_app, cfg["num_clients"], batch_train=batch)
     else:
         raise ValueError(f"engine={engine!r} is not an engine; allowed: simulation, inline")
     if not summary_path.exists():

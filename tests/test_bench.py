@@ -34,6 +34,9 @@ def test_quick_benchmark_runs_and_floor_is_the_same_math(tmp_path, monkeypatch):
     # pfl-research's protocol (shrunk): partial participation, SGD, CNN -- still the same math
     assert [r["what"] for r in res["pfl"]] == ["fedrac fedavg", "fedrac rac_lora"]
     assert all(r["identical_to_floor"] and r["cohort"] == 5 for r in res["pfl"])
+    # batched clients: fedavg on the embedded default gives the sequential path's weights
+    by_batched = {r["what"]: r for r in res["batched"]}
+    assert by_batched["embedded default, fedavg: batched / sequential"]["identical"]
     # one transformer for 10 and 100 clients: one base model per process, memory about flat
     tf = {r["clients"]: r for r in res["transformer"]}
     assert set(tf) == {10, 100}

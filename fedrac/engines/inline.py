@@ -23,11 +23,20 @@ import logging
 import random
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.app.message import make_message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import (
@@ -121,6 +130,8 @@ class InlineGrid(Grid):
     ``i`` gets ``node_config = {"partition-id": i, "num-partitions": num_supernodes}`` updated
     with ``node_configs[i]``. A node's ``Context`` (with its persistent ``state``) is created
     on the first message it receives; its ``run_config`` is the run's ``override_config``.
+    ``batch_train``: a handler that answers a round's train messages together (``None`` for
+    each it leaves to the ClientApp), with working copies of their nodes' contexts.
     """
 
     def __init__(
@@ -130,6 +141,8 @@ class InlineGrid(Grid):
         node_configs: Sequence[Mapping[str, Any]] | None = None,
         *,
         seed: int = 0,
+        batch_train: Callable[[list[tuple[Message, Context]]], list[Message | None]]
+        | None = None,
     ) -> None:
         if num_supernodes < 1:
             raise ValueError(f"num_supernodes must be >= 1, got {num_supernodes}")
@@ -138,6 +151,7 @@ class InlineGrid(Grid):
                 f"node_configs has {len(node_configs)} entries for {num_supernodes} nodes"
             )
         self._client_app = client_app
+        self._batch_train = batch_train
         self._num_nodes = num_supernodes
         self._node_configs = node_configs
         self._rng = random.Random(seed)
@@ -204,10 +218,12 @@ class InlineGrid(Grid):
         """Run the ClientApp for each valid message now; return the accepted message ids.
 
         Like the SuperLink, an invalid message (wrong run, unknown destination, expired, ...)
-        is logged and dropped: its id is not returned.
+        is logged and dropped: its id is not returned. With a ``batch_train`` handler the
+        valid train messages go to it together first; what it does not answer goes to the
+        ClientApp one by one. Ids are drawn in the same order either way.
         """
         run = self.run
-        accepted: list[str] = []
+        accepted: list[tuple[Message, int, str]] = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = self._new_message_id()
             errors = validate_message(msg, is_reply_message=False)
@@ -224,12 +240,17 @@ class InlineGrid(Grid):
                     "; ".join(errors),
                 )
                 continue
-            with self._lock:
-                reply = self._handle(msg, run)
-                reply.metadata.__dict__["_message_id"] = self._new_message_id()
+            task_id = self._rng.getrandbits(_ID_BITS)
+            accepted.append((msg, task_id, self._new_message_id()))
+        with self._lock:
+            batched = self._handle_batch([m for m, _, _ in accepted], run)
+            for msg, task_id, reply_id in accepted:
+                reply = batched.get(msg.metadata.message_id)
+                if reply is None:
+                    reply = self._handle(msg, run, task_id)
+                reply.metadata.__dict__["_message_id"] = reply_id
                 self._replies[msg.metadata.message_id] = reply
-            accepted.append(msg.metadata.message_id)
-        return accepted
+        return [msg.metadata.message_id for msg, _, _ in accepted]
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         """Return (once) the available replies to ``message_ids``, in push order."""
@@ -266,7 +287,33 @@ class InlineGrid(Grid):
             self._contexts[node_id] = context
         return context
 
-    def _handle(self, msg: Message, run: Run) -> Message:
+    def _handle_batch(self, messages: list[Message], run: Run) -> dict[str, Message]:
+        """Replies of the batch handler to the train messages among ``messages``, by message
+        id (those it leaves out go to the ClientApp). Any exception of the handler sends
+        them all to the ClientApp, which answers each as it would have."""
+        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+        if self._batch_train is None or len(train) < 2:
+            return {}
+        contexts = [_copy_context(self._node_context(m.metadata.dst_node_id, run))
+                    for m in train]
+        received = [make_message(metadata=copy.copy(m.metadata),
+                                 content=_copy_recorddict(m.content)) for m in train]
+        try:
+            replies = self._batch_train(list(zip(received, contexts, strict=True)))
+        except Exception as ex:  # the ClientApp path reports the error per message
+            log.warning("engine.batched: the batch failed (%s: %s); these clients train one "
+                        "by one", type(ex).__name__, ex)
+            return {}
+        out: dict[str, Message] = {}
+        for msg, context, reply in zip(train, contexts, replies, strict=True):
+            if reply is None or _reply_problem(reply, msg) is not None:
+                continue
+            self._contexts[msg.metadata.dst_node_id] = context
+            out[msg.metadata.message_id] = make_message(
+                metadata=reply.metadata, content=_copy_recorddict(reply.content))
+        return out
+
+    def _handle(self, msg: Message, run: Run, task_id: int) -> Message:
         """Call the ClientApp for ``msg``; an exception becomes an error reply."""
         node_id = msg.metadata.dst_node_id
         stored = self._node_context(node_id, run)
@@ -274,7 +321,6 @@ class InlineGrid(Grid):
         received = make_message(
             metadata=copy.copy(msg.metadata), content=_copy_recorddict(msg.content)
         )
-        task_id = self._rng.getrandbits(_ID_BITS)
         try:
             with _as_task(run.run_id, node_id, task_id):
                 reply = self._client_app(message=received, context=context)
@@ -332,6 +378,8 @@ def run_inline(
     node_configs: list[dict[str, Any]] | None = None,
     *,
     seed: int = 0,
+    batch_train: Callable[[list[tuple[Message, Context]]], list[Message | None]]
+    | None = None,
 ) -> InlineGrid:
     """Run ``server_app`` against ``num_supernodes`` in-process nodes running ``client_app``.
 
@@ -339,11 +387,14 @@ def run_inline(
     with a server ``Context`` (SuperLink node id, empty node config and state, ``run_config``).
     ``run_config`` is also every node's ``Context.run_config``; ``node_configs[i]`` is merged
     into node ``i``'s node config. Exceptions from the ServerApp propagate unchanged.
+    ``batch_train`` (e.g. :func:`clients.batched.batch_trainer`) gets each round's train
+    messages together (``engine.batched=true``).
     Returns the grid, whose ``node_context`` shows each node's final state.
     """
     config = dict(run_config or {})
     run = _new_run(seed, config)
-    grid = InlineGrid(client_app, num_supernodes, node_configs, seed=seed)
+    grid = InlineGrid(client_app, num_supernodes, node_configs, seed=seed,
+                      batch_train=batch_train)
     grid.set_run(run)
     context = Context(
         run_id=run.run_id,
