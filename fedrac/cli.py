@@ -24,6 +24,13 @@ def _hydra_main(cfg: DictConfig) -> float:
         run_cfg = validate(cfg)
     except ConfigError as err:
         _fail(err)
+    if run_cfg.get("resume"):  # the saved config, with the few overrides that keep its path
+        from fedrac.checkpoint import resume_config
+
+        try:
+            run_cfg = resume_config(run_cfg["resume"], HydraConfig.get().overrides.task, run_cfg)
+        except ConfigError as err:
+            _fail(err)
     if run_cfg.get("output_dir") is None:
         run_cfg["output_dir"] = HydraConfig.get().runtime.output_dir
     if run_cfg.get("runner"):  # an experiment with its own loop, e.g. fedrac.experiments.quadratic
@@ -40,6 +47,10 @@ def _hydra_main(cfg: DictConfig) -> float:
     from fedrac.run import run_experiment
 
     summary = run_experiment(run_cfg)
+    if summary.get("interrupted"):
+        from fedrac.checkpoint import exit_interrupted
+
+        exit_interrupted(summary, run_cfg["output_dir"])
     print(format_table([summary]), flush=True)
     return float(summary["final_accuracy"])
 

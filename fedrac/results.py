@@ -114,8 +114,7 @@ class RunRecorder:
                 int(value) if key == "client_eval_clients" else float(value))
         self._last = now
         self.rows.append(row)
-        self._writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
-                               for k, v in row.items()})
+        self._write_row(row)
         self._csv.flush()
         self._track("log_round", server_round, round_scalars(row, self._totals))
         if self._bar is None:
@@ -127,6 +126,27 @@ class RunRecorder:
                     f"acc {row['eval_accuracy']:.4f} loss {row['eval_loss']:.4f} | "
                     f"up {human_bytes(row['bytes_up'])}/round", refresh=True)
         return row
+
+    def _write_row(self, row: Mapping[str, Any]) -> None:
+        self._writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
+                               for k, v in row.items()})
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rows so far and the values carried between rounds (for a checkpoint)."""
+        return {"rows": [dict(r) for r in self.rows], "privacy_last": dict(self._privacy_last),
+                "totals": dict(self._totals)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: metrics.csv is rewritten with the saved rows."""
+        self.rows = [dict(r) for r in state["rows"]]
+        self._privacy_last.update(state["privacy_last"])
+        self._totals = dict(state["totals"])
+        self._csv.seek(0)
+        self._csv.truncate()
+        self._writer.writeheader()
+        for row in self.rows:
+            self._write_row(row)
+        self._csv.flush()
 
     def progress_line(self, row: Mapping[str, Any]) -> str:
         """``[round 3/100] acc 0.8123 loss 0.5234 | train 0.61 | up 3.1 KB down 402 KB | ...``"""

@@ -101,6 +101,17 @@ class RacLoRA(FedracStrategy):
                    train_factor=s["train_factor"], resample_every=s.get("resample_every", 1),
                    download=s.get("download", "full"), **common)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Base state plus the delta-sync state (``download=delta``)."""
+        return {**super().state_dict(),
+                "sync": None if self.sync is None else self.sync.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        super().load_state_dict(state)
+        if self.sync is not None:
+            self.sync.load_state_dict(state["sync"])
+
     def round_seed(self, server_round: int) -> int:
         """The sketch seed of a round: a new one every ``resample_every`` rounds."""
         first = (server_round - 1) // self.resample_every * self.resample_every + 1

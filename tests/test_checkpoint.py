@@ -1,0 +1,125 @@
+"""Checkpoints and resume: an interrupted run, resumed, ends bit-identical to a whole one."""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedrac import checkpoint as ck
+from fedrac.config import ConfigError
+from tests.helpers import run_config
+
+TIMING = {"seconds", "client_seconds"}
+FAST = ["num_rounds=4", "num_clients=3", "client.local_steps=2", "pretrain.epochs=2",
+        "progress=lines"]
+CASES = {
+    "rac_lora": ["strategy=rac_lora"],
+    "fedit": ["strategy=fedit"],
+    "fedavg": ["strategy=fedavg"],
+    "rac_lora_delta": ["strategy=rac_lora", "strategy.download=delta", "fraction_train=0.67"],
+}
+
+
+def rows(out: Path) -> list[dict[str, str]]:
+    """metrics.csv without the timing columns."""
+    with (out / "metrics.csv").open() as fh:
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(fh)]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def config(tmp_path: Path, cache: Path, name: str, *extra: str) -> dict:
+    cfg = run_config(tmp_path, *FAST, *CASES[name], *extra)
+    cfg["cache_dir"] = str(cache)
+    return cfg
+
+
+def test_state_tree_round_trip(tmp_path):
+    """Tensors (any dtype), bytes, tuples, NaN and int keys survive a checkpoint; key order too."""
+    state = {"w": {"b": torch.arange(3, dtype=torch.float64), "a": torch.ones(2, 2).bfloat16()},
+             "blob": b"\x00\x01", "empty": b"", "t": (1, [2.5, math.nan]), "none": None,
+             "shared": torch.zeros(4)}
+    state["alias"] = state["shared"]
+    ck.save_checkpoint(tmp_path, state)
+    back = ck.load_checkpoint(tmp_path)
+    assert list(back["w"]) == ["b", "a"]
+    assert torch.equal(back["w"]["b"], state["w"]["b"]) and back["w"]["a"].dtype == torch.bfloat16
+    assert back["blob"] == b"\x00\x01" and back["empty"] == b"" and back["none"] is None
+    assert back["t"][0] == 1 and math.isnan(back["t"][1][1])
+    assert not list((tmp_path / ck.FOLDER).glob(".*tmp*"))
+
+
+def test_rng_states_restored():
+    saved = ck.rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    ck.set_rng_state(saved)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def run_interrupted(cfg: dict, at: int, monkeypatch) -> dict:
+    """Run ``cfg`` with SIGINT 'arriving' during round ``at``; returns its summary."""
+    from fedrac.results import RunRecorder
+    from fedrac.run import run_experiment
+
+    log_round = RunRecorder.log_round
+
+    def log_and_signal(self, server_round, *args):
+        if server_round == at:
+            ck.STOP.set(signal.SIGINT)
+        return log_round(self, server_round, *args)
+
+    monkeypatch.setattr(RunRecorder, "log_round", log_and_signal)
+    try:
+        return run_experiment(cfg)
+    finally:
+        monkeypatch.setattr(RunRecorder, "log_round", log_round)
+        ck.STOP.clear()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_interrupt_and_resume_is_bit_identical(tmp_path, cache, monkeypatch, name):
+    """Stopped after round 2 of 4 and resumed: the same model bytes and metrics rows."""
+    from fedrac.run import run_experiment
+
+    full = config(tmp_path / "full", cache, name)
+    run_experiment(full)
+    cut = config(tmp_path / "cut", cache, name)
+    summary = run_interrupted(cut, 2, monkeypatch)
+    out = Path(cut["output_dir"])
+    assert summary["interrupted"] and summary["interrupted_after_round"] == 2
+    assert summary["signal"] == "SIGINT" and summary["rounds"] == 2
+    assert (out / "model.safetensors").is_file() and (out / "curves.png").is_file()
+    resumed = ck.resume_config(out, [f"resume={out}"], {})
+    assert resumed["output_dir"] == str(out) and resumed["resume"] == str(out)
+    summary = run_experiment(resumed)
+    assert not summary.get("interrupted") and summary["checkpoints"] == 4
+    full_out = Path(full["output_dir"])
+    assert rows(out) == rows(full_out)
+    assert (out / "model.safetensors").read_bytes() == (full_out / "model.safetensors").read_bytes()
+
+
+def test_resume_refuses_trajectory_overrides(tmp_path):
+    folder = tmp_path / "run"
+    ck.save_run_config(folder, {"num_rounds": 5, "privacy": {"name": "none"}})
+    with pytest.raises(ConfigError, match=r"^strategy\.rank='2' is not allowed; allowed: with "):
+        ck.resume_config(folder, [f"resume={folder}", "strategy.rank=2"], {})
+    with pytest.raises(ConfigError, match=r"^strategy='fedavg' is not allowed"):
+        ck.resume_config(folder, ["strategy=fedavg"], {})
+    with pytest.raises(ConfigError, match=r"^num_rounds=3 is not allowed; allowed: an integer >= 5"
+                       ):
+        ck.resume_config(folder, ["num_rounds=3"], {"num_rounds": 3})
+    cfg = ck.resume_config(folder, ["num_rounds=9", "progress=bar"],
+                           {"num_rounds": 9, "progress": "bar"})
+    assert cfg["num_rounds"] == 9 and cfg["progress"] == "bar"
+    with pytest.raises(ConfigError, match="^resume="):
+        ck.resume_config(tmp_path / "nothing", [], {})
