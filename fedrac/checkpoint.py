@@ -43,7 +43,7 @@ _TUPLE = "__tuple__"
 
 # Overrides a resumed run accepts: they cannot change its trajectory (num_rounds only upwards).
 RESUMABLE = ("resume", "num_rounds", "checkpoint_every", "progress", "verbose", "logger",
-             "output_dir")
+             "output_dir", "cache_dir")
 
 
 # ------------------------------------------------------------ tensors <-> JSON tree
@@ -190,7 +190,7 @@ def resume_config(output_dir: str | Path, overrides: Sequence[str],
     _require(path.is_file(), "resume", str(output_dir),
              f"a fedrac run folder (with {FOLDER}/{CONFIG_FILE})")
     cfg = json.loads(path.read_text())
-    allowed = "num_rounds (upwards), checkpoint_every, progress, verbose, logger"
+    allowed = "num_rounds (upwards), checkpoint_every, progress, verbose, logger, cache_dir"
     for item in overrides:
         key, value = _override_key(item)
         top = key.split(".")[0]

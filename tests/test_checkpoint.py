@@ -123,3 +123,80 @@ def test_resume_refuses_trajectory_overrides(tmp_path):
     assert cfg["num_rounds"] == 9 and cfg["progress"] == "bar"
     with pytest.raises(ConfigError, match="^resume="):
         ck.resume_config(tmp_path / "nothing", [], {})
+
+
+def start_cli(tmp_path: Path, cache: Path, *overrides: str):
+    """``python -m fedrac <overrides>`` in a subprocess (stdout piped, line by line)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "OMP_NUM_THREADS": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fedrac", *overrides, f"cache_dir={cache}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=Path(__file__).resolve().parents[1])
+
+
+def signal_at_round(proc, at: int, signum: int) -> tuple[str, str]:
+    """Send ``signum`` once round ``at``'s progress line appears; the process's output."""
+    import re
+
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if re.match(rf"\[round +{at}/", line):
+            proc.send_signal(signum)
+            break
+    out, err = proc.communicate(timeout=300)
+    return "".join(seen) + out, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_sigkill_then_resume_from_the_cli(tmp_path, cache, name):
+    """SIGKILL in round 3 of 6, then ``fedrac resume=<dir>``: bit-identical to a whole run."""
+    from fedrac.run import run_experiment
+
+    full = config(tmp_path / "full", cache, name, "num_rounds=6")
+    run_experiment(full)
+    out = tmp_path / "cut"
+    overrides = [*FAST, *CASES[name], "num_rounds=6", "engine=inline", f"output_dir={out}"]
+    proc = start_cli(tmp_path, cache, *overrides)
+    signal_at_round(proc, 3, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL and not (out / "summary.json").exists()
+    proc = start_cli(tmp_path, cache, f"resume={out}")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "fedrac: resuming" in stdout
+    full_out = Path(full["output_dir"])
+    assert rows(out) == rows(full_out)
+    assert (out / "model.safetensors").read_bytes() == (full_out / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_sigint_finishes_the_round_and_says_how_to_resume(tmp_path, cache):
+    """SIGINT in round 2: exit 130, results and checkpoint written, one resume line, no
+    traceback; resuming ends as the whole run does."""
+    import json
+
+    from fedrac.run import run_experiment
+
+    full = config(tmp_path / "full", cache, "rac_lora")
+    run_experiment(full)
+    out = tmp_path / "cut"
+    proc = start_cli(tmp_path, cache, *FAST, *CASES["rac_lora"], "engine=inline",
+                     f"output_dir={out}")
+    stdout, stderr = signal_at_round(proc, 2, signal.SIGINT)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr + stdout
+    hints = [line for line in stdout.splitlines() if "fedrac resume=" in line]
+    assert hints == [f"fedrac: interrupted after round 2; results so far in {out}; "
+                     f"continue with: fedrac resume={out}"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["rounds"] == 2
+    assert (out / "model.safetensors").is_file() and (out / "curves.png").is_file()
+    run_experiment(ck.resume_config(out, [], {}))
+    full_out = Path(full["output_dir"])
+    assert rows(out) == rows(full_out)
+    assert (out / "model.safetensors").read_bytes() == (full_out / "model.safetensors").read_bytes()
