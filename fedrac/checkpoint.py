@@ -47,8 +47,20 @@ RESUMABLE = ("resume", "num_rounds", "checkpoint_every", "progress", "verbose", 
 
 
 # ------------------------------------------------------------ tensors <-> JSON tree
+_SCALARS = (type(None), bool, int, float, str)
+
+
 def _flatten(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     """``obj`` as JSON-able values; tensors and bytes move into ``tensors`` under ``path``."""
+    kind = type(obj)
+    if kind in _SCALARS:
+        return obj
+    if kind is list and all(type(v) in _SCALARS for v in obj):  # fast paths: rows, RNG
+        return list(obj)
+    if kind is dict and all(type(v) in _SCALARS for v in obj.values()):
+        return {str(k): v for k, v in obj.items()}
+    if kind is tuple and all(type(v) in _SCALARS for v in obj):
+        return {_TUPLE: list(obj)}
     if isinstance(obj, torch.Tensor):
         tensors[path] = obj
         return {_TENSOR: path}
@@ -314,8 +326,10 @@ class Checkpointer:
         """Checkpoint when due (``weights``: a state dict, or a callable giving one); then
         raise :class:`RunInterrupted` if a signal asked the run to stop."""
         if self.due(server_round):
+            t0 = time.perf_counter()
             state = self.state(server_round, weights() if callable(weights) else weights)
-            self.seconds.append(save_checkpoint(self.dir, state))
+            save_checkpoint(self.dir, state)
+            self.seconds.append(time.perf_counter() - t0)
             self.count += 1
         if STOP.requested and 0 < server_round < self.num_rounds:
             raise RunInterrupted(server_round, STOP.signum)

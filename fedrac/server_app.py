@@ -112,7 +112,11 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
 
         extra["export"] = export_transformers(cfg, model, layers, state, final,
                                               cfg["output_dir"])
-    return recorder.finish(final, extra)
+    summary = recorder.finish(final, extra)
+    if ckpt is not None and ckpt.count:
+        print(f"fedrac: {ckpt.count} checkpoints in {ckpt.dir / 'checkpoint'}, "
+              f"{1000 * extra['checkpoint_seconds_each']:.1f} ms each", flush=True)
+    return summary
 
 
 def make_server_app(cfg: Mapping[str, Any]) -> ServerApp:
