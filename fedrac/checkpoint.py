@@ -192,6 +192,19 @@ def _override_key(item: str) -> tuple[str, str]:
     return key.lstrip("+~"), value
 
 
+_MISSING = object()
+
+
+def _dotted(cfg: Mapping[str, Any], key: str) -> Any:
+    """``cfg["a"]["b"]`` for ``key="a.b"`` (``_MISSING`` when absent)."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
 def resume_config(output_dir: str | Path, overrides: Sequence[str],
                   given: Mapping[str, Any]) -> dict[str, Any]:
     """The saved config of the run in ``output_dir`` with the few overrides a resumed run
@@ -206,8 +219,12 @@ def resume_config(output_dir: str | Path, overrides: Sequence[str],
     for item in overrides:
         key, value = _override_key(item)
         top = key.split(".")[0]
-        _require(top in RESUMABLE, key, value,
-                 f"with resume= the saved config is used; only {allowed} may be given")
+        if isinstance(_dotted(cfg, key), Mapping) and "name" in _dotted(cfg, key):
+            key = f"{key}.name"  # a group option: the same option as the run's
+        same = given and _dotted(given, key) == _dotted(cfg, key) != _MISSING
+        _require(top in RESUMABLE or same, key, value,
+                 f"with resume= the saved config is used; only {allowed} may be given "
+                 "(or a value the run already had)")
     for item in overrides:
         key, value = _override_key(item)
         top = key.split(".")[0]
@@ -228,6 +245,23 @@ def resume_config(output_dir: str | Path, overrides: Sequence[str],
     cfg["resume"] = str(folder)
     cfg["output_dir"] = str(folder)
     return cfg
+
+
+def check_same_run(saved: Mapping[str, Any], given: Mapping[str, Any], path: str = "") -> None:
+    """``ConfigError`` naming the first value in which ``given`` differs from the resumed run's
+    ``saved`` config (outside :data:`RESUMABLE`): under ``flwr run`` the nodes compose their
+    config from the same overrides, so these must be the run's own."""
+    for key in sorted(set(saved) | set(given)):
+        name = f"{path}{key}"
+        if not path and key in (*RESUMABLE, "min_available_clients"):
+            continue
+        a, b = saved.get(key, _MISSING), given.get(key, _MISSING)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            check_same_run(a, b, f"{name}.")
+        else:
+            _require(a == b, name, None if b is _MISSING else b,
+                     f"{None if a is _MISSING else a!r}, the resumed run's value (with resume= "
+                     "under flwr run give the run's own overrides)")
 
 
 # ------------------------------------------------------------------- stop on signal

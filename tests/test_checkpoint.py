@@ -228,3 +228,24 @@ def test_resume_on_ray(tmp_path, cache, monkeypatch):
     a, b = load_file(str(out / "model.safetensors")), load_file(str(full_out / "model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
+
+def test_resume_accepts_overrides_the_run_already_had(tmp_path):
+    """Under flwr run every process composes the same overrides: the run's own are accepted."""
+    folder = tmp_path / "run"
+    ck.save_run_config(folder, {"num_rounds": 5, "strategy": {"name": "fedit", "rank": 4}})
+    given = {"num_rounds": 5, "strategy": {"name": "fedit", "rank": 4}}
+    cfg = ck.resume_config(folder, ["strategy=fedit", "strategy.rank=4"], given)
+    assert cfg["strategy"] == {"name": "fedit", "rank": 4}
+    given["strategy"]["rank"] = 2
+    with pytest.raises(ConfigError, match=r"^strategy\.rank='2' is not allowed"):
+        ck.resume_config(folder, ["strategy=fedit", "strategy.rank=2"], given)
+
+
+def test_deployment_resume_needs_the_runs_own_overrides():
+    saved = {"num_rounds": 5, "seed": 1, "strategy": {"name": "fedit", "rank": 4},
+             "output_dir": "/a", "min_available_clients": 1}
+    ck.check_same_run(saved, {**saved, "num_rounds": 9, "output_dir": "/b",
+                              "min_available_clients": None})
+    with pytest.raises(ConfigError, match=r"^strategy\.rank=2 is not allowed; allowed: 4, the "):
+        ck.check_same_run(saved, {**saved, "strategy": {"name": "fedit", "rank": 2}})
