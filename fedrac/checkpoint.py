@@ -213,7 +213,8 @@ def resume_config(output_dir: str | Path, overrides: Sequence[str],
     folder = Path(output_dir)
     path = folder / FOLDER / CONFIG_FILE
     _require(path.is_file(), "resume", str(output_dir),
-             f"a fedrac run folder (with {FOLDER}/{CONFIG_FILE})")
+             f"the output folder of a fedrac run (with {FOLDER}/{CONFIG_FILE}: written when "
+             "checkpoint_every >= 1 and secagg=none)")
     cfg = json.loads(path.read_text())
     allowed = "num_rounds (upwards), checkpoint_every, progress, verbose, logger, cache_dir"
     for item in overrides:
