@@ -9,6 +9,8 @@ A train message's ``config`` names the ``mode``:
   ``adapters`` when sent. With ``train-factor=both`` an unsent factor named by
   ``zero-factor`` (default ``B``) starts at zero and the other comes from the
   sketch. Reply ``factors`` holds the trained factors only.
+With ``client-ranks`` in the config (Fed-RAC-LoRA's heterogeneous ranks) the node trains at
+its own rank (:func:`own_rank`) against the first rows/columns of the sketch.
 An optional ``update`` record is added to ``arrays`` before training: dense
 ``<layer>.weight`` deltas, or stacked ``<layer>.stack_B`` / ``<layer>.stack_A``
 factors whose product is the delta (the server's last merge, for clients that
@@ -154,17 +156,45 @@ def settings_from(config: Mapping[str, Any]) -> TrainSettings:
         local_steps=int(config.get("local-steps", 0)) or None,
         batch_size=int(config.get("batch-size", 16)),
         weight_decay=float(config.get("weight-decay", 0.0)),
+        weight_decay_mode=str(config.get("weight-decay-mode", "auto")),
         momentum=float(config.get("momentum", 0.0)),
         warmup_steps=int(config.get("warmup-steps", 0)),
         max_grad_norm=None if clip is None else float(clip),
     )
 
 
+def own_rank(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> int | None:
+    """This node's LoRA rank under heterogeneous ranks (``client-ranks`` in the config), else
+    ``None``: the node config's ``lora-rank`` when set; else, with ``partition-id`` of
+    ``num-partitions``, ``client-ranks[partition-id]`` when the list has one rank per
+    partition, or tier ``partition-id * len // num-partitions`` of a shorter list (contiguous
+    blocks); else the full ``rank``."""
+    if "client-ranks" not in config:
+        return None
+    ranks = [int(r) for r in config["client-ranks"]]
+    if "lora-rank" in node_config:
+        mine = int(node_config["lora-rank"])
+    elif "partition-id" in node_config and "num-partitions" in node_config:
+        pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        mine = ranks[pid] if len(ranks) == n else ranks[min(pid * len(ranks) // n, len(ranks) - 1)]
+    else:
+        mine = int(config["rank"])
+    if not 1 <= mine <= int(config["rank"]):
+        raise ValueError(f"lora-rank={mine} is not allowed; allowed: 1..{int(config['rank'])}")
+    return mine
+
+
 def prepare_adapters(
-    model: nn.Module, layers: Mapping[str, LayerSpec], content: RecordDict, server_round: int
+    model: nn.Module, layers: Mapping[str, LayerSpec], content: RecordDict, server_round: int,
+    rank_k: int | None = None,
 ) -> None:
+    """Attach this round's adapters: sent factors, zero-initialised trained factors and the
+    sketches regenerated from the seed (checked against the fingerprint). ``rank_k``
+    (heterogeneous ranks): train ``rank_k`` of the sketch's ``rank`` rows/columns, the first
+    ones, at the run's scale ``alpha / rank``."""
     config = content["config"]
     rank, alpha = int(config["rank"]), float(config["alpha"])
+    mine = rank if rank_k is None else int(rank_k)
     sent = to_state_dict(content["adapters"]) if "adapters" in content else {}
     sketch = content["sketch"] if "sketch" in content else None
     zero_side = str(config.get("zero-factor", "B"))
@@ -175,15 +205,20 @@ def prepare_adapters(
         for side in ("A", "B"):
             key, shape = f"{name}.lora_{side}", spec.factor_shape(side, rank)
             if key in sent:
+                if mine != rank:
+                    raise ValueError(f"round {server_round}: heterogeneous ranks need sketched "
+                                     f"factors, but '{key}' was sent")
                 pair.append(sent[key])
             elif side == trained[name] or (side == zero_side and trained[name] == "both"):
-                pair.append(torch.zeros(shape))  # zero-init: the round starts at the global W
+                # zero-init: the round starts at the global W
+                pair.append(torch.zeros(spec.factor_shape(side, mine)))
             else:
                 if sketch is None:
                     raise KeyError(f"round {server_round}: no sketch record and no '{key}' sent")
                 sketched[key] = shape
-                pair.append(make_sketch(int(sketch["seed"]), key, shape,
-                                        str(sketch["distribution"])))
+                full = make_sketch(int(sketch["seed"]), key, shape, str(sketch["distribution"]))
+                pair.append(full if mine == rank else
+                            (full[:mine] if side == "A" else full[:, :mine]).contiguous())
         factors[name] = (pair[0], pair[1])
     if sketch is not None:
         check_fingerprint(str(sketch["fingerprint"]),
@@ -250,7 +285,8 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
         reply_key = "arrays"
         out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     elif mode == "adapters":
-        prepare_adapters(model, layers, content, server_round)
+        prepare_adapters(model, layers, content, server_round,
+                         own_rank(config, context.node_config))
         start = {k: v.detach().cpu().clone() for k, v in adapter_factors(model).items()}
         modules = module_keys(model, cfg)
         for p in modules.values():

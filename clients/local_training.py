@@ -13,6 +13,7 @@ from fedrac.sketch import derive_seed
 from fedrac.tasks import CLASSIFICATION, Task
 
 OPTIMIZERS = ("sgd", "adamw")
+WEIGHT_DECAY_MODES = ("auto", "coupled", "decoupled")
 DROPOUT_STREAM = 9  # derive_seed(client-round seed, DROPOUT_STREAM) seeds torch's RNG (dropout)
 
 
@@ -22,6 +23,10 @@ class TrainSettings:
 
     ``warmup_steps``: linear learning-rate warm-up over the first local steps of each
     round; ``max_grad_norm``: clip the gradient's global norm (``None``: no clipping).
+    ``weight_decay_mode``: ``coupled`` adds ``weight_decay * p`` to the gradient (an L2 penalty
+    in the loss: SGD's ``weight_decay``, Adam with L2); ``decoupled`` shrinks the parameters by
+    ``1 - lr * weight_decay`` beside the step (AdamW, SGDW); ``auto`` is the optimizer's own
+    (sgd: coupled, adamw: decoupled). See :func:`make_optimizer`.
     """
 
     optimizer: str = "adamw"
@@ -30,6 +35,7 @@ class TrainSettings:
     local_steps: int | None = None
     batch_size: int = 16
     weight_decay: float = 0.0
+    weight_decay_mode: str = "auto"
     momentum: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float | None = None
@@ -62,13 +68,50 @@ def move_to(model: nn.Module, device: torch.device) -> None:
         model.to(device)
 
 
+class SGDW(torch.optim.SGD):
+    """SGD with decoupled weight decay (Loshchilov & Hutter): ``p <- (1 - lr * wd) p`` before
+    each (momentum) step, the decay kept out of the momentum buffer."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
+                 ) -> None:
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=0.0)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = float(weight_decay)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Decay the parameters that have a gradient, then take SGD's step."""
+        for group in self.param_groups:
+            decay = group["lr"] * group["decoupled_weight_decay"]
+            if decay:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.mul_(1.0 - decay)
+        return super().step(closure)
+
+
 def make_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
-    """The optimizer named by ``settings.optimizer`` over ``params``."""
+    """The optimizer named by ``settings.optimizer`` over ``params``, with its weight decay
+    coupled or decoupled as ``settings.weight_decay_mode`` says.
+
+    Kim, Kim & Ryu (arXiv 2502.09376): coupled decay ``lambda`` on LoRA factors with
+    ``W = W0 + s B A`` is the penalty ``lambda/2 (||A||^2 + ||B||^2)``, whose minimum over the
+    factorisations of ``X = s B A`` is the nuclear norm ``(lambda / s) ||X||_*``; decoupled
+    decay (AdamW) minimises no such penalty.
+    """
+    mode, wd = settings.weight_decay_mode, float(settings.weight_decay)
+    if mode not in WEIGHT_DECAY_MODES:
+        raise ValueError(f"client.weight_decay_mode={mode!r} is not allowed; "
+                         f"allowed: {', '.join(WEIGHT_DECAY_MODES)}")
     if settings.optimizer == "sgd":
+        if mode == "decoupled":
+            return SGDW(params, lr=settings.lr, momentum=settings.momentum, weight_decay=wd)
         return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
-                               weight_decay=settings.weight_decay)
+                               weight_decay=wd)
     if settings.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        if mode == "coupled":  # L2 in the gradient, then Adam's scaling (torch's Adam)
+            return torch.optim.Adam(params, lr=settings.lr, weight_decay=wd)
+        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=wd)
     raise ValueError(f"client.optimizer={settings.optimizer!r} is not allowed; "
                      f"allowed: {', '.join(OPTIMIZERS)}")
 

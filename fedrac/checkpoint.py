@@ -331,8 +331,10 @@ class Checkpointer:
     nodes keep no state fedrac needs, except delta-sync caches, which then resync).
     """
 
-    def __init__(self, cfg: Mapping[str, Any], strategy: Any, recorder: Any, grid: Any) -> None:
+    def __init__(self, cfg: Mapping[str, Any], strategy: Any, recorder: Any, grid: Any,
+                 monitor: Any = None) -> None:
         self.dir = Path(cfg["output_dir"])
+        self.monitor = monitor  # the spectrum monitor (spectrum.csv), when it keeps state
         self.every = int(cfg.get("checkpoint_every", 1) or 0)
         self.num_rounds = int(cfg["num_rounds"])
         self.strategy, self.recorder, self.grid = strategy, recorder, grid
@@ -355,6 +357,8 @@ class Checkpointer:
                  "checkpoints": self.count + 1}
         if hasattr(self.grid, "state_dict"):
             state["grid"] = self.grid.state_dict()
+        if hasattr(self.monitor, "state_dict"):
+            state["monitor"] = self.monitor.state_dict()
         return state
 
     def after_round(self, server_round: int, weights: Any) -> None:
@@ -377,6 +381,8 @@ class Checkpointer:
         self.recorder.load_state_dict(state["recorder"])
         if "grid" in state and hasattr(self.grid, "load_state_dict"):
             self.grid.load_state_dict(state["grid"])
+        if "monitor" in state and hasattr(self.monitor, "load_state_dict"):
+            self.monitor.load_state_dict(state["monitor"])
         self.seconds = [float(s) for s in state.get("checkpoint_seconds", [])]
         self.count = int(state.get("checkpoints", len(self.seconds)))
         return int(state["round"]), dict(state["weights"]), state["rng"]

@@ -1,48 +1,59 @@
-"""``fedrac [overrides]``: compose the Hydra config, validate it, run, print the table."""
+"""``fedrac [overrides]``: compose the Hydra config, validate it, run, print the table.
+
+Exit codes: 0 done, 2 a config error (one line, before any work; Hydra's own errors
+included), 3 the run produced no result (no round had a valid reply), 1 a sweep with a
+failed job (each recorded in the comparison).
+"""
 
 from __future__ import annotations
 
 import math
+import os
 import sys
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from fedrac.config import ConfigError, check_group_overrides, conf_dir, expand_paths, validate
 from fedrac.results import format_table
 
 
-def _fail(err: Exception) -> None:
+def _fail(err: Exception | str, code: int = 2, in_job: bool = False) -> NoReturn:
     print(f"fedrac: error: {err}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    if in_job:  # a run that never started leaves no empty folder
+        from fedrac.outputs import drop_if_unused
+
+        drop_if_unused(HydraConfig.get().runtime.output_dir)
+    sys.exit(code)
 
 
-@hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)
-def _hydra_main(cfg: DictConfig) -> float:
-    try:
-        run_cfg = validate(cfg)
-    except ConfigError as err:
-        _fail(err)
+def _prepare(cfg: DictConfig) -> dict[str, Any]:
+    """The validated run config with its output folder (ConfigError when either is bad)."""
+    from fedrac.outputs import check_output_dir, clear_results, job_output_dir
+
+    run_cfg = validate(cfg)
     if run_cfg.get("resume"):  # the saved config, with the few overrides that keep its path
         from fedrac.checkpoint import resume_config
 
-        try:
-            run_cfg = resume_config(run_cfg["resume"], HydraConfig.get().overrides.task, run_cfg)
-        except ConfigError as err:
-            _fail(err)
-    if run_cfg.get("output_dir") is None:
-        run_cfg["output_dir"] = HydraConfig.get().runtime.output_dir
+        run_cfg = resume_config(run_cfg["resume"], HydraConfig.get().overrides.task, run_cfg)
+    run_cfg["output_dir"] = job_output_dir(run_cfg.get("output_dir"), HydraConfig.get())
+    check_output_dir(run_cfg)
+    if run_cfg.get("overwrite") and not run_cfg.get("resume"):
+        clear_results(run_cfg["output_dir"])
+    return run_cfg
+
+
+def _run(run_cfg: dict[str, Any]) -> float:
     if run_cfg.get("runner"):  # an experiment with its own loop, e.g. fedrac.experiments.quadratic
         from hydra.utils import get_method
 
         from fedrac.run import quiet_flower
 
         quiet_flower(bool(run_cfg.get("verbose", False)))
-        try:
-            summary = get_method(run_cfg["runner"])(run_cfg)
-        except ConfigError as err:
-            _fail(err)
+        summary = get_method(run_cfg["runner"])(run_cfg)
         return float(summary.get("final_accuracy", summary.get("final_distance", math.nan)))
     from fedrac.run import run_experiment
 
@@ -55,11 +66,52 @@ def _hydra_main(cfg: DictConfig) -> float:
     return float(summary["final_accuracy"])
 
 
+@hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)
+def _hydra_main(cfg: DictConfig) -> float:
+    from fedrac.run import RunFailedError
+
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        from fedrac.sweep import run_job
+
+        return run_job(cfg, _prepare, _run)
+    try:
+        run_cfg = _prepare(cfg)
+    except ConfigError as err:
+        _fail(err, in_job=True)
+    try:
+        return _run(run_cfg)
+    except ConfigError as err:
+        _fail(err)
+    except RunFailedError as err:  # no round had a valid reply: exit 3, one line
+        _fail(err, 3)
+
+
 def main() -> None:
     """Console entry point (``fedrac`` and ``python -m fedrac``)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fedrac.hydra_errors import one_line
+
     sys.argv[1:] = expand_paths(sys.argv[1:])
     try:
         check_group_overrides(sys.argv[1:])
     except ConfigError as err:
         _fail(err)
-    _hydra_main()
+    full = "HYDRA_FULL_ERROR" in os.environ
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra's errors reach us, not its printer
+    try:
+        _hydra_main()
+    except (HydraException, OmegaConfBaseException) as err:
+        if full:
+            raise
+        _fail(one_line(err, sys.argv[1:]))
+    finally:
+        if not full:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+    from fedrac.sweep import failed_jobs
+
+    failed = failed_jobs()
+    if failed:
+        _fail(f"{len(failed)} job{'s' * (len(failed) != 1)} of the sweep failed: "
+              + "; ".join(failed), 1)

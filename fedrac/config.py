@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ def _minilm(cache_dir: str) -> str:
 
 # ${fedrac.minilm:<cache_dir>}: the packaged all-MiniLM-L6-v2 checkpoint (+experiment=text_minilm)
 OmegaConf.register_new_resolver("fedrac.minilm", _minilm, replace=True)
+_UID = f"{os.getpid():x}{secrets.token_hex(2)}"
+# ${fedrac.uid:}: this process's unique id (default output folders of runs started together)
+OmegaConf.register_new_resolver("fedrac.uid", lambda: _UID, replace=True)
 
 
 def conf_dir() -> Path:
@@ -122,12 +126,14 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
                              if isinstance(cfg, DictConfig) else dict(cfg))
     except InterpolationResolutionError as err:  # a resolver's own one-line error
         raise ConfigError(str(err.__cause__ or err).splitlines()[0]) from err
+    check_sections(d)
     s = d["strategy"]
     _require(s.get("name") in STRATEGIES, "strategy", s.get("name"), ", ".join(STRATEGIES))
     strategy_cls = STRATEGIES[s["name"]]
     link_task(d)
     check_run(d, strategy_cls)
     check_client(d["client"])
+    check_pretrain(d["pretrain"])
     check_task(d)
     check_engine(d["engine"])
     check_strategy(s, strategy_cls)
@@ -137,6 +143,33 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     check_privacy(d)
     check_secagg(d)
     return d
+
+
+SECTIONS = ("strategy", "dataset", "model", "partitioner", "engine", "client", "pretrain")
+
+
+def check_sections(d: Mapping[str, Any]) -> None:
+    """The groups and sections are mappings (``client=3`` replaces one with a number)."""
+    for key in SECTIONS:
+        _require(isinstance(d.get(key), Mapping), key, d.get(key),
+                 f"a mapping of {key}.* keys (set one key: {key}.<key>=<value>)")
+
+
+def check_pretrain(p: Mapping[str, Any]) -> None:
+    """The ``pretrain.*`` settings (centralized pretraining on the source task)."""
+    from clients.local_training import OPTIMIZERS
+
+    _require(p.get("optimizer", "adamw") in OPTIMIZERS, "pretrain.optimizer",
+             p.get("optimizer"), ", ".join(OPTIMIZERS))
+    lr = p.get("lr", 0.01)
+    _require(_is_num(lr) and lr > 0, "pretrain.lr", lr, "a number > 0")
+    epochs = p.get("epochs", 0)
+    _require(_is_int(epochs) and epochs >= 0, "pretrain.epochs", epochs,
+             "an integer >= 0 (0: no pretraining)")
+    bs = p.get("batch_size", 32)
+    _require(_is_int(bs) and bs >= 1, "pretrain.batch_size", bs, "an integer >= 1")
+    seed = p.get("seed", 0)
+    _require(_is_int(seed) and seed >= 0, "pretrain.seed", seed, "an integer >= 0")
 
 
 def link_task(d: dict[str, Any]) -> None:
@@ -236,6 +269,8 @@ def check_run(d: Mapping[str, Any], strategy_cls: type) -> None:
     _require(_is_num(fr) and 0 < fr <= 1, "fraction_train", fr, "a number in (0, 1]")
     _require(d.get("progress", "auto") in ("auto", "bar", "lines"), "progress",
              d.get("progress"), "auto, bar, lines")
+    for key in ("verbose", "overwrite"):
+        _require(isinstance(d.get(key, False), bool), key, d.get(key), "true, false")
     from fedrac.tracking import check_logger
 
     problem = check_logger(d)
@@ -252,6 +287,15 @@ def check_run(d: Mapping[str, Any], strategy_cls: type) -> None:
     check_device(d["device"], d["engine"].get("name"))
     _require(_is_int(d["eval_every"]) and d["eval_every"] >= 1, "eval_every", d["eval_every"],
              "an integer >= 1")
+    me = d.get("monitor_every", 1)
+    _require(_is_int(me) and me >= 0, "monitor_every", me, "an integer >= 0 (0: no spectrum.csv)")
+    mon = d.get("monitor") or {}
+    _require(_is_int(mon.get("top_k", 8)) and mon.get("top_k", 8) >= 1, "monitor.top_k",
+             mon.get("top_k"), "an integer >= 1")
+    _require(_is_num(mon.get("rank_tol", 1e-3)) and 0 < mon.get("rank_tol", 1e-3) < 1,
+             "monitor.rank_tol", mon.get("rank_tol"), "a number in (0, 1)")
+    _require(_is_int(mon.get("exact_max", 512)) and mon.get("exact_max", 512) >= 1,
+             "monitor.exact_max", mon.get("exact_max"), "an integer >= 1")
     _require(_is_num(d["round_timeout"]) and d["round_timeout"] > 0, "round_timeout",
              d["round_timeout"], "a number of seconds > 0")
     ce = d.get("checkpoint_every", 1)
@@ -302,6 +346,15 @@ def check_client(c: Mapping[str, Any]) -> None:
              c["batch_size"], "an integer >= 1")
     _require(_is_num(c["weight_decay"]) and c["weight_decay"] >= 0, "client.weight_decay",
              c["weight_decay"], "a number >= 0")
+    from clients.local_training import WEIGHT_DECAY_MODES
+
+    mode = c.get("weight_decay_mode", "auto")
+    _require(mode in WEIGHT_DECAY_MODES, "client.weight_decay_mode", mode,
+             "auto (the optimizer's own: sgd coupled, adamw decoupled), coupled (L2 on the "
+             "factors = nuclear-norm penalty), decoupled (AdamW-style)")
+    momentum = c.get("momentum", 0.0)
+    _require(_is_num(momentum) and 0 <= momentum < 1, "client.momentum", momentum,
+             "a number in [0, 1) (sgd only)")
     full_lr = c.get("full_lr")
     _require(full_lr is None or (_is_num(full_lr) and full_lr > 0), "client.full_lr", full_lr,
              "null (use client.lr) or a number > 0")
@@ -353,6 +406,12 @@ def check_strategy(s: Mapping[str, Any], strategy_cls: type) -> None:
         allowed_sides = getattr(strategy_cls, "TRAIN_FACTORS", ("A", "B", "auto"))
         _require(s.get("train_factor") in allowed_sides, "strategy.train_factor",
                  s.get("train_factor"), ", ".join(allowed_sides))
+        every = s.get("resample_every", 1)
+        _require(_is_int(every) and every >= 1, "strategy.resample_every", every,
+                 "an integer >= 1 (a new sketch every k rounds)")
+    _require(s.get("client_ranks") is None or s["name"] == "rac_lora", "strategy.client_ranks",
+             s.get("client_ranks"), "null (heterogeneous ranks are for strategy=rac_lora only: "
+             "nested slices of one shared sketch)")
     downloads = getattr(strategy_cls, "DOWNLOADS", ("full",))
     _require(s.get("download", "full") in downloads, "strategy.download", s.get("download"),
              f"{', '.join(downloads)} (for strategy {s['name']})")

@@ -138,6 +138,8 @@ server_app = ServerApp()
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
+    from fedrac.outputs import check_output_dir, clear_results
+
     cfg = deployment_config(context.run_config)
     resumed = bool(cfg.get("resume"))
     if resumed:  # the saved config of that run (fedrac.checkpoint), with the few overrides kept
@@ -146,6 +148,9 @@ def _server_main(grid: Grid, context: Context) -> None:
         given = cfg
         cfg = resume_config(cfg["resume"], shlex.split(_overrides(context.run_config)), given)
         check_same_run(cfg, given)  # the nodes compose theirs from the same overrides
+    check_output_dir(cfg)  # a folder holding a run is refused (overwrite=true, resume=)
+    if cfg.get("overwrite") and not cfg.get("resume"):
+        clear_results(cfg["output_dir"])
     save_resolved_config(cfg, _overrides(context.run_config))
     grid = PromptGrid(grid)
     if resumed:
@@ -155,9 +160,12 @@ def _server_main(grid: Grid, context: Context) -> None:
         # whoever is still connected: a dead node must not stall the run.
         wait_for_nodes(grid, int(cfg["num_clients"]))
         cfg["min_available_clients"] = 1
+    from fedrac.run import RunFailedError
     from fedrac.server_app import run_server
 
-    run_server(cfg, grid)
+    summary = run_server(cfg, grid)
+    if summary.get("status") == "failed":  # Flower marks the run failed, with this reason
+        raise RunFailedError(f"{summary['failure']}; results in {cfg['output_dir']}")
 
 
 def _client(kind: str, msg: Message, context: Context) -> Message:

@@ -4,7 +4,7 @@ model.safetensors, curves.png, and the progress line and final table."""
 from __future__ import annotations
 
 import csv
-import json
+import io
 import logging
 import math
 import sys
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from fedrac.atomic import atomic_path, write_json, write_text
 from fedrac.ledger import ByteLedger
 from fedrac.tracking import Tracker, make_tracker, round_scalars
 
@@ -76,9 +77,8 @@ class RunRecorder:
                               "clip_norm": (self.privacy or {}).get("clip_norm", math.nan)}
         self.rows: list[dict[str, Any]] = []
         self._t0 = self._last = time.perf_counter()
-        self._csv = (self.dir / "metrics.csv").open("w", newline="")
-        self._writer = csv.DictWriter(self._csv, fieldnames=COLUMNS)
-        self._writer.writeheader()
+        self._csv_lines: list[str] = []
+        self._write_csv()
         self._bar = progress_bar(cfg, num_rounds)
         self.tracker = make_tracker(cfg, self.dir)  # logger=tensorboard | mlflow
         self._totals: dict[str, float] = {}
@@ -114,8 +114,8 @@ class RunRecorder:
                 int(value) if key == "client_eval_clients" else float(value))
         self._last = now
         self.rows.append(row)
-        self._write_row(row)
-        self._csv.flush()
+        self._csv_lines.append(_csv_line(row))
+        self._write_csv()
         self._track("log_round", server_round, round_scalars(row, self._totals))
         if self._bar is None:
             print(self.progress_line(row), flush=True)
@@ -127,9 +127,11 @@ class RunRecorder:
                     f"up {human_bytes(row['bytes_up'])}/round", refresh=True)
         return row
 
-    def _write_row(self, row: Mapping[str, Any]) -> None:
-        self._writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
-                               for k, v in row.items()})
+    def _write_csv(self) -> None:
+        """Rewrite metrics.csv (header and every row so far) atomically."""
+        head = io.StringIO()
+        csv.DictWriter(head, fieldnames=COLUMNS).writeheader()
+        write_text(self.dir / "metrics.csv", head.getvalue() + "".join(self._csv_lines))
 
     def state_dict(self) -> dict[str, Any]:
         """The rows so far and the values carried between rounds (for a checkpoint)."""
@@ -141,12 +143,8 @@ class RunRecorder:
         self.rows = [dict(r) for r in state["rows"]]
         self._privacy_last.update(state["privacy_last"])
         self._totals = dict(state["totals"])
-        self._csv.seek(0)
-        self._csv.truncate()
-        self._writer.writeheader()
-        for row in self.rows:
-            self._write_row(row)
-        self._csv.flush()
+        self._csv_lines = [_csv_line(r) for r in self.rows]
+        self._write_csv()
 
     def progress_line(self, row: Mapping[str, Any]) -> str:
         """``[round 3/100] acc 0.8123 loss 0.5234 | train 0.61 | up 3.1 KB down 402 KB | ...``"""
@@ -169,16 +167,21 @@ class RunRecorder:
     def finish(self, final_state: Mapping[str, torch.Tensor],
                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Write summary.json, model.safetensors and curves.png; return the summary
-        (with ``extra`` entries added, e.g. the label names and the exports)."""
-        self._csv.close()
+        (with ``extra`` entries added, e.g. the label names and the exports).
+
+        ``status`` is ``"failed"`` (with a one-line ``failure``) when no round had a valid
+        reply, or when ``extra["model_changed"]`` is false: the result is the starting model.
+        """
         if self._bar is not None:
             self._bar.close()
             if self.rows:
                 print(self.progress_line(self.rows[-1]), flush=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in final_state.items()},
-                  str(self.dir / "model.safetensors"))
+        with atomic_path(self.dir / "model.safetensors") as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in final_state.items()},
+                      str(tmp))
         summary = {**self.summary(), **(extra or {})}
-        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        summary.update(run_status(summary))
+        write_json(self.dir / "summary.json", summary)
         plot_curves(self.rows, self.dir / "curves.png", title=summary["label"])
         self._track("finish", summary, self.dir)
         return summary
@@ -214,6 +217,7 @@ class RunRecorder:
             "label": label,
             "strategy": s["name"],
             "rounds": len(rounds),
+            "rounds_with_valid_replies": sum(1 for r in rounds if r["clients"] > 0),
             "initial_accuracy": self.rows[0]["eval_accuracy"] if self.rows else math.nan,
             "final_accuracy": final["eval_accuracy"] if final else math.nan,
             "final_eval_loss": final["eval_loss"] if final else math.nan,
@@ -252,6 +256,30 @@ class RunRecorder:
                 "client": dict(self.cfg["client"]),
             },
         }
+
+
+def _csv_line(row: Mapping[str, Any]) -> str:
+    """One metrics.csv row (``nan`` as an empty cell)."""
+    line = io.StringIO()
+    csv.DictWriter(line, fieldnames=COLUMNS).writerow(
+        {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    return line.getvalue()
+
+
+def run_status(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"status": "ok"}``, or ``"failed"`` with the one-line ``failure`` when no round had
+    a valid reply or the final model is the starting one (every round changed nothing)."""
+    rounds, valid = summary.get("rounds", 0), summary.get("rounds_with_valid_replies", 0)
+    why = summary.get("last_problem")
+    because = f" (last: {why})" if why else ""
+    if rounds and not valid:
+        return {"status": "failed", "failure": f"no round had a valid reply in {rounds} "
+                f"round{'s' * (rounds != 1)}{because}; the result is the starting model"}
+    if rounds and summary.get("model_changed") is False:
+        return {"status": "failed", "failure": f"the final model equals the starting model "
+                f"after {rounds} round{'s' * (rounds != 1)} ({valid} with valid replies)"
+                f"{because}"}
+    return {"status": "ok"}
 
 
 def _final_client_eval(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -332,7 +360,8 @@ def plot_curves(rows: list[Mapping[str, Any]], path: Path, title: str = "") -> N
     fig.suptitle(title)
     # fixed margins: tight_layout would draw the figure twice (half the plotting time)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.08, top=0.92, wspace=0.22, hspace=0.32)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 

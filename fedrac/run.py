@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 class RunFailedError(RuntimeError):
-    """The engine returned without the run writing its results."""
+    """The run produced no usable result: the engine returned without writing its results,
+    or no round had a valid reply (the CLI's exit code 3)."""
 
 
 def quiet_flower(verbose: bool) -> None:
@@ -68,4 +69,7 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if not summary_path.exists():
         raise RunFailedError(f"the run ended without writing {summary_path}; "
                              "see the log above for the ServerApp's error")
-    return json.loads(summary_path.read_text())
+    summary = json.loads(summary_path.read_text())
+    if summary.get("status") == "failed":
+        raise RunFailedError(f"{summary['failure']}; results in {out}")
+    return summary

@@ -8,6 +8,7 @@ import signal
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -16,9 +17,15 @@ from clients.local_training import move_to, resolve_device
 from fedrac.checkpoint import Checkpointer, RunInterrupted, set_rng_state
 from fedrac.data import load_splits, to_tensors
 from fedrac.data.standardise import write_data_json
+from fedrac.experiments.spectrum import global_factors, monitor_from_config
 from fedrac.lora import find_target_layers
 from fedrac.models.pretrain import pretrained_state
-from fedrac.records import to_array_record, to_shared_state_dict, to_state_dict
+from fedrac.records import (
+    array_to_tensor,
+    to_array_record,
+    to_shared_state_dict,
+    to_state_dict,
+)
 from fedrac.results import RunRecorder
 from fedrac.tasks import task_of
 from strategies import build_strategy
@@ -53,14 +60,18 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     x_test, y_test = to_tensors(splits.target_test)
     initial = to_array_record(state)
     latest = {"arrays": initial}
+    monitor = monitor_from_config(cfg, layers, state)
     secagg = (cfg.get("secagg") or {}).get("name", "none") == "plus"
-    ckpt = None if secagg else Checkpointer(cfg, strategy, recorder, grid)
+    ckpt = None if secagg else Checkpointer(cfg, strategy, recorder, grid, monitor)
     if splits.label_names:
         print("labels: " + ", ".join(f"{i}={n}" for i, n in enumerate(splits.label_names)),
               flush=True)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         latest["arrays"] = arrays
+        if monitor.due(server_round):
+            monitor.observe(server_round, {spec.weight_key: array_to_tensor(
+                arrays[spec.weight_key]) for spec in layers.values()}, global_factors(strategy))
         if server_round % every and server_round != num_rounds:
             recorder.log_round(server_round, math.nan, math.nan)
             return None
@@ -99,7 +110,10 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     except RunInterrupted as stop:
         interrupted = stop
     final = to_state_dict(latest["arrays"])
-    extra: dict[str, Any] = {}
+    monitor.close()
+    extra: dict[str, Any] = {"spectrum": monitor.summary(),
+                             "model_changed": not same_state(state, final),
+                             "last_problem": getattr(strategy, "last_problem", None)}
     if ckpt is not None:
         extra.update(ckpt.summary())
     if interrupted is not None:
@@ -117,6 +131,13 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
         print(f"fedrac: {ckpt.count} checkpoints in {ckpt.dir / 'checkpoint'}, "
               f"{1000 * extra['checkpoint_seconds_each']:.1f} ms each", flush=True)
     return summary
+
+
+def same_state(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two state dicts hold the same keys with bit-identical tensors."""
+    return set(a) == set(b) and all(
+        a[k].shape == b[k].shape and torch.equal(a[k].cpu(), b[k].to(a[k].dtype).cpu())
+        for k in a)
 
 
 def make_server_app(cfg: Mapping[str, Any]) -> ServerApp:

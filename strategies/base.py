@@ -36,10 +36,12 @@ from strategies.aggregation import Aggregator, normalised, scaled
 CLIENT_KEYS = {  # Hydra `client.*` key -> ConfigRecord key sent to clients
     "optimizer": "optimizer", "lr": "lr", "local_epochs": "local-epochs",
     "local_steps": "local-steps", "batch_size": "batch-size",
-    "weight_decay": "weight-decay", "momentum": "momentum",
+    "weight_decay": "weight-decay", "weight_decay_mode": "weight-decay-mode",
+    "momentum": "momentum",
     "full_lr": "full-lr", "warmup_steps": "warmup-steps", "max_grad_norm": "max-grad-norm",
 }
-OFF = {"full_lr": None, "warmup_steps": 0, "max_grad_norm": None}  # not sent when so
+OFF = {"full_lr": None, "warmup_steps": 0, "max_grad_norm": None,  # not sent when so
+       "weight_decay_mode": "auto"}
 MODULES_KEY = "modules"  # reply record of the fully trained modules (ledger kind "modules")
 SAMPLING_STREAM = 1  # derive_seed(run_seed, round, SAMPLING_STREAM) picks the round's clients
 EVAL_STREAM = 6  # derive_seed(run_seed, round, EVAL_STREAM) picks the clients that evaluate
@@ -152,6 +154,7 @@ class FedracStrategy(FedAvg):
         self.ledger = ledger or ByteLedger()
         self.aggregator = aggregator or Aggregator(run_seed=self.run_seed)
         self.round_metrics: dict[int, dict[str, float]] = {}
+        self.last_problem: str | None = None  # why the latest failed or rejected reply was lost
         self.sent: dict[int, list[Message]] = {}  # round -> train messages awaiting replies
         self.privacy = privacy or PrivacySettings()
         self.dp = CentralDP(self.privacy, self.run_seed) if self.privacy.central else None
@@ -377,6 +380,7 @@ class FedracStrategy(FedAvg):
             if msg.has_error():
                 failed += 1
                 log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                self.last_problem = f"node failed: {msg.error.reason}"
                 continue
             self.ledger.add(server_round, "up", record_dict_nbytes(msg.content, dict(kinds)))
             reason, reply = self._check_reply(msg, array_key, expected, dtypes)
@@ -385,6 +389,7 @@ class FedracStrategy(FedAvg):
             if reason:
                 rejected += 1
                 log(WARNING, "round %d: reply of node %d rejected: %s", server_round, node, reason)
+                self.last_problem = f"reply rejected: {reason}"
                 continue
             checked.append(reply)
         kept, weights, scales = self.aggregator.screen(
@@ -525,6 +530,7 @@ class FedracStrategy(FedAvg):
                 "clip_norm": self.dp.clip_norm, "accountant": self.dp.accountant.state_dict()},
             "local_accountant": None if self.local_accountant is None
             else self.local_accountant.state_dict(),
+            "last_problem": getattr(self, "last_problem", None),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -537,6 +543,8 @@ class FedracStrategy(FedAvg):
             self.dp.accountant.load_state_dict(state["dp"]["accountant"])
         if self.local_accountant is not None and state.get("local_accountant") is not None:
             self.local_accountant.load_state_dict(state["local_accountant"])
+        if state.get("last_problem") is not None:
+            self.last_problem = state["last_problem"]
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
               timeout: float = 3600, train_config: ConfigRecord | None = None,

@@ -24,6 +24,8 @@ class FedAvgFPFT(FedracStrategy):
     """
 
     name = "fedavg"
+    # strategy.* keys this method never reads: a sweep over them runs it once (fedrac/sweep.py)
+    IGNORED_KEYS = ("rank", "alpha", "sketch", "train_factor", "resample_every", "download")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -24,6 +24,7 @@ class FFALoRA(RacLoRA):
 
     name = "ffa_lora"
     TRAIN_FACTORS = FFA_SIDES
+    IGNORED_KEYS = ("resample_every",)  # a sweep over it runs ffa_lora once (fedrac/sweep.py)
 
     def __init__(self, *, layers: Mapping[str, LayerSpec], **kwargs: Any) -> None:
         kwargs["resample_every"] = 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 
 from fedrac.delta_sync import merge_factors
 from fedrac.lora import LayerSpec, resolve_trained
-from fedrac.records import to_array_record, to_shared_state_dict
+from fedrac.records import array_to_tensor, to_array_record, to_shared_state_dict
 from fedrac.sketch import derive_seed, fingerprint, make_sketch
 from strategies.base import FedracStrategy, require_choice
 from strategies.delta_sync import DOWNLOADS, DeltaSync
@@ -66,6 +66,14 @@ class RacLoRA(FedracStrategy):
     ``B``, ``auto`` (the smaller factor per layer), ``alternate`` (``B`` in odd rounds,
     ``A`` in even ones) or ``bernoulli`` (a fair coin per round from the run seed).
 
+    Heterogeneous ranks (``client_ranks``: a list of ranks ``<= rank``, one per partition
+    id, or a shorter list of tiers given to contiguous blocks of partition ids, see
+    :func:`clients.handlers.own_rank`): the sketch is drawn at ``rank``; a client of rank
+    ``r_k`` trains against its first ``r_k`` rows (``A`` side) or columns (``B`` side) and
+    uploads an ``r_k``-sized factor. The server zero-pads each reply to ``rank``, so each rank
+    slice ``j`` is summed over the clients that have it with their weights ``p_k``, and the
+    merge is exactly ``sum_k p_k s B_k A_{1:r_k}`` with ``s = alpha / rank`` for every client.
+
     Sends ``arrays`` (global weights), ``sketch`` (``seed``, ``distribution``,
     ``fingerprint``; kind ``seeds``) and ``config`` (client settings plus ``mode``,
     ``rank``, ``alpha``, ``train-factor``). Expects ``factors`` back.
@@ -78,7 +86,7 @@ class RacLoRA(FedracStrategy):
     def __init__(
         self, *, layers: Mapping[str, LayerSpec], rank: int, alpha: float,
         sketch: str = "orthogonal", train_factor: str = "auto", resample_every: int = 1,
-        download: str = "full", **kwargs: Any,
+        download: str = "full", client_ranks: Sequence[int] | None = None, **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         require_choice("strategy.train_factor", train_factor, TRAIN_FACTORS, "rac_lora")
@@ -87,6 +95,7 @@ class RacLoRA(FedracStrategy):
             raise ValueError(f"strategy.resample_every={resample_every!r} is not allowed; "
                              "allowed: an integer >= 1")
         self.set_adapters(layers, rank, alpha, sketch)
+        self.client_ranks = self.check_client_ranks(client_ranks, self.rank)
         self.sync = DeltaSync() if download == "delta" else None
         self.train_factor = train_factor
         self.resample_every = int(resample_every)
@@ -99,7 +108,26 @@ class RacLoRA(FedracStrategy):
         s = cfg["strategy"]
         return cls(layers=layers, rank=s["rank"], alpha=s["alpha"], sketch=s["sketch"],
                    train_factor=s["train_factor"], resample_every=s.get("resample_every", 1),
-                   download=s.get("download", "full"), **common)
+                   download=s.get("download", "full"), client_ranks=s.get("client_ranks"),
+                   **common)
+
+    @staticmethod
+    def check_client_ranks(value: Any, rank: int) -> tuple[int, ...] | None:
+        """``strategy.client_ranks`` as a tuple of ints in ``1..rank`` (``None``: all ``rank``)."""
+        if value is None:
+            return None
+        ok = isinstance(value, list | tuple) and len(value) > 0 and all(
+            isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= rank for r in value)
+        if not ok:
+            raise ValueError(f"strategy.client_ranks={value!r} is not allowed; allowed: null or "
+                             f"a non-empty list of ranks in 1..strategy.rank={rank} (one per "
+                             "partition id, or tiers for contiguous blocks of them)")
+        return tuple(int(r) for r in value)
+
+    @classmethod
+    def validate_config(cls, strategy_cfg: Mapping[str, Any]) -> None:
+        """Check the keys only RAC-LoRA has."""
+        cls.check_client_ranks(strategy_cfg.get("client_ranks"), int(strategy_cfg["rank"]))
 
     def state_dict(self) -> dict[str, Any]:
         """Base state plus the delta-sync state (``download=delta``)."""
@@ -141,6 +169,8 @@ class RacLoRA(FedracStrategy):
             "config": self.train_config(server_round, mode="adapters", rank=self.rank,
                                         alpha=self.alpha, **{"train-factor": side}),
         })
+        if self.client_ranks is not None:
+            content["config"]["client-ranks"] = list(self.client_ranks)
         if self.sync is not None:  # download=delta: per node, deltas or full weights
             self.sync.grid = grid
             del content["arrays"]
@@ -168,10 +198,48 @@ class RacLoRA(FedracStrategy):
         metrics = self.round_metric_record(server_round)
         if not valid:
             return None, metrics
-        avg = self.average(server_round, valid)
+        avg = self.average(server_round, valid)  # replies of rank r_k < rank come zero-padded
         sketches = {k: v for k, v in plan.sketches.items() if k not in avg}
         state = merge_factors(current, self.layers, avg, sketches, self.scale)
         state = self.apply_modules(server_round, state, valid)
         if self.sync is not None:
             self.sync.record(server_round, plan.seed, avg)
         return to_array_record(state), metrics
+
+    def _check_reply(self, msg: Message, array_key: str, expected: Mapping[str, tuple[int, ...]],
+                     dtypes: Mapping[str, torch.dtype] | None = None):
+        """The base checks at the reply's own rank ``r_k`` (one of ``client_ranks``, the same
+        for every layer), then each factor zero-padded to ``rank`` (heterogeneous ranks)."""
+        if self.client_ranks is None or array_key not in msg.content or \
+                not isinstance(msg.content[array_key], ArrayRecord):
+            return FedracStrategy._check_reply(msg, array_key, expected, dtypes)
+        assert self._plan is not None
+        record = msg.content[array_key]
+        first = next(iter(expected))
+        side = first.rpartition(".lora_")[2]
+        try:
+            shape = tuple(array_to_tensor(record[first]).shape) if first in record.keys() else ()
+        except Exception:  # noqa: BLE001 - the base check names the undecodable key
+            shape = ()
+        r_k = (shape[0] if side == "A" else shape[1]) if len(shape) == 2 else self.rank
+        if r_k not in self.client_ranks:
+            return (f"rank {r_k} of '{first}' is not one of strategy.client_ranks "
+                    f"{sorted(set(self.client_ranks))}"), None
+        own = {key: self.layers[key.rpartition(".lora_")[0]].factor_shape(
+            key.rpartition(".lora_")[2], r_k) for key in expected}
+        reason, reply = FedracStrategy._check_reply(msg, array_key, own, dtypes)
+        if reason is None and r_k < self.rank:
+            reply.tensors = {key: pad_rank(t, expected[key], key.rpartition(".lora_")[2])
+                             for key, t in reply.tensors.items()}
+        return reason, reply
+
+
+def pad_rank(factor: torch.Tensor, shape: tuple[int, ...], side: str) -> torch.Tensor:
+    """A rank-``r_k`` factor zero-padded to ``shape`` (rank ``r``): rows of ``A``, columns of
+    ``B``; ``s B_pad A = s B A_{1:r_k}``."""
+    out = torch.zeros(shape, dtype=factor.dtype)
+    if side == "A":
+        out[: factor.shape[0]] = factor
+    else:
+        out[:, : factor.shape[1]] = factor
+    return out

@@ -46,6 +46,7 @@ class TwoFactorLoRA(FedracStrategy):
     """
 
     TRAIN_FACTORS = ZERO_SIDES
+    IGNORED_KEYS = ("resample_every",)  # no sketch to resample: a sweep over it runs once
     update_kind = "factors"
 
     def __init__(

@@ -105,6 +105,7 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path, cache, monkeypatch, nam
     assert not summary.get("interrupted") and summary["checkpoints"] == 4
     full_out = Path(full["output_dir"])
     assert rows(out) == rows(full_out)
+    assert (out / "spectrum.csv").read_text() == (full_out / "spectrum.csv").read_text()
     assert (out / "model.safetensors").read_bytes() == (full_out / "model.safetensors").read_bytes()
 
 

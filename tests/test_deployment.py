@@ -188,10 +188,10 @@ def _assert_same_model(a: dict, b: dict) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)  # same code, same seeds: bit-identical
 
 
-def test_warm_workers_give_the_inline_result_and_fast_rounds(federation, flwr_env):
-    """One warm worker per node serves every round of the run; rounds after the first
-    cost what the work costs (limit generous for CI's shared cores); the model is
-    bit-identical to the inline engine's."""
+def test_warm_workers_give_the_inline_result(federation, flwr_env):
+    """One warm worker per node serves every round of the run (its round time is measured
+    by ``python -m bench.peers``, not asserted here); the model is bit-identical to the
+    inline engine's."""
     fed = federation(2)
     out = flwr_env / "out"
     overrides = f"strategy=rac_lora num_rounds=5 num_clients=2 {FAST} output_dir={out}"
@@ -209,8 +209,6 @@ def test_warm_workers_give_the_inline_result_and_fast_rounds(federation, flwr_en
         sock = socket_path(folder, runs[0])
         assert oct(sock.stat().st_mode & 0o777) == "0o600"
         assert oct(sock.parent.stat().st_mode & 0o777) == "0o700"
-    seconds = [float(r["seconds"]) for r in rows(out)[2:]]
-    assert sorted(seconds)[len(seconds) // 2] < 6.0, seconds  # cold Flower path: 18-26 s
     _assert_same_model(load_file(out / "model.safetensors"),
                        _inline_model(overrides, out, flwr_env / "ref"))
 

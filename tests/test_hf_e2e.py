@@ -182,3 +182,18 @@ def test_minilm_experiment_config_smoke(tmp_path):
                       f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}")
     summary = run_experiment(cfg)
     assert summary["rounds"] == 1 and 0 <= summary["final_accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_minilm_dp_compare_config_smoke(tmp_path):
+    """``+experiment=dp_compare_text`` composes and runs one noised round (needs the package)."""
+    pytest.importorskip("all_minilm_l6_v2")
+    from bench.common import compose_cfg
+    from fedrac.run import run_experiment
+
+    cfg = compose_cfg("+experiment=dp_compare_text", "hydra.mode=RUN", "num_rounds=1",
+                      "strategy=rac_lora", "privacy.target_epsilon=8",
+                      "dataset.kwargs.max_rows_per_class=40",
+                      f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}")
+    summary = run_experiment(cfg)
+    assert summary["rounds"] == 1 and 0 < summary["epsilon"] <= 8

@@ -105,6 +105,15 @@ def test_fedavg_under_dp_moves_the_global_weights_by_at_most_clip_norm():
     assert _norm(step) > 0.25  # the absurd client is clipped to C, not dropped: C/4 from it
 
 
+def test_fewer_replies_than_the_cohort_are_divided_by_the_expected_cohort():
+    """Poisson sampling or a dropout: 2 replies of an expected 5 still average over 5, so
+    one client moves the mean by at most C/5 whatever the number that came back."""
+    ups = [{"x": torch.tensor([3.0, 4.0])}, {"x": torch.tensor([0.3, 0.4])}]  # norms 5, 0.5
+    mean, norms = private_mean(ups, 1.0, 0.0, 5, seed=0)
+    assert torch.allclose(mean["x"], torch.tensor([0.6 + 0.3, 0.8 + 0.4], dtype=torch.float64) / 5)
+    assert norms == pytest.approx([5.0, 0.5])
+
+
 # ----------------------------------------------------------------------------- the noise
 def test_noise_on_the_sum_has_std_noise_multiplier_times_clip_norm_over_the_cohort():
     sigma, clip, m = 1.7, 0.4, 8

@@ -8,7 +8,6 @@ of labels x clients).
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,8 +43,10 @@ def partition_summary(cfg: Mapping[str, Any], out_dir: str | Path | None = None,
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "partition.json").write_text(json.dumps(summary, indent=2))
-        with open(out / "partition.csv", "w", newline="") as fh:
+        from fedrac.atomic import atomic_path, write_json
+
+        write_json(out / "partition.json", summary)
+        with atomic_path(out / "partition.csv") as tmp, open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["client", "samples", *(f"label_{c}" for c in range(task.num_classes))])
             for i in range(n):
@@ -126,5 +127,8 @@ def plot_heatmap(hist: np.ndarray, path: str | Path, title: str,
     if c <= 40:
         ax.set_yticks(range(c), labels=names if names is not None else range(c))
     fig.colorbar(im, ax=ax, label="samples")
-    fig.savefig(path, dpi=100)
+    from fedrac.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

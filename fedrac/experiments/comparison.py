@@ -113,7 +113,7 @@ def reach_target(series: Sequence[tuple[int, float, float]], target: float,
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    vals = [v for v in values if not math.isnan(v)]
+    vals = [v for v in values if v is not None and not math.isnan(v)]  # null in summary.json
     if not vals:
         return math.nan, math.nan
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
@@ -417,29 +417,51 @@ def plot_comparison(runs: Sequence[Run], path: Path) -> None:
     fig.subplots_adjust(left=0.9 / (width + legend_w), right=right - 0.01,
                         bottom=0.7 / height, top=1 - 0.75 / height, wspace=0.08,
                         hspace=0.45)
-    fig.savefig(path, dpi=110)
+    from fedrac.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
 def write_comparison(sweep_dir: str | Path) -> str | None:
     """Write comparison.md/.csv, comparison_rounds.csv and comparison.png into ``sweep_dir``."""
+    from fedrac.sweep import failure_lines, load_failure
+
     sweep = Path(sweep_dir)
-    runs = [r for p in sorted(sweep.iterdir()) if p.is_dir() and (r := load_run(p))]
-    if not runs:
+    runs, failed = [], []
+    for p in sorted(sweep.iterdir()) if sweep.is_dir() else []:
+        if not p.is_dir():
+            continue
+        failure = load_failure(p)
+        if failure:
+            failed.append(failure)
+        elif run := load_run(p):
+            runs.append(run)
+    if not runs and not failed:
         return None
     table, per_round = compare(runs)
-    text = format_comparison(table)
+    for row in table:
+        row["status"] = "ok"
+    text = format_comparison(table) if runs else ""
+    if failed:
+        text = (text + "\n\n" if text else "") + failure_lines(failed)
+        table = table + [{"group": f["overrides"], "status": "failed", "failure": f["failure"]}
+                         for f in failed]
     from fedrac.experiments.paper import paper_table
 
-    extra = paper_table(runs)
+    extra = paper_table(runs) if runs else ""
     if extra:
         text += "\n\n" + extra
-    (sweep / "comparison.md").write_text(text + "\n")
+    from fedrac.atomic import write_text
+
+    write_text(sweep / "comparison.md", text + "\n")
     flat = [{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in row.items()}
             for row in table]
     _write_csv(sweep / "comparison.csv", flat)
     _write_csv(sweep / "comparison_rounds.csv", per_round)
-    plot_comparison(runs, sweep / "comparison.png")
+    if runs:
+        plot_comparison(runs, sweep / "comparison.png")
     return text
 
 
@@ -447,7 +469,9 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row if k not in keys]
-    with path.open("w", newline="") as f:
+    from fedrac.atomic import atomic_path
+
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
@@ -457,7 +481,7 @@ class ComparisonCallback(Callback):
     """Hydra callback: after a multirun, write and print the comparison of its runs."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        text = write_comparison(config.hydra.sweep.dir)
+        where = config.get("output_dir") or config.hydra.sweep.dir  # a fixed output_dir: there
+        text = write_comparison(where)
         if text:
-            print(f"\nfedrac: comparison of the runs in {config.hydra.sweep.dir}\n{text}",
-                  flush=True)
+            print(f"\nfedrac: comparison of the runs in {where}\n{text}", flush=True)
