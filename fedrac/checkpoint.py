@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from fedrac.atomic import atomic_path
 from fedrac.config import _require
 
 FOLDER = "checkpoint"
@@ -140,14 +141,10 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 # ----------------------------------------------------------------- files, atomically
 def _atomic_write(path: Path, write: Any) -> None:
     """Call ``write(tmp_path)``, fsync, then move the file to ``path`` (never half-written)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(output_dir: str | Path, state: Mapping[str, Any]) -> float:
