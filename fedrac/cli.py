@@ -35,6 +35,10 @@ def _prepare(cfg: DictConfig) -> dict[str, Any]:
     from fedrac.outputs import check_output_dir, clear_results, job_output_dir
 
     run_cfg = validate(cfg)
+    if run_cfg.get("resume"):  # the saved config, with the few overrides that keep its path
+        from fedrac.checkpoint import resume_config
+
+        run_cfg = resume_config(run_cfg["resume"], HydraConfig.get().overrides.task, run_cfg)
     run_cfg["output_dir"] = job_output_dir(run_cfg.get("output_dir"), HydraConfig.get())
     check_output_dir(run_cfg)
     if run_cfg.get("overwrite") and not run_cfg.get("resume"):
@@ -54,6 +58,10 @@ def _run(run_cfg: dict[str, Any]) -> float:
     from fedrac.run import run_experiment
 
     summary = run_experiment(run_cfg)
+    if summary.get("interrupted"):
+        from fedrac.checkpoint import exit_interrupted
+
+        exit_interrupted(summary, run_cfg["output_dir"])
     print(format_table([summary]), flush=True)
     return float(summary["final_accuracy"])
 

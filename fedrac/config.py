@@ -298,6 +298,12 @@ def check_run(d: Mapping[str, Any], strategy_cls: type) -> None:
              "monitor.exact_max", mon.get("exact_max"), "an integer >= 1")
     _require(_is_num(d["round_timeout"]) and d["round_timeout"] > 0, "round_timeout",
              d["round_timeout"], "a number of seconds > 0")
+    ce = d.get("checkpoint_every", 1)
+    _require(_is_int(ce) and ce >= 0, "checkpoint_every", ce,
+             "an integer >= 0 (rounds between checkpoints; 0: none)")
+    rs = d.get("resume")
+    _require(rs is None or (isinstance(rs, str) and rs != ""), "resume", rs,
+             "null or the output folder of a run to continue")
     ta = d.get("target_accuracy")
     _require(ta is None or (_is_num(ta) and 0 < ta <= 1) or (
         isinstance(ta, str) and ta.startswith("fpft-") and _is_num(_to_float(ta[5:]))),

@@ -141,12 +141,21 @@ def _server_main(grid: Grid, context: Context) -> None:
     from fedrac.outputs import check_output_dir, clear_results
 
     cfg = deployment_config(context.run_config)
+    resumed = bool(cfg.get("resume"))
+    if resumed:  # the saved config of that run (fedrac.checkpoint), with the few overrides kept
+        from fedrac.checkpoint import check_same_run, resume_config
+
+        given = cfg
+        cfg = resume_config(cfg["resume"], shlex.split(_overrides(context.run_config)), given)
+        check_same_run(cfg, given)  # the nodes compose theirs from the same overrides
     check_output_dir(cfg)  # a folder holding a run is refused (overwrite=true, resume=)
     if cfg.get("overwrite") and not cfg.get("resume"):
         clear_results(cfg["output_dir"])
     save_resolved_config(cfg, _overrides(context.run_config))
     grid = PromptGrid(grid)
-    if cfg.get("min_available_clients") is None:
+    if resumed:
+        wait_for_nodes(grid, int(cfg["num_clients"]))
+    elif cfg.get("min_available_clients") is None:
         # Start when all num_clients nodes are connected, then let later rounds go on with
         # whoever is still connected: a dead node must not stall the run.
         wait_for_nodes(grid, int(cfg["num_clients"]))

@@ -71,3 +71,16 @@ class ByteLedger:
                 for kind, n in per_dir[d].items():
                     out[d][kind] += n
         return {d: dict(v) for d, v in out.items()}
+
+    def state_dict(self) -> dict[str, dict[str, dict[str, int]]]:
+        """The tally as plain values (round keys as strings), for a checkpoint."""
+        return {str(r): {d: dict(per_dir[d]) for d in DIRECTIONS}
+                for r, per_dir in self._rounds.items()}
+
+    def load_state_dict(self, state: dict[str, dict[str, dict[str, int]]]) -> None:
+        """Replace the tally with :meth:`state_dict`'s."""
+        self._rounds.clear()
+        for r, per_dir in state.items():
+            for d in DIRECTIONS:
+                for kind, n in per_dir.get(d, {}).items():
+                    self._rounds[int(r)][d][kind] = int(n)

@@ -114,10 +114,7 @@ class RunRecorder:
                 int(value) if key == "client_eval_clients" else float(value))
         self._last = now
         self.rows.append(row)
-        line = io.StringIO()
-        csv.DictWriter(line, fieldnames=COLUMNS).writerow(
-            {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-        self._csv_lines.append(line.getvalue())
+        self._csv_lines.append(_csv_line(row))
         self._write_csv()
         self._track("log_round", server_round, round_scalars(row, self._totals))
         if self._bar is None:
@@ -135,6 +132,19 @@ class RunRecorder:
         head = io.StringIO()
         csv.DictWriter(head, fieldnames=COLUMNS).writeheader()
         write_text(self.dir / "metrics.csv", head.getvalue() + "".join(self._csv_lines))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rows so far and the values carried between rounds (for a checkpoint)."""
+        return {"rows": [dict(r) for r in self.rows], "privacy_last": dict(self._privacy_last),
+                "totals": dict(self._totals)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: metrics.csv is rewritten with the saved rows."""
+        self.rows = [dict(r) for r in state["rows"]]
+        self._privacy_last.update(state["privacy_last"])
+        self._totals = dict(state["totals"])
+        self._csv_lines = [_csv_line(r) for r in self.rows]
+        self._write_csv()
 
     def progress_line(self, row: Mapping[str, Any]) -> str:
         """``[round 3/100] acc 0.8123 loss 0.5234 | train 0.61 | up 3.1 KB down 402 KB | ...``"""
@@ -246,6 +256,14 @@ class RunRecorder:
                 "client": dict(self.cfg["client"]),
             },
         }
+
+
+def _csv_line(row: Mapping[str, Any]) -> str:
+    """One metrics.csv row (``nan`` as an empty cell)."""
+    line = io.StringIO()
+    csv.DictWriter(line, fieldnames=COLUMNS).writerow(
+        {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    return line.getvalue()
 
 
 def run_status(summary: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.client_app import make_client_app
+from fedrac.checkpoint import stop_on_signals
 from fedrac.data.summary import partition_summary
 from fedrac.models.pretrain import pretrained_state
 from fedrac.server_app import make_server_app
@@ -52,23 +53,24 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
     print(f"fedrac: {cfg['strategy']['name']} on {cfg['dataset'].get('name')}, "
           f"{cfg['num_clients']} clients, {cfg['num_rounds']} rounds, engine {engine}; "
           f"results in {out}", flush=True)
-    if engine == "simulation":
-        from fedrac.engines.simulation import run_on_ray
+    with stop_on_signals(out):  # SIGINT / SIGTERM: finish the round, checkpoint, stop
+        if engine == "simulation":
+            from fedrac.engines.simulation import run_on_ray
 
-        run_on_ray(server_app, client_app, cfg["num_clients"], cfg["engine"],
-                   verbose=bool(cfg.get("verbose", False)))
-    elif engine == "inline":
-        from fedrac.engines.inline import run_inline, set_torch_threads
+            run_on_ray(server_app, client_app, cfg["num_clients"], cfg["engine"],
+                       verbose=bool(cfg.get("verbose", False)))
+        elif engine == "inline":
+            from fedrac.engines.inline import run_inline, set_torch_threads
 
-        set_torch_threads(cfg["engine"].get("threads"))
-        batch = None
-        if cfg["engine"].get("batched"):
-            from clients.batched import batch_trainer
+            set_torch_threads(cfg["engine"].get("threads"))
+            batch = None
+            if cfg["engine"].get("batched"):
+                from clients.batched import batch_trainer
 
-            batch = batch_trainer(cfg)
-        run_inline(server_app, client_app, cfg["num_clients"], batch_train=batch)
-    else:
-        raise ValueError(f"engine={engine!r} is not an engine; allowed: simulation, inline")
+                batch = batch_trainer(cfg)
+            run_inline(server_app, client_app, cfg["num_clients"], batch_train=batch)
+        else:
+            raise ValueError(f"engine={engine!r} is not an engine; allowed: simulation, inline")
     if not summary_path.exists():
         raise RunFailedError(f"the run ended without writing {summary_path}; "
                              "see the log above for the ServerApp's error")

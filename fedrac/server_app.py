@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.handlers import client_model, module_keys
 from clients.local_training import move_to, resolve_device
+from fedrac.checkpoint import Checkpointer, RunInterrupted, set_rng_state
 from fedrac.data import load_splits, to_tensors
 from fedrac.data.standardise import write_data_json
 from fedrac.experiments.spectrum import global_factors, monitor_from_config
@@ -59,6 +61,8 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     initial = to_array_record(state)
     latest = {"arrays": initial}
     monitor = monitor_from_config(cfg, layers, state)
+    secagg = (cfg.get("secagg") or {}).get("name", "none") == "plus"
+    ckpt = None if secagg else Checkpointer(cfg, strategy, recorder, grid, monitor)
     if splits.label_names:
         print("labels: " + ", ".join(f"{i}={n}" for i, n in enumerate(splits.label_names)),
               flush=True)
@@ -78,19 +82,43 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
                            metrics.get("eval_perplexity", math.nan))
         return MetricRecord(metrics)
 
-    if (cfg.get("secagg") or {}).get("name", "none") == "plus":
-        from fedrac.secagg import run_secagg
+    def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        result = evaluate_fn(server_round, arrays)
+        if ckpt is not None:
+            ckpt.after_round(server_round, lambda: to_state_dict(arrays))
+        return result
 
-        recorder.secagg = run_secagg(strategy, grid, initial, num_rounds,
-                                     float(cfg["round_timeout"]), evaluate_fn, cfg["secagg"])
-    else:
-        strategy.start(grid, initial, num_rounds=num_rounds,
-                       timeout=float(cfg["round_timeout"]), evaluate_fn=evaluate_fn)
+    first_round, interrupted = 1, None
+    if cfg.get("resume") and ckpt is not None:
+        done, weights, rng = ckpt.restore()
+        latest["arrays"] = initial = to_array_record(weights)
+        first_round = done + 1
+        print(f"fedrac: resuming {cfg['output_dir']} after round {done} of {num_rounds}",
+              flush=True)
+        set_rng_state(rng)  # last: nothing may draw between here and round `done + 1`
+    try:
+        if secagg:
+            from fedrac.secagg import run_secagg
+
+            recorder.secagg = run_secagg(strategy, grid, initial, num_rounds,
+                                         float(cfg["round_timeout"]), evaluate_fn,
+                                         cfg["secagg"])
+        else:
+            strategy.start(grid, initial, num_rounds=num_rounds,
+                           timeout=float(cfg["round_timeout"]), evaluate_fn=end_of_round,
+                           first_round=first_round)
+    except RunInterrupted as stop:
+        interrupted = stop
     final = to_state_dict(latest["arrays"])
     monitor.close()
     extra: dict[str, Any] = {"spectrum": monitor.summary(),
                              "model_changed": not same_state(state, final),
                              "last_problem": getattr(strategy, "last_problem", None)}
+    if ckpt is not None:
+        extra.update(ckpt.summary())
+    if interrupted is not None:
+        extra.update({"interrupted": True, "interrupted_after_round": interrupted.server_round,
+                      "signal": signal.Signals(interrupted.signum).name})
     if splits.label_names:
         extra["label_names"] = list(splits.label_names)
     if cfg["model"].get("name") == "hf":
@@ -98,7 +126,11 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
 
         extra["export"] = export_transformers(cfg, model, layers, state, final,
                                               cfg["output_dir"])
-    return recorder.finish(final, extra)
+    summary = recorder.finish(final, extra)
+    if ckpt is not None and ckpt.count:
+        print(f"fedrac: {ckpt.count} checkpoints in {ckpt.dir / 'checkpoint'}, "
+              f"{1000 * extra['checkpoint_seconds_each']:.1f} ms each", flush=True)
+    return summary
 
 
 def same_state(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
@@ -533,6 +533,72 @@ class FedracStrategy(FedAvg):
                 return f"'{key}' has non-finite values"
             reply.modules[key] = tensor
         return None
+
+    # ------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """What the strategy carries from one round to the next (tensors and JSON values), for
+        a checkpoint: the byte ledger, the rounds' metrics and the privacy state; subclasses
+        add their own."""
+        return {
+            "ledger": self.ledger.state_dict(),
+            "round_metrics": {str(r): dict(m) for r, m in self.round_metrics.items()},
+            "dp": None if self.dp is None else {
+                "clip_norm": self.dp.clip_norm, "accountant": self.dp.accountant.state_dict()},
+            "local_accountant": None if self.local_accountant is None
+            else self.local_accountant.state_dict(),
+            "last_problem": getattr(self, "last_problem", None),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        self.ledger.load_state_dict(state["ledger"])
+        self.round_metrics.clear()
+        self.round_metrics.update({int(r): dict(m) for r, m in state["round_metrics"].items()})
+        if self.dp is not None and state.get("dp") is not None:
+            self.dp.clip_norm = float(state["dp"]["clip_norm"])
+            self.dp.accountant.load_state_dict(state["dp"]["accountant"])
+        if self.local_accountant is not None and state.get("local_accountant") is not None:
+            self.local_accountant.load_state_dict(state["local_accountant"])
+        if state.get("last_problem") is not None:
+            self.last_problem = state["last_problem"]
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              *, first_round: int = 1) -> Result:
+        """Flower's round loop; ``first_round > 1`` continues a resumed run at that round
+        with ``initial_arrays`` the global weights after ``first_round - 1`` (the same calls
+        in the same order as Flower's loop, without the initial evaluation)."""
+        if first_round <= 1:
+            return super().start(grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
+                                 train_config=train_config, evaluate_config=evaluate_config,
+                                 evaluate_fn=evaluate_fn)
+        log(INFO, "Resuming %s at round %d of %d", type(self).__name__, first_round, num_rounds)
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result, arrays = Result(), initial_arrays
+        result.arrays = arrays
+        for rnd in range(first_round, num_rounds + 1):
+            log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
+            replies = grid.send_and_receive(
+                messages=self.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
+            agg_arrays, agg_metrics = self.aggregate_train(rnd, replies)
+            if agg_arrays is not None:
+                result.arrays = arrays = agg_arrays
+            if agg_metrics is not None:
+                result.train_metrics_clientapp[rnd] = agg_metrics
+            replies = grid.send_and_receive(
+                messages=self.configure_evaluate(rnd, arrays, evaluate_config, grid),
+                timeout=timeout)
+            agg_eval = self.aggregate_evaluate(rnd, replies)
+            if agg_eval is not None:
+                result.evaluate_metrics_clientapp[rnd] = agg_eval
+            if evaluate_fn:
+                res = evaluate_fn(rnd, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[rnd] = res
+        return result
 
     def round_metric_record(self, server_round: int) -> MetricRecord:
         """The round's aggregated train metrics as a MetricRecord."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from logging import WARNING
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -45,6 +46,22 @@ class DeltaSync:
         """Remember round ``server_round``'s merge (its seed and averaged trained factors)."""
         self.history[server_round] = (int(seed), {k: v.detach().cpu() for k, v in
                                                   factors.items()})
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history and every node's version and cached config, for a checkpoint."""
+        return {"history": {str(r): {"seed": seed, "factors": f}
+                            for r, (seed, f) in self.history.items()},
+                "node_version": {str(n): v for n, v in self.node_version.items()},
+                "node_config": {str(n): c for n, c in self.node_config.items()},
+                "complete_since": self.complete_since}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        self.history = {int(r): (int(h["seed"]), dict(h["factors"]))
+                        for r, h in state["history"].items()}
+        self.node_version = {int(n): int(v) for n, v in state["node_version"].items()}
+        self.node_config = {int(n): dict(c) for n, c in state["node_config"].items()}
+        self.complete_since = int(state["complete_since"])
 
     def _prune(self, full_bytes: int) -> None:
         """Drop rounds so old that replaying them would cost more than the weights."""

@@ -137,6 +137,17 @@ class RacLoRA(FedracStrategy):
         """Check the keys only RAC-LoRA has."""
         cls.check_client_ranks(strategy_cfg.get("client_ranks"), int(strategy_cfg["rank"]))
 
+    def state_dict(self) -> dict[str, Any]:
+        """Base state plus the delta-sync state (``download=delta``)."""
+        return {**super().state_dict(),
+                "sync": None if self.sync is None else self.sync.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        super().load_state_dict(state)
+        if self.sync is not None:
+            self.sync.load_state_dict(state["sync"])
+
     def round_seed(self, server_round: int) -> int:
         """The sketch seed of a round: a new one every ``resample_every`` rounds."""
         first = (server_round - 1) // self.resample_every * self.resample_every + 1

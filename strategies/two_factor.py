@@ -145,6 +145,20 @@ class TwoFactorLoRA(FedracStrategy):
                 self.sent_base = self.apply_modules(server_round, self.sent_base, valid)
         return to_array_record(self.effective_state()), metrics
 
+    def state_dict(self) -> dict[str, Any]:
+        """Base state plus the base weights, the global adapters, the last merge and the
+        record kinds (FLoRA under DP sends its update as ``residual``)."""
+        return {**super().state_dict(), "base": self.base, "adapters": self.adapters,
+                "sent_base": self.sent_base, "update": self.update, "kinds": dict(self.kinds)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        super().load_state_dict(state)
+        for key in ("base", "adapters", "sent_base", "update"):
+            value = state[key]
+            setattr(self, key, None if value is None else dict(value))
+        self.kinds = dict(state["kinds"])
+
     def combine(self, server_round: int, valid: list[ValidReply]) -> None:
         """Update ``base`` / ``adapters`` / ``update`` from the round's valid replies."""
         raise NotImplementedError

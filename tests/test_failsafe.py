@@ -105,7 +105,7 @@ BAD_VALUES = [
     (["strategy.rnak=2"], ", train_factor, "),
     (["strategy.rnak=2"], " (+strategy.rnak=2 adds a new key)"),
     (["nokey=1"], "nokey=1 is not a known key; allowed: the top-level keys: aggregation, "
-                 "cache_dir, client,"),
+                 "cache_dir, checkpoint_every, client,"),
     (["num_rounds=[1,2"], "'num_rounds=[1,2' is not a valid override (no viable alternative at "
                           "input '[1,2'); allowed: key=value"),
     (["hydra/launcher=nope"], "Could not find 'hydra/launcher/nope'; allowed: basic"),

@@ -45,6 +45,8 @@ from flwr.common.constant import (
     SUPERLINK_NODE_ID,
     ErrorCode,
 )
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.server.utils.validator import validate_message
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.constant import NOOP_FEDERATION_ID
@@ -213,6 +215,25 @@ class InlineGrid(Grid):
     def node_context(self, node_id: int) -> Context | None:
         """The persisted ``Context`` of ``node_id`` (``None`` before its first message)."""
         return self._contexts.get(node_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The grid's id stream and every node's persisted ``Context.state`` (Flower's
+        protobuf bytes), for a checkpoint: a resumed run continues with the same node state."""
+        return {"rng": self._rng.getstate(),
+                "contexts": {str(node): recorddict_to_proto(ctx.state).SerializeToString()
+                             for node, ctx in self._contexts.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (call after :meth:`set_run`, before any message)."""
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        run = self.run
+        self._contexts.clear()
+        for node, blob in state["contexts"].items():
+            context = self._node_context(int(node), run)
+            proto = ProtoRecordDict()
+            proto.ParseFromString(blob)
+            context.state = recorddict_from_proto(proto)
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         """Run the ClientApp for each valid message now; return the accepted message ids.

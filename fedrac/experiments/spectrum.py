@@ -132,6 +132,22 @@ class SpectrumMonitor:
         self.last = out
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        """The rows written so far, the cost per round and the last rows (for a checkpoint)."""
+        if self._file is not None and not self._file.closed:
+            self._file.flush()
+        return {"csv": self.path.read_text() if self._file is not None else "",
+                "seconds": list(self.seconds), "last": self.last}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: spectrum.csv is rewritten with the saved rows."""
+        self.seconds, self.last = [float(t) for t in state["seconds"]], dict(state["last"])
+        if self._file is not None and state["csv"]:
+            self._file.seek(0)
+            self._file.truncate()
+            self._file.write(state["csv"])
+            self._file.flush()
+
     def close(self) -> None:
         """Close ``spectrum.csv``."""
         if self._file is not None and not self._file.closed:
