@@ -14,7 +14,7 @@ import torch
 
 from clients.local_training import TrainSettings
 from fedrac.config import conf_dir, validate
-from fedrac.data import load_task, partition, to_tensors
+from fedrac.data import load_splits, partition, to_tensors
 from fedrac.engines.inline import InlineGrid
 from fedrac.models import build_model
 from fedrac.models.pretrain import pretrained_state
@@ -42,7 +42,7 @@ class Workload:
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.cfg = cfg
-        task = load_task(cfg["dataset"])
+        task = load_splits(cfg["dataset"])
         self.model = build_model(cfg["model"], task.input_shape, task.num_classes)
         self.state = pretrained_state(cfg["model"], cfg["dataset"], cfg["pretrain"],
                                       cfg["cache_dir"])

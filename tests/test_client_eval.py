@@ -51,9 +51,9 @@ def test_tiny_run_evaluates_on_every_clients_validation_share(tmp_path):
     # bytes: the full weights to 4 clients, besides the training download
     assert int(last["bytes_down_eval"]) == pytest.approx(int(last["bytes_down_weights"]), rel=0.01)
     # the same figures computed here from the final model and the clients' validation shares
-    from fedrac.data import load_task
+    from fedrac.data import load_splits
 
-    task = load_task(cfg["dataset"])
+    task = load_splits(cfg["dataset"])
     model = build_model(cfg["model"], task.input_shape, task.num_classes)
     model.load_state_dict(load_file(str(tmp_path / "out" / "model.safetensors")))
     results = []

@@ -137,11 +137,11 @@ def test_comparison_plot_folds_identical_runs_and_drops_shared_overrides(tmp_pat
 
 
 def test_partition_plot_names_the_source_labels(tmp_path):
-    from fedrac.data import load_task
+    from fedrac.data import load_splits
     from fedrac.data.summary import class_names
 
     digits = {"name": "digits", "source_classes": [0, 1, 2, 3, 4],
               "target_classes": [5, 6, 7, 8, 9]}
-    assert class_names(digits, load_task(digits)) == ["5", "6", "7", "8", "9"]
+    assert class_names(digits, load_splits(digits)) == ["5", "6", "7", "8", "9"]
     everything = {"name": "digits", "source_classes": None, "target_classes": None}
-    assert class_names(everything, load_task(everything)) == [str(i) for i in range(10)]
+    assert class_names(everything, load_splits(everything)) == [str(i) for i in range(10)]

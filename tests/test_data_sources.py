@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fedrac.data import build_task, load_dataset_from_path, load_task, to_tensors
+from fedrac.data import build_splits, load_dataset_from_path, load_splits, to_tensors
 from fedrac.data.sources import DataConfigError
 
 FILES = {"name": "files", "test_fraction": 0.25, "split_seed": 0}
@@ -27,7 +27,7 @@ def _y(ds) -> np.ndarray:
 
 
 def test_digits_default_task_keeps_images_and_relabels_classes():
-    task = load_task({"name": "digits", "source_classes": [0, 1, 2, 3, 4],
+    task = load_splits({"name": "digits", "source_classes": [0, 1, 2, 3, 4],
                       "target_classes": [5, 6, 7, 8, 9], "test_fraction": 0.25, "split_seed": 0})
     assert task.input_shape == (1, 8, 8) and task.num_classes == 5
     sizes = [len(task.source_train), len(task.source_test), len(task.target_train),
@@ -39,7 +39,7 @@ def test_digits_default_task_keeps_images_and_relabels_classes():
 
 
 def test_to_tensors_matches_the_numpy_formatter_on_a_shuffled_selection():
-    task = load_task({"name": "digits", "source_classes": None, "target_classes": None})
+    task = load_splits({"name": "digits", "source_classes": None, "target_classes": None})
     ds = task.target_train.shuffle(seed=3).select(range(5, 400, 7))
     x, y = to_tensors(ds)
     np_ds = ds.with_format("numpy")
@@ -52,7 +52,7 @@ def test_a_task_without_source_classes_has_no_pretraining_data(tmp_path):
     from fedrac.models.pretrain import pretrained_state
 
     cfg = {"name": "digits", "source_classes": None, "target_classes": None}
-    task = load_task(cfg)
+    task = load_splits(cfg)
     assert len(task.source_train) == 0 and task.num_classes == 10
     assert len(task.target_train) + len(task.target_test) == 1797
     state = pretrained_state({"name": "mlp", "hidden": [8]}, cfg,
@@ -74,7 +74,7 @@ def _write_images(root: Path, classes: dict[str, int], size=(5, 6), mode="L") ->
 
 def test_image_folder_gives_chw_images_scaled_to_unit_range(tmp_path):
     _write_images(tmp_path / "imgs", {"cat": 6, "dog": 6})
-    task = build_task({**FILES, "path": str(tmp_path / "imgs")})
+    task = build_splits({**FILES, "path": str(tmp_path / "imgs")})
     assert task.input_shape == (1, 5, 6) and task.num_classes == 2
     assert len(task.target_train) == 9 and len(task.target_test) == 3
     # the same image, read back by hand, is the row scaled by 1/255
@@ -88,7 +88,7 @@ def test_image_folder_rgb_resized_and_normalised_per_channel(tmp_path):
     _write_images(tmp_path / "imgs", {"a": 3, "b": 3, "c": 3}, size=(7, 7), mode="RGB")
     cfg = {**FILES, "path": str(tmp_path / "imgs"), "image_size": [4, 4],
            "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
-    task = build_task(cfg)
+    task = build_splits(cfg)
     assert task.input_shape == (3, 4, 4) and task.num_classes == 3
     x = _x(load_dataset_from_path(cfg["path"], cfg))
     assert x.min() >= -2.0 - 1e-6 and x.max() <= 2.0 + 1e-6 and x.min() < -1
@@ -97,7 +97,7 @@ def test_image_folder_rgb_resized_and_normalised_per_channel(tmp_path):
 def test_image_folder_with_one_class_is_refused(tmp_path):
     _write_images(tmp_path / "imgs", {"only": 4})
     with pytest.raises(DataConfigError, match=r"image folder with 1 class sub-folder"):
-        build_task({**FILES, "path": str(tmp_path / "imgs")})
+        build_splits({**FILES, "path": str(tmp_path / "imgs")})
 
 
 def _table(n: int = 40) -> dict[str, list]:
@@ -116,7 +116,7 @@ def test_csv_infers_numeric_features_without_label_and_group(tmp_path):
         w.writerow(data)
         w.writerows(zip(*data.values(), strict=True))
     cfg = {**FILES, "path": str(path), "group_column": "writer"}
-    task = build_task(cfg)
+    task = build_splits(cfg)
     assert task.input_shape == (2,) and task.num_classes == 4
     assert set(task.target_train.column_names) == {"x", "label", "writer"}
     node = load_dataset_from_path(str(path), cfg)
@@ -129,7 +129,7 @@ def test_parquet_with_feature_columns_and_class_split(tmp_path):
     pq.write_table(pa.table(data), tmp_path / "t.parquet")
     cfg = {**FILES, "path": str(tmp_path / "t.parquet"), "feature_columns": ["f1"],
            "source_classes": [0, 1], "target_classes": [2, 3]}
-    task = build_task(cfg)
+    task = build_splits(cfg)
     assert task.input_shape == (1,) and task.num_classes == 2
     assert len(task.source_train) + len(task.source_test) == 20
     assert set(_y(task.target_train).tolist()) == {0, 1}
@@ -141,20 +141,20 @@ def test_csv_without_the_label_column_names_the_columns(tmp_path):
     (tmp_path / "t.csv").write_text("a,b\n1,2\n3,4\n")
     with pytest.raises(DataConfigError, match=r"dataset.label_column='label' is not a column .*"
                                               r"allowed: a, b"):
-        build_task({**FILES, "path": str(tmp_path / "t.csv")})
+        build_splits({**FILES, "path": str(tmp_path / "t.csv")})
 
 
 def test_labels_that_are_not_integers_are_refused(tmp_path):
     (tmp_path / "t.csv").write_text("a,label\n1,cat\n3,dog\n2,cat\n4,dog\n")
-    splits = build_task({**FILES, "path": str(tmp_path / "t.csv"), "test_fraction": 0.5})
+    splits = build_splits({**FILES, "path": str(tmp_path / "t.csv"), "test_fraction": 0.5})
     assert splits.label_names == ["cat", "dog"]  # string labels are mapped to ids, not refused
     (tmp_path / "u.csv").write_text("a,label\n5,emu\n")
     with pytest.raises(DataConfigError, match=r"labels \['emu'\] are not in dataset.label_names"):
-        build_task({**FILES, "path": str(tmp_path / "t.csv"), "label_names": ["cat", "dog"],
+        build_splits({**FILES, "path": str(tmp_path / "t.csv"), "label_names": ["cat", "dog"],
                     "test_path": str(tmp_path / "u.csv")})
     np.savez(tmp_path / "f.npz", x=np.zeros((4, 2)), y=np.array([0.5, 1, 0, 1]))
     with pytest.raises(DataConfigError, match=r"labels must be integers .*got 0.5"):
-        build_task({**FILES, "path": str(tmp_path / "f.npz")})
+        build_splits({**FILES, "path": str(tmp_path / "f.npz")})
 
 
 def test_npz_arrays_with_their_own_test_split(tmp_path):
@@ -163,7 +163,7 @@ def test_npz_arrays_with_their_own_test_split(tmp_path):
     y = np.arange(30) % 3
     np.savez(tmp_path / "d.npz", x=x, y=y, x_test=x[:6], y_test=y[:6])
     cfg = {**FILES, "path": str(tmp_path / "d.npz")}
-    task = build_task(cfg)
+    task = build_splits(cfg)
     assert task.input_shape == (2, 3, 3) and task.num_classes == 3
     assert len(task.target_train) == 30 and len(task.target_test) == 6
     assert np.allclose(_x(task.target_train), x / 255, atol=1e-6)
@@ -174,10 +174,10 @@ def test_npz_arrays_with_their_own_test_split(tmp_path):
 def test_npz_without_y_and_a_missing_path_are_one_line_errors(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((3, 2)))
     with pytest.raises(DataConfigError, match=r"lacks array 'y' .*it has: x"):
-        build_task({**FILES, "path": str(tmp_path / "d.npz")})
+        build_splits({**FILES, "path": str(tmp_path / "d.npz")})
     for path in (tmp_path / "nope.csv", tmp_path / "nofolder"):
         with pytest.raises(DataConfigError, match=r"dataset.path=.* does not exist") as err:
-            build_task({**FILES, "path": str(path)})
+            build_splits({**FILES, "path": str(path)})
         assert "\n" not in str(err.value)
     with pytest.raises(DataConfigError, match=r"data-path=.* does not exist"):
         load_dataset_from_path(str(tmp_path / "nope.npz"), FILES)
@@ -199,7 +199,7 @@ def test_mnist_from_tiny_idx_files(tmp_path):
     for split, n in (("train", 40), ("t10k", 20)):
         _idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
         _idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
-    task = build_task({"name": "mnist", "root": str(tmp_path), "source_classes": [0, 1, 2, 3, 4],
+    task = build_splits({"name": "mnist", "root": str(tmp_path), "source_classes": [0, 1, 2, 3, 4],
                        "target_classes": [5, 6, 7, 8, 9]})
     assert task.input_shape == (1, 28, 28) and task.num_classes == 5
     assert (len(task.source_train), len(task.target_train), len(task.target_test)) == (20, 20, 10)
@@ -252,17 +252,17 @@ def test_mnist_and_cifar_files_read_as_torchvision_reads_them(tmp_path):
 def test_missing_torchvision_files_are_named(tmp_path):
     with pytest.raises(DataConfigError, match=r"lacks the mnist files train-images-idx3-ubyte, "
                                               r"train-labels-idx1-ubyte, t10k-images.*download"):
-        build_task({"name": "mnist", "root": str(tmp_path)})
+        build_splits({"name": "mnist", "root": str(tmp_path)})
     with pytest.raises(DataConfigError, match=r"cifar10 files data_batch_1"):
-        build_task({"name": "cifar10", "root": str(tmp_path)})
+        build_splits({"name": "cifar10", "root": str(tmp_path)})
 
 
 def test_unknown_dataset_and_unknown_format(tmp_path):
     with pytest.raises(DataConfigError, match=r"dataset.name='nope' is not a dataset; allowed:"):
-        build_task({"name": "nope"})
+        build_splits({"name": "nope"})
     (tmp_path / "d.txt").write_text("1")
     with pytest.raises(DataConfigError, match=r"unknown format '.txt'"):
-        build_task({**FILES, "path": str(tmp_path / "d.txt")})
+        build_splits({**FILES, "path": str(tmp_path / "d.txt")})
 
 
 def hf_maker(n: int = 30) -> dict:
@@ -277,19 +277,19 @@ def hf_maker(n: int = 30) -> dict:
 
 
 def test_target_callable_returning_hf_datasets_with_a_test_split():
-    task = build_task({"name": "custom", "_target_": f"{__name__}.hf_maker",
+    task = build_splits({"name": "custom", "_target_": f"{__name__}.hf_maker",
                        "kwargs": {"n": 12}})
     assert task.input_shape == (1, 2, 2) and task.num_classes == 3
     assert len(task.target_train) == 12 and len(task.target_test) == 6
     assert _x(task.target_test).min() == 1000
     with pytest.raises(DataConfigError, match=r"dataset._target_='nowhere.fn' failed"):
-        build_task({"name": "custom", "_target_": "nowhere.fn"})
+        build_splits({"name": "custom", "_target_": "nowhere.fn"})
 
 
 def test_domain_split_by_group_column(tmp_path):
     rows = "\n".join(f"{i},{i % 2},{'lab' if i < 30 else 'field'}" for i in range(50))
     (tmp_path / "d.csv").write_text("a,label,site\n" + rows)
-    task = build_task({**FILES, "path": str(tmp_path / "d.csv"), "group_column": "site",
+    task = build_splits({**FILES, "path": str(tmp_path / "d.csv"), "group_column": "site",
                        "source_groups": ["lab"]})
     assert set(task.source_train["site"]) == {"lab"} and set(task.target_test["site"]) == {"field"}
     assert len(task.source_train) + len(task.source_test) == 30 and task.num_classes == 2
@@ -299,9 +299,9 @@ def test_domain_split_by_group_column(tmp_path):
 def test_hub_and_files_without_a_path_say_what_to_set():
     with pytest.raises(DataConfigError, match=r"dataset.path=None is not set; allowed: a Hugging "
                                               r"Face hub id"):
-        build_task({"name": "hub", "path": None})
+        build_splits({"name": "hub", "path": None})
     with pytest.raises(DataConfigError, match=r"dataset.path=None is not set; allowed: a folder"):
-        build_task({"name": "files", "path": None})
+        build_splits({"name": "files", "path": None})
 
 
 def test_a_node_folder_holding_one_npz_file_with_a_label_array(tmp_path):
@@ -314,7 +314,7 @@ def test_a_node_folder_holding_one_npz_file_with_a_label_array(tmp_path):
 def test_json_lines_table(tmp_path):
     (tmp_path / "t.jsonl").write_text("\n".join(
         f'{{"u": {i}, "v": {i * 0.5}, "y": {i % 2}}}' for i in range(10)))
-    task = build_task({**FILES, "path": str(tmp_path / "t.jsonl"), "label_column": "y"})
+    task = build_splits({**FILES, "path": str(tmp_path / "t.jsonl"), "label_column": "y"})
     assert task.input_shape == (2,) and task.num_classes == 2
     assert len(task.target_train) + len(task.target_test) == 10
 
@@ -331,7 +331,7 @@ def test_pretraining_cache_follows_changes_to_the_data_file(tmp_path):
     np.savez(path, x=-np.eye(8)[np.arange(40) % 8] * 3, y=np.arange(40) % 4)
     from fedrac.data import load as data
 
-    data._load_task_cached.cache_clear()
+    data._load_splits_cached.cache_clear()
     second = pretrained_state(model, cfg, pre, tmp_path / "cache")
     assert len(list((tmp_path / "cache").iterdir())) == 2
     assert not torch.equal(first["fc1.weight"], second["fc1.weight"])
@@ -341,9 +341,9 @@ def test_synthetic_stand_in_takes_an_image_shape_and_refuses_a_bad_one():
     cfg = {"name": "synthetic", "shape": [3, 4, 4], "num_classes": 3, "source_samples": 0,
            "target_samples": 30, "test_samples": 30, "seed": 0, "source_classes": None,
            "target_classes": [3, 4, 5]}
-    task = build_task(cfg)
+    task = build_splits(cfg)
     x, y = to_tensors(task.target_train)
     assert task.input_shape == (3, 4, 4) and task.num_classes == 3
     assert x.shape == (30, 3, 4, 4) and set(y.tolist()) <= {0, 1, 2}
     with pytest.raises(DataConfigError, match=r"dataset.shape=\[3, 0\].*positive integers"):
-        build_task({**cfg, "shape": [3, 0]})
+        build_splits({**cfg, "shape": [3, 0]})

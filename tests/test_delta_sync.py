@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from clients.client_app import make_client_app
 from fedrac.config import ConfigError, conf_dir, validate
-from fedrac.data import load_task
+from fedrac.data import load_splits
 from fedrac.delta_sync import (
     STATE_CONFIG,
     STATE_SYNC,
@@ -48,7 +48,7 @@ def cache(tmp_path_factory):
 
 def _run(cfg: dict, tamper=None):
     """Run the strategy; return the global weights per round, the grid and the strategy."""
-    task = load_task(cfg["dataset"])
+    task = load_splits(cfg["dataset"])
     model = build_model(cfg["model"], task.input_shape, task.num_classes)
     state = pretrained_state(cfg["model"], cfg["dataset"], cfg["pretrain"], cfg["cache_dir"])
     strategy = build_strategy(cfg, find_target_layers(model, cfg["model"]["target_modules"]))

@@ -65,7 +65,7 @@ def test_the_toy_loads_no_dataset_and_checks_the_rank_against_its_own_layer(tmp_
     def no_data(*a, **k):
         raise AssertionError("the quadratic experiment loaded a dataset")
 
-    monkeypatch.setattr(fedrac.data, "load_task", no_data)
+    monkeypatch.setattr(fedrac.data, "load_splits", no_data)
     _run(tmp_path, "fedavg", 1)  # validate() and the run: no dataset
     from fedrac.config import ConfigError
 

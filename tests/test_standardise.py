@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from clients.handlers import client_data
 from fedrac.config import ConfigError, conf_dir, validate
-from fedrac.data import build_task, load_dataset_from_path, to_tensors
+from fedrac.data import build_splits, load_dataset_from_path, to_tensors
 from fedrac.data.sources import DataConfigError
 
 AUTO = {"name": "files", "test_fraction": 0.25, "split_seed": 0, "mean": "auto",
@@ -45,7 +45,7 @@ def _x(ds) -> np.ndarray:
 
 def test_auto_standardises_tables_with_the_training_splits_statistics(tmp_path):
     path, raw = _scaled_table(tmp_path)
-    task = build_task({**AUTO, "path": path})
+    task = build_splits({**AUTO, "path": path})
     train, test = _x(task.target_train), _x(task.target_test)
     np.testing.assert_allclose(train.mean(0), 0.0, atol=1e-5)
     np.testing.assert_allclose(train.std(0), 1.0, atol=1e-5)
@@ -61,9 +61,9 @@ def test_auto_standardises_tables_with_the_training_splits_statistics(tmp_path):
 
 
 def test_images_keep_their_behaviour_under_auto():
-    plain_task = build_task({"name": "digits", "source_classes": [0, 1, 2, 3, 4],
+    plain_task = build_splits({"name": "digits", "source_classes": [0, 1, 2, 3, 4],
                              "target_classes": [5, 6, 7, 8, 9]})
-    auto_task = build_task({"name": "digits", "source_classes": [0, 1, 2, 3, 4],
+    auto_task = build_splits({"name": "digits", "source_classes": [0, 1, 2, 3, 4],
                             "target_classes": [5, 6, 7, 8, 9], "mean": "auto", "std": "auto"})
     np.testing.assert_array_equal(_x(plain_task.target_train), _x(auto_task.target_train))
     assert auto_task.standardisation.wire() == {} and auto_task.standardisation.mean is None
@@ -71,7 +71,7 @@ def test_images_keep_their_behaviour_under_auto():
 
 def test_a_constant_column_is_left_centred_not_divided_by_zero(tmp_path):
     path = _write(tmp_path / "c.csv", [(5.0, float(i), i % 2) for i in range(20)])
-    task = build_task({**AUTO, "path": path})
+    task = build_splits({**AUTO, "path": path})
     x = _x(task.target_train)
     assert np.all(x[:, 0] == 0.0) and task.standardisation.std[0] == 1.0
 
@@ -85,15 +85,15 @@ def test_nan_and_infinite_values_are_refused_with_rows_and_column(tmp_path):
                                               r"or infinite feature values \(first: row 3 "
                                               r"\(0-based\), column 'b'\); allowed: finite "
                                               r"values, or dataset.nan=drop"):
-        build_task({**AUTO, "path": path})
-    dropped = build_task({**AUTO, "path": path, "nan": "drop"})
+        build_splits({**AUTO, "path": path})
+    dropped = build_splits({**AUTO, "path": path, "nan": "drop"})
     assert len(dropped.target_train) + len(dropped.target_test) == 8
-    zero = build_task({**AUTO, "path": path, "nan": "zero", "test_fraction": 0.2})
+    zero = build_splits({**AUTO, "path": path, "nan": "zero", "test_fraction": 0.2})
     x = np.concatenate([_x(zero.target_train), _x(zero.target_test)])
     assert np.isfinite(x).all() and (x == 0.0).sum() >= 2  # the training mean
     with pytest.raises(DataConfigError, match=r"dataset.nan='fill' is not allowed; allowed: "
                                               r"error, drop, zero"):
-        build_task({**AUTO, "path": path, "nan": "fill"})
+        build_splits({**AUTO, "path": path, "nan": "fill"})
 
 
 def test_nan_refusal_stops_a_run_before_any_work(tmp_path):
@@ -108,7 +108,7 @@ def test_nan_refusal_stops_a_run_before_any_work(tmp_path):
 
 def test_a_node_applies_the_runs_statistics_not_its_own(tmp_path):
     path, _ = _scaled_table(tmp_path)
-    task = build_task({**AUTO, "path": path})
+    task = build_splits({**AUTO, "path": path})
     sent = task.standardisation.wire()
     assert set(sent) == {"data-mean", "data-std"}
     node_path = _write(tmp_path / "node.csv", [(2000.0, 1.0, 0), (1000.0, 0.5, 1)])
@@ -133,7 +133,7 @@ def test_bad_mean_values_are_one_line_errors(tmp_path):
     path, _ = _scaled_table(tmp_path)
     with pytest.raises(DataConfigError, match=r"^dataset.mean='median' is not allowed; allowed: "
                                               r"auto, null"):
-        build_task({**AUTO, "path": path, "mean": "median"})
+        build_splits({**AUTO, "path": path, "mean": "median"})
 
 
 def test_a_table_run_sends_and_saves_its_statistics_and_learns(tmp_path):

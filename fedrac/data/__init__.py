@@ -5,12 +5,9 @@ from fedrac.data import lazy_imports  # noqa: F401 - first: defers flwr_datasets
 from fedrac.data.load import (
     DATASETS,
     DataSplits,
-    Task,
     build_splits,
-    build_task,
     load_dataset_from_path,
     load_splits,
-    load_task,
     partition,
     plain,
     source_stamp,
@@ -20,7 +17,6 @@ from fedrac.data.load import (
 from fedrac.data.partitioners import PARTITIONERS, build_partitioner
 from fedrac.data.sources import DataConfigError
 
-__all__ = ["DATASETS", "PARTITIONERS", "DataConfigError", "DataSplits", "Task",
-           "build_partitioner", "build_splits", "build_task", "load_dataset_from_path",
-           "load_splits", "load_task", "partition", "plain", "source_stamp", "to_dataset",
-           "to_tensors"]
+__all__ = ["DATASETS", "PARTITIONERS", "DataConfigError", "DataSplits", "build_partitioner",
+           "build_splits", "load_dataset_from_path", "load_splits", "partition", "plain",
+           "source_stamp", "to_dataset", "to_tensors"]

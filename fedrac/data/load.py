@@ -406,13 +406,6 @@ def load_splits(dataset_cfg: Mapping[str, Any]) -> DataSplits:
     return _load_splits_cached(_key(dict(dataset_cfg)))
 
 
-# The names before the task group existed (fedrac.tasks); kept while other branches move over.
-Task = DataSplits
-build_task = build_splits
-load_task = load_splits
-_load_task_cached = _load_splits_cached
-
-
 def partition(
     dataset_cfg: Mapping[str, Any], part_cfg: Mapping[str, Any],
     num_partitions: int, partition_id: int, seed: int, split: str = "train",

@@ -150,10 +150,10 @@ def _explain(part_cfg: Mapping[str, Any], ds: Dataset, n: int, seed: int, err: E
 
 @functools.lru_cache(maxsize=2)
 def _partitioner_cached(key: str) -> Partitioner:
-    from fedrac.data import load_task
+    from fedrac.data import load_splits
 
     d = json.loads(key)
-    task = load_task(d["dataset"])
+    task = load_splits(d["dataset"])
     ds = task.target_train.shuffle(seed=int(d["seed"]))
     return _ready(d["partitioner"], ds, int(d["num_partitions"]), int(d["seed"]))
 

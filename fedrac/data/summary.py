@@ -20,9 +20,9 @@ from fedrac.data.partitioners import label_histograms, label_skew
 def partition_summary(cfg: Mapping[str, Any], out_dir: str | Path | None = None,
                       echo: bool = True) -> dict[str, Any]:
     """Summarise the run's partition of the target data; write it to ``out_dir`` when given."""
-    from fedrac.data import load_task
+    from fedrac.data import load_splits
 
-    task = load_task(cfg["dataset"])
+    task = load_splits(cfg["dataset"])
     n = int(cfg["num_clients"])
     hist = label_histograms(cfg["dataset"], cfg["partitioner"], n, int(cfg["seed"]),
                             task.num_classes)
