@@ -151,6 +151,10 @@ def compare(runs: Sequence[Run]) -> tuple[list[dict[str, Any]], list[dict[str, A
     groups: dict[str, list[Run]] = defaultdict(list)
     for r in runs:
         groups[r.group].append(r)
+    if len(groups) > 1:  # overrides every run shares say nothing about the rows: drop them
+        shared = set.intersection(*(set(label.split()) for label in groups))
+        groups = {(" ".join(t for t in label.split() if t not in shared) or label): members
+                  for label, members in groups.items()}
     table, per_round = [], []
     for label, members in sorted(groups.items()):
         members.sort(key=lambda r: r.seed)
