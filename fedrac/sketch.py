@@ -3,7 +3,12 @@
 A sketch is a pure function of ``(round_seed, layer_name, shape, distribution)``.
 It is generated on the CPU with an explicit ``torch.Generator`` (never the global
 RNG, never on CUDA, whose streams differ), so every process draws the same bits.
-All distributions satisfy ``E[H] = (r/k) I`` where ``k`` is the sketch's long side.
+The unit-norm distributions satisfy ``E[H] = (r/k) I`` where ``k`` is the sketch's long
+side; ``normal`` (N(0, 1) entries: the official RAC-LoRA code's sketch, which with
+``strategy.alpha = alpha * rank`` also has its scale ``s = alpha``) gives ``r I`` and
+``kaiming_uniform`` (PEFT's initialisation of ``lora_A``, ``kaiming_uniform_(a=sqrt(5))``:
+entries ``U(-1/sqrt(k), 1/sqrt(k))``, FFA-LoRA's frozen factor) ``r/(3k) I``
+(:func:`expected_projection`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,13 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-DISTRIBUTIONS = ("gaussian", "orthogonal", "rademacher", "coordinate")
+DISTRIBUTIONS = ("gaussian", "orthogonal", "rademacher", "coordinate", "normal",
+                 "kaiming_uniform")
+
+
+def expected_projection(distribution: str, r: int, k: int) -> float:
+    """``c`` in ``E[H] = c I`` (``H = S^T S`` for an ``r x k`` sketch, ``S S^T`` for ``k x r``)."""
+    return {"normal": float(r), "kaiming_uniform": r / (3 * k)}.get(distribution, r / k)
 
 
 class SketchMismatchError(RuntimeError):
@@ -77,6 +88,10 @@ def _make_sketch(
         s = torch.randn(r, k, generator=gen, dtype=torch.float64) / np.sqrt(k)
     elif distribution == "rademacher":
         s = (torch.randint(0, 2, (r, k), generator=gen).to(torch.float64) * 2 - 1) / np.sqrt(k)
+    elif distribution == "normal":
+        s = torch.randn(r, k, generator=gen, dtype=torch.float64)
+    elif distribution == "kaiming_uniform":
+        s = (torch.rand(r, k, generator=gen, dtype=torch.float64) * 2 - 1) / np.sqrt(k)
     elif distribution == "coordinate":
         idx = torch.randperm(k, generator=gen)[:r]
         s = torch.zeros(r, k, dtype=torch.float64)

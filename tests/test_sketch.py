@@ -12,6 +12,7 @@ from fedrac.sketch import (
     _make_sketch,
     check_fingerprint,
     derive_seed,
+    expected_projection,
     fingerprint,
     make_sketch,
     sketch_fingerprint,
@@ -95,8 +96,10 @@ def test_derive_seed_is_injective_where_seed_sequence_is_not():
 @pytest.mark.parametrize("shape", [(3, 20), (20, 3)])
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
 def test_shape_and_expected_projection_scale(dist, shape):
-    """Shape as asked; E[S^T S] (A-shaped) or E[S S^T] (B-shaped) is (r/k) I."""
+    """Shape as asked; E[S^T S] (A-shaped) or E[S S^T] (B-shaped) is c I: r/k for the
+    unit-norm distributions, r for normal, r/(3k) for kaiming_uniform."""
     r, k = min(shape), max(shape)
+    c = expected_projection(dist, r, k)
     acc = torch.zeros(k, k, dtype=torch.float64)
     n = 1000
     for seed in range(n):
@@ -105,12 +108,12 @@ def test_shape_and_expected_projection_scale(dist, shape):
         acc += s.T @ s if shape[0] == r else s @ s.T
     mean = acc / n
     diag = torch.diagonal(mean)
-    # the average diagonal entry is r/k to 3 % (a variance off by 15 % fails; for gaussian
+    # the average diagonal entry is c to 3 % (a variance off by 15 % fails; for gaussian
     # the sampling error is about 0.6 %, for the others it is exact); every entry to 25 %
-    assert float(diag.mean()) == pytest.approx(r / k, rel=0.03)
-    assert torch.allclose(diag, torch.full_like(diag, r / k), rtol=0.25, atol=0)
+    assert float(diag.mean()) == pytest.approx(c, rel=0.03)
+    assert torch.allclose(diag, torch.full_like(diag, c), rtol=0.25, atol=0)
     off = mean - torch.diag(diag)
-    assert float(off.abs().max()) < 0.25 * r / k, off.abs().max()
+    assert float(off.abs().max()) < 0.25 * c, off.abs().max()
 
 
 def test_distribution_specific_structure():
@@ -123,6 +126,10 @@ def test_distribution_specific_structure():
     assert len(set(c.argmax(dim=1).tolist())) == 4
     rad = make_sketch(3, "l", (4, 16), "rademacher")
     assert torch.allclose(rad.abs(), torch.full((4, 16), 0.25))
+    ku = torch.cat([make_sketch(s, "l", (4, 16), "kaiming_uniform") for s in range(200)])
+    assert float(ku.abs().max()) <= 0.25 and float(ku.abs().max()) > 0.249  # U(+-1/sqrt(16))
+    normal = torch.cat([make_sketch(s, "l", (4, 16), "normal") for s in range(200)])
+    assert float(normal.std()) == pytest.approx(1.0, rel=0.03)
 
 
 def test_unknown_distribution_names_key_and_allowed():
