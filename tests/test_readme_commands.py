@@ -112,8 +112,10 @@ def test_readme_gpu_command_composes_to_gpu_shares(monkeypatch):
 
 
 def _make(*args: str, tmp: Path) -> str:
-    proc = subprocess.run(["make", "-n", "-B", *args, f"VENV={tmp / 'venv'}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "-B", *args,  # also under make
+                           f"VENV={tmp / 'venv'}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
