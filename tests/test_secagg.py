@@ -132,7 +132,7 @@ def test_secagg_over_real_flower_processes(tmp_path):
     diff = _max_diff(load_file(str(out / "model.safetensors")),
                      load_file(str(ref / "model.safetensors")))
     # Usually within the quantisation bound (about 5e-6 against 3.4e-4); in 2 of 6 runs from a
-    # fresh clone the real-process run ended 5.9e-3 away (eval loss equal to 1e-5), not yet
+    # fresh clone the real-process run ended 5.9e-3 away (max entry), not yet
     # explained (docs/privacy.md), so this end-to-end check keeps a looser limit: a dropped
     # or double-counted client moves the weights by far more.
     assert diff <= max(20 * summary["secagg"]["error_bound_max"], 1e-2)
