@@ -40,27 +40,20 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from clients.delta_client import downloaded_weights, restore_config, resync_reply
 from clients.handlers import (
-    SHUFFLE_STREAM,
-    apply_update,
-    client_data,
     client_model,
-    node_stream,
     prepare_adapters,
+    prepare_train,
     settings_from,
 )
 from clients.local_training import TrainSettings, _batches, _lr_at, move_to, resolve_device
-from fedrac.delta_sync import ResyncNeeded
 from fedrac.lora import (
     LayerSpec,
     LoRAParametrization,
     delta_weight,
-    find_target_layers,
     remove_adapters,
 )
 from fedrac.records import to_array_record
-from fedrac.sketch import derive_seed
 from fedrac.tasks import task_of
 
 log = logging.getLogger("fedrac.batched")
@@ -150,26 +143,14 @@ def _prepare(cfg: Mapping[str, Any], msg: Message, context: Context,
              device: torch.device) -> _Client | Message | str:
     """``msg`` ready to train (a resync reply, or a reason string when it cannot batch)."""
     content = msg.content
-    try:
-        restore_config(content, context)
-    except ResyncNeeded as err:
-        return resync_reply(msg, err)
-    config = content["config"]
-    server_round = int(config["server-round"])
-    model = client_model(cfg)
-    remove_adapters(model)
-    layers = find_target_layers(model, cfg["model"]["target_modules"])
-    try:
-        weights = downloaded_weights(content, context, layers)
-    except ResyncNeeded as err:
-        return resync_reply(msg, err)
-    start = apply_update(weights, content, layers)
-    model.load_state_dict(start, strict=True)
-    move_to(model, device)
-    x, y = client_data(cfg, context, config=config)
+    ready = prepare_train(cfg, msg, context, device)
+    if isinstance(ready, Message):
+        return ready
+    config, server_round, model = ready.config, ready.server_round, ready.model
+    layers = ready.layers
+    start, x, y, seed = ready.start, ready.x, ready.y, ready.seed
     if not isinstance(x, torch.Tensor):
         return "the data are not dense tensors (text)"
-    seed = derive_seed(int(cfg["seed"]), server_round, SHUFFLE_STREAM, node_stream(context))
     mode = str(config["mode"])
     state = {k: v.detach() for k, v in model.state_dict().items()}
     # the weights as loaded, shared between clients when the message's tensors are

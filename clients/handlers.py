@@ -30,6 +30,7 @@ import functools
 import json
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -259,8 +260,24 @@ def apply_update(state: dict[str, torch.Tensor], content: RecordDict,
     return state
 
 
-def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Message:
-    """Train locally as the message's ``config`` says and reply with what the server needs."""
+@dataclass
+class TrainStart:
+    """A train message made ready: the model at the round's starting weights, on its device."""
+
+    config: Any
+    server_round: int
+    model: nn.Module
+    layers: dict[str, Any]
+    start: dict[str, torch.Tensor]
+    x: Any
+    y: Any
+    seed: int
+
+
+def prepare_train(cfg: Mapping[str, Any], msg: Message, context: Context,
+                  device: torch.device) -> TrainStart | Message:
+    """The round's starting point for ``msg`` (or the resync reply when the node's cache is
+    behind): shared by :func:`handle_train` and the batched clients."""
     content = msg.content
     try:
         restore_config(content, context)
@@ -268,7 +285,6 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
         return resync_reply(msg, err)
     config = content["config"]
     server_round = int(config["server-round"])
-    device = resolve_device(str(cfg.get("device", "cpu")))
     model = client_model(cfg)
     remove_adapters(model)  # in case an earlier round failed half-way
     layers = find_target_layers(model, cfg["model"]["target_modules"])
@@ -281,6 +297,19 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
     move_to(model, device)
     x, y = client_data(cfg, context, config=config)
     seed = derive_seed(int(cfg["seed"]), server_round, SHUFFLE_STREAM, node_stream(context))
+    return TrainStart(config, server_round, model, layers, start, x, y, seed)
+
+
+def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Message:
+    """Train locally as the message's ``config`` says and reply with what the server needs."""
+    content = msg.content
+    device = resolve_device(str(cfg.get("device", "cpu")))
+    ready = prepare_train(cfg, msg, context, device)
+    if isinstance(ready, Message):
+        return ready
+    config, server_round, model = ready.config, ready.server_round, ready.model
+    layers = ready.layers
+    start, x, y, seed = ready.start, ready.x, ready.y, ready.seed
     mode, task = str(config["mode"]), task_of(cfg)
     records: dict[str, Any] = {}
     if mode == "full":
