@@ -5,11 +5,19 @@ each, trained one after another vs all at once with ``vmap(grad(...))``. Prints 
 medians and the largest difference between their results. Not wired into fedrac: the
 ClientApp contract is one node per call, and real rounds mix partition sizes, step counts,
 AdamW state and LoRA parametrizations.
+
+``python -m bench.batched --ceiling`` measures the most any batching of clients can give on
+pfl-research's CIFAR-10 protocol: one SGD step of the small CNN on one client's batch of 10
+against one step on the whole cohort's 500 samples stacked into a single batch of one
+model (the densest arithmetic a round's work can take; a batched pass over 50 weight
+copies does the same products in smaller pieces). The ratio of their per-sample times bounds
+the speed-up of ``engine.batched=true`` over the sequential path on this CPU.
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import torch
@@ -66,5 +74,36 @@ def main() -> None:
           f"({times['one_by_one'] / times['all_at_once']:.1f}x), max difference {diff:.1e}")
 
 
+def ceiling(cohort: int = 50, batch: int = 10, repeats: int = 20) -> dict[str, float]:
+    """Per-sample step time of the pfl CNN at ``batch`` and at ``cohort * batch`` (1 thread)."""
+    torch.set_num_threads(1)
+    out = {}
+    for size in (batch, cohort * batch):
+        model = build_model({"name": "cnn"}, (3, 32, 32), 10)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(size, 3, 32, 32, generator=gen)
+        y = torch.randint(0, 10, (size,), generator=gen)
+        runs = []
+        for i in range(repeats + 2):
+            start = time.perf_counter()
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            if i >= 2:  # first two steps warm the allocator and oneDNN's kernels
+                runs.append(time.perf_counter() - start)
+        out[f"ms_per_sample_batch_{size}"] = statistics.median(runs) / size * 1e3
+    out["best_speedup"] = (out[f"ms_per_sample_batch_{batch}"]
+                           / out[f"ms_per_sample_batch_{cohort * batch}"])
+    return out
+
+
 if __name__ == "__main__":
-    main()
+    if "--ceiling" in sys.argv[1:]:
+        r = ceiling()
+        small, big = (v for k, v in r.items() if k.startswith("ms_"))
+        print(f"pfl CNN, one SGD step: {small:.3f} ms/sample at batch 10, {big:.3f} ms/sample "
+              f"at batch 500 (one model, the cohort stacked): batching 50 clients can be at "
+              f"most {r['best_speedup']:.2f}x faster than training them one by one")
+    else:
+        main()

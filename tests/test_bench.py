@@ -62,3 +62,13 @@ def test_quick_results_go_to_a_temporary_folder_unless_out_is_given(tmp_path):
     quick.rmdir()
     assert results_dir(str(tmp_path / "x"), quick=True) == tmp_path / "x"
     assert results_dir(None, quick=False) == ROOT / "bench" / "results"
+
+
+def test_batching_ceiling_measures_both_batch_sizes() -> None:
+    """``python -m bench.batched --ceiling`` times one step at both sizes and divides them."""
+    from bench.batched import ceiling
+
+    r = ceiling(cohort=3, batch=2, repeats=1)
+    small, big = r["ms_per_sample_batch_2"], r["ms_per_sample_batch_6"]
+    assert small > 0 and big > 0
+    assert r["best_speedup"] == small / big
