@@ -2,9 +2,8 @@
 
 Ten clients of the embedded default's MLP (64-64, 5 classes), 4 SGD steps of batch 16
 each, trained one after another vs all at once with ``vmap(grad(...))``. Prints both
-medians and the largest difference between their results. Not wired into fedrac: the
-ClientApp contract is one node per call, and real rounds mix partition sizes, step counts,
-AdamW state and LoRA parametrizations.
+medians and the largest difference between their results (the bare arithmetic; fedrac's
+own batched path is ``engine.batched=true``, measured in ``python -m bench``).
 
 ``python -m bench.batched --ceiling`` measures the most any batching of clients can give on
 pfl-research's CIFAR-10 protocol: one SGD step of the small CNN on one client's batch of 10
@@ -74,36 +73,42 @@ def main() -> None:
           f"({times['one_by_one'] / times['all_at_once']:.1f}x), max difference {diff:.1e}")
 
 
-def ceiling(cohort: int = 50, batch: int = 10, repeats: int = 20) -> dict[str, float]:
-    """Per-sample step time of the pfl CNN at ``batch`` and at ``cohort * batch`` (1 thread)."""
+def step_seconds(size: int, repeats: int = 20) -> float:
+    """Median time of one SGD step of the pfl CNN on a batch of ``size`` (1 thread)."""
     torch.set_num_threads(1)
-    out = {}
-    for size in (batch, cohort * batch):
-        model = build_model({"name": "cnn"}, (3, 32, 32), 10)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(size, 3, 32, 32, generator=gen)
-        y = torch.randint(0, 10, (size,), generator=gen)
-        runs = []
-        for i in range(repeats + 2):
-            start = time.perf_counter()
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-            if i >= 2:  # first two steps warm the allocator and oneDNN's kernels
-                runs.append(time.perf_counter() - start)
-        out[f"ms_per_sample_batch_{size}"] = statistics.median(runs) / size * 1e3
-    out["best_speedup"] = (out[f"ms_per_sample_batch_{batch}"]
-                           / out[f"ms_per_sample_batch_{cohort * batch}"])
-    return out
+    model = build_model({"name": "cnn"}, (3, 32, 32), 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(size, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (size,), generator=gen)
+    runs = []
+    for i in range(repeats + 2):
+        start = time.perf_counter()
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if i >= 2:  # the first two steps warm the allocator and oneDNN's kernels
+            runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def speedup_bound(client_step: float, batch: int, cohort_step: float, cohort: int) -> float:
+    """Most a batched pass can gain: per-sample time at ``batch`` over that at ``cohort*batch``."""
+    return (client_step / batch) / (cohort_step / (cohort * batch))
+
+
+def ceiling(cohort: int = 50, batch: int = 10, repeats: int = 20) -> None:
+    """Print the per-sample step times and the bound they give."""
+    client, stacked = step_seconds(batch, repeats), step_seconds(cohort * batch, repeats)
+    print(f"pfl CNN, one SGD step: {client / batch * 1e3:.3f} ms/sample at batch {batch}, "
+          f"{stacked / (cohort * batch) * 1e3:.3f} ms/sample at batch {cohort * batch} (one "
+          f"model, the cohort stacked): batching {cohort} clients can be at most "
+          f"{speedup_bound(client, batch, stacked, cohort):.2f}x faster than training them "
+          "one by one")
 
 
 if __name__ == "__main__":
     if "--ceiling" in sys.argv[1:]:
-        r = ceiling()
-        small, big = (v for k, v in r.items() if k.startswith("ms_"))
-        print(f"pfl CNN, one SGD step: {small:.3f} ms/sample at batch 10, {big:.3f} ms/sample "
-              f"at batch 500 (one model, the cohort stacked): batching 50 clients can be at "
-              f"most {r['best_speedup']:.2f}x faster than training them one by one")
+        ceiling()
     else:
         main()
