@@ -23,8 +23,8 @@ from flwr.serverapp.strategy import FedAvg
 from bench.common import Workload, settings_of
 from clients.handlers import SHUFFLE_STREAM
 from clients.local_training import evaluate, train_locally
+from fedrac.adapters import find_target_layers, resolve_trained
 from fedrac.engines.inline import run_inline
-from fedrac.lora import find_target_layers, resolve_trained
 from fedrac.records import to_array_record
 from fedrac.run import quiet_flower
 from fedrac.sketch import derive_seed

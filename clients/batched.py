@@ -47,12 +47,8 @@ from clients.handlers import (
     settings_from,
 )
 from clients.local_training import TrainSettings, _batches, _lr_at, move_to, resolve_device
-from fedrac.lora import (
-    LayerSpec,
-    LoRAParametrization,
-    delta_weight,
-    remove_adapters,
-)
+from fedrac.adapters import LayerSpec, attach_adapters, attached, remove_adapters
+from fedrac.adapters.layer import ADAPTER_ATTR
 from fedrac.records import to_array_record
 from fedrac.tasks import task_of
 
@@ -130,12 +126,10 @@ class _Client:
 def _factor_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
     """``{"<layer>.lora_A": (tensor, trained?)}`` of the attached adapters (copies)."""
     out = {}
-    for name, module in model.named_modules():
-        for p in getattr(getattr(module, "parametrizations", None), "weight", []):
-            if isinstance(p, LoRAParametrization):
-                for side in ("lora_A", "lora_B"):
-                    t = getattr(p, side)
-                    out[f"{name}.{side}"] = (t.detach().clone(), isinstance(t, nn.Parameter))
+    for name, _, adapter in attached(model):
+        for side in ("lora_A", "lora_B"):
+            t = getattr(adapter, side)
+            out[f"{name}.{side}"] = (t.detach().clone(), isinstance(t, nn.Parameter))
     return out
 
 
@@ -245,21 +239,32 @@ def _index_plan(clients: Sequence[_Client], device: torch.device
     return rows.to(device), sizes
 
 
-def _effective(trained: Mapping[str, torch.Tensor], frozen: Mapping[str, torch.Tensor],
-               mode: str, layers: Mapping[str, LayerSpec], scale: float
+def _module_key(key: str) -> str:
+    """A factor's wire key ``<layer>.lora_A`` as the adapted model's tensor name."""
+    if ".lora_" not in key:
+        return key
+    layer, side = key.rsplit(".", 1)
+    return f"{layer}.{ADAPTER_ATTR}.{side}"
+
+
+def _effective(trained: Mapping[str, torch.Tensor], frozen: Mapping[str, torch.Tensor]
                ) -> dict[str, torch.Tensor]:
-    """One client's parameters for ``functional_call``: LoRA's ``W + s * B @ A`` as
-    :class:`fedrac.lora.LoRAParametrization` computes it, or the full weights."""
-    if mode == "full":
-        return {**frozen, **trained}
-    params = {k: v for k, v in frozen.items() if ".lora_" not in k}
-    for name, spec in layers.items():
-        a = trained.get(f"{name}.lora_A", frozen.get(f"{name}.lora_A"))
-        b = trained.get(f"{name}.lora_B", frozen.get(f"{name}.lora_B"))
-        w = params[spec.weight_key]
-        d = delta_weight(a, b, scale, w.shape, spec.transposed)
-        params[spec.weight_key] = w + (d if d.dtype == w.dtype else d.to(w.dtype))
-    return params
+    """One client's tensors for ``functional_call`` on the model (with its adapters attached:
+    the factors run on the forward path, as in :mod:`fedrac.adapters.layer`)."""
+    return {_module_key(k): v for k, v in {**frozen, **trained}.items()}
+
+
+def _attach_like(model: nn.Module, client: _Client) -> None:
+    """Attach adapters shaped like ``client``'s factors (their values come per call)."""
+    factors, trained = {}, {}
+    for name in client.layers:
+        a = client.trained.get(f"{name}.lora_A", client.frozen.get(f"{name}.lora_A"))
+        b = client.trained.get(f"{name}.lora_B", client.frozen.get(f"{name}.lora_B"))
+        factors[name] = (a, b)
+        sides = [s for s in ("A", "B") if f"{name}.lora_{s}" in client.trained]
+        trained[name] = "both" if len(sides) == 2 else sides[0]
+    rank = int(next(iter(factors.values()))[0].shape[0])
+    attach_adapters(model, client.layers, factors, rank, client.scale * rank, trained)
 
 
 def _train_group(cfg: Mapping[str, Any], clients: Sequence[_Client], device: torch.device
@@ -288,9 +293,22 @@ def fit(model: nn.Module, clients: Sequence[_Client], device: torch.device
     """Train ``clients`` (same settings) together on ``model`` (its own weights unused): each
     client's trained tensors (CPU) and ``(mean train loss, steps)``."""
     first = clients[0]
-    settings, mode, layers, scale = first.settings, first.mode, first.layers, first.scale
+    mode = first.mode
     remove_adapters(model)
     move_to(model, device)
+    if mode == "adapters":
+        _attach_like(model, first)
+    try:
+        return _fit(model, clients, device)
+    finally:
+        remove_adapters(model)
+
+
+def _fit(model: nn.Module, clients: Sequence[_Client], device: torch.device
+         ) -> tuple[list[dict[str, torch.Tensor]], list[tuple[float, int]]]:
+    """:func:`fit` on the model as prepared (adapters attached for LoRA methods)."""
+    first = clients[0]
+    settings = first.settings
     model.train()
     n_clients = len(clients)
     shared, stacked = _split_frozen(clients, device)
@@ -302,8 +320,7 @@ def fit(model: nn.Module, clients: Sequence[_Client], device: torch.device
     width = rows.shape[2]
 
     def loss(p, frozen_stacked, x, y):
-        out = functional_call(model, _effective(p, {**shared, **frozen_stacked}, mode, layers,
-                                                scale), (x,))
+        out = functional_call(model, _effective(p, {**shared, **frozen_stacked}), (x,))
         return nn.functional.cross_entropy(out, y)
 
     batched_step = vmap(grad_and_value(loss))

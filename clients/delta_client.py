@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
+from fedrac.adapters import LayerSpec
 from fedrac.delta_sync import (
     STATE_CONFIG,
     STATE_SYNC,
@@ -23,7 +24,6 @@ from fedrac.delta_sync import (
     apply_deltas,
     sync_checksum,
 )
-from fedrac.lora import LayerSpec
 from fedrac.records import to_array_record, to_shared_state_dict, to_state_dict
 from strategies.delta_sync import RESYNC_KEY
 

@@ -45,9 +45,7 @@ from clients.local_training import (
     resolve_device,
     train_locally,
 )
-from fedrac.data import load_dataset_from_path, load_splits, partition, to_tensors
-from fedrac.delta_sync import ResyncNeeded
-from fedrac.lora import (
+from fedrac.adapters import (
     LayerSpec,
     adapter_factors,
     attach_adapters,
@@ -55,6 +53,8 @@ from fedrac.lora import (
     remove_adapters,
     resolve_trained,
 )
+from fedrac.data import load_dataset_from_path, load_splits, partition, to_tensors
+from fedrac.delta_sync import ResyncNeeded
 from fedrac.models import build_model
 from fedrac.privacy import LOCAL_STREAM, settings_from_config
 from fedrac.records import to_array_record, to_shared_state_dict, to_state_dict

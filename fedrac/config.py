@@ -459,9 +459,9 @@ def check_guards(d: Mapping[str, Any], strategy_cls: type) -> None:
 
 def check_objects(d: Mapping[str, Any], strategy_cls: type) -> None:
     """Build the task, model and partitions once: what only they can tell (shapes, ranks)."""
+    from fedrac.adapters import AdapterConfigError, check_rank, find_target_layers
     from fedrac.data import load_splits
     from fedrac.data.partitioners import check_partitions
-    from fedrac.lora import AdapterConfigError, check_rank, find_target_layers
     from fedrac.models import build_model, check_model
 
     s = d["strategy"]

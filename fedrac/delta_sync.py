@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from fedrac.lora import LayerSpec
+from fedrac.adapters import LayerSpec
 from fedrac.models.weights import state_digest
 from fedrac.sketch import make_sketch
 

@@ -19,12 +19,10 @@ class ProjectedStep:
     with exactly one trained factor (the Gram inverse is computed once: the sketch is frozen)."""
 
     def __init__(self, model: nn.Module) -> None:
-        from fedrac.lora import LoRAParametrization
+        from fedrac.adapters import attached
 
         self.items: list[tuple[nn.Parameter, torch.Tensor, str]] = []
-        for module in model.modules():
-            if not isinstance(module, LoRAParametrization):
-                continue
+        for _, _, module in attached(model):
             a, b = module.lora_A, module.lora_B
             if isinstance(a, nn.Parameter) and not isinstance(b, nn.Parameter):
                 b64 = b.detach().to(torch.float64)

@@ -93,14 +93,13 @@ def rescale_scalar(a: nn.Parameter, b: nn.Parameter,
 
 def trained_pairs(model: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
     """``(A, B)`` of every attached LoRA adapter whose two factors are both trained."""
-    from fedrac.lora import LoRAParametrization
+    from fedrac.adapters import attached
 
     pairs = []
-    for module in model.modules():
-        if isinstance(module, LoRAParametrization):
-            a, b = module.lora_A, module.lora_B
-            if isinstance(a, nn.Parameter) and isinstance(b, nn.Parameter):
-                pairs.append((a, b))
+    for _, _, module in attached(model):
+        a, b = module.lora_A, module.lora_B
+        if isinstance(a, nn.Parameter) and isinstance(b, nn.Parameter):
+            pairs.append((a, b))
     return pairs
 
 

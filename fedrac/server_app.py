@@ -14,11 +14,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.handlers import client_model, module_keys
 from clients.local_training import move_to, resolve_device
+from fedrac.adapters import find_target_layers
 from fedrac.checkpoint import Checkpointer, RunInterrupted, set_rng_state
 from fedrac.data import load_splits, to_tensors
 from fedrac.data.standardise import write_data_json
 from fedrac.experiments.spectrum import global_factors, monitor_from_config
-from fedrac.lora import find_target_layers
 from fedrac.models.pretrain import pretrained_state
 from fedrac.records import (
     array_to_tensor,

@@ -26,8 +26,8 @@ from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
+from fedrac.adapters import FACTOR_DTYPE, LayerSpec, adapter_dtype, check_rank
 from fedrac.ledger import ByteLedger, record_dict_nbytes
-from fedrac.lora import FACTOR_DTYPE, LayerSpec, adapter_dtype, check_rank
 from fedrac.privacy import Accountant, CentralDP, PrivacySettings
 from fedrac.records import array_to_tensor
 from fedrac.sketch import DISTRIBUTIONS, derive_seed

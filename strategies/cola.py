@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedrac.lora import LayerSpec
+from fedrac.adapters import LayerSpec
 from strategies.base import ValidReply
 from strategies.two_factor import TwoFactorLoRA, lora_product
 

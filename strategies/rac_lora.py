@@ -10,8 +10,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedrac.adapters import LayerSpec, resolve_trained
 from fedrac.delta_sync import merge_factors
-from fedrac.lora import LayerSpec, resolve_trained
 from fedrac.records import array_to_tensor, to_array_record, to_shared_state_dict
 from fedrac.sketch import derive_seed, fingerprint, make_sketch
 from strategies.base import FedracStrategy, require_choice

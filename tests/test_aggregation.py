@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from fedrac.lora import LayerSpec
+from fedrac.adapters import LayerSpec
 from fedrac.sketch import derive_seed, fingerprint, make_sketch
 from strategies.fedavg import FedAvgFPFT
 from strategies.rac_lora import RacLoRA

@@ -15,8 +15,8 @@ from flwr.app import Array, ArrayRecord
 from omegaconf import OmegaConf
 
 from clients.handlers import global_state, prepare_adapters
+from fedrac.adapters import LayerSpec, adapter_factors, find_target_layers, remove_adapters
 from fedrac.config import ConfigError, conf_dir, validate
-from fedrac.lora import LayerSpec, adapter_factors, find_target_layers, remove_adapters
 from fedrac.sketch import derive_seed
 from strategies import STRATEGIES
 from tests.helpers import reply, run_strategy

@@ -7,7 +7,7 @@ from flwr.app import ArrayRecord
 
 import clients.handlers as handlers
 from clients.client_app import make_client_app
-from fedrac.lora import find_target_layers
+from fedrac.adapters import effective_weights, find_target_layers
 from strategies import build_strategy
 from tests.helpers import run_config, run_strategy
 
@@ -35,10 +35,9 @@ def test_real_clients_merge_into_the_weighted_average_of_their_local_models(
 
     def recording(model_, x, y, settings, seed, device, task=None):
         result = real(model_, x, y, settings, seed, device, task)
-        modules = dict(model_.named_modules())
-        local.append((result.num_examples, {spec.weight_key: modules[n].weight.detach()
-                                            .to(torch.float64).clone()
-                                            for n, spec in layers.items()}))
+        adapted = effective_weights(model_)  # the weights the adapted layers compute with
+        local.append((result.num_examples, {spec.weight_key: adapted[spec.weight_key]
+                                            .to(torch.float64) for spec in layers.values()}))
         return result
 
     monkeypatch.setattr(handlers, "train_locally", recording)

@@ -9,8 +9,14 @@ import torch
 from flwr.app import ArrayRecord
 
 from clients.handlers import global_state, own_rank, prepare_adapters
+from fedrac.adapters import (
+    LayerSpec,
+    adapter_factors,
+    effective_weights,
+    find_target_layers,
+    remove_adapters,
+)
 from fedrac.config import ConfigError
-from fedrac.lora import LayerSpec, adapter_factors, find_target_layers, remove_adapters
 from fedrac.sketch import make_sketch
 from strategies import STRATEGIES
 from tests.helpers import reply, run_config, run_strategy
@@ -53,9 +59,8 @@ class Clients:
             for p in model.parameters():
                 if p.requires_grad:
                     p.copy_(torch.randn(p.shape, generator=gen))
-        # the client's local model, read from its own parametrised weights
-        self.local[(rnd, pid)] = {f"{n}.weight": getattr(model, n).weight.detach().double()
-                                  for n in LAYERS}
+        # the client's local model: the weights its adapted layers compute with
+        self.local[(rnd, pid)] = {k: v.double() for k, v in effective_weights(model).items()}
         out = adapter_factors(model, trained_only=True)
         remove_adapters(model)
         self.shapes[(rnd, pid)] = {k: tuple(v.shape) for k, v in out.items()}

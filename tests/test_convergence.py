@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from clients.handlers import prepare_adapters
-from fedrac.lora import adapter_factors, find_target_layers, remove_adapters
+from fedrac.adapters import adapter_factors, find_target_layers, remove_adapters
 from strategies.rac_lora import RacLoRA
 from tests.helpers import reply, run_strategy
 

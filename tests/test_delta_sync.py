@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from hydra import compose, initialize_config_dir
 
 from clients.client_app import make_client_app
+from fedrac.adapters import find_target_layers
 from fedrac.config import ConfigError, conf_dir, validate
 from fedrac.data import load_splits
 from fedrac.delta_sync import (
@@ -24,7 +25,6 @@ from fedrac.delta_sync import (
     weights_checksum,
 )
 from fedrac.engines.inline import run_inline
-from fedrac.lora import find_target_layers
 from fedrac.models import build_model
 from fedrac.models.pretrain import pretrained_state
 from strategies import build_strategy

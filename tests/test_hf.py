@@ -8,7 +8,13 @@ import sys
 import pytest
 import torch
 
-from fedrac.lora import attach_adapters, find_target_layers, merge_adapters, remove_adapters
+from fedrac.adapters import (
+    attach_adapters,
+    effective_weights,
+    find_target_layers,
+    merge_adapters,
+    remove_adapters,
+)
 from tests import hf_models as H
 
 pytest.importorskip("transformers")
@@ -86,7 +92,8 @@ def test_gpt2_conv1d_lora_is_exact_and_matches_peft(ckpt):
     model = peft_model.unload()
     attach_adapters(model, layers, factors, rank, alpha, {n: "B" for n in layers})
     merge_adapters(model)
-    assert torch.allclose(model(input_ids=ids).logits, adapted, atol=1e-5)
+    # merged: x (W + ΔW) against x W + (x Aᵀ) Bᵀ s, the same sum in another order
+    assert torch.allclose(model(input_ids=ids).logits, adapted, atol=1e-4)
 
 
 def test_server_merge_of_a_conv1d_layer_is_the_clients_adapted_weight(ckpt):
@@ -102,8 +109,9 @@ def test_server_merge_of_a_conv1d_layer_is_the_clients_adapted_weight(ckpt):
     merged = merge_factors(state, layers, factors, {}, 0.5)
     attach_adapters(model, layers, {n: (factors[f"{n}.lora_A"], factors[f"{n}.lora_B"])
                                     for n in layers}, 2, 1.0, {n: "A" for n in layers})
-    for n, spec in layers.items():
-        assert torch.allclose(model.get_submodule(n).weight, merged[spec.weight_key], atol=1e-6)
+    adapted = effective_weights(model)
+    for spec in layers.values():
+        assert torch.allclose(adapted[spec.weight_key], merged[spec.weight_key], atol=1e-6)
 
 
 def test_text_is_tokenised_once_cached_and_padded_per_batch(ckpt, tmp_path):
@@ -271,8 +279,8 @@ def test_bfloat16_base_with_gradient_checkpointing_trains_float32_adapters(ckpt)
     optimizer state float32; activation checkpointing does not change the gradients."""
     from clients.handlers import module_keys
     from clients.local_training import TrainSettings, train_locally
+    from fedrac.adapters import adapter_factors
     from fedrac.data import load_splits, to_tensors
-    from fedrac.lora import adapter_factors
     from fedrac.models.hf import build_hf_model
     from fedrac.tasks import get_task
 

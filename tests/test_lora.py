@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedrac.lora import (
+from fedrac.adapters import (
     AdapterConfigError,
     LayerSpec,
     adapter_factors,
@@ -80,11 +80,14 @@ def test_forward_equals_merged_weights_and_only_trained_factors_learn(trained):
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     want = {"A": {"lora_A"}, "B": {"lora_B"}, "both": {"lora_A", "lora_B"}}[trained]
     assert trainable and {n.rsplit(".", 1)[1] for n in trainable} == want
+    w_conv = net.conv.weight.detach().clone()
     y_adapted = net(x)
-    expected_conv = net.conv.parametrizations.weight.original + 1.5 * (
-        factors["conv"][1] @ factors["conv"][0]).reshape(4, 3, 3, 3)
-    assert torch.allclose(net.conv.weight, expected_conv, atol=1e-6)
+    assert torch.equal(net.conv.weight, w_conv)  # the forward path never rebuilds W
+    y_adapted.sum().backward()
+    assert net.conv.weight.grad is None  # and never forms its gradient
     merge_adapters(net)
+    expected_conv = w_conv + 1.5 * (factors["conv"][1] @ factors["conv"][0]).reshape(4, 3, 3, 3)
+    assert torch.allclose(net.conv.weight, expected_conv, atol=1e-6)
     assert not adapter_factors(net)
     assert torch.allclose(net(x), y_adapted, atol=1e-5)
     assert isinstance(net.conv.weight, nn.Parameter)

@@ -8,8 +8,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from fedrac.adapters import find_target_layers
 from fedrac.config import ConfigError, conf_dir, validate
-from fedrac.lora import find_target_layers
 from fedrac.models import ModelConfigError, build_model, check_model_input, load_weights
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from fedrac.lora import LayerSpec
+from fedrac.adapters import LayerSpec
 from fedrac.records import to_state_dict
 from fedrac.sketch import make_sketch
 from strategies import STRATEGIES

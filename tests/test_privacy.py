@@ -8,8 +8,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
+from fedrac.adapters import LayerSpec
 from fedrac.config import ConfigError
-from fedrac.lora import LayerSpec
 from fedrac.privacy import (
     NOISE_STREAM,
     CentralDP,

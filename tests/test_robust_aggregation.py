@@ -14,8 +14,8 @@ import torch
 from flwr.app import ArrayRecord
 from hydra import compose, initialize_config_dir
 
+from fedrac.adapters import LayerSpec
 from fedrac.config import ConfigError, conf_dir, validate
-from fedrac.lora import LayerSpec
 from fedrac.sketch import derive_seed, make_sketch
 from strategies import STRATEGIES, build_aggregator
 from strategies.aggregation import RULES, Aggregator, normalised, parse_bound

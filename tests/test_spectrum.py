@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedrac.adapters import LayerSpec
 from fedrac.config import ConfigError
 from fedrac.experiments.spectrum import SpectrumMonitor, balance, layer_stats
-from fedrac.lora import LayerSpec
 from fedrac.run import run_experiment
 from tests.helpers import run_config
 

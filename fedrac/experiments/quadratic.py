@@ -38,12 +38,12 @@ from torch import nn
 
 from clients.handlers import global_state, prepare_adapters, settings_from
 from clients.local_training import TrainSettings, make_optimizer, step_hooks
+from fedrac.adapters import adapter_factors, attached, find_target_layers, remove_adapters
 from fedrac.config import ConfigError
 from fedrac.engines.inline import run_inline
 from fedrac.experiments.certificate import certify, reference_minimum
 from fedrac.experiments.spectrum import global_factors, monitor_from_config
 from fedrac.ledger import ByteLedger
-from fedrac.lora import LoRAParametrization, adapter_factors, find_target_layers, remove_adapters
 from fedrac.sketch import derive_seed
 from strategies import build_strategy
 
@@ -85,9 +85,7 @@ def random_init(model: nn.Module, content: RecordDict, run_seed: int, scale: flo
         return
     gen = torch.Generator().manual_seed(
         derive_seed(run_seed, int(content["config"]["server-round"]), INIT_STREAM))
-    for module in model.modules():
-        if not isinstance(module, LoRAParametrization):
-            continue
+    for _, _, module in attached(model):
         for key in ("lora_A", "lora_B"):
             p = getattr(module, key)
             if isinstance(p, nn.Parameter) and not bool(p.detach().any()):

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from fedrac.lora import LayerSpec
+from fedrac.adapters import LayerSpec
 
 COLUMNS = ("round", "layer", "rank", "nuclear_norm", "frobenius_norm", "top_singular_values",
            "balance")

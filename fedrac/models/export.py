@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedrac.lora import LayerSpec
+from fedrac.adapters import LayerSpec
 from fedrac.models.errors import ModelConfigError
 
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
@@ -94,7 +94,7 @@ def export_transformers(
 ) -> dict[str, Any]:
     """Write ``hf_model/`` (and ``adapter/`` for adapter strategies); what was written."""
     from clients.handlers import module_keys
-    from fedrac.lora import remove_adapters
+    from fedrac.adapters import remove_adapters
     from fedrac.models.hf import load_tokenizer, tokenizer_source
 
     out = Path(out_dir)

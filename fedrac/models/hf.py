@@ -199,7 +199,7 @@ def trainable_modules(model: nn.Module, patterns: Any) -> dict[str, nn.Module]:
     ``auto``: the new head of a sequence classification model (``classifier`` or
     ``score``), nothing otherwise; or a list of module names / dotted suffixes.
     """
-    from fedrac.lora import _matches
+    from fedrac.adapters.model import _matches
 
     if patterns in (None, "none", []):
         return {}
