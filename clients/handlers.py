@@ -53,6 +53,7 @@ from fedrac.adapters import (
     remove_adapters,
     resolve_trained,
 )
+from fedrac.adapters.quantized import load_state
 from fedrac.data import load_dataset_from_path, load_splits, partition, to_tensors
 from fedrac.delta_sync import ResyncNeeded
 from fedrac.models import build_model
@@ -293,7 +294,7 @@ def prepare_train(cfg: Mapping[str, Any], msg: Message, context: Context,
     except ResyncNeeded as err:
         return resync_reply(msg, err)
     start = apply_update(weights, content, layers)
-    model.load_state_dict(start, strict=True)
+    load_state(model, start)
     move_to(model, device)
     x, y = client_data(cfg, context, config=config)
     seed = derive_seed(int(cfg["seed"]), server_round, SHUFFLE_STREAM, node_stream(context))
@@ -373,7 +374,7 @@ def handle_evaluate(cfg: Mapping[str, Any], msg: Message, context: Context) -> M
     """Evaluate the received global weights on this node's partition."""
     device = resolve_device(str(cfg.get("device", "cpu")))
     model = client_model(cfg)
-    model.load_state_dict(to_shared_state_dict(msg.content["arrays"]), strict=True)
+    load_state(model, to_shared_state_dict(msg.content["arrays"]))
     move_to(model, device)
     x, y = client_data(cfg, context, "val", msg.content.config_records.get("config"))
     loss, acc = evaluate(model, x, y, device, task=task_of(cfg))

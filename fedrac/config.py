@@ -460,12 +460,18 @@ def check_guards(d: Mapping[str, Any], strategy_cls: type) -> None:
 def check_objects(d: Mapping[str, Any], strategy_cls: type) -> None:
     """Build the task, model and partitions once: what only they can tell (shapes, ranks)."""
     from fedrac.adapters import AdapterConfigError, check_rank, find_target_layers
+    from fedrac.adapters.quantized import check_quantization, quantization_of
     from fedrac.data import load_splits
     from fedrac.data.partitioners import check_partitions
     from fedrac.models import build_model, check_model
 
     s = d["strategy"]
     try:
+        check_quantization(d["model"], str(d.get("device", "cpu")))
+        if quantization_of(d["model"]) != "none" and s["name"] == "fedavg":
+            raise ConfigError(f"model.quantization={quantization_of(d['model'])} freezes the base "
+                              "weights, which strategy=fedavg trains; allowed with it: an adapter "
+                              "strategy, or model.quantization=none")
         splits = load_splits(d["dataset"])
         model = build_model(d["model"], splits.input_shape, splits.num_classes)
         check_model(model, d["model"], splits.input_shape, splits.num_classes)

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from clients.handlers import client_model, module_keys
 from clients.local_training import move_to, resolve_device
 from fedrac.adapters import find_target_layers
+from fedrac.adapters.quantized import load_state
 from fedrac.checkpoint import Checkpointer, RunInterrupted, set_rng_state
 from fedrac.data import load_splits, to_tensors
 from fedrac.data.standardise import write_data_json
@@ -42,7 +43,7 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     splits = load_splits(cfg["dataset"])
     model = client_model(cfg)
     state = pretrained_state(cfg["model"], cfg["dataset"], cfg["pretrain"], cfg["cache_dir"])
-    model.load_state_dict(state)
+    load_state(model, state)
     layers = find_target_layers(model, cfg["model"]["target_modules"])
     strategy = build_strategy(cfg, layers)
     if getattr(strategy, "layers", None):  # an adapter method: new heads are trained in full
@@ -75,7 +76,7 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
         if server_round % every and server_round != num_rounds:
             recorder.log_round(server_round, math.nan, math.nan)
             return None
-        model.load_state_dict(to_shared_state_dict(arrays))
+        load_state(model, to_shared_state_dict(arrays))
         move_to(model, device)
         metrics = task.evaluate(model, x_test, y_test, device)
         recorder.log_round(server_round, metrics["eval_loss"], metrics["eval_accuracy"],

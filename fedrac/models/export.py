@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fedrac.adapters import LayerSpec
+from fedrac.adapters.quantized import load_state, quantization_of
 from fedrac.models.errors import ModelConfigError
 
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
@@ -87,6 +88,17 @@ def adapter_factors_of(
     return out, (math.sqrt(err2 / norm2) if norm2 > 0 else 0.0), worst
 
 
+def dense_model(cfg: Mapping[str, Any], model: nn.Module) -> nn.Module:
+    """``model`` itself, or for a quantised base (``model.quantization``) the same model
+    built unquantised in its compute dtype (``model.dtype``): what ``hf_model/`` holds."""
+    if quantization_of(cfg["model"]) == "none":
+        return model
+    from fedrac.models.hf import build_hf_model
+
+    num_labels = int(getattr(model.config, "num_labels", 2) or 2)
+    return build_hf_model({**cfg["model"], "quantization": "none"}, num_labels)
+
+
 def export_transformers(
     cfg: Mapping[str, Any], model: nn.Module, layers: Mapping[str, LayerSpec],
     initial: Mapping[str, torch.Tensor], final: Mapping[str, torch.Tensor],
@@ -102,15 +114,18 @@ def export_transformers(
     source = tokenizer_source(model_cfg)
     tok = load_tokenizer(source) if source else None
     remove_adapters(model)
-    model.load_state_dict(final)
-    model.cpu()
+    dense = dense_model(cfg, model)
+    load_state(dense, final)
+    if dense is model:
+        model.cpu()
 
     def write_model(tmp: Path) -> None:
-        model.save_pretrained(str(tmp))
+        dense.save_pretrained(str(tmp))
         if tok is not None:
             tok.save_pretrained(str(tmp))
 
     _atomic_dir(out / "hf_model", write_model)
+    dense = None  # free an unquantised copy before the adapter is written
     result: dict[str, Any] = {"hf_model": "hf_model"}
     if cfg["strategy"]["name"] == "fedavg":
         print("export: hf_model/ (save_pretrained); no adapter/ for full fine-tuning", flush=True)
@@ -125,7 +140,7 @@ def export_transformers(
     def write_adapter(tmp: Path) -> None:
         from peft import LoraConfig, get_peft_model
 
-        model.load_state_dict(initial)  # W0 under the adapter (and the initial head)
+        load_state(model, initial)  # W0 under the adapter (and the initial head)
         peft_cfg = LoraConfig(
             r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=sorted(layers),
             modules_to_save=module_names or None,
@@ -147,7 +162,7 @@ def export_transformers(
         peft_model.unload()  # the PEFT layers out again: the model is fedrac's once more
 
     _atomic_dir(out / "adapter", write_adapter)
-    model.load_state_dict(final)
+    load_state(model, final)
     print(f"export: hf_model/ (save_pretrained) and adapter/ (PEFT LoRA, rank {rank}): "
           f"relative error of dW {rel:.3g} (worst layer {worst:.3g})", flush=True)
     result.update({"adapter": "adapter", "export_rank": rank,

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedrac.adapters.quantized import bnb_config, quantized_layers
 from fedrac.models.errors import ModelConfigError
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ def build_hf_model(model_cfg: Mapping[str, Any], num_labels: int) -> nn.Module:
                                f"{', '.join(DTYPES)}")
     auto = getattr(transformers, AUTO_CLASSES[task])
     kwargs: dict[str, Any] = {"num_labels": int(num_labels)} if task == "classification" else {}
+    quant = bnb_config(model_cfg, DTYPES[dtype_name])
     config = model_cfg.get("config")
     path = model_cfg.get("path")
     with torch.random.fork_rng(devices=[]):
@@ -141,6 +143,8 @@ def build_hf_model(model_cfg: Mapping[str, Any], num_labels: int) -> nn.Module:
             try:
                 hf_config = transformers.AutoConfig.for_model(str(model_type), **config, **kwargs)
                 model = auto.from_config(hf_config)
+                if quant is not None:  # random weights, then quantised as a checkpoint would be
+                    model = _quantized_copy(model, auto, quant, DTYPES[dtype_name])
             except (ValueError, KeyError, TypeError) as err:
                 if "Unrecognized configuration class" in str(err):
                     raise ModelConfigError(
@@ -154,6 +158,9 @@ def build_hf_model(model_cfg: Mapping[str, Any], num_labels: int) -> nn.Module:
             check_checkpoint(path)
             local = _local_dir(path)
             try:
+                if quant is not None:
+                    kwargs.update(quantization_config=quant, dtype=DTYPES[dtype_name],
+                                  device_map=_quant_device())
                 model = auto.from_pretrained(str(local or path), **kwargs)
             except ValueError as err:
                 raise ModelConfigError(f"task={task} cannot be served by model.path={path!r}: "
@@ -175,7 +182,10 @@ def build_hf_model(model_cfg: Mapping[str, Any], num_labels: int) -> nn.Module:
             model.config.pad_token_id = tok.pad_token_id
     if task == "causal_lm" and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
-    model.to(DTYPES[dtype_name])
+    if quant is None:
+        model.to(DTYPES[dtype_name])
+    else:
+        quantized_layers(model)
     for module in trainable_modules(model, model_cfg.get("trainable_modules", "auto")).values():
         module.float()
         if dtype_name != "float32":  # a float32 module fed by the bfloat16/float16 base
@@ -186,6 +196,21 @@ def build_hf_model(model_cfg: Mapping[str, Any], num_labels: int) -> nn.Module:
         enable(**{("activation_checkpointing_kwargs" if enable.__name__.startswith("activation")
                    else "gradient_checkpointing_kwargs"): {"use_reentrant": False}})
     return model
+
+
+def _quant_device() -> str:
+    """Where bitsandbytes quantises the base: the first CUDA device, else the CPU."""
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def _quantized_copy(model: nn.Module, auto: Any, quant: Any, dtype: torch.dtype) -> nn.Module:
+    """``model`` (random weights) saved and loaded again through ``quant``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fedrac-quant-") as tmp:
+        model.save_pretrained(tmp)
+        return auto.from_pretrained(tmp, quantization_config=quant, dtype=dtype,
+                                    device_map=_quant_device())
 
 
 def _inputs_to_float32(module: nn.Module, args: tuple) -> tuple:

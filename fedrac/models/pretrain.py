@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from clients.local_training import TrainSettings, evaluate, resolve_device, train_locally
+from fedrac.adapters.quantized import dense_state
 from fedrac.data import load_splits, source_stamp, to_tensors
 from fedrac.models import ModelConfigError, build_model, file_digest, load_weights
 from fedrac.models.weights import state_digest
@@ -112,7 +113,7 @@ def _checkpoint_state(key: str) -> dict[str, torch.Tensor]:
     splits = load_splits(dataset_cfg)
     model = build_model(model_cfg, splits.input_shape, splits.num_classes)
     return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
-            .contiguous().clone() for k, v in model.state_dict().items()}
+            .contiguous().clone() for k, v in dense_state(model).items()}
 
 
 def pretrained_state(

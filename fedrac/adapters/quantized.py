@@ -1,0 +1,184 @@
+"""4-bit and 8-bit frozen bases (``model.quantization: none | nf4 | int8``), QLoRA style.
+
+The model is loaded through transformers' ``BitsAndBytesConfig`` (bitsandbytes' ``Linear4bit``
+with NF4, or ``Linear8bitLt``); LoRA runs on the forward path on top of the quantised layers
+(:mod:`fedrac.adapters.layer`). The server's global weights stay dense (float32, the merge
+``W += s B̄ A`` stays exact); each time a process loads global weights into its quantised
+model, the quantised layers are quantised again from them (:func:`load_state`), so a client
+trains its adapter on ``Q(W_t)`` -- QLoRA on the current global model -- and the server's
+starting weights are the dequantised base ``deQ(Q(W_0))`` (:func:`dense_state`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+QUANTIZATIONS = ("none", "nf4", "int8")
+
+
+class QuantizationError(ValueError):
+    """A quantisation the model or the installed bitsandbytes cannot serve (names the key)."""
+
+
+def quantization_of(model_cfg: Mapping[str, Any]) -> str:
+    """``model.quantization`` of a model config (``none`` when unset)."""
+    return str(model_cfg.get("quantization") or "none")
+
+
+def check_quantization(model_cfg: Mapping[str, Any], device: str) -> None:
+    """Raise unless ``model.quantization`` can be served: a known value, ``model=hf``, and a
+    bitsandbytes that runs its layer on ``device`` (probed on a tiny layer)."""
+    name = quantization_of(model_cfg)
+    if name not in QUANTIZATIONS:
+        raise QuantizationError(f"model.quantization={name!r} is not allowed; allowed: "
+                                f"{', '.join(QUANTIZATIONS)}")
+    if name == "none":
+        return
+    if model_cfg.get("name") != "hf" or model_cfg.get("_target_"):
+        raise QuantizationError(f"model.quantization={name} needs model=hf (a transformers "
+                                f"model); allowed with model={model_cfg.get('name')}: none")
+    try:
+        _probe(name, device)
+    except Exception as err:  # noqa: BLE001 - missing package, no kernel for the device
+        first = (str(err).splitlines() or [type(err).__name__])[0][:160]
+        raise QuantizationError(f"model.quantization={name} cannot run on device={device} with "
+                                f"the installed bitsandbytes ({first}); allowed here: none"
+                                ) from err
+
+
+def _probe(name: str, device: str) -> None:
+    import bitsandbytes as bnb
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    w = torch.randn(64, 64)
+    if name == "nf4":
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4",
+                                  compute_dtype=torch.float32)
+        layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+    else:
+        layer = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+    layer = layer.to(dev)
+    x = torch.randn(2, 64, device=dev, requires_grad=True)
+    layer(x).sum().backward()
+
+
+def bnb_config(model_cfg: Mapping[str, Any], compute_dtype: torch.dtype) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``model.quantization`` (``None`` for none)."""
+    name = quantization_of(model_cfg)
+    if name == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if name == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_compute_dtype=compute_dtype,
+                                  bnb_4bit_use_double_quant=False)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _kind(module: nn.Module) -> str | None:
+    """``nf4`` / ``int8`` for bitsandbytes' quantised linear layers, else ``None``."""
+    name = type(module).__name__
+    if name == "Linear4bit":
+        return "nf4"
+    if name == "Linear8bitLt":
+        return "int8"
+    return None
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's quantised layers by name (bitsandbytes' in-place repacking of 4-bit weights
+    for CPU inference switched off on them: fedrac reads and rewrites those weights)."""
+    layers = {n: m for n, m in model.named_modules() if _kind(m)}
+    for module in layers.values():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+    return layers
+
+
+@torch.no_grad()
+def dequantize(module: nn.Module) -> torch.Tensor:
+    """A quantised layer's weight as float32 ``d_out x d_in``."""
+    import bitsandbytes.functional as bf
+
+    w = module.weight
+    if _kind(module) == "nf4":
+        return bf.dequantize_4bit(w.data, w.quant_state).float().reshape(
+            module.out_features, module.in_features)
+    scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
+    cb = w.CB if getattr(w, "CB", None) is not None else w.data
+    return cb.float() * scb.float()[:, None] / 127.0
+
+
+@torch.no_grad()
+def _requantize(module: nn.Module, dense: torch.Tensor) -> None:
+    import bitsandbytes.functional as bf
+
+    w = module.weight
+    device = w.device
+    if _kind(module) == "nf4":
+        packed, state = bf.quantize_4bit(
+            dense.to(device=device, dtype=w.quant_state.dtype),
+            blocksize=w.quant_state.blocksize, quant_type=w.quant_type,
+            quant_storage=w.quant_storage)
+        w.data = packed
+        w.quant_state = state
+        return
+    cb, scb, _ = bf.int8_vectorwise_quant(dense.to(device=device, dtype=torch.float16))
+    w.data = cb
+    w.CB, w.SCB = cb, scb
+    if getattr(module, "state", None) is not None:
+        module.state.CB, module.state.SCB = cb, scb
+
+
+def _extra_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the quantised layers (weights, quantisation state, biases)."""
+    prefixes = tuple(f"{n}." for n in quantized_layers(model))
+    return {k for k in model.state_dict() if k.startswith(prefixes)}
+
+
+def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every quantised weight dequantised (float32 ``weight``, no
+    quantisation state): what the server keeps and merges into."""
+    layers = quantized_layers(model)
+    if not layers:
+        return dict(model.state_dict())
+    extra = _extra_keys(model)
+    out = {k: v for k, v in model.state_dict().items() if k not in extra}
+    for name, module in layers.items():
+        out[f"{name}.weight"] = dequantize(module).cpu()
+        if module.bias is not None:
+            out[f"{name}.bias"] = module.bias.detach()
+    return out
+
+
+@torch.no_grad()
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(state, strict=True)``; a quantised model's quantised layers are
+    quantised again from the dense ``<layer>.weight`` in ``state``."""
+    layers = quantized_layers(model)
+    if not layers:
+        model.load_state_dict(state, strict=True)
+        return
+    prefixes = tuple(f"{n}." for n in layers)
+    rest = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+    result = model.load_state_dict(rest, strict=False)
+    missing = set(result.missing_keys) - _extra_keys(model)
+    own = {f"{n}.{p}" for n, m in layers.items() for p in ("weight", "bias")
+           if getattr(m, p, None) is not None}
+    unexpected = [*result.unexpected_keys,
+                  *(k for k in state if k.startswith(prefixes) and k not in own)]
+    missing |= own - set(state)
+    if missing or unexpected:
+        raise KeyError(f"weights do not fit the model: missing {sorted(missing)[:4]}, "
+                       f"unexpected {sorted(unexpected)[:4]}")
+    for name, module in layers.items():
+        _requantize(module, state[f"{name}.weight"])
+        if module.bias is not None:
+            module.bias.copy_(state[f"{name}.bias"])
