@@ -14,7 +14,10 @@ Sections (each time a median over ``--repeats`` runs in this process, same seeds
    fedrac against the plain loop, as in 1;
    then ``engine.batched=true`` against the sequential path on both workloads (and the
    plain loop on the embedded default), printed as ratios;
-6. transformer: peak memory of one transformer for 10 and 100 clients (bench/transformer.py).
+6. transformer: peak memory of one transformer for 10 and 100 clients (bench/transformer.py);
+   foundation: a 113 M LLaMA against the plain PEFT loop (step time, peak RSS, CPU, bytes;
+   fp32, bf16, nf4; 1 vs 100 clients; bench/foundation.py, also ``python -m bench.foundation
+   table``).
 7. peers: the same protocol in pfl-research and BlazeFL, interleaved with fedrac, each run
    in its own process (start-up, s/round, CPU s/round, peak RSS; bench/peers.py).
 Writes ``results.json`` and ``results.md`` into ``--out`` (default ``bench/results``; with
@@ -316,6 +319,10 @@ def to_markdown(res: dict[str, Any]) -> str:
         for r in res["transformer"]:
             lines.append(f"| {r['model']} | {r['clients']} | {r['seconds_per_round']:.2f} | "
                          f"{r['peak_rss_mib']:.0f} |")
+    if res.get("foundation"):
+        from bench.foundation import to_markdown as foundation_markdown
+
+        lines += ["", *foundation_markdown(res["foundation"])]
     return "\n".join(lines) + "\n"
 
 
@@ -370,6 +377,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["batched"] = batched(base, rounds if args.quick else 20, 1 if args.quick else 5,
                                  repeats, args.quick, tmp)
         res["transformer"] = transformer_points(args.quick, tmp)
+        from bench.foundation import foundation_cost
+
+        res["foundation"] = foundation_cost(args.quick, tmp, 1 if args.quick else 2)
         if not args.no_peers:
             from bench.peers import peers
 

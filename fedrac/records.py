@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import io
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -33,8 +34,11 @@ def _parse_header(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
     return read(fp)
 
 
-def array_to_numpy(arr: Array) -> np.ndarray:
-    """``arr.numpy()``, with the ``.npy`` header parsed once per distinct header."""
+def array_to_numpy(arr: Array, copy: bool = True) -> np.ndarray:
+    """``arr.numpy()``, with the ``.npy`` header parsed once per distinct header.
+
+    ``copy=False``: a read-only view of the record's bytes (no copy) where the layout
+    allows (C order), for values that are only read."""
     data = arr.data
     if arr.stype != _NUMPY_STYPE or len(data) < 12 or data[:6] != _MAGIC or \
             data[6] not in (1, 2):
@@ -47,12 +51,22 @@ def array_to_numpy(arr: Array) -> np.ndarray:
     count = int(np.prod(shape, dtype=np.int64))
     flat = np.frombuffer(data, dtype=dtype, count=count, offset=size)
     out = flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
-    return out.copy(order="K")
+    return out if not copy and not fortran else out.copy(order="K")
 
 
 def array_to_tensor(arr: Array) -> torch.Tensor:
     """One ``Array`` as a (writable) torch tensor, as :func:`to_state_dict` decodes it."""
     return torch.from_numpy(array_to_numpy(arr))
+
+
+def _read_only_tensor(arr: Array) -> torch.Tensor:
+    """One ``Array`` as a tensor over the record's own bytes (no copy; never write to it)."""
+    value = array_to_numpy(arr, copy=False)
+    if value.flags.writeable:
+        return torch.from_numpy(value)
+    with warnings.catch_warnings():  # torch warns that the buffer is read-only: it is
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(value)
 
 
 def to_state_dict(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
@@ -67,7 +81,9 @@ def to_shared_state_dict(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
     """:func:`to_state_dict` for tensors that are only read (loaded into a model, or used
     out of place): a record holding the very ``Array`` objects of the previous call is not
     decoded again. The inline engine hands every client of a round the same Arrays, so the
-    round's download is decoded once per process; the tensors are shared between calls.
+    round's download is decoded once per process; the tensors are shared between calls and
+    are views of the records' bytes (no copy of the weights is made; they must not be
+    written to).
     """
     arrays = tuple(record.values())
     if _last_shared:
@@ -75,7 +91,7 @@ def to_shared_state_dict(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
         if len(seen) == len(arrays) and all(a is b for a, b in zip(seen, arrays, strict=True)) \
                 and list(state) == list(record.keys()):
             return OrderedDict(state)
-    state = to_state_dict(record)
+    state = OrderedDict((key, _read_only_tensor(arr)) for key, arr in record.items())
     _last_shared[:] = [(arrays, state)]
     return OrderedDict(state)
 
@@ -102,8 +118,8 @@ def numpy_to_array(value: np.ndarray) -> Array:
     if cached is None:
         return Array(value)
     header, dtype = cached
-    return Array(dtype=dtype, shape=value.shape, stype=_NUMPY_STYPE,
-                 data=header + value.tobytes())
+    data = b"".join((header, memoryview(value).cast("B"))) if value.size else header
+    return Array(dtype=dtype, shape=value.shape, stype=_NUMPY_STYPE, data=data)
 
 
 def to_array_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
