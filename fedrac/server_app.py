@@ -20,12 +20,11 @@ from fedrac.checkpoint import Checkpointer, RunInterrupted, set_rng_state
 from fedrac.data import load_splits, to_tensors
 from fedrac.data.standardise import write_data_json
 from fedrac.experiments.spectrum import global_factors, monitor_from_config
-from fedrac.models.pretrain import pretrained_state
+from fedrac.models.pretrain import pretrained_record
 from fedrac.records import (
     array_to_tensor,
     to_array_record,
     to_shared_state_dict,
-    to_state_dict,
 )
 from fedrac.results import RunRecorder
 from fedrac.tasks import task_of
@@ -42,7 +41,9 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     """
     splits = load_splits(cfg["dataset"])
     model = client_model(cfg)
-    state = pretrained_state(cfg["model"], cfg["dataset"], cfg["pretrain"], cfg["cache_dir"])
+    initial = pretrained_record(cfg["model"], cfg["dataset"], cfg["pretrain"],
+                                cfg["cache_dir"])
+    state = dict(to_shared_state_dict(initial))  # W0: read-only views of the record
     load_state(model, state)
     layers = find_target_layers(model, cfg["model"]["target_modules"])
     strategy = build_strategy(cfg, layers)
@@ -59,7 +60,6 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     device = resolve_device(str(cfg["device"]))
     task = task_of(cfg)
     x_test, y_test = to_tensors(splits.target_test)
-    initial = to_array_record(state)
     latest = {"arrays": initial}
     monitor = monitor_from_config(cfg, layers, state)
     secagg = (cfg.get("secagg") or {}).get("name", "none") == "plus"
@@ -86,7 +86,7 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         result = evaluate_fn(server_round, arrays)
         if ckpt is not None:
-            ckpt.after_round(server_round, lambda: to_state_dict(arrays))
+            ckpt.after_round(server_round, lambda: to_shared_state_dict(arrays))
         return result
 
     first_round, interrupted = 1, None
@@ -110,7 +110,7 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
                            first_round=first_round)
     except RunInterrupted as stop:
         interrupted = stop
-    final = to_state_dict(latest["arrays"])
+    final = dict(to_shared_state_dict(latest["arrays"]))
     monitor.close()
     extra: dict[str, Any] = {"spectrum": monitor.summary(),
                              "model_changed": not same_state(state, final),

@@ -202,7 +202,7 @@ def test_one_base_model_per_process_however_many_clients(ckpt, tmp_path, monkeyp
         cfg = compose(ckpt, tmp_path / f"c{n}", "classification", "strategy=rac_lora",
                       f"num_clients={n}", "num_rounds=1", "partitioner=iid")
         handlers._model.cache_clear()
-        pretrain._checkpoint_state.cache_clear()
+        pretrain._checkpoint_record.cache_clear()
         built.clear()
         run_experiment(cfg)
         counts.append(len(built))

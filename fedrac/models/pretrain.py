@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.app import ArrayRecord
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -34,6 +35,7 @@ from fedrac.adapters.quantized import dense_state
 from fedrac.data import load_splits, source_stamp, to_tensors
 from fedrac.models import ModelConfigError, build_model, file_digest, load_weights
 from fedrac.models.weights import state_digest
+from fedrac.records import to_array_record, to_shared_state_dict
 from fedrac.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -107,13 +109,30 @@ def _cache_path(cache_dir: str | os.PathLike, key: Mapping[str, Any]) -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def _checkpoint_state(key: str) -> dict[str, torch.Tensor]:
-    """A transformers model's starting weights (float32), built once per process."""
+def _checkpoint_record(key: str) -> ArrayRecord:
+    """A transformers model's starting weights (float32) as a record, built once per process
+    (the record is the one copy of them the run keeps: :func:`pretrained_state` reads views
+    of it)."""
     model_cfg, dataset_cfg = json.loads(key)
     splits = load_splits(dataset_cfg)
     model = build_model(model_cfg, splits.input_shape, splits.num_classes)
-    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
-            .contiguous().clone() for k, v in dense_state(model).items()}
+    return to_array_record({k: (v.detach().float() if v.is_floating_point() else v.detach())
+                            .cpu().contiguous() for k, v in dense_state(model).items()})
+
+
+def pretrained_record(
+    model_cfg: Mapping[str, Any], dataset_cfg: Mapping[str, Any],
+    pretrain_cfg: Mapping[str, Any], cache_dir: str | os.PathLike,
+) -> ArrayRecord:
+    """:func:`pretrained_state` as a Flower record (for a transformers checkpoint, the very
+    record the process keeps: no further copy)."""
+    if model_cfg.get("name") == "hf" and int(pretrain_cfg.get("epochs", 0)) == 0:
+        return _checkpoint_record(_checkpoint_key(model_cfg, dataset_cfg))
+    return to_array_record(pretrained_state(model_cfg, dataset_cfg, pretrain_cfg, cache_dir))
+
+
+def _checkpoint_key(model_cfg: Mapping[str, Any], dataset_cfg: Mapping[str, Any]) -> str:
+    return json.dumps([model_cfg, dataset_cfg], sort_keys=True, default=str)
 
 
 def pretrained_state(
@@ -123,10 +142,11 @@ def pretrained_state(
     """The model's weights after pretraining on the source data (computed once, then cached).
 
     Floating-point weights are float32 whatever ``model.dtype`` (the server's master copy).
+    A transformers checkpoint's are read-only views of :func:`pretrained_record`'s record.
     """
     if model_cfg.get("name") == "hf" and int(pretrain_cfg.get("epochs", 0)) == 0:
-        return dict(_checkpoint_state(json.dumps([model_cfg, dataset_cfg], sort_keys=True,
-                                                 default=str)))
+        return dict(to_shared_state_dict(_checkpoint_record(
+            _checkpoint_key(model_cfg, dataset_cfg))))
     key = {"model": dict(model_cfg), "dataset": dict(dataset_cfg), "pretrain": dict(pretrain_cfg),
            "torch": torch.__version__.split("+")[0], "format": CACHE_FORMAT}
     if code := code_stamp(model_cfg, dataset_cfg):
