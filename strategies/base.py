@@ -42,9 +42,11 @@ CLIENT_KEYS = {  # Hydra `client.*` key -> ConfigRecord key sent to clients
     "refactor": "refactor", "refactor_eps": "refactor-eps",
     "refactor_interval": "refactor-interval", "refactor_warmup_steps": "refactor-warmup-steps",
     "projected_step": "projected-step",
+    "precision": "precision", "grad_accum_steps": "grad-accum-steps",
 }
 OFF = {"full_lr": None, "warmup_steps": 0, "max_grad_norm": None,  # not sent when so
-       "weight_decay_mode": "auto", "refactor": "none", "projected_step": False}
+       "weight_decay_mode": "auto", "refactor": "none", "projected_step": False,
+       "precision": "fp32", "grad_accum_steps": 1}
 REFACTOR_KEYS = ("refactor_eps", "refactor_interval", "refactor_warmup_steps")
 MODULES_KEY = "modules"  # reply record of the fully trained modules (ledger kind "modules")
 SAMPLING_STREAM = 1  # derive_seed(run_seed, round, SAMPLING_STREAM) picks the round's clients
