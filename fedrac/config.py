@@ -489,7 +489,7 @@ def check_objects(d: Mapping[str, Any], strategy_cls: type) -> None:
                 raise ConfigError(f"model.target_modules={d['model'].get('target_modules')} "
                                   f"and model.trainable_modules both select {both[:3]}; allowed:"
                                   " a layer is either adapted or trained in full")
-            check_export(d)
+            check_export(d, layers)
         if s["name"] != "fedavg":
             check_rank(layers, s["rank"])
         if hasattr(strategy_cls, "validate_config"):
