@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -87,12 +89,26 @@ def test_precision_and_accumulation_travel_to_clients(tmp_path):
     ("client.grad_accum_steps=0", "client.grad_accum_steps=0 is not allowed; allowed: an "
                                   "integer >= 1"),
 ])
-def test_bad_precision_and_accumulation_are_refused_before_work(tmp_path, override, message):
+def test_bad_precision_and_accumulation_stop_the_cli_with_exit_2(
+        tmp_path, override, message, monkeypatch, capsys):
+    """One line on stderr, exit 2, nothing written: before any work."""
+    from fedrac import cli
+
     if "fp16" in override and torch.cuda.is_available():
         pytest.skip("fp16 is allowed where CUDA is")
     with pytest.raises(ConfigError) as err:
         run_config(tmp_path, override)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    out = tmp_path / "run"
+    monkeypatch.setenv("FEDRAC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "argv", ["fedrac", override, f"output_dir={out}",
+                                      f"hydra.run.dir={tmp_path / 'hydra'}"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"fedrac: error: {message}"), lines
+    assert not out.exists()
 
 
 def test_train_locally_refuses_fp16_on_cpu():
