@@ -165,3 +165,25 @@ def test_peft_loads_the_auto_rank_adapter_onto_w0_as_the_final_weights(arch, tmp
         w, w0 = final[spec.weight_key], initial[spec.weight_key]
         gap = (got[spec.weight_key] - w).norm()
         assert gap < 1e-5 * w.norm() and gap < 1e-4 * (w - w0).norm(), spec.name
+
+
+def test_a_record_that_misses_a_merge_is_not_used():
+    """The export probes the record against W - W0; one merge too few is noticed (a run
+    stopped between the merge and its weights), so adapter/ never disagrees with hf_model/."""
+    from fedrac.models.export import matches_weights
+
+    layers = {"w": LayerSpec("w", (48, 32)), "t": LayerSpec("t", (32, 40), True)}
+    merged = MergedFactors(layers)
+    initial = {s.weight_key: torch.randn(*s.weight_shape,
+                                         generator=torch.Generator().manual_seed(1))
+               for s in layers.values()}
+    final = dict(initial)
+    for i, (n, spec) in enumerate(layers.items()):
+        for j, (b, a) in enumerate(_terms(spec, 4, 2, seed=20 + i, size=0.01)):
+            if j < 3 or n == "w":
+                merged.add(n, b, a)
+            final[spec.weight_key] = (final[spec.weight_key].double()
+                                      + spec.delta(a, b, 1.0)).float()
+    assert "layer 't' differs from W - W0" in matches_weights(merged, layers, initial, final)
+    merged.add("t", *_terms(layers["t"], 4, 2, seed=21, size=0.01)[3])
+    assert matches_weights(merged, layers, initial, final) is None
