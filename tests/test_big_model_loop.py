@@ -115,3 +115,12 @@ def test_train_locally_refuses_fp16_on_cpu():
     x, y = _data(8)
     with pytest.raises(ValueError, match="client.precision=fp16 is not allowed on device cpu"):
         train_locally(_model(), x, y, TrainSettings(precision="fp16"), 0, CPU)
+
+
+def test_batched_clients_leave_precision_and_accumulation_to_the_sequential_loop(tmp_path):
+    from clients.batched import run_reason
+
+    assert run_reason(run_config(tmp_path)) is None
+    for override in ("client.precision=bf16", "client.grad_accum_steps=2"):
+        reason = run_reason(run_config(tmp_path, override))
+        assert reason == "client.precision / client.grad_accum_steps are not batched"

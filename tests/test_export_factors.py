@@ -187,3 +187,12 @@ def test_a_record_that_misses_a_merge_is_not_used():
     assert "layer 't' differs from W - W0" in matches_weights(merged, layers, initial, final)
     merged.add("t", *_terms(layers["t"], 4, 2, seed=21, size=0.01)[3])
     assert matches_weights(merged, layers, initial, final) is None
+
+
+def test_the_export_benchmark_runs_on_the_workload_shapes():
+    """``python -m bench.export --quick``'s figures: 28 layers, exact rank 8 after 1 round."""
+    from bench.export import export_times
+
+    row = export_times(1, 1)
+    assert row["layers"] == 28 and row["ranks"] == [8] and row["relative_error"] < 1e-6
+    assert row["factor_seconds"] > 0 and row["dense_seconds_est"] > 0
