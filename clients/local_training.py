@@ -136,13 +136,17 @@ def make_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
 
 def check_precision(precision: str, grad_accum_steps: Any, device: torch.device) -> None:
     """Raise (one line naming the key) unless ``precision`` is one of :data:`PRECISIONS` that
-    ``device`` serves (``fp16`` needs CUDA) and ``grad_accum_steps`` is an integer >= 1."""
+    ``device`` serves (``fp16`` needs CUDA, ``bf16`` on CUDA a GPU with bfloat16) and
+    ``grad_accum_steps`` is an integer >= 1."""
     if precision not in PRECISIONS:
         raise ValueError(f"client.precision={precision!r} is not allowed; allowed: "
                          f"{', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type != "cuda":
         raise ValueError(f"client.precision=fp16 is not allowed on device {device.type}; "
                          "allowed: fp32, bf16 (fp16 autocast with a grad scaler needs CUDA)")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"client.precision=bf16 is not allowed on {device}; allowed: fp32, "
+                         "fp16 (this GPU has no bfloat16)")
     steps = grad_accum_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"client.grad_accum_steps={steps!r} is not allowed; "
