@@ -244,7 +244,8 @@ def train_locally(
     amp_dtype = PRECISIONS[settings.precision]
     scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
     model.train()
-    total, count, steps = torch.zeros((), device=device), 0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)  # read once, at the end
+    count, steps = 0, 0
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
         torch.manual_seed(derive_seed(int(seed), DROPOUT_STREAM))
@@ -258,7 +259,7 @@ def train_locally(
                     loss = task.loss(model, task.batch(data, part, device))
                 share = loss.float() * (len(part) / len(idx))
                 (share if scaler is None else scaler.scale(share)).backward()
-                total += loss.detach().float() * len(part)
+                total += loss.detach().double() * len(part)
             if scaler is not None:
                 scaler.unscale_(opt)
             if clip:
