@@ -228,8 +228,9 @@ def train_locally(
     ``seed``; torch's own RNG (dropout) is seeded from it too, inside this call only, so a
     client round is reproducible and leaves the caller's RNG state as it was.
     Each optimizer step takes ``grad_accum_steps`` micro-batches, each loss weighted by its
-    share of the step's examples (so the gradient is the effective batch's mean), under
-    ``precision``'s autocast. The loss is summed on the device and read once at the end.
+    ``task.loss_weight`` (examples; loss tokens for causal_lm) and the gradient divided by
+    their sum, so it is the effective batch's own; under ``precision``'s autocast. The loss
+    is summed on the device and read once at the end.
     """
     task = task or CLASSIFICATION
     check_precision(settings.precision, settings.grad_accum_steps, device)
@@ -243,6 +244,7 @@ def train_locally(
     hooks = step_hooks(model, settings)
     amp_dtype = PRECISIONS[settings.precision]
     scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
+    accumulate = int(settings.grad_accum_steps) > 1
     model.train()
     total = torch.zeros((), dtype=torch.float64, device=device)  # read once, at the end
     count, steps = 0, 0
@@ -254,14 +256,23 @@ def train_locally(
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(settings, steps)
             opt.zero_grad(set_to_none=True)
+            weight: Any = 0
             for part in _micro(idx, int(settings.batch_size)):
+                batch = task.batch(data, part, device)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = task.loss(model, task.batch(data, part, device))
-                share = loss.float() * (len(part) / len(idx))
+                    loss = task.loss(model, batch)
+                share = loss.float()
+                if accumulate:
+                    w = task.loss_weight(batch)
+                    weight, share = weight + w, share * w
                 (share if scaler is None else scaler.scale(share)).backward()
                 total += loss.detach().double() * len(part)
             if scaler is not None:
                 scaler.unscale_(opt)
+            if accumulate:  # sum_i w_i grad(loss_i) / sum_i w_i: the effective batch's gradient
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.div_(weight)
             if clip:
                 torch.nn.utils.clip_grad_norm_(params, float(clip))
             if hooks is not None:

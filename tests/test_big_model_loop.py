@@ -124,3 +124,36 @@ def test_batched_clients_leave_precision_and_accumulation_to_the_sequential_loop
     for override in ("client.precision=bf16", "client.grad_accum_steps=2"):
         reason = run_reason(run_config(tmp_path, override))
         assert reason == "client.precision / client.grad_accum_steps are not batched"
+
+
+def test_causal_lm_accumulation_weighs_micro_batches_by_their_loss_tokens():
+    """Token-mean loss: micro-batches with few loss tokens weigh less; 2 x 2 rows equal one
+    step of 4 rows (a mean over examples would not)."""
+    from fedrac.data.text import TokenData
+    from fedrac.models.hf import build_hf_model
+    from fedrac.tasks import get_task
+    from tests import hf_models as H
+
+    vocab = {"<s>": 0, "</s>": 1, **{f"t{i}": i + 2 for i in range(20)}}
+    cfg = {"name": "hf", "config": H.model_config("llama", vocab), "task": "causal_lm",
+           "trainable_modules": "auto"}
+    g = torch.Generator().manual_seed(0)
+    lengths, answers = [12, 3, 9, 4, 11, 5, 7, 10], [10, 1, 2, 3, 9, 1, 6, 2]
+    ids = [torch.randint(2, 22, (n,), generator=g) for n in lengths]
+    mask = [torch.cat([torch.zeros(n - k, dtype=torch.long), torch.ones(k, dtype=torch.long)])
+            for n, k in zip(lengths, answers, strict=True)]
+    data = TokenData(input_ids=ids, labels=None, pad_id=0, loss_mask=mask)
+    task = get_task("causal_lm")
+    models = []
+    for batch, k in ((2, 2), (4, 1)):
+        model = build_hf_model(cfg, 0)
+        train_locally(model, data, None, TrainSettings(optimizer="sgd", lr=1.0, local_steps=1,
+                                                       batch_size=batch, grad_accum_steps=k),
+                      3, CPU, task)
+        models.append(model)
+    start = build_hf_model(cfg, 0)
+    for (name, pa), pb, p0 in zip(models[0].named_parameters(), models[1].parameters(),
+                                  start.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(p, p0) for p, p0 in zip(models[0].parameters(),
+                                                        start.parameters(), strict=True))
