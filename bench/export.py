@@ -44,7 +44,8 @@ def chain(layers: dict[str, LayerSpec], rounds: int) -> MergedFactors:
 
 
 def export_times(rounds: int, dense_layers: int = 2) -> dict[str, Any]:
-    """Seconds of the factor path (all layers) and of the dense SVD (scaled to all layers)."""
+    """Seconds of the factor path (all layers) and of the dense SVD (on ``dense_layers``
+    shapes, scaled to all layers; 0: not timed, ``nan``)."""
     layers = workload_layers()
     merged = chain(layers, rounds)
     t0 = time.perf_counter()
@@ -63,8 +64,8 @@ def export_times(rounds: int, dense_layers: int = 2) -> dict[str, Any]:
         torch.linalg.svd(delta, full_matrices=False)
         count = sum(1 for s in layers.values() if s.weight_shape == shape)
         dense += (time.perf_counter() - t0) * count
-    dense *= len(layers) / sum(sum(1 for s in layers.values() if s.weight_shape == shape)
-                               for shape in picked)
+    covered = sum(sum(1 for s in layers.values() if s.weight_shape == shape) for shape in picked)
+    dense = dense * len(layers) / covered if covered else float("nan")
     return {"rounds": rounds, "layers": len(layers), "ranks": ranks, "factor_seconds": fast,
             "dense_seconds_est": dense, "speedup": dense / fast, "relative_error": rel}
 
