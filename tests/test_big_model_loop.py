@@ -157,3 +157,25 @@ def test_causal_lm_accumulation_weighs_micro_batches_by_their_loss_tokens():
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
     assert any(not torch.equal(p, p0) for p, p0 in zip(models[0].parameters(),
                                                         start.parameters(), strict=True))
+
+
+def test_fp16_grad_scaler_path_trains_and_unscales_before_clipping(monkeypatch):
+    """The fp16 path (autocast, GradScaler: scale, unscale before clipping, step, update),
+    run on CPU with the device check lifted (fp16 is CUDA's: no GPU here)."""
+    import clients.local_training as lt
+
+    monkeypatch.setattr(lt, "check_precision", lambda *a: None)
+    steps = []
+    real = torch.amp.GradScaler.unscale_
+    monkeypatch.setattr(torch.amp.GradScaler, "unscale_",
+                        lambda self, opt: (steps.append(self.get_scale()), real(self, opt)))
+    x, y = _data(128)
+    model = _model()
+    common = {"optimizer": "sgd", "lr": 0.3, "batch_size": 16, "max_grad_norm": 0.5,
+              "grad_accum_steps": 2}  # SGD: a step on still-scaled (clipped) gradients is ~0
+    first = train_locally(model, x, y, TrainSettings(precision="fp16", **common), 0, CPU)
+    for r in range(1, 6):
+        last = train_locally(model, x, y, TrainSettings(precision="fp16", **common), r, CPU)
+    assert steps and all(s > 1 for s in steps)  # the loss was scaled, then unscaled
+    assert last.loss < 0.8 * first.loss
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
