@@ -79,6 +79,9 @@ def run_reason(cfg: Mapping[str, Any]) -> str | None:
         return f"model={model.get('name')} is not one of {', '.join(BATCHABLE_MODELS)}"
     if task_of(cfg).name != "classification":
         return f"task={task_of(cfg).name} is not classification"
+    client = cfg.get("client") or {}
+    if client.get("precision", "fp32") != "fp32" or int(client.get("grad_accum_steps", 1)) != 1:
+        return "client.precision / client.grad_accum_steps are not batched"
     privacy = (cfg.get("privacy") or {}).get("mode", "none")
     if privacy == "local_dp":
         return "privacy=local_dp noises each client's update on the client"

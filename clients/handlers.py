@@ -167,6 +167,8 @@ def settings_from(config: Mapping[str, Any]) -> TrainSettings:
         refactor_interval=int(config.get("refactor-interval", 1)),
         refactor_warmup_steps=int(config.get("refactor-warmup-steps", 0)),
         projected_step=bool(config.get("projected-step", False)),
+        precision=str(config.get("precision", "fp32")),
+        grad_accum_steps=int(config.get("grad-accum-steps", 1)),
     )
 
 

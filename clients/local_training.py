@@ -15,6 +15,7 @@ from fedrac.sketch import derive_seed
 from fedrac.tasks import CLASSIFICATION, Task
 
 OPTIMIZERS = ("sgd", "adamw")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
 WEIGHT_DECAY_MODES = ("auto", "coupled", "decoupled")
 DROPOUT_STREAM = 9  # derive_seed(client-round seed, DROPOUT_STREAM) seeds torch's RNG (dropout)
 
@@ -33,6 +34,10 @@ class TrainSettings:
     adapters whose two factors train) with its ``eps``, ``interval`` and ``warmup_steps``;
     ``projected_step``: precondition a lone trained factor by its sketch's inverse Gram
     matrix (:mod:`fedrac.projected_step`).
+    ``precision``: ``fp32``, or ``bf16`` / ``fp16`` autocast on the run's device (the adapter
+    factors stay fp32; ``fp16`` adds a gradient scaler); ``grad_accum_steps``: micro-batches of
+    ``batch_size`` per optimizer step (the effective batch is their product; ``local_steps``
+    counts optimizer steps).
     """
 
     optimizer: str = "adamw"
@@ -50,6 +55,8 @@ class TrainSettings:
     refactor_interval: int = 1
     refactor_warmup_steps: int = 0
     projected_step: bool = False
+    precision: str = "fp32"
+    grad_accum_steps: int = 1
 
 
 @dataclass(frozen=True)
@@ -127,9 +134,29 @@ def make_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
                      f"allowed: {', '.join(OPTIMIZERS)}")
 
 
+def check_precision(precision: str, grad_accum_steps: Any, device: torch.device) -> None:
+    """Raise (one line naming the key) unless ``precision`` is one of :data:`PRECISIONS` that
+    ``device`` serves (``fp16`` needs CUDA, ``bf16`` on CUDA a GPU with bfloat16) and
+    ``grad_accum_steps`` is an integer >= 1."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"client.precision={precision!r} is not allowed; allowed: "
+                         f"{', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"client.precision=fp16 is not allowed on device {device.type}; "
+                         "allowed: fp32, bf16 (fp16 autocast with a grad scaler needs CUDA)")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"client.precision=bf16 is not allowed on {device}; allowed: fp32, "
+                         "fp16 (this GPU has no bfloat16)")
+    steps = grad_accum_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"client.grad_accum_steps={steps!r} is not allowed; "
+                         "allowed: an integer >= 1")
+
+
 def _batches(n: int, settings: TrainSettings, gen: torch.Generator):
-    """Index batches: ``local_steps`` batches, or ``local_epochs`` passes over ``n`` items."""
-    bs = max(1, min(int(settings.batch_size), n))
+    """Index batches of the effective size ``batch_size * grad_accum_steps``: ``local_steps``
+    batches, or ``local_epochs`` passes over ``n`` items."""
+    bs = max(1, min(int(settings.batch_size) * int(settings.grad_accum_steps), n))
     if settings.local_steps:
         done = 0
         while True:
@@ -185,6 +212,11 @@ def step_hooks(model: nn.Module, settings: TrainSettings) -> StepHooks | None:
     return StepHooks(hooks) if hooks else None
 
 
+def _micro(idx: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """``idx`` cut into micro-batches of ``size`` (the last may be shorter)."""
+    return list(idx.split(max(1, size))) if len(idx) > size else [idx]
+
+
 def train_locally(
     model: nn.Module, x: Any, y: torch.Tensor | None, settings: TrainSettings,
     seed: int, device: torch.device, task: Task | None = None,
@@ -195,8 +227,13 @@ def train_locally(
     task (default: classification) cuts and pads the batches. Batch order comes from
     ``seed``; torch's own RNG (dropout) is seeded from it too, inside this call only, so a
     client round is reproducible and leaves the caller's RNG state as it was.
+    Each optimizer step takes ``grad_accum_steps`` micro-batches, each loss weighted by its
+    ``task.loss_weight`` (examples; loss tokens for causal_lm) and the gradient divided by
+    their sum, so it is the effective batch's own; under ``precision``'s autocast. The loss
+    is summed on the device and read once at the end.
     """
     task = task or CLASSIFICATION
+    check_precision(settings.precision, settings.grad_accum_steps, device)
     start = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, settings)
@@ -205,8 +242,12 @@ def train_locally(
     n = task.num_examples(x, y)
     warm, clip = int(settings.warmup_steps or 0), settings.max_grad_norm
     hooks = step_hooks(model, settings)
+    amp_dtype = PRECISIONS[settings.precision]
+    scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
+    accumulate = int(settings.grad_accum_steps) > 1
     model.train()
-    total, count, steps = 0.0, 0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)  # read once, at the end
+    count, steps = 0, 0
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
         torch.manual_seed(derive_seed(int(seed), DROPOUT_STREAM))
@@ -215,21 +256,38 @@ def train_locally(
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(settings, steps)
             opt.zero_grad(set_to_none=True)
-            loss = task.loss(model, task.batch(data, idx, device))
-            loss.backward()
+            weight: Any = 0
+            for part in _micro(idx, int(settings.batch_size)):
+                batch = task.batch(data, part, device)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = task.loss(model, batch)
+                share = loss.float()
+                if accumulate:
+                    w = task.loss_weight(batch)
+                    weight, share = weight + w, share * w
+                (share if scaler is None else scaler.scale(share)).backward()
+                total += loss.detach().double() * len(part)
+            if scaler is not None:
+                scaler.unscale_(opt)
+            if accumulate:  # sum_i w_i grad(loss_i) / sum_i w_i: the effective batch's gradient
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.div_(weight)
             if clip:
                 torch.nn.utils.clip_grad_norm_(params, float(clip))
             if hooks is not None:
                 hooks.before_step()
-            opt.step()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
             if hooks is not None:
                 hooks.after_step(opt)
-            total += float(loss.detach()) * len(idx)
             count += len(idx)
             steps += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return TrainResult(total / max(count, 1), int(n), steps, time.perf_counter() - start)
+    mean = float(total) / max(count, 1)  # the one host synchronisation of the loop
+    return TrainResult(mean, int(n), steps, time.perf_counter() - start)
 
 
 @torch.no_grad()

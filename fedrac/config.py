@@ -132,7 +132,7 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     strategy_cls = STRATEGIES[s["name"]]
     link_task(d)
     check_run(d, strategy_cls)
-    check_client(d["client"], strategy_cls)
+    check_client(d["client"], strategy_cls, d.get("device", "cpu"))
     check_pretrain(d["pretrain"])
     check_task(d)
     check_engine(d["engine"])
@@ -331,9 +331,11 @@ def check_device(device: Any, engine: str | None = None) -> None:
                  "engine.client_resources.num_gpus)")
 
 
-def check_client(c: Mapping[str, Any], strategy_cls: type | None = None) -> None:
-    """The ``client.*`` local training settings (``refactor`` against the strategy)."""
-    from clients.local_training import OPTIMIZERS
+def check_client(c: Mapping[str, Any], strategy_cls: type | None = None,
+                 device: str = "cpu") -> None:
+    """The ``client.*`` local training settings (``refactor`` against the strategy,
+    ``precision`` against the run's ``device``)."""
+    from clients.local_training import OPTIMIZERS, check_precision, resolve_device
     from fedrac.reflora import REFACTORS
 
     _require(c["optimizer"] in OPTIMIZERS, "client.optimizer", c["optimizer"],
@@ -381,6 +383,11 @@ def check_client(c: Mapping[str, Any], strategy_cls: type | None = None) -> None
     for key, low in (("refactor_interval", 1), ("refactor_warmup_steps", 0)):
         v = c.get(key, low)
         _require(_is_int(v) and v >= low, f"client.{key}", v, f"an integer >= {low}")
+    try:  # the device itself was checked by check_run
+        check_precision(c.get("precision", "fp32"), c.get("grad_accum_steps", 1),
+                        resolve_device(str(device)))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def check_engine(e: Mapping[str, Any]) -> None:
@@ -488,7 +495,7 @@ def check_objects(d: Mapping[str, Any], strategy_cls: type) -> None:
                 raise ConfigError(f"model.target_modules={d['model'].get('target_modules')} "
                                   f"and model.trainable_modules both select {both[:3]}; allowed:"
                                   " a layer is either adapted or trained in full")
-            check_export(d)
+            check_export(d, layers)
         if s["name"] != "fedavg":
             check_rank(layers, s["rank"])
         if hasattr(strategy_cls, "validate_config"):

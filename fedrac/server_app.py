@@ -125,8 +125,9 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     if cfg["model"].get("name") == "hf":
         from fedrac.models.export import export_transformers
 
+        merged = getattr(strategy, "export_factors", lambda: None)()
         extra["export"] = export_transformers(cfg, model, layers, state, final,
-                                              cfg["output_dir"])
+                                              cfg["output_dir"], merged)
     summary = recorder.finish(final, extra)
     if ckpt is not None and ckpt.count:
         print(f"fedrac: {ckpt.count} checkpoints in {ckpt.dir / 'checkpoint'}, "

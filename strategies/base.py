@@ -28,6 +28,7 @@ from flwr.supercore import log
 
 from fedrac.adapters import FACTOR_DTYPE, LayerSpec, adapter_dtype, check_rank
 from fedrac.ledger import ByteLedger, record_dict_nbytes
+from fedrac.models.merged_factors import MergedFactors
 from fedrac.privacy import Accountant, CentralDP, PrivacySettings
 from fedrac.records import array_to_tensor
 from fedrac.sketch import DISTRIBUTIONS, derive_seed
@@ -42,9 +43,11 @@ CLIENT_KEYS = {  # Hydra `client.*` key -> ConfigRecord key sent to clients
     "refactor": "refactor", "refactor_eps": "refactor-eps",
     "refactor_interval": "refactor-interval", "refactor_warmup_steps": "refactor-warmup-steps",
     "projected_step": "projected-step",
+    "precision": "precision", "grad_accum_steps": "grad-accum-steps",
 }
 OFF = {"full_lr": None, "warmup_steps": 0, "max_grad_norm": None,  # not sent when so
-       "weight_decay_mode": "auto", "refactor": "none", "projected_step": False}
+       "weight_decay_mode": "auto", "refactor": "none", "projected_step": False,
+       "precision": "fp32", "grad_accum_steps": 1}
 REFACTOR_KEYS = ("refactor_eps", "refactor_interval", "refactor_warmup_steps")
 MODULES_KEY = "modules"  # reply record of the fully trained modules (ledger kind "modules")
 SAMPLING_STREAM = 1  # derive_seed(run_seed, round, SAMPLING_STREAM) picks the round's clients
@@ -181,6 +184,7 @@ class FedracStrategy(FedAvg):
         # ``data-std``, see fedrac.data.standardise) for nodes that read their own data-path
         self.data_config: dict[str, Any] = {}
         self.module_shapes: dict[str, tuple[int, ...]] = {}
+        self.merged: MergedFactors | None = None  # adapter methods: the merges, low-rank
 
     def set_trainable_modules(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """The parameters clients train in full beside the adapters (``model.trainable_modules``,
@@ -214,6 +218,12 @@ class FedracStrategy(FedAvg):
         self.rank, self.alpha = int(rank), float(alpha)
         self.scale = self.alpha / self.rank
         self.sketch = sketch
+        self.merged = MergedFactors(self.layers)
+
+    def export_factors(self) -> MergedFactors | None:
+        """``W - W0`` per target layer as stacked factors (``None`` when the run's merges have
+        no low-rank record: the export then takes the dense SVD)."""
+        return self.merged if self.merged is not None and self.merged.usable else None
 
     def factor_dtypes(
         self, weights: Mapping[str, torch.Tensor], keys: Iterable[str]
@@ -547,6 +557,7 @@ class FedracStrategy(FedAvg):
             "local_accountant": None if self.local_accountant is None
             else self.local_accountant.state_dict(),
             "last_problem": getattr(self, "last_problem", None),
+            "merged": None if self.merged is None else self.merged.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -561,6 +572,8 @@ class FedracStrategy(FedAvg):
             self.local_accountant.load_state_dict(state["local_accountant"])
         if state.get("last_problem") is not None:
             self.last_problem = state["last_problem"]
+        if self.merged is not None:
+            self.merged.load_state_dict(state.get("merged"))
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
               timeout: float = 3600, train_config: ConfigRecord | None = None,

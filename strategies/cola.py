@@ -51,5 +51,7 @@ class Cola(TwoFactorLoRA):
         if server_round % self.merge_every == 0:
             self.merge_into_base({n: lora_product(self.adapters[f"{n}.lora_A"],
                                                   self.adapters[f"{n}.lora_B"], self.scale, spec)
-                                  for n, spec in self.layers.items()}, as_update=False)
+                                  for n, spec in self.layers.items()}, as_update=False,
+                                 terms={n: (self.adapters[f"{n}.lora_B"].double() * self.scale,
+                                            self.adapters[f"{n}.lora_A"]) for n in self.layers})
             self.adapters = None

@@ -45,9 +45,28 @@ class FedExLoRA(TwoFactorLoRA):
             residual[name] = exact[name] - lora_product(self.adapters[f"{name}.lora_A"],
                                                         self.adapters[f"{name}.lora_B"],
                                                         self.scale, spec)
-        self.merge_into_base(residual, as_update=True)
+        terms = None if self.dp is not None or not self.aggregator.rule.linear else \
+            self.residual_terms(valid)
+        self.merge_into_base(residual, as_update=True, terms=terms)
         self.update = {self.layers[n].weight_key: r.to(torch.float32)
                        for n, r in residual.items()}
+
+    def residual_terms(self, valid: list[ValidReply]
+                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The residual of a linear rule as stacked factors: ``[s c_1 B_1, ..., s c_K B_K,
+        -s B]`` beside ``[A_1; ...; A_K; A]`` (rank ``(K + 1) r``)."""
+        assert self.adapters is not None
+        c = self.aggregator.coefficients([r.weight for r in valid]).tolist()
+        terms = {}
+        for name in self.layers:
+            b = torch.cat([r.tensors[f"{name}.lora_B"].to(torch.float64) * (self.scale * ck)
+                           for r, ck in zip(valid, c, strict=True)]
+                          + [self.adapters[f"{name}.lora_B"].to(torch.float64) * -self.scale],
+                          dim=1)
+            a = torch.cat([r.tensors[f"{name}.lora_A"].to(torch.float64) for r in valid]
+                          + [self.adapters[f"{name}.lora_A"].to(torch.float64)], dim=0)
+            terms[name] = (b, a)
+        return terms
 
     def private_combine(self, server_round: int, valid: list[ValidReply]
                         ) -> dict[str, torch.Tensor]:

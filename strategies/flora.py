@@ -42,14 +42,15 @@ class FLoRA(TwoFactorLoRA):
             return
         self.note_release(server_round, valid)
         p = self.aggregator.coefficients([r.weight for r in valid]).tolist()
-        update, deltas = {}, {}
+        update, deltas, terms = {}, {}, {}
         for name, spec in self.layers.items():
             b = torch.cat([r.tensors[f"{name}.lora_B"].to(torch.float64) * (self.scale * pk)
                            for r, pk in zip(valid, p, strict=True)], dim=1)
             a = torch.cat([r.tensors[f"{name}.lora_A"].to(torch.float64) for r in valid], dim=0)
             deltas[name] = spec.delta(a, b, 1.0)
+            terms[name] = (b, a)
             update[f"{name}.stack_B"], update[f"{name}.stack_A"] = b.float(), a.float()
-        self.merge_into_base(deltas, as_update=True)
+        self.merge_into_base(deltas, as_update=True, terms=terms)
         self.update = update
         self.adapters = None
 

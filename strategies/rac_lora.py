@@ -210,6 +210,10 @@ class RacLoRA(FedracStrategy):
         avg = self.average(server_round, valid)  # replies of rank r_k < rank come zero-padded
         sketches = {k: v for k, v in plan.sketches.items() if k not in avg}
         state = merge_factors(current, self.layers, avg, sketches, self.scale)
+        if self.merged is not None:  # the merge s * B @ A, kept low-rank for the export
+            both = {**sketches, **avg}
+            self.merged.add_all({n: (both[f"{n}.lora_B"].to(torch.float64) * self.scale,
+                                     both[f"{n}.lora_A"]) for n in self.layers})
         state = self.apply_modules(server_round, state, valid)
         if self.sync is not None:
             self.sync.record(server_round, plan.seed, avg)

@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from fedrac.adapters import LayerSpec
+from fedrac.models.merged_factors import MergedFactors
 from fedrac.records import to_array_record, to_state_dict
 from fedrac.sketch import derive_seed, fingerprint, make_sketch
 from strategies.base import FedracStrategy, ValidReply, require_choice
@@ -163,9 +164,26 @@ class TwoFactorLoRA(FedracStrategy):
         """Update ``base`` / ``adapters`` / ``update`` from the round's valid replies."""
         raise NotImplementedError
 
-    def merge_into_base(self, deltas: Mapping[str, torch.Tensor], as_update: bool) -> None:
-        """``base[layer] += delta`` per layer; ``as_update`` also sends it next round."""
+    def export_factors(self) -> MergedFactors | None:
+        """The merges plus the live adapters ``s * B @ A`` (see the base class)."""
+        merged = super().export_factors()
+        if merged is None or self.adapters is None:
+            return merged
+        return merged.plus({n: (self.adapters[f"{n}.lora_B"].to(torch.float64) * self.scale,
+                                self.adapters[f"{n}.lora_A"]) for n in self.layers})
+
+    def merge_into_base(self, deltas: Mapping[str, torch.Tensor], as_update: bool,
+                        terms: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+                        ) -> None:
+        """``base[layer] += delta`` per layer; ``as_update`` also sends it next round.
+        ``terms``: the same deltas as factors ``(B, A)`` with ``B @ A`` the logical
+        ``d_out x d_in`` delta (recorded for the export); ``None``: a dense merge."""
         assert self.base is not None
+        if self.merged is not None:
+            if terms is None:
+                self.merged.invalidate(f"{self.name} merged a dense update")
+            else:
+                self.merged.add_all(terms)
         before = dict(self.base)
         for name, spec in self.layers.items():
             w = self.base[spec.weight_key]

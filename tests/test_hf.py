@@ -228,6 +228,7 @@ BAD = [
     (["client.warmup_steps=-1"], "client.warmup_steps=-1 is not allowed; allowed: an integer"),
     (["client.max_grad_norm=0"], "client.max_grad_norm=0 is not allowed"),
     (["model.dtype=float64"], "model.dtype='float64' is not allowed; allowed: float32, bfloat16"),
+    (["model.export_rank=33"], "model.export_rank=33 is not allowed; allowed: auto or 1..32"),
     (["strategy=fedavg", "model.dtype=bfloat16"], "model.dtype='bfloat16' is not allowed; "
                                                   "allowed: float32 with strategy=fedavg"),
 ]

@@ -97,7 +97,7 @@ def test_text_classification_cli_learns_and_exports(ckpt, tmp_path, strategy, cl
         assert set(up) == {"bytes_up_factors", "bytes_up_modules", "bytes_up_metrics"}
         head = 3 * (2 * 32 + 2) * 4  # 3 clients, classifier 2x32 + bias, float32
         assert head <= up["bytes_up_modules"] < head + 3 * 2 * 200
-        assert "adapter/ (PEFT LoRA, rank 4)" in stdout
+        assert "adapter/ (PEFT LoRA, rank auto: " in stdout  # export_rank=auto by default
     else:
         assert set(up) == {"bytes_up_weights", "bytes_up_metrics"}
     assert (out / "hf_model" / "config.json").is_file()
@@ -140,8 +140,8 @@ def _fedrac_logits(cfg: dict, out: Path, ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.slow
 @pytest.mark.parametrize(("arch", "task"), [("bert", "classification"), ("gpt2", "causal_lm")])
 def test_export_round_trip_through_transformers_and_peft(ckpt, tmp_path, arch, task):
-    """rac_lora rank 2 over 2 rounds accumulates rank <= 4 per layer: export_rank=4 is exact;
-    export_rank=1 truncates and says by how much."""
+    """rac_lora rank 2 over 2 rounds accumulates rank <= 4 per layer: export_rank=auto (the
+    default) is exact, from the run's factors; export_rank=1 truncates and says by how much."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -153,20 +153,21 @@ def test_export_round_trip_through_transformers_and_peft(ckpt, tmp_path, arch, t
     ids = torch.tensor([[2, 10, 20, 30, 3], [2, 11, 12, 3, 0]]) if arch == "bert" else \
         torch.tensor([[1, 10, 20, 30, 2], [1, 11, 12, 13, 14]])
     errors, gaps = {}, {}
-    for rank in (4, 1):
+    for rank in ("auto", 1):
         out = tmp_path / f"r{rank}"
         cfg = compose(ckpt, out, task, "strategy=rac_lora", "strategy.rank=2", "num_rounds=2",
                       f"model.export_rank={rank}", arch=arch)
         summary = run_experiment(cfg)
         errors[rank] = summary["export"]["adapter_relative_error"]
+        assert summary["export"]["adapter_from_factors"]
         want = _fedrac_logits(cfg, out, ids)
         merged = auto.from_pretrained(str(out / "hf_model")).eval()
         assert (merged(input_ids=ids).logits - want).abs().max() < TOL
         base = auto.from_pretrained(str(ckpt[arch]), **kwargs)
         adapted = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
         gaps[rank] = float((adapted(input_ids=ids).logits - want).abs().max())
-    assert gaps[4] < TOL and gaps[1] > 3 * gaps[4], gaps
-    assert errors[4] < 1e-5 < 0.01 < errors[1] < 1, errors
+    assert gaps["auto"] < TOL and gaps[1] > 3 * gaps["auto"], gaps
+    assert errors["auto"] < 1e-5 < 0.01 < errors[1] < 1, errors
 
 
 @pytest.mark.slow

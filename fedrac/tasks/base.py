@@ -69,6 +69,11 @@ class Task:
         """The mean training loss of ``model`` on one batch."""
         raise NotImplementedError
 
+    def loss_weight(self, batch: tuple[Any, Any]) -> Any:
+        """How many terms :meth:`loss` averages over on ``batch`` (its examples): a
+        micro-batch's weight in an accumulated step (an int or a tensor on the device)."""
+        return len(batch[1])
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, x: Any, y: Any, device: torch.device,
                  batch_size: int | None = None) -> dict[str, float]:

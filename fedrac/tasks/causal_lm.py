@@ -37,6 +37,10 @@ class CausalLM(Task):
         logits, targets = _shifted(call_model(model, inputs), inputs["input_ids"], mask)
         return nn.functional.cross_entropy(logits.float(), targets)
 
+    def loss_weight(self, batch: tuple[Any, Any]) -> torch.Tensor:
+        """The batch's loss tokens (on the device: no host synchronisation)."""
+        return batch[1][:, 1:].sum()
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, x: Any, y: Any, device: torch.device,
                  batch_size: int | None = None) -> dict[str, float]:
