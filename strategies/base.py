@@ -47,6 +47,7 @@ OFF = {"full_lr": None, "warmup_steps": 0, "max_grad_norm": None,  # not sent wh
        "weight_decay_mode": "auto", "refactor": "none", "projected_step": False}
 REFACTOR_KEYS = ("refactor_eps", "refactor_interval", "refactor_warmup_steps")
 MODULES_KEY = "modules"  # reply record of the fully trained modules (ledger kind "modules")
+MODULE_PREFIX = "\0modules/"  # trained modules' keys when measured together with the factors
 SAMPLING_STREAM = 1  # derive_seed(run_seed, round, SAMPLING_STREAM) picks the round's clients
 EVAL_STREAM = 6  # derive_seed(run_seed, round, EVAL_STREAM) picks the clients that evaluate
 EVAL_KINDS = {"arrays": "eval", "config": "eval", "metrics": "eval"}  # ledger kind of evaluation
@@ -121,6 +122,28 @@ def weighted_average(
     return out
 
 
+def joint(reply: ValidReply) -> dict[str, torch.Tensor]:
+    """A reply's tensors and trained modules as one mapping (modules under
+    :data:`MODULE_PREFIX`): what one client's update norm is measured over."""
+    if not reply.modules:
+        return reply.tensors
+    return {**reply.tensors, **{MODULE_PREFIX + k: v for k, v in reply.modules.items()}}
+
+
+def joint_reference(tensors: Mapping[str, torch.Tensor], modules: Mapping[str, torch.Tensor],
+                    reference: Mapping[str, torch.Tensor] | None,
+                    module_reference: Mapping[str, torch.Tensor] | None
+                    ) -> dict[str, torch.Tensor]:
+    """The reference of :func:`joint` values: ``reference`` for the tensors, ``module_reference``
+    for the modules (zeros where either is ``None``)."""
+    out = dict(reference) if reference is not None else {
+        k: torch.zeros_like(v) for k, v in tensors.items()}
+    for k, v in modules.items():
+        out[MODULE_PREFIX + k] = torch.zeros_like(v) if module_reference is None \
+            else module_reference[k]
+    return out
+
+
 def _number(metrics: MetricRecord, key: str, default: float) -> float:
     """A reply's scalar metric as a float (``default`` when absent, not a number or not finite)."""
     value = metrics.get(key, default)
@@ -181,6 +204,8 @@ class FedracStrategy(FedAvg):
         # ``data-std``, see fedrac.data.standardise) for nodes that read their own data-path
         self.data_config: dict[str, Any] = {}
         self.module_shapes: dict[str, tuple[int, ...]] = {}
+        self.module_reference: dict[str, torch.Tensor] | None = None  # the round's start
+        self.dp_modules: dict[str, torch.Tensor] | None = None  # DP's mean module update
 
     def set_trainable_modules(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """The parameters clients train in full beside the adapters (``model.trainable_modules``,
@@ -195,6 +220,12 @@ class FedracStrategy(FedAvg):
         out = dict(state)
         if not self.module_shapes or not valid:
             return out
+        if self.dp is not None:  # the private mean update of private_average (noised)
+            if self.dp_modules is None:
+                raise RuntimeError("privacy=dp: the trained modules were not privatised")
+            for key, delta in self.dp_modules.items():
+                out[key] = (out[key].to(torch.float64) + delta).to(out[key].dtype)
+            return out
         reference = {k: out[k] for k in self.module_shapes if k in out} or None
         if reference is not None and len(reference) != len(self.module_shapes):
             reference = None
@@ -203,6 +234,17 @@ class FedracStrategy(FedAvg):
         for key, value in avg.items():
             out[key] = value.to(out[key].dtype) if key in out else value
         return out
+
+    def _module_start(self, module_reference: Mapping[str, torch.Tensor] | None
+                      ) -> dict[str, torch.Tensor] | None:
+        """The trained modules' values the clients started from (``None``: zero), kept in
+        :attr:`module_reference` for the round."""
+        ref = None
+        if self.module_shapes and module_reference is not None and \
+                all(k in module_reference for k in self.module_shapes):
+            ref = {k: module_reference[k] for k in self.module_shapes}
+        self.module_reference = ref
+        return ref
 
     def set_adapters(
         self, layers: Mapping[str, LayerSpec], rank: int, alpha: float, sketch: str
@@ -365,6 +407,7 @@ class FedracStrategy(FedAvg):
         expected: Mapping[str, tuple[int, ...]], kinds: Mapping[str, str],
         reference: Mapping[str, torch.Tensor] | None = None,
         dtypes: Mapping[str, torch.dtype] | None = None,
+        module_reference: Mapping[str, torch.Tensor] | None = None,
     ) -> list[ValidReply]:
         """Replies that carry exactly ``expected`` (key -> shape) in the expected dtypes, finite,
         with a positive ``num-examples``, and that pass the aggregator's screen.
@@ -377,6 +420,11 @@ class FedracStrategy(FedAvg):
         sent a message that did not reply (timed out, disconnected) are logged by id. Bytes
         up go to the ledger; the round's train loss, client seconds and counts go to
         ``round_metrics``.
+
+        With trained modules (``model.trainable_modules``) the screen measures one norm per
+        client over its tensors and its modules together (the modules' update taken against
+        ``module_reference``, the global modules the client started from), and the rule's
+        scale is applied to both.
         """
         checked: list[ValidReply] = []
         failed = rejected = 0
@@ -406,9 +454,12 @@ class FedracStrategy(FedAvg):
                 self.last_problem = f"reply rejected: {reason}"
                 continue
             checked.append(reply)
+        mod_ref = self._module_start(module_reference)
+        joint_ref = joint_reference(checked[0].tensors, checked[0].modules, reference,
+                                    mod_ref) if checked and checked[0].modules else reference
         kept, weights, scales = self.aggregator.screen(
-            server_round, [r.node_id for r in checked], [r.tensors for r in checked],
-            [r.weight for r in checked], reference)
+            server_round, [r.node_id for r in checked], [joint(r) for r in checked],
+            [r.weight for r in checked], joint_ref)
         rejected += len(checked) - len(kept)
         if self.client_weighting == "uniform":  # 1/M, the paper's average
             weights = [1.0] * len(weights)
@@ -416,7 +467,9 @@ class FedracStrategy(FedAvg):
         for i, w, scale in zip(kept, weights, scales, strict=True):
             r = checked[i]
             tensors = r.tensors if scale == 1.0 else scaled(r.tensors, reference, scale)
-            valid.append(ValidReply(r.node_id, tensors, w, r.metrics, r.modules))
+            modules = r.modules if scale == 1.0 or not r.modules else \
+                scaled(r.modules, mod_ref, scale)
+            valid.append(ValidReply(r.node_id, tensors, w, r.metrics, modules))
         total_w = sum(r.weight for r in valid)
         metrics = {
             "clients": float(len(valid)), "failed": float(failed + len(missing)),
@@ -442,16 +495,34 @@ class FedracStrategy(FedAvg):
         start)."""
         self.note_release(server_round, valid)
         if self.dp is not None:
-            return self.private_average(server_round, [r.tensors for r in valid], reference)
+            return self.private_average(server_round, [r.tensors for r in valid], reference,
+                                        modules=[r.modules for r in valid])
         return self.aggregator.aggregate(server_round, [r.tensors for r in valid],
                                          [r.weight for r in valid], reference)
 
     def private_average(
         self, server_round: int, values: Sequence[Mapping[str, torch.Tensor]],
         reference: Mapping[str, torch.Tensor] | None,
+        modules: Sequence[Mapping[str, torch.Tensor]] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Central DP over arbitrary per-client tensors (FedEx-LoRA / FLoRA add products)."""
+        """Central DP over arbitrary per-client tensors (FedEx-LoRA / FLoRA add products).
+
+        ``modules`` (each client's trained modules, see :meth:`set_trainable_modules`) are
+        clipped together with ``values`` (one norm per client) and noised with them; their
+        private mean update is kept for :meth:`apply_modules`."""
         assert self.dp is not None
+        self.dp_modules = None
+        if self.module_shapes and modules and all(modules):
+            ref = joint_reference(values[0], modules[0], reference, self.module_reference)
+            both = self.dp.aggregate(server_round, [
+                {**v, **{MODULE_PREFIX + k: t for k, t in m.items()}}
+                for v, m in zip(values, modules, strict=True)], ref)
+            self.dp_modules = {k[len(MODULE_PREFIX):]: t.to(torch.float64)
+                               - ref[k].to(torch.float64)
+                               for k, t in both.items() if k.startswith(MODULE_PREFIX)}
+            out = {k: t for k, t in both.items() if not k.startswith(MODULE_PREFIX)}
+            self.round_metrics.setdefault(server_round, {}).update(self.dp.round_metrics())
+            return out
         out = self.dp.aggregate(server_round, values, reference)
         self.round_metrics.setdefault(server_round, {}).update(self.dp.round_metrics())
         return out
