@@ -397,6 +397,10 @@ def exit_interrupted(summary: Mapping[str, Any], output_dir: str | Path) -> None
     """Print the one line saying how to continue an interrupted run; exit 128 + signal."""
     import shlex
 
+    if not summary.get("checkpoints"):  # secagg=plus (or checkpoint_every=0) keeps none
+        print(f"fedrac: interrupted after round {summary['interrupted_after_round']}; results "
+              f"so far in {output_dir}; no checkpoint to continue from", flush=True)
+        sys.exit(128 + int(signal.Signals[summary["signal"]]))
     print(f"fedrac: interrupted after round {summary['interrupted_after_round']}; results so "
           f"far in {output_dir}; continue with: fedrac resume={shlex.quote(str(output_dir))}",
           flush=True)
