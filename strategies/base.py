@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -47,6 +48,7 @@ OFF = {"full_lr": None, "warmup_steps": 0, "max_grad_norm": None,  # not sent wh
        "weight_decay_mode": "auto", "refactor": "none", "projected_step": False}
 REFACTOR_KEYS = ("refactor_eps", "refactor_interval", "refactor_warmup_steps")
 MODULES_KEY = "modules"  # reply record of the fully trained modules (ledger kind "modules")
+ROUND_NONCE = "round-nonce"  # train config key a reply echoes in its metrics (with the round)
 MODULE_PREFIX = "\0modules/"  # trained modules' keys when measured together with the factors
 SAMPLING_STREAM = 1  # derive_seed(run_seed, round, SAMPLING_STREAM) picks the round's clients
 EVAL_STREAM = 6  # derive_seed(run_seed, round, EVAL_STREAM) picks the clients that evaluate
@@ -205,6 +207,7 @@ class FedracStrategy(FedAvg):
         self.data_config: dict[str, Any] = {}
         self.module_shapes: dict[str, tuple[int, ...]] = {}
         self.module_reference: dict[str, torch.Tensor] | None = None  # the round's start
+        self.nonces: dict[int, int] = {}  # round -> the nonce its replies must echo
         self.dp_modules: dict[str, torch.Tensor] | None = None  # DP's mean module update
 
     def set_trainable_modules(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
@@ -292,9 +295,33 @@ class FedracStrategy(FedAvg):
         return chosen
 
     def train_config(self, server_round: int, **extra: Any) -> ConfigRecord:
-        """The ``config`` record of a train message."""
+        """The ``config`` record of a train message (with the round and its nonce, which a
+        reply must echo: see :func:`clients.handlers.bind_reply`)."""
         return ConfigRecord({**self.client_config, **self.data_config,
-                             "server-round": server_round, **extra})
+                             "server-round": server_round,
+                             ROUND_NONCE: self.round_nonce(server_round), **extra})
+
+    def round_nonce(self, server_round: int) -> int:
+        """A fresh random number for the round (62 bits with the top one set: every nonce
+        takes the same bytes on the wire, so the byte ledger stays deterministic)."""
+        if server_round not in self.nonces:
+            self.nonces = {server_round: secrets.randbits(61) | (1 << 61)}
+        return self.nonces[server_round]
+
+    def stale_reason(self, server_round: int, msg: Message,
+                     sent_ids: Mapping[str, int]) -> str | None:
+        """Why a reply is not an answer to this round's message (``None``: it is): it must
+        answer a message sent this round and echo the round and its nonce."""
+        if sent_ids and msg.metadata.reply_to_message_id not in sent_ids:
+            return "stale reply: it answers no message of this round"
+        metrics = [r for r in msg.content.values() if isinstance(r, MetricRecord)]
+        echoed = metrics[0] if len(metrics) == 1 else {}
+        rnd, nonce = echoed.get("server-round"), echoed.get(ROUND_NONCE)
+        if rnd != server_round:
+            return f"stale reply: it names round {rnd}, not {server_round}"
+        if nonce != self.nonces.get(server_round):
+            return f"stale reply: its {ROUND_NONCE} is not round {server_round}'s"
+        return None
 
     def make_messages(
         self, server_round: int, contents: Mapping[int, RecordDict] | RecordDict,
@@ -445,7 +472,10 @@ class FedracStrategy(FedAvg):
                 self.last_problem = f"node failed: {msg.error.reason}"
                 continue
             self.ledger.add(server_round, "up", record_dict_nbytes(msg.content, dict(kinds)))
-            reason, reply = self._check_reply(msg, array_key, expected, dtypes)
+            reason = self.stale_reason(server_round, msg, to)
+            reply = None
+            if reason is None:
+                reason, reply = self._check_reply(msg, array_key, expected, dtypes)
             if reason is None and self.module_shapes and array_key != "arrays":
                 reason = self._check_modules(msg, reply)
             if reason:
