@@ -32,7 +32,12 @@ def _fail(err: Exception | str, code: int = 2, in_job: bool = False) -> NoReturn
 
 def _prepare(cfg: DictConfig) -> dict[str, Any]:
     """The validated run config with its output folder (ConfigError when either is bad)."""
-    from fedrac.outputs import check_output_dir, clear_results, job_output_dir
+    from fedrac.outputs import (
+        check_output_dir,
+        claim_output_dir,
+        clear_results,
+        job_output_dir,
+    )
 
     run_cfg = validate(cfg)
     if run_cfg.get("resume"):  # the saved config, with the few overrides that keep its path
@@ -40,6 +45,7 @@ def _prepare(cfg: DictConfig) -> dict[str, Any]:
 
         run_cfg = resume_config(run_cfg["resume"], HydraConfig.get().overrides.task, run_cfg)
     run_cfg["output_dir"] = job_output_dir(run_cfg.get("output_dir"), HydraConfig.get())
+    claim_output_dir(run_cfg["output_dir"])  # first: one run per folder, then its contents
     check_output_dir(run_cfg)
     if run_cfg.get("overwrite") and not run_cfg.get("resume"):
         clear_results(run_cfg["output_dir"])

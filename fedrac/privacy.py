@@ -395,7 +395,7 @@ def check_aggregation(agg: Mapping[str, Any] | None, mode: str) -> None:
             "clip_norm / cohort when one client changes, so the noise would not cover it); "
             "allowed: aggregation=mean")
     bound = agg.get("max_update_norm")
-    if isinstance(bound, str):
+    if isinstance(bound, str) and bound != "default":
         raise PrivacyConfigError(
             f"aggregation.max_update_norm={bound!r} is not allowed with privacy=dp (a bound "
             "relative to the round's median norm depends on the other clients); allowed: null "

@@ -68,7 +68,7 @@ def check_config(cfg: Mapping[str, Any]) -> None:
         raise ValueError(f"aggregation={agg['name']} is not allowed with secagg=plus (the "
                          "server sees only the masked sum, so a robust rule has no updates to "
                          "act on); allowed: aggregation=mean")
-    if agg.get("max_update_norm") is not None:
+    if agg.get("max_update_norm") not in (None, "default"):
         raise ValueError(f"aggregation.max_update_norm={agg['max_update_norm']!r} is not "
                          "allowed with secagg=plus (the server never sees one client's "
                          "update); allowed: null (bound updates with privacy=dp, which the "

@@ -17,9 +17,11 @@ from clients.local_training import move_to, resolve_device
 from fedrac.checkpoint import Checkpointer, RunInterrupted, set_rng_state
 from fedrac.data import load_splits, to_tensors
 from fedrac.data.standardise import write_data_json
+from fedrac.divergence import DivergenceGuard, RunDiverged
 from fedrac.experiments.spectrum import global_factors, monitor_from_config
 from fedrac.lora import find_target_layers
 from fedrac.models.pretrain import pretrained_state
+from fedrac.outputs import claim_output_dir
 from fedrac.records import (
     array_to_tensor,
     to_array_record,
@@ -39,6 +41,7 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     The server evaluates with the task's metrics on the target test split, on this
     process's model instance (shared with clients simulated in the same process).
     """
+    claim_output_dir(cfg["output_dir"])  # one run per folder (also under flwr run)
     splits = load_splits(cfg["dataset"])
     model = client_model(cfg)
     state = pretrained_state(cfg["model"], cfg["dataset"], cfg["pretrain"], cfg["cache_dir"])
@@ -67,7 +70,11 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
         print("labels: " + ", ".join(f"{i}={n}" for i, n in enumerate(splits.label_names)),
               flush=True)
 
+    guard = DivergenceGuard(state)
+
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round > 0:
+            guard.observe(server_round, to_shared_state_dict(arrays))  # RunDiverged
         latest["arrays"] = arrays
         if monitor.due(server_round):
             monitor.observe(server_round, {spec.weight_key: array_to_tensor(
@@ -88,13 +95,14 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
             ckpt.after_round(server_round, lambda: to_state_dict(arrays))
         return result
 
-    first_round, interrupted = 1, None
+    first_round, interrupted, diverged = 1, None, None
     if cfg.get("resume") and ckpt is not None:
         done, weights, rng = ckpt.restore()
         latest["arrays"] = initial = to_array_record(weights)
         first_round = done + 1
         print(f"fedrac: resuming {cfg['output_dir']} after round {done} of {num_rounds}",
               flush=True)
+        guard = DivergenceGuard(weights)  # bound: 10x the resumed weights' norm at first
         set_rng_state(rng)  # last: nothing may draw between here and round `done + 1`
     try:
         if secagg:
@@ -109,6 +117,9 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
                            first_round=first_round)
     except RunInterrupted as stop:
         interrupted = stop
+    except RunDiverged as err:  # the result is the last good model; the run failed
+        diverged = err
+        log.error("fedrac: %s", err)
     final = to_state_dict(latest["arrays"])
     monitor.close()
     extra: dict[str, Any] = {"spectrum": monitor.summary(),
@@ -119,6 +130,8 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     if interrupted is not None:
         extra.update({"interrupted": True, "interrupted_after_round": interrupted.server_round,
                       "signal": signal.Signals(interrupted.signum).name})
+    if diverged is not None:
+        extra["diverged"] = {"round": diverged.server_round, "reason": diverged.reason}
     if splits.label_names:
         extra["label_names"] = list(splits.label_names)
     if cfg["model"].get("name") == "hf":

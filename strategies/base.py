@@ -191,7 +191,9 @@ class FedracStrategy(FedAvg):
         self.run_seed = int(run_seed)
         self.client_config = client_config_record(client_config)
         self.ledger = ledger or ByteLedger()
-        self.aggregator = aggregator or Aggregator(run_seed=self.run_seed)
+        self.privacy = privacy or PrivacySettings()
+        self.aggregator = aggregator or Aggregator(  # DP bounds updates by its own clip
+            max_update_norm=None if self.privacy.central else "default", run_seed=self.run_seed)
         self.round_metrics: dict[int, dict[str, float]] = {}
         self.last_problem: str | None = None  # why the latest failed or rejected reply was lost
         self.sent: dict[int, list[Message]] = {}  # round -> train messages awaiting replies
