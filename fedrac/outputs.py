@@ -54,6 +54,13 @@ def claim_output_dir(path: str | Path) -> None:
     _HELD[key] = fd
 
 
+def release_output_dir(path: str | Path) -> None:
+    """Drop this process's claim on the folder (the run in it has ended)."""
+    fd = _HELD.pop(str(Path(path).resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor releases the flock
+
+
 def check_output_dir(d: Mapping[str, Any]) -> None:
     """Refuse an ``output_dir`` that already holds something, unless ``overwrite=true`` or
     ``resume=<dir>`` (the resume code checks that folder itself)."""

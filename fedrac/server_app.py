@@ -21,7 +21,7 @@ from fedrac.divergence import DivergenceGuard, RunDiverged
 from fedrac.experiments.spectrum import global_factors, monitor_from_config
 from fedrac.lora import find_target_layers
 from fedrac.models.pretrain import pretrained_state
-from fedrac.outputs import claim_output_dir
+from fedrac.outputs import claim_output_dir, release_output_dir
 from fedrac.records import (
     array_to_tensor,
     to_array_record,
@@ -39,9 +39,17 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     """Run ``num_rounds`` of the configured strategy over ``grid``; write and return results.
 
     The server evaluates with the task's metrics on the target test split, on this
-    process's model instance (shared with clients simulated in the same process).
+    process's model instance (shared with clients simulated in the same process). The
+    output folder is claimed (one run per folder, also under ``flwr run``) until it returns.
     """
-    claim_output_dir(cfg["output_dir"])  # one run per folder (also under flwr run)
+    claim_output_dir(cfg["output_dir"])
+    try:
+        return _run_server(cfg, grid)
+    finally:
+        release_output_dir(cfg["output_dir"])
+
+
+def _run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     splits = load_splits(cfg["dataset"])
     model = client_model(cfg)
     state = pretrained_state(cfg["model"], cfg["dataset"], cfg["pretrain"], cfg["cache_dir"])
