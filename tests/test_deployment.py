@@ -314,3 +314,23 @@ def test_an_outsider_with_the_ca_cannot_register_a_key_or_start_a_run(federation
     nodes = json.loads(flwr_cli(["supernode", "list", fed.connection, "--format",
                                  "json"]).stdout)["nodes"]
     assert len(nodes) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as a second local user")
+def test_another_local_user_cannot_use_the_control_or_runtime_api(federation, flwr_env):
+    """uid 65534 ("nobody") on the server machine: 403 from the Control API (list runs) and
+    from a SuperNode's Runtime API (acquire a task); the operator's CLI still works."""
+    fed = federation(1)
+    control = int(fed.control_address.rsplit(":", 1)[1])
+    runtime = next(iter(fed.node_ports.values()))
+    probe = ("import socket, sys; s = socket.create_connection(('127.0.0.1', int(sys.argv[1])));"
+             " s.sendall(('POST ' + sys.argv[2] + ' HTTP/1.0\\r\\nContent-Length: 0\\r\\n\\r\\n')"
+             ".encode()); print(s.recv(100).split(b'\\r\\n')[0].decode())")
+    for port, path in ((control, "/v1/control/list-runs"),
+                       (runtime, "/v1/runtime/acquire-task")):
+        out = subprocess.run(["/usr/bin/python3", "-c", probe, str(port), path], cwd="/",
+                             user=65534, group=65534, extra_groups=[], capture_output=True,
+                             text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+        assert out.stdout.strip() == "HTTP/1.1 403 Forbidden", (port, out.stdout, out.stderr)
+    assert len(online_nodes(fed.connection)) == 1  # the operator's account gets through
