@@ -35,21 +35,25 @@ from strategies import build_strategy
 log = logging.getLogger(__name__)
 
 
-def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
+def run_server(cfg: Mapping[str, Any], grid: Grid, node_overrides: str | None = None
+               ) -> dict[str, Any]:
     """Run ``num_rounds`` of the configured strategy over ``grid``; write and return results.
 
     The server evaluates with the task's metrics on the target test split, on this
     process's model instance (shared with clients simulated in the same process). The
     output folder is claimed (one run per folder, also under ``flwr run``) until it returns.
+    ``node_overrides``: sent in every message's config (``run-overrides``) for nodes that
+    resume a deployment run (:func:`fedrac.flower_apps.node_config`).
     """
     claim_output_dir(cfg["output_dir"])
     try:
-        return _run_server(cfg, grid)
+        return _run_server(cfg, grid, node_overrides)
     finally:
         release_output_dir(cfg["output_dir"])
 
 
-def _run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
+def _run_server(cfg: Mapping[str, Any], grid: Grid, node_overrides: str | None
+                ) -> dict[str, Any]:
     splits = load_splits(cfg["dataset"])
     model = client_model(cfg)
     state = pretrained_state(cfg["model"], cfg["dataset"], cfg["pretrain"], cfg["cache_dir"])
@@ -63,6 +67,8 @@ def _run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
         strategy.data_config = splits.standardisation.wire()  # for nodes with their own data
         write_data_json(cfg["output_dir"], {"standardisation": splits.standardisation.to_json(),
                                             "nan": cfg["dataset"].get("nan") or "error"})
+    if node_overrides is not None:
+        strategy.data_config["run-overrides"] = node_overrides
     num_rounds, every = int(cfg["num_rounds"]), int(cfg["eval_every"])
     recorder = RunRecorder(cfg["output_dir"], cfg, strategy.ledger, strategy.round_metrics,
                            num_rounds, privacy=strategy.privacy_summary())

@@ -334,3 +334,21 @@ def test_another_local_user_cannot_use_the_control_or_runtime_api(federation, fl
                              text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
         assert out.stdout.strip() == "HTTP/1.1 403 Forbidden", (port, out.stdout, out.stderr)
     assert len(online_nodes(fed.connection)) == 1  # the operator's account gets through
+
+
+@pytest.mark.slow
+def test_deployment_resume_as_documented(federation, flwr_env):
+    """``-c 'overrides="resume=DIR num_rounds=3"'`` continues a 2-round run: the nodes get the
+    run's own overrides from the ServerApp (they cannot read DIR), and the run ends at 3."""
+    fed = federation(2)
+    out = flwr_env / "out"
+    run = flwr_run(fed, f"strategy=rac_lora num_rounds=2 num_clients=2 {FAST} output_dir={out}")
+    log, _ = run.communicate(timeout=240)
+    assert run.returncode == 0, log
+    run = flwr_run(fed, f"resume={out} num_rounds=3")
+    log, _ = run.communicate(timeout=240)
+    assert run.returncode == 0, log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["rounds"] == 3, log
+    assert [int(r["round"]) for r in rows(out)] == [0, 1, 2, 3]
+    assert all(int(r["clients"]) == 2 for r in rows(out)[1:]), log
