@@ -7,6 +7,7 @@ failed job (each recorded in the comparison).
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import sys
@@ -90,6 +91,12 @@ def _hydra_main(cfg: DictConfig) -> float:
         _fail(err)
     except RunFailedError as err:  # no round had a valid reply: exit 3, one line
         _fail(err, 3)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        _fail(f"no space left on the device writing {err.filename or run_cfg['output_dir']}; "
+              "the files already written are intact (each is written whole or not at all): "
+              f"free space, then continue with resume={run_cfg['output_dir']}", 1)
 
 
 def main() -> None:
