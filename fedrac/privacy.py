@@ -355,6 +355,11 @@ def settings_from_config(cfg: Mapping[str, Any]) -> PrivacySettings:
     if not (_num(max_sigma) and math.isfinite(max_sigma) and max_sigma > MIN_NOISE_MULTIPLIER):
         _fail("max_noise_multiplier", max_sigma, f"a number > {MIN_NOISE_MULTIPLIER:g}")
     check_aggregation(cfg.get("aggregation"), mode)
+    model = cfg.get("model") or {}
+    if mode == "local_dp" and model.get("name") == "hf" and \
+            model.get("trainable_modules", "auto") not in ([], None, "none"):
+        _fail("mode", mode, "dp with model=hf (local DP noises only the factors, not the "
+              "trained modules such as the new head), or model.trainable_modules=[]")
     s = PrivacySettings(mode=mode, clip_norm=float(clip), delta=float(delta),
                         target_epsilon=None if target is None else float(target),
                         sampling=sampling, clipping=clipping, target_quantile=float(quantile),

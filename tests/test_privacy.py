@@ -294,3 +294,12 @@ def test_default_delta_is_below_one_over_the_number_of_clients():
 
     s = settings_from_config(_cfg())
     assert s.delta == pytest.approx(10 ** -1.1) and s.delta < 1 / 10
+
+
+def test_local_dp_refuses_trained_modules_it_would_not_noise():
+    from fedrac.privacy import settings_from_config
+
+    cfg = {**_cfg(mode="local_dp"), "model": {"name": "hf", "trainable_modules": "auto"}}
+    with pytest.raises(ConfigError, match="privacy.mode='local_dp' is not allowed; allowed: dp"):
+        settings_from_config(cfg)
+    settings_from_config({**cfg, "model": {"name": "hf", "trainable_modules": []}})
