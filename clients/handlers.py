@@ -342,8 +342,23 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
     out = local_privacy(cfg, out, start, server_round, context)
     metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
                             "train-seconds": result.seconds, "train-steps": result.steps})
-    return Message(RecordDict({reply_key: to_array_record(out), **records, "metrics": metrics}),
-                   reply_to=msg)
+    return bind_reply(msg, Message(RecordDict({reply_key: to_array_record(out), **records,
+                                               "metrics": metrics}), reply_to=msg))
+
+
+def bind_reply(msg: Message, reply: Message) -> Message:
+    """``reply`` with the round and nonce of the train message it answers echoed in its
+    metrics (``server-round``, ``round-nonce``): the server drops a reply naming another
+    round as stale. Error replies and replies without one metrics record pass unchanged."""
+    config = msg.content.config_records.get("config") if not msg.has_error() else None
+    if reply.has_error() or config is None:
+        return reply
+    metrics = [r for r in reply.content.values() if isinstance(r, MetricRecord)]
+    if len(metrics) == 1:
+        for key in ("server-round", "round-nonce"):
+            if key in config:
+                metrics[0][key] = int(config[key])
+    return reply
 
 
 def local_privacy(cfg: Mapping[str, Any], out: dict[str, torch.Tensor],

@@ -14,6 +14,7 @@ so restoring this state before round ``t + 1`` continues the very same trajector
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -147,17 +148,51 @@ def _atomic_write(path: Path, write: Any) -> None:
             os.fsync(fh.fileno())
 
 
-def save_checkpoint(output_dir: str | Path, state: Mapping[str, Any]) -> float:
-    """Write ``state`` (a tree of JSON values, tensors and bytes) atomically; the seconds."""
+def config_hash(cfg: Mapping[str, Any]) -> str:
+    """SHA-256 of the run's config as saved (JSON), without what a resume may change
+    (:data:`RESUMABLE`): ties a checkpoint to its run."""
+    plain = json.loads(json.dumps(dict(cfg), default=str))
+    kept = {k: v for k, v in plain.items() if k not in RESUMABLE}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def _digest(text: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the state's JSON tree and every tensor's key, dtype, shape and bytes."""
+    h = hashlib.sha256(text.encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"\0{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(output_dir: str | Path, state: Mapping[str, Any],
+                    run_hash: str | None = None) -> float:
+    """Write ``state`` (a tree of JSON values, tensors and bytes) atomically with its
+    checksum and ``run_hash`` (:func:`config_hash`); the seconds."""
     t0 = time.perf_counter()
     folder = Path(output_dir) / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     tree = _flatten(dict(state), "", tensors)
-    meta = {"fedrac": json.dumps({"format": FORMAT, "state": tree})}
+    tensors = _unshared(tensors)
+    text = json.dumps({"format": FORMAT, "state": tree})
+    meta = {"fedrac": text, "sha256": _digest(text, tensors), "run": run_hash or ""}
     _atomic_write(folder / STATE_FILE,
-                  lambda tmp: save_file(_unshared(tensors), str(tmp), metadata=meta))
+                  lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return time.perf_counter() - t0
+
+
+def remove_orphans(folder: Path) -> list[str]:
+    """Remove the temporary files a crash left in the checkpoint folder (``.<name>.*.tmp*``,
+    see :func:`fedrac.atomic.atomic_path`); the run holds the folder (its lock), so no other
+    writer owns them. Returns their names."""
+    gone = []
+    for name in (STATE_FILE, CONFIG_FILE):
+        for p in folder.glob(f".{name}.*.tmp*"):
+            p.unlink(missing_ok=True)
+            gone.append(p.name)
+    return gone
 
 
 def checkpoint_path(output_dir: str | Path) -> Path:
@@ -165,15 +200,35 @@ def checkpoint_path(output_dir: str | Path) -> Path:
     return Path(output_dir) / FOLDER / STATE_FILE
 
 
-def load_checkpoint(output_dir: str | Path) -> dict[str, Any]:
-    """The state :func:`save_checkpoint` wrote (``ConfigError`` when there is none)."""
+def load_checkpoint(output_dir: str | Path, run_hash: str | None = None) -> dict[str, Any]:
+    """The state :func:`save_checkpoint` wrote; ``ConfigError`` (one line) when there is none,
+    when it is damaged (unreadable, checksum mismatch) or, given ``run_hash``, when it was
+    written by another run (another config)."""
     path = checkpoint_path(output_dir)
     _require(path.is_file(), "resume", str(output_dir),
              f"a run folder holding {FOLDER}/{STATE_FILE} (none there: the run stopped before "
              "its first checkpoint, or ran with checkpoint_every=0)")
-    with safe_open(str(path), framework="pt") as fh:
-        doc = json.loads(fh.metadata()["fedrac"])
-    return _unflatten(doc["state"], load_file(str(path)))
+    where = f"{FOLDER}/{STATE_FILE}"
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        text = meta["fedrac"]
+        doc = json.loads(text)
+        tensors = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - truncated, flipped header bytes, not safetensors
+        why = str(err).splitlines()[0][:120] if str(err) else ""
+        _require(False, "resume", str(output_dir), f"a run folder with an intact {where} (it "
+                 f"is damaged: {type(err).__name__}{': ' + why if why else ''})")
+    _require(bool(meta.get("sha256")), "resume", str(output_dir),
+             f"a run folder with a checksummed {where} (this one has no checksum: written by "
+             "an older fedrac or not by fedrac)")
+    _require(_digest(text, tensors) == meta["sha256"], "resume", str(output_dir),
+             f"a run folder with an intact {where} (its checksum does not match: damaged)")
+    if run_hash is not None:
+        _require(meta.get("run") == run_hash, "resume", str(output_dir),
+                 f"a folder whose {where} belongs to its run (this one was written by another "
+                 f"run: config hash {str(meta.get('run'))[:12]}, the run's {run_hash[:12]})")
+    return _unflatten(doc["state"], tensors)
 
 
 def save_run_config(output_dir: str | Path, cfg: Mapping[str, Any]) -> None:
@@ -337,6 +392,8 @@ class Checkpointer:
         self.strategy, self.recorder, self.grid = strategy, recorder, grid
         self.seconds: list[float] = []  # each checkpoint's cost (a file holds its forerunners')
         self.count = 0
+        self.run_hash = config_hash(cfg)
+        remove_orphans(self.dir / FOLDER)
         if self.every:
             save_run_config(self.dir, cfg)
 
@@ -364,7 +421,7 @@ class Checkpointer:
         if self.due(server_round):
             t0 = time.perf_counter()
             state = self.state(server_round, weights() if callable(weights) else weights)
-            save_checkpoint(self.dir, state)
+            save_checkpoint(self.dir, state, self.run_hash)
             self.seconds.append(time.perf_counter() - t0)
             self.count += 1
         if STOP.requested and 0 < server_round < self.num_rounds:
@@ -373,7 +430,7 @@ class Checkpointer:
     def restore(self) -> tuple[int, dict[str, torch.Tensor], Mapping[str, Any]]:
         """Load the checkpoint into the strategy, recorder and grid; return the round it was
         taken after, its global weights and the RNG states (to set just before the loop)."""
-        state = load_checkpoint(self.dir)
+        state = load_checkpoint(self.dir, self.run_hash)
         self.strategy.load_state_dict(state["strategy"])
         self.recorder.load_state_dict(state["recorder"])
         if "grid" in state and hasattr(self.grid, "load_state_dict"):
@@ -397,6 +454,10 @@ def exit_interrupted(summary: Mapping[str, Any], output_dir: str | Path) -> None
     """Print the one line saying how to continue an interrupted run; exit 128 + signal."""
     import shlex
 
+    if not summary.get("checkpoints"):  # secagg=plus (or checkpoint_every=0) keeps none
+        print(f"fedrac: interrupted after round {summary['interrupted_after_round']}; results "
+              f"so far in {output_dir}; no checkpoint to continue from", flush=True)
+        sys.exit(128 + int(signal.Signals[summary["signal"]]))
     print(f"fedrac: interrupted after round {summary['interrupted_after_round']}; results so "
           f"far in {output_dir}; continue with: fedrac resume={shlex.quote(str(output_dir))}",
           flush=True)

@@ -7,6 +7,7 @@ failed job (each recorded in the comparison).
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import sys
@@ -32,7 +33,12 @@ def _fail(err: Exception | str, code: int = 2, in_job: bool = False) -> NoReturn
 
 def _prepare(cfg: DictConfig) -> dict[str, Any]:
     """The validated run config with its output folder (ConfigError when either is bad)."""
-    from fedrac.outputs import check_output_dir, clear_results, job_output_dir
+    from fedrac.outputs import (
+        check_output_dir,
+        claim_output_dir,
+        clear_results,
+        job_output_dir,
+    )
 
     run_cfg = validate(cfg)
     if run_cfg.get("resume"):  # the saved config, with the few overrides that keep its path
@@ -40,6 +46,7 @@ def _prepare(cfg: DictConfig) -> dict[str, Any]:
 
         run_cfg = resume_config(run_cfg["resume"], HydraConfig.get().overrides.task, run_cfg)
     run_cfg["output_dir"] = job_output_dir(run_cfg.get("output_dir"), HydraConfig.get())
+    claim_output_dir(run_cfg["output_dir"])  # first: one run per folder, then its contents
     check_output_dir(run_cfg)
     if run_cfg.get("overwrite") and not run_cfg.get("resume"):
         clear_results(run_cfg["output_dir"])
@@ -84,6 +91,12 @@ def _hydra_main(cfg: DictConfig) -> float:
         _fail(err)
     except RunFailedError as err:  # no round had a valid reply: exit 3, one line
         _fail(err, 3)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        _fail(f"no space left on the device writing {err.filename or run_cfg['output_dir']}; "
+              "the files already written are intact (each is written whole or not at all): "
+              f"free space, then continue with resume={run_cfg['output_dir']}", 1)
 
 
 def main() -> None:

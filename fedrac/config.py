@@ -138,10 +138,10 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     check_engine(d["engine"])
     check_strategy(s, strategy_cls)
     check_guards(d, strategy_cls)
+    check_secagg(d)  # config only: before the model and data are built
     if not d.get("runner"):  # an experiment with its own loop builds (and checks) its own
         check_objects(d, strategy_cls)
     check_privacy(d)
-    check_secagg(d)
     return d
 
 

@@ -27,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 log = logging.getLogger(__name__)
 
 OVERRIDES_KEY = "overrides"  # the run-config key (pyproject [tool.flwr.app.config])
+RUN_OVERRIDES = "run-overrides"  # message config key: a resumed run's own overrides
 
 
 def _overrides(run_config: Any) -> str:
@@ -51,6 +52,8 @@ def _compose(overrides: str) -> str:
         cfg = compose(config_name="config", overrides=[*items, "engine=deployment"])
     d = validate(cfg)
     out = d.get("output_dir")
+    if d.get("resume") and out is None:
+        return json.dumps(d)  # the resumed run's own folder and config (fedrac.checkpoint)
     if not isinstance(out, str) or not PurePath(out).is_absolute():
         raise ConfigError(f"output_dir={out!r} is not allowed under flwr run; allowed: an "
                           "absolute path on the server machine, e.g. output_dir=/srv/fedrac/run1")
@@ -60,6 +63,39 @@ def _compose(overrides: str) -> str:
 def deployment_config(run_config: Any) -> dict[str, Any]:
     """The validated fedrac config composed from a run config's ``overrides`` string."""
     return json.loads(_compose(_overrides(run_config)))
+
+
+def _resumes(overrides: str) -> bool:
+    return any(i.lstrip("+~").startswith("resume=") for i in shlex.split(overrides))
+
+
+def run_overrides(folder: str | Path, overrides: str) -> str:
+    """The overrides the nodes of a resumed run compose their config from: the run's own
+    (``<folder>/.hydra/overrides.yaml``) with ``num_rounds`` from ``overrides``."""
+    from omegaconf import OmegaConf
+
+    saved = Path(folder) / ".hydra" / "overrides.yaml"
+    items = [str(i) for i in OmegaConf.load(saved)] if saved.is_file() else []
+    items = [i for i in items if not i.lstrip("+~").startswith(("resume=", "num_rounds="))]
+    items += [i for i in shlex.split(overrides) if i.lstrip("+~").startswith("num_rounds=")]
+    return shlex.join(items)
+
+
+def node_config(msg: Message, context: Context) -> dict[str, Any]:
+    """A node's run config: from the run config's overrides, or, when they resume a run
+    (``resume=DIR``, a folder on the server machine), from the run's own overrides, which the
+    ServerApp sends in every message's config (``run-overrides``)."""
+    from fedrac.config import ConfigError
+
+    own = _overrides(context.run_config)
+    if not _resumes(own):
+        return deployment_config(context.run_config)
+    config = msg.content.config_records.get("config")
+    if config is None or RUN_OVERRIDES not in config:
+        raise ConfigError(f"run config {OVERRIDES_KEY}={own!r} resumes a run, but the "
+                          f"message carries no {RUN_OVERRIDES}; allowed: messages of fedrac's "
+                          "ServerApp")
+    return json.loads(_compose(str(config[RUN_OVERRIDES])))
 
 
 def save_resolved_config(cfg: dict[str, Any], overrides: str) -> Path:
@@ -142,16 +178,20 @@ def _server_main(grid: Grid, context: Context) -> None:
 
     cfg = deployment_config(context.run_config)
     resumed = bool(cfg.get("resume"))
+    node_overrides = None
     if resumed:  # the saved config of that run (fedrac.checkpoint), with the few overrides kept
-        from fedrac.checkpoint import check_same_run, resume_config
+        from fedrac.checkpoint import resume_config
 
         given = cfg
-        cfg = resume_config(cfg["resume"], shlex.split(_overrides(context.run_config)), given)
-        check_same_run(cfg, given)  # the nodes compose theirs from the same overrides
+        overrides = _overrides(context.run_config)
+        cfg = resume_config(cfg["resume"], shlex.split(overrides), given)
+        # the nodes cannot read the folder: they get the run's own overrides in each message
+        node_overrides = run_overrides(cfg["output_dir"], overrides)
     check_output_dir(cfg)  # a folder holding a run is refused (overwrite=true, resume=)
     if cfg.get("overwrite") and not cfg.get("resume"):
         clear_results(cfg["output_dir"])
-    save_resolved_config(cfg, _overrides(context.run_config))
+    if not resumed:
+        save_resolved_config(cfg, _overrides(context.run_config))
     grid = PromptGrid(grid)
     if resumed:
         wait_for_nodes(grid, int(cfg["num_clients"]))
@@ -163,7 +203,7 @@ def _server_main(grid: Grid, context: Context) -> None:
     from fedrac.run import RunFailedError
     from fedrac.server_app import run_server
 
-    summary = run_server(cfg, grid)
+    summary = run_server(cfg, grid, node_overrides=node_overrides)
     if summary.get("status") == "failed":  # Flower marks the run failed, with this reason
         raise RunFailedError(f"{summary['failure']}; results in {cfg['output_dir']}")
 
@@ -178,7 +218,7 @@ def _client(kind: str, msg: Message, context: Context) -> Message:
     from clients import handlers
 
     handle = handlers.handle_train if kind == "train" else handlers.handle_evaluate
-    return handle(deployment_config(context.run_config), msg, context)
+    return handle(node_config(msg, context), msg, context)
 
 
 def _secagg_cfg(context: Context) -> dict[str, Any]:

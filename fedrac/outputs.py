@@ -4,6 +4,7 @@ one sub-folder per job of a sweep, no empty folder left behind by a run that nev
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,8 +12,10 @@ from typing import Any
 
 from fedrac.config import ConfigError, _require
 
+LOCK = ".fedrac.lock"  # held (flock) by the one process running in the folder
 # What Hydra itself puts in a run folder before fedrac starts: not a run.
-HYDRA_OWN = (".hydra", "fedrac.log")
+HYDRA_OWN = (".hydra", "fedrac.log", LOCK)
+_HELD: dict[str, int] = {}  # folder -> the open lock file of this process
 # What a fedrac run writes (removed first by overwrite=true; nothing else is touched).
 RESULTS = ("metrics.csv", "summary.json", "model.safetensors", "curves.png", "partition.csv",
            "partition.json", "partition.png", "data.json", "spectrum.csv", "checkpoint",
@@ -25,6 +28,37 @@ def contents(path: str | Path) -> list[str]:
     if not path.is_dir():
         return [path.name] if path.exists() else []
     return sorted(p.name for p in path.iterdir() if p.name not in HYDRA_OWN)
+
+
+def claim_output_dir(path: str | Path) -> None:
+    """Take the folder for this process: an exclusive ``flock`` on ``<path>/.fedrac.lock``,
+    held until the process ends (the kernel drops it even on SIGKILL). ``ConfigError`` when
+    another process holds it: of two runs started together on one folder exactly one runs."""
+    import fcntl
+
+    folder = Path(path)
+    key = str(folder.resolve())
+    if key in _HELD:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigError(f"output_dir={str(path)!r} is in use by another run (pid {holder});"
+                          " allowed: a folder no other run is writing to") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _HELD[key] = fd
+
+
+def release_output_dir(path: str | Path) -> None:
+    """Drop this process's claim on the folder (the run in it has ended)."""
+    fd = _HELD.pop(str(Path(path).resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor releases the flock
 
 
 def check_output_dir(d: Mapping[str, Any]) -> None:

@@ -29,7 +29,8 @@ replacement; then neighbours differ by replacing one client, whose sum moves by 
 each round is a without-replacement-subsampled Gaussian of multiplier ``sigma / 2``.
 Local DP accounts each client's own releases (no amplification: the server knows who took
 part) with multiplier ``sigma / 2`` (two of a client's clipped updates differ by up to 2C) and
-reports the largest epsilon over clients. ``delta`` defaults to ``1 / num_clients``.
+reports the largest epsilon over clients. ``delta`` defaults to ``1 / num_clients^1.1``
+(at most 0.1); a delta of ``1 / num_clients`` or more is refused.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ NOISE_STREAM = 101  # derive_seed(run_seed, round, NOISE_STREAM): central noise 
 COUNT_STREAM = 102  # derive_seed(run_seed, round, COUNT_STREAM): adaptive clipping's count noise
 LOCAL_STREAM = 103  # derive_seed(run_seed, round, LOCAL_STREAM, node): a client's local noise
 MIN_NOISE_MULTIPLIER = 1e-3  # calibration searches [this, max_noise_multiplier]
+DELTA_EXPONENT = 1.1  # default delta = 1 / num_clients^1.1
 
 
 class PrivacyConfigError(ConfigError):
@@ -268,6 +270,12 @@ def calibrate(s: PrivacySettings, target_epsilon: float, rounds: int,
             hi = mid
         else:
             lo = mid
+    if not epsilon_after(s, rounds, hi) > 0:  # delta alone covers the run: 0 says nothing
+        raise PrivacyConfigError(
+            f"privacy.target_epsilon={target_epsilon:g} cannot be accounted at delta="
+            f"{s.delta:.3g} (the accountant reports epsilon 0 at noise multiplier {hi:.4g}: "
+            "delta alone covers the run); allowed: a larger target_epsilon or a smaller "
+            "privacy.delta")
     return hi
 
 
@@ -278,6 +286,12 @@ def _num(v: Any) -> bool:
 
 def _fail(key: str, value: Any, allowed: str) -> None:
     raise PrivacyConfigError(f"privacy.{key}={value!r} is not allowed; allowed: {allowed}")
+
+
+def default_delta(num_clients: int) -> float:
+    """``1 / n^1.1`` (at most 0.1): below ``1 / n``, as delta must be (Dwork & Roth 2014,
+    sec. 2.3: a delta of order ``1 / n`` allows publishing some records in full)."""
+    return min(float(num_clients) ** -DELTA_EXPONENT, 0.1)
 
 
 def cohort_size(num_clients: int, fraction_train: float) -> int:
@@ -315,9 +329,12 @@ def settings_from_config(cfg: Mapping[str, Any]) -> PrivacySettings:
     if sigma is None and target is None:
         _fail("noise_multiplier", sigma, "a number >= 0 when privacy.target_epsilon is null")
     delta = p.get("delta")
-    delta = 1.0 / n if delta is None else delta
-    if not (_num(delta) and 0 < delta < 1):
-        _fail("delta", p.get("delta"), "null (1 / num_clients) or a number in (0, 1)")
+    delta = default_delta(n) if delta is None else delta
+    if not (_num(delta) and 0 < delta < 1 and (n < 2 or delta < 1.0 / n)):
+        _fail("delta", p.get("delta"), f"null (1 / num_clients^{DELTA_EXPONENT:g} = "
+              f"{default_delta(n):.3g}) or a number in (0, {min(1.0, 1.0 / n):.3g}) (below "
+              "1 / num_clients: a delta of 1 / n lets a mechanism publish one client's data "
+              "in full)")
     sampling, clipping = p.get("sampling", "poisson"), p.get("clipping", "fixed")
     if sampling not in SAMPLINGS:
         _fail("sampling", sampling, ", ".join(SAMPLINGS))
@@ -338,6 +355,11 @@ def settings_from_config(cfg: Mapping[str, Any]) -> PrivacySettings:
     if not (_num(max_sigma) and math.isfinite(max_sigma) and max_sigma > MIN_NOISE_MULTIPLIER):
         _fail("max_noise_multiplier", max_sigma, f"a number > {MIN_NOISE_MULTIPLIER:g}")
     check_aggregation(cfg.get("aggregation"), mode)
+    model = cfg.get("model") or {}
+    if mode == "local_dp" and model.get("name") == "hf" and \
+            model.get("trainable_modules", "auto") not in ([], None, "none"):
+        _fail("mode", mode, "dp with model=hf (local DP noises only the factors, not the "
+              "trained modules such as the new head), or model.trainable_modules=[]")
     s = PrivacySettings(mode=mode, clip_norm=float(clip), delta=float(delta),
                         target_epsilon=None if target is None else float(target),
                         sampling=sampling, clipping=clipping, target_quantile=float(quantile),
@@ -378,7 +400,7 @@ def check_aggregation(agg: Mapping[str, Any] | None, mode: str) -> None:
             "clip_norm / cohort when one client changes, so the noise would not cover it); "
             "allowed: aggregation=mean")
     bound = agg.get("max_update_norm")
-    if isinstance(bound, str):
+    if isinstance(bound, str) and bound != "default":
         raise PrivacyConfigError(
             f"aggregation.max_update_norm={bound!r} is not allowed with privacy=dp (a bound "
             "relative to the round's median norm depends on the other clients); allowed: null "

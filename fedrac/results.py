@@ -272,6 +272,10 @@ def run_status(summary: Mapping[str, Any]) -> dict[str, Any]:
     rounds, valid = summary.get("rounds", 0), summary.get("rounds_with_valid_replies", 0)
     why = summary.get("last_problem")
     because = f" (last: {why})" if why else ""
+    if summary.get("diverged"):
+        d = summary["diverged"]
+        return {"status": "failed", "failure": f"round {d['round']} diverged: {d['reason']}; "
+                f"the result is the model after round {int(d['round']) - 1}"}
     if rounds and not valid:
         return {"status": "failed", "failure": f"no round had a valid reply in {rounds} "
                 f"round{'s' * (rounds != 1)}{because}; the result is the starting model"}

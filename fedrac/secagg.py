@@ -38,6 +38,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from fedrac.checkpoint import STOP, RunInterrupted
 from fedrac.ledger import ByteLedger, record_dict_nbytes
 from fedrac.records import numpy_to_array
 
@@ -62,6 +63,21 @@ def check_config(cfg: Mapping[str, Any]) -> None:
         raise ValueError(f"secagg=plus is not allowed for strategy {name} (its rule needs every "
                          "client's own factors, which secure aggregation hides); allowed: "
                          f"{', '.join(LINEAR_STRATEGIES)}")
+    agg = dict(cfg.get("aggregation") or {})
+    if agg.get("name", "mean") != "mean":
+        raise ValueError(f"aggregation={agg['name']} is not allowed with secagg=plus (the "
+                         "server sees only the masked sum, so a robust rule has no updates to "
+                         "act on); allowed: aggregation=mean")
+    if agg.get("max_update_norm") not in (None, "default"):
+        raise ValueError(f"aggregation.max_update_norm={agg['max_update_norm']!r} is not "
+                         "allowed with secagg=plus (the server never sees one client's "
+                         "update); allowed: null (bound updates with privacy=dp, which the "
+                         "clients clip)")
+    model = dict(cfg.get("model") or {})
+    if model.get("name") == "hf":
+        raise ValueError("model=hf is not allowed with secagg=plus (its trained modules, e.g. "
+                         "the new head, travel beside the factors and are not summed by "
+                         "SecAgg+); allowed: a built-in model")
     if cfg["strategy"].get("download", "full") != "full":
         raise ValueError("strategy.download=delta is not allowed with secagg=plus (a resync "
                          "reply cannot go through the masked sum); allowed: full")
@@ -299,4 +315,6 @@ def run_secagg(
             strategy.round_metrics[server_round] = {"clients": 0.0}
         strategy.round_metrics[server_round]["secagg_error_bound"] = bound
         evaluate_fn(server_round, adapter.arrays)
+        if STOP.requested and server_round < num_rounds:  # SIGINT / SIGTERM: stop here
+            raise RunInterrupted(server_round, STOP.signum)
     return stats

@@ -19,8 +19,10 @@ from fedrac.adapters.quantized import load_state
 from fedrac.checkpoint import Checkpointer, RunInterrupted, set_rng_state
 from fedrac.data import load_splits, to_tensors
 from fedrac.data.standardise import write_data_json
+from fedrac.divergence import DivergenceGuard, RunDiverged
 from fedrac.experiments.spectrum import global_factors, monitor_from_config
 from fedrac.models.pretrain import pretrained_record
+from fedrac.outputs import claim_output_dir, release_output_dir
 from fedrac.records import (
     array_to_tensor,
     to_array_record,
@@ -33,12 +35,25 @@ from strategies import build_strategy
 log = logging.getLogger(__name__)
 
 
-def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
+def run_server(cfg: Mapping[str, Any], grid: Grid, node_overrides: str | None = None
+               ) -> dict[str, Any]:
     """Run ``num_rounds`` of the configured strategy over ``grid``; write and return results.
 
     The server evaluates with the task's metrics on the target test split, on this
-    process's model instance (shared with clients simulated in the same process).
+    process's model instance (shared with clients simulated in the same process). The
+    output folder is claimed (one run per folder, also under ``flwr run``) until it returns.
+    ``node_overrides``: sent in every message's config (``run-overrides``) for nodes that
+    resume a deployment run (:func:`fedrac.flower_apps.node_config`).
     """
+    claim_output_dir(cfg["output_dir"])
+    try:
+        return _run_server(cfg, grid, node_overrides)
+    finally:
+        release_output_dir(cfg["output_dir"])
+
+
+def _run_server(cfg: Mapping[str, Any], grid: Grid, node_overrides: str | None
+                ) -> dict[str, Any]:
     splits = load_splits(cfg["dataset"])
     model = client_model(cfg)
     initial = pretrained_record(cfg["model"], cfg["dataset"], cfg["pretrain"],
@@ -54,6 +69,8 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
         strategy.data_config = splits.standardisation.wire()  # for nodes with their own data
         write_data_json(cfg["output_dir"], {"standardisation": splits.standardisation.to_json(),
                                             "nan": cfg["dataset"].get("nan") or "error"})
+    if node_overrides is not None:
+        strategy.data_config["run-overrides"] = node_overrides
     num_rounds, every = int(cfg["num_rounds"]), int(cfg["eval_every"])
     recorder = RunRecorder(cfg["output_dir"], cfg, strategy.ledger, strategy.round_metrics,
                            num_rounds, privacy=strategy.privacy_summary())
@@ -68,7 +85,11 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
         print("labels: " + ", ".join(f"{i}={n}" for i, n in enumerate(splits.label_names)),
               flush=True)
 
+    guard = DivergenceGuard(state)
+
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round > 0:
+            guard.observe(server_round, to_shared_state_dict(arrays))  # RunDiverged
         latest["arrays"] = arrays
         if monitor.due(server_round):
             monitor.observe(server_round, {spec.weight_key: array_to_tensor(
@@ -89,13 +110,14 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
             ckpt.after_round(server_round, lambda: to_shared_state_dict(arrays))
         return result
 
-    first_round, interrupted = 1, None
+    first_round, interrupted, diverged = 1, None, None
     if cfg.get("resume") and ckpt is not None:
         done, weights, rng = ckpt.restore()
         latest["arrays"] = initial = to_array_record(weights)
         first_round = done + 1
         print(f"fedrac: resuming {cfg['output_dir']} after round {done} of {num_rounds}",
               flush=True)
+        guard = DivergenceGuard(weights)  # bound: 10x the resumed weights' norm at first
         set_rng_state(rng)  # last: nothing may draw between here and round `done + 1`
     try:
         if secagg:
@@ -110,6 +132,9 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
                            first_round=first_round)
     except RunInterrupted as stop:
         interrupted = stop
+    except RunDiverged as err:  # the result is the last good model; the run failed
+        diverged = err
+        log.error("fedrac: %s", err)
     final = dict(to_shared_state_dict(latest["arrays"]))
     monitor.close()
     extra: dict[str, Any] = {"spectrum": monitor.summary(),
@@ -120,6 +145,8 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     if interrupted is not None:
         extra.update({"interrupted": True, "interrupted_after_round": interrupted.server_round,
                       "signal": signal.Signals(interrupted.signum).name})
+    if diverged is not None:
+        extra["diverged"] = {"round": diverged.server_round, "reason": diverged.reason}
     if splits.label_names:
         extra["label_names"] = list(splits.label_names)
     if cfg["model"].get("name") == "hf":

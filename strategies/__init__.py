@@ -44,6 +44,10 @@ def build_aggregator(cfg: Mapping[str, Any]) -> Aggregator:
     caps at the largest partition outside deployment (where the server knows the partitions).
     """
     agg = dict(cfg.get("aggregation") or {})
+    if agg.get("max_update_norm") == "default" and (
+            (cfg.get("privacy") or {}).get("mode") == "dp"
+            or (cfg.get("secagg") or {}).get("name") == "plus"):
+        agg["max_update_norm"] = None  # DP bounds by its clip; SecAgg+ sees no update
     known = None
     if agg.get("max_client_weight", "auto") == "auto" and \
             (cfg.get("engine") or {}).get("name") != "deployment" and "partitioner" in cfg:

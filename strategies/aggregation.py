@@ -15,8 +15,9 @@ client started from; the **update** of client ``k`` is ``u_k = value_k - referen
   none, ``10x``), a number, ``"<k>x"`` (k times the round's median claim) or null (no cap);
 - ``max_update_norm``: a reply whose update has an L2 norm (over all its tensors) above
   this is dropped with a logged reason: null (off), a number, ``auto`` (= ``10x``) or
-  ``"<k>x"`` (k times the round's median update norm). Default off for ``mean``, ``auto``
-  for the robust rules.
+  ``"<k>x"`` (k times the round's median update norm). ``default``: ``auto``, except off
+  under ``privacy=dp`` (a bound set by the other clients' norms breaks DP's sensitivity) and
+  ``secagg=plus`` (the server sees no single update).
 
 **Rules** (``aggregation=<name>``, ``conf/aggregation/<name>.yaml``), per tensor, in float64:
 
@@ -124,6 +125,7 @@ class Mean(Rule):
 
     name = "mean"
     on_values = True
+    default_max_update_norm = "auto"  # null under privacy=dp / secagg=plus (build_aggregator)
 
 
 class OrderStatistic(Rule):
@@ -228,7 +230,8 @@ def check_config(agg: Mapping[str, Any], strategy_cls: type | None = None) -> No
     if not (isinstance(tf, int | float) and not isinstance(tf, bool) and 0 <= tf < 0.5):
         raise ValueError(f"aggregation.trim_fraction={tf!r} is not allowed; allowed: a number "
                          "in [0, 0.5)")
-    parse_bound(agg.get("max_update_norm"), "max_update_norm")
+    if agg.get("max_update_norm") != "default":
+        parse_bound(agg.get("max_update_norm"), "max_update_norm")
     parse_bound(agg.get("max_client_weight", "auto"), "max_client_weight")
     if strategy_cls is not None and getattr(strategy_cls, "linear_aggregation_only", False) \
             and not RULES[name].linear:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -50,6 +51,8 @@ OFF = {"full_lr": None, "warmup_steps": 0, "max_grad_norm": None,  # not sent wh
        "precision": "fp32", "grad_accum_steps": 1}
 REFACTOR_KEYS = ("refactor_eps", "refactor_interval", "refactor_warmup_steps")
 MODULES_KEY = "modules"  # reply record of the fully trained modules (ledger kind "modules")
+ROUND_NONCE = "round-nonce"  # train config key a reply echoes in its metrics (with the round)
+MODULE_PREFIX = "\0modules/"  # trained modules' keys when measured together with the factors
 SAMPLING_STREAM = 1  # derive_seed(run_seed, round, SAMPLING_STREAM) picks the round's clients
 EVAL_STREAM = 6  # derive_seed(run_seed, round, EVAL_STREAM) picks the clients that evaluate
 EVAL_KINDS = {"arrays": "eval", "config": "eval", "metrics": "eval"}  # ledger kind of evaluation
@@ -124,6 +127,28 @@ def weighted_average(
     return out
 
 
+def joint(reply: ValidReply) -> dict[str, torch.Tensor]:
+    """A reply's tensors and trained modules as one mapping (modules under
+    :data:`MODULE_PREFIX`): what one client's update norm is measured over."""
+    if not reply.modules:
+        return reply.tensors
+    return {**reply.tensors, **{MODULE_PREFIX + k: v for k, v in reply.modules.items()}}
+
+
+def joint_reference(tensors: Mapping[str, torch.Tensor], modules: Mapping[str, torch.Tensor],
+                    reference: Mapping[str, torch.Tensor] | None,
+                    module_reference: Mapping[str, torch.Tensor] | None
+                    ) -> dict[str, torch.Tensor]:
+    """The reference of :func:`joint` values: ``reference`` for the tensors, ``module_reference``
+    for the modules (zeros where either is ``None``)."""
+    out = dict(reference) if reference is not None else {
+        k: torch.zeros_like(v) for k, v in tensors.items()}
+    for k, v in modules.items():
+        out[MODULE_PREFIX + k] = torch.zeros_like(v) if module_reference is None \
+            else module_reference[k]
+    return out
+
+
 def _number(metrics: MetricRecord, key: str, default: float) -> float:
     """A reply's scalar metric as a float (``default`` when absent, not a number or not finite)."""
     value = metrics.get(key, default)
@@ -169,7 +194,9 @@ class FedracStrategy(FedAvg):
         self.run_seed = int(run_seed)
         self.client_config = client_config_record(client_config)
         self.ledger = ledger or ByteLedger()
-        self.aggregator = aggregator or Aggregator(run_seed=self.run_seed)
+        self.privacy = privacy or PrivacySettings()
+        self.aggregator = aggregator or Aggregator(  # DP bounds updates by its own clip
+            max_update_norm=None if self.privacy.central else "default", run_seed=self.run_seed)
         self.round_metrics: dict[int, dict[str, float]] = {}
         self.last_problem: str | None = None  # why the latest failed or rejected reply was lost
         self.sent: dict[int, list[Message]] = {}  # round -> train messages awaiting replies
@@ -185,6 +212,9 @@ class FedracStrategy(FedAvg):
         self.data_config: dict[str, Any] = {}
         self.module_shapes: dict[str, tuple[int, ...]] = {}
         self.merged: MergedFactors | None = None  # adapter methods: the merges, low-rank
+        self.module_reference: dict[str, torch.Tensor] | None = None  # the round's start
+        self.nonces: dict[int, int] = {}  # round -> the nonce its replies must echo
+        self.dp_modules: dict[str, torch.Tensor] | None = None  # DP's mean module update
 
     def set_trainable_modules(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """The parameters clients train in full beside the adapters (``model.trainable_modules``,
@@ -199,6 +229,12 @@ class FedracStrategy(FedAvg):
         out = dict(state)
         if not self.module_shapes or not valid:
             return out
+        if self.dp is not None:  # the private mean update of private_average (noised)
+            if self.dp_modules is None:
+                raise RuntimeError("privacy=dp: the trained modules were not privatised")
+            for key, delta in self.dp_modules.items():
+                out[key] = (out[key].to(torch.float64) + delta).to(out[key].dtype)
+            return out
         reference = {k: out[k] for k in self.module_shapes if k in out} or None
         if reference is not None and len(reference) != len(self.module_shapes):
             reference = None
@@ -207,6 +243,17 @@ class FedracStrategy(FedAvg):
         for key, value in avg.items():
             out[key] = value.to(out[key].dtype) if key in out else value
         return out
+
+    def _module_start(self, module_reference: Mapping[str, torch.Tensor] | None
+                      ) -> dict[str, torch.Tensor] | None:
+        """The trained modules' values the clients started from (``None``: zero), kept in
+        :attr:`module_reference` for the round."""
+        ref = None
+        if self.module_shapes and module_reference is not None and \
+                all(k in module_reference for k in self.module_shapes):
+            ref = {k: module_reference[k] for k in self.module_shapes}
+        self.module_reference = ref
+        return ref
 
     def set_adapters(
         self, layers: Mapping[str, LayerSpec], rank: int, alpha: float, sketch: str
@@ -260,9 +307,33 @@ class FedracStrategy(FedAvg):
         return chosen
 
     def train_config(self, server_round: int, **extra: Any) -> ConfigRecord:
-        """The ``config`` record of a train message."""
+        """The ``config`` record of a train message (with the round and its nonce, which a
+        reply must echo: see :func:`clients.handlers.bind_reply`)."""
         return ConfigRecord({**self.client_config, **self.data_config,
-                             "server-round": server_round, **extra})
+                             "server-round": server_round,
+                             ROUND_NONCE: self.round_nonce(server_round), **extra})
+
+    def round_nonce(self, server_round: int) -> int:
+        """A fresh random number for the round (62 bits with the top one set: every nonce
+        takes the same bytes on the wire, so the byte ledger stays deterministic)."""
+        if server_round not in self.nonces:
+            self.nonces = {server_round: secrets.randbits(61) | (1 << 61)}
+        return self.nonces[server_round]
+
+    def stale_reason(self, server_round: int, msg: Message,
+                     sent_ids: Mapping[str, int]) -> str | None:
+        """Why a reply is not an answer to this round's message (``None``: it is): it must
+        answer a message sent this round and echo the round and its nonce."""
+        if sent_ids and msg.metadata.reply_to_message_id not in sent_ids:
+            return "stale reply: it answers no message of this round"
+        metrics = [r for r in msg.content.values() if isinstance(r, MetricRecord)]
+        echoed = metrics[0] if len(metrics) == 1 else {}
+        rnd, nonce = echoed.get("server-round"), echoed.get(ROUND_NONCE)
+        if rnd != server_round:
+            return f"stale reply: it names round {rnd}, not {server_round}"
+        if nonce != self.nonces.get(server_round):
+            return f"stale reply: its {ROUND_NONCE} is not round {server_round}'s"
+        return None
 
     def make_messages(
         self, server_round: int, contents: Mapping[int, RecordDict] | RecordDict,
@@ -375,6 +446,7 @@ class FedracStrategy(FedAvg):
         expected: Mapping[str, tuple[int, ...]], kinds: Mapping[str, str],
         reference: Mapping[str, torch.Tensor] | None = None,
         dtypes: Mapping[str, torch.dtype] | None = None,
+        module_reference: Mapping[str, torch.Tensor] | None = None,
     ) -> list[ValidReply]:
         """Replies that carry exactly ``expected`` (key -> shape) in the expected dtypes, finite,
         with a positive ``num-examples``, and that pass the aggregator's screen.
@@ -387,6 +459,11 @@ class FedracStrategy(FedAvg):
         sent a message that did not reply (timed out, disconnected) are logged by id. Bytes
         up go to the ledger; the round's train loss, client seconds and counts go to
         ``round_metrics``.
+
+        With trained modules (``model.trainable_modules``) the screen measures one norm per
+        client over its tensors and its modules together (the modules' update taken against
+        ``module_reference``, the global modules the client started from), and the rule's
+        scale is applied to both.
         """
         checked: list[ValidReply] = []
         failed = rejected = 0
@@ -407,7 +484,10 @@ class FedracStrategy(FedAvg):
                 self.last_problem = f"node failed: {msg.error.reason}"
                 continue
             self.ledger.add(server_round, "up", record_dict_nbytes(msg.content, dict(kinds)))
-            reason, reply = self._check_reply(msg, array_key, expected, dtypes)
+            reason = self.stale_reason(server_round, msg, to)
+            reply = None
+            if reason is None:
+                reason, reply = self._check_reply(msg, array_key, expected, dtypes)
             if reason is None and self.module_shapes and array_key != "arrays":
                 reason = self._check_modules(msg, reply)
             if reason:
@@ -416,9 +496,12 @@ class FedracStrategy(FedAvg):
                 self.last_problem = f"reply rejected: {reason}"
                 continue
             checked.append(reply)
+        mod_ref = self._module_start(module_reference)
+        joint_ref = joint_reference(checked[0].tensors, checked[0].modules, reference,
+                                    mod_ref) if checked and checked[0].modules else reference
         kept, weights, scales = self.aggregator.screen(
-            server_round, [r.node_id for r in checked], [r.tensors for r in checked],
-            [r.weight for r in checked], reference)
+            server_round, [r.node_id for r in checked], [joint(r) for r in checked],
+            [r.weight for r in checked], joint_ref)
         rejected += len(checked) - len(kept)
         if self.client_weighting == "uniform":  # 1/M, the paper's average
             weights = [1.0] * len(weights)
@@ -426,7 +509,9 @@ class FedracStrategy(FedAvg):
         for i, w, scale in zip(kept, weights, scales, strict=True):
             r = checked[i]
             tensors = r.tensors if scale == 1.0 else scaled(r.tensors, reference, scale)
-            valid.append(ValidReply(r.node_id, tensors, w, r.metrics, r.modules))
+            modules = r.modules if scale == 1.0 or not r.modules else \
+                scaled(r.modules, mod_ref, scale)
+            valid.append(ValidReply(r.node_id, tensors, w, r.metrics, modules))
         total_w = sum(r.weight for r in valid)
         metrics = {
             "clients": float(len(valid)), "failed": float(failed + len(missing)),
@@ -452,16 +537,34 @@ class FedracStrategy(FedAvg):
         start)."""
         self.note_release(server_round, valid)
         if self.dp is not None:
-            return self.private_average(server_round, [r.tensors for r in valid], reference)
+            return self.private_average(server_round, [r.tensors for r in valid], reference,
+                                        modules=[r.modules for r in valid])
         return self.aggregator.aggregate(server_round, [r.tensors for r in valid],
                                          [r.weight for r in valid], reference)
 
     def private_average(
         self, server_round: int, values: Sequence[Mapping[str, torch.Tensor]],
         reference: Mapping[str, torch.Tensor] | None,
+        modules: Sequence[Mapping[str, torch.Tensor]] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Central DP over arbitrary per-client tensors (FedEx-LoRA / FLoRA add products)."""
+        """Central DP over arbitrary per-client tensors (FedEx-LoRA / FLoRA add products).
+
+        ``modules`` (each client's trained modules, see :meth:`set_trainable_modules`) are
+        clipped together with ``values`` (one norm per client) and noised with them; their
+        private mean update is kept for :meth:`apply_modules`."""
         assert self.dp is not None
+        self.dp_modules = None
+        if self.module_shapes and modules and all(modules):
+            ref = joint_reference(values[0], modules[0], reference, self.module_reference)
+            both = self.dp.aggregate(server_round, [
+                {**v, **{MODULE_PREFIX + k: t for k, t in m.items()}}
+                for v, m in zip(values, modules, strict=True)], ref)
+            self.dp_modules = {k[len(MODULE_PREFIX):]: t.to(torch.float64)
+                               - ref[k].to(torch.float64)
+                               for k, t in both.items() if k.startswith(MODULE_PREFIX)}
+            out = {k: t for k, t in both.items() if not k.startswith(MODULE_PREFIX)}
+            self.round_metrics.setdefault(server_round, {}).update(self.dp.round_metrics())
+            return out
         out = self.dp.aggregate(server_round, values, reference)
         self.round_metrics.setdefault(server_round, {}).update(self.dp.round_metrics())
         return out

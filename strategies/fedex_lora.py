@@ -79,6 +79,7 @@ class FedExLoRA(TwoFactorLoRA):
         assert self.round_start is not None
         self.note_release(server_round, valid)
         agg = self.private_average(server_round, [with_products(r.tensors) for r in valid],
-                                   with_products(self.round_start))
+                                   with_products(self.round_start),
+                                   modules=[r.modules for r in valid])
         self.adapters = {k: agg[k].to(torch.float32) for k in self.factor_keys()}
         return {n: agg[f"{n}.product"] for n in self.layers}

@@ -61,7 +61,8 @@ class FLoRA(TwoFactorLoRA):
                                         self.scale, spec) for name, spec in self.layers.items()}
                     for r in valid]
         self.note_release(server_round, valid)
-        deltas = self.private_average(server_round, products, None)
+        deltas = self.private_average(server_round, products, None,
+                                      modules=[r.modules for r in valid])
         self.merge_into_base(deltas, as_update=True)
         self.update = {self.layers[n].weight_key: d.to(torch.float32) for n, d in deltas.items()}
         self.adapters = None

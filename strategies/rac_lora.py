@@ -203,7 +203,8 @@ class RacLoRA(FedracStrategy):
                 self.ledger.add)
         current = to_shared_state_dict(self._global)
         valid = self.collect_replies(server_round, replies, "factors", expected, KINDS,
-                                     dtypes=self.factor_dtypes(current, expected))
+                                     dtypes=self.factor_dtypes(current, expected),
+                                     module_reference=current)
         metrics = self.round_metric_record(server_round)
         if not valid:
             return None, metrics

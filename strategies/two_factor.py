@@ -135,7 +135,8 @@ class TwoFactorLoRA(FedracStrategy):
         self.round_start = self.start_factors(server_round)
         valid = self.collect_replies(server_round, replies, "factors", self.factor_keys(),
                                      self.kinds, reference=self.round_start,
-                                     dtypes={k: v.dtype for k, v in self.round_start.items()})
+                                     dtypes={k: v.dtype for k, v in self.round_start.items()},
+                                     module_reference=self.base)
         metrics = self.round_metric_record(server_round)
         if not valid:
             return None, metrics

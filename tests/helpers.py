@@ -50,6 +50,13 @@ def run_strategy(strategy, initial: ArrayRecord, num_rounds: int, num_nodes: int
 def reply(msg: Message, key: str, tensors: dict, num_examples: int, loss: float = 0.0) -> Message:
     """A train reply carrying ``tensors`` under ``key`` and the usual metrics."""
     metrics = MetricRecord({"num-examples": num_examples, "train-loss": loss,
-                            "train-seconds": 0.0})
+                            "train-seconds": 0.0, **echo(msg)})
     arrays = ArrayRecord({k: torch.as_tensor(v) for k, v in tensors.items()})
     return Message(RecordDict({key: arrays, "metrics": metrics}), reply_to=msg)
+
+
+def echo(msg: Message) -> dict[str, int]:
+    """The round and nonce a train reply echoes from the message it answers."""
+    config = msg.content.config_records.get("config")
+    return {k: int(config[k]) for k in ("server-round", "round-nonce")
+            if config is not None and k in config}

@@ -255,3 +255,27 @@ def test_deployment_resume_needs_the_runs_own_overrides():
                               "min_available_clients": None})
     with pytest.raises(ConfigError, match=r"^strategy\.rank=2 is not allowed; allowed: 4, the "):
         ck.check_same_run(saved, {**saved, "strategy": {"name": "fedit", "rank": 2}})
+
+
+def test_resumed_deployment_nodes_compose_the_runs_own_overrides(tmp_path):
+    """Under ``flwr run`` with ``resume=DIR`` the nodes take the run's overrides (saved in
+    ``DIR/.hydra/overrides.yaml``) from the message, with the new ``num_rounds``."""
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from fedrac.flower_apps import node_config, run_overrides, save_resolved_config
+
+    out = tmp_path / "run"
+    own = f"num_clients=2 strategy.rank=2 num_rounds=2 output_dir={out}"
+    save_resolved_config({"output_dir": str(out)}, own)
+    wire = run_overrides(out, f"resume={out} num_rounds=5")
+    assert wire == f"num_clients=2 strategy.rank=2 output_dir={out} num_rounds=5"
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
+                      run_config={"overrides": f"resume={out} num_rounds=5"})
+    msg = SimpleNamespace(content=RecordDict({"config": ConfigRecord({"run-overrides": wire})}))
+    cfg = node_config(msg, context)
+    assert cfg["num_clients"] == 2 and cfg["strategy"]["rank"] == 2 and cfg["num_rounds"] == 5
+    bare = SimpleNamespace(content=RecordDict({"config": ConfigRecord({})}))
+    with pytest.raises(ConfigError, match="resumes a run, but the message carries no"):
+        node_config(bare, context)

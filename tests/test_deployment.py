@@ -314,3 +314,41 @@ def test_an_outsider_with_the_ca_cannot_register_a_key_or_start_a_run(federation
     nodes = json.loads(flwr_cli(["supernode", "list", fed.connection, "--format",
                                  "json"]).stdout)["nodes"]
     assert len(nodes) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as a second local user")
+def test_another_local_user_cannot_use_the_control_or_runtime_api(federation, flwr_env):
+    """uid 65534 ("nobody") on the server machine: 403 from the Control API (list runs) and
+    from a SuperNode's Runtime API (acquire a task); the operator's CLI still works."""
+    fed = federation(1)
+    control = int(fed.control_address.rsplit(":", 1)[1])
+    runtime = next(iter(fed.node_ports.values()))
+    probe = ("import socket, sys; s = socket.create_connection(('127.0.0.1', int(sys.argv[1])));"
+             " s.sendall(('POST ' + sys.argv[2] + ' HTTP/1.0\\r\\nContent-Length: 0\\r\\n\\r\\n')"
+             ".encode()); print(s.recv(100).split(b'\\r\\n')[0].decode())")
+    for port, path in ((control, "/v1/control/list-runs"),
+                       (runtime, "/v1/runtime/acquire-task")):
+        out = subprocess.run(["/usr/bin/python3", "-c", probe, str(port), path], cwd="/",
+                             user=65534, group=65534, extra_groups=[], capture_output=True,
+                             text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+        assert out.stdout.strip() == "HTTP/1.1 403 Forbidden", (port, out.stdout, out.stderr)
+    assert len(online_nodes(fed.connection)) == 1  # the operator's account gets through
+
+
+@pytest.mark.slow
+def test_deployment_resume_as_documented(federation, flwr_env):
+    """``-c 'overrides="resume=DIR num_rounds=3"'`` continues a 2-round run: the nodes get the
+    run's own overrides from the ServerApp (they cannot read DIR), and the run ends at 3."""
+    fed = federation(2)
+    out = flwr_env / "out"
+    run = flwr_run(fed, f"strategy=rac_lora num_rounds=2 num_clients=2 {FAST} output_dir={out}")
+    log, _ = run.communicate(timeout=240)
+    assert run.returncode == 0, log
+    run = flwr_run(fed, f"resume={out} num_rounds=3")
+    log, _ = run.communicate(timeout=240)
+    assert run.returncode == 0, log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["rounds"] == 3, log
+    assert [int(r["round"]) for r in rows(out)] == [0, 1, 2, 3]
+    assert all(int(r["clients"]) == 2 for r in rows(out)[1:]), log

@@ -234,7 +234,11 @@ BAD = [
      "privacy.noise_multiplier=0.5"),
     ({"sampling": "shuffle"}, "privacy.sampling='shuffle' is not allowed; allowed: poisson, fixed"),
     ({"mode": "secret"}, "privacy.mode='secret' is not allowed; allowed: none, dp, local_dp"),
-    ({"delta": 1.5}, "privacy.delta=1.5 is not allowed; allowed: null (1 / num_clients)"),
+    ({"delta": 1.5}, "privacy.delta=1.5 is not allowed; allowed: null (1 / num_clients^1.1"),
+    ({"delta": 0.1}, "privacy.delta=0.1 is not allowed; allowed: null (1 / num_clients^1.1 "
+                     "= 0.0794) or a number in (0, 0.1)"),
+    ({"noise_multiplier": None, "target_epsilon": 1e-9},
+     "privacy.target_epsilon=1e-09 cannot be accounted at delta=0.0794"),
     ({"clipping": "adaptive", "noise_multiplier": 5.0},
      "privacy.noise_multiplier=5.0 is not allowed; allowed: < 2 * clipped_count_stddev"),
 ]
@@ -283,3 +287,19 @@ def test_bad_privacy_input_from_the_command_line_exits_2_with_one_line(args, mes
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fedrac: error: ") and message in err[0], err
     assert not out.exists()
+
+
+def test_default_delta_is_below_one_over_the_number_of_clients():
+    from fedrac.privacy import settings_from_config
+
+    s = settings_from_config(_cfg())
+    assert s.delta == pytest.approx(10 ** -1.1) and s.delta < 1 / 10
+
+
+def test_local_dp_refuses_trained_modules_it_would_not_noise():
+    from fedrac.privacy import settings_from_config
+
+    cfg = {**_cfg(mode="local_dp"), "model": {"name": "hf", "trainable_modules": "auto"}}
+    with pytest.raises(ConfigError, match="privacy.mode='local_dp' is not allowed; allowed: dp"):
+        settings_from_config(cfg)
+    settings_from_config({**cfg, "model": {"name": "hf", "trainable_modules": []}})

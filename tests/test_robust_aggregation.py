@@ -108,7 +108,14 @@ def test_norm_bound_measures_the_update_not_the_weights():
 
 
 def test_defaults_follow_the_rule():
-    assert Aggregator("mean").max_update_norm is None
+    # mean: 10x the round's median norm by default (issue 20: an unbounded mean was wrecked by
+    # one client x1e20); off under privacy=dp and secagg=plus, which see no relative bound
+    assert Aggregator("mean").max_update_norm == "10x"
+    base = {"aggregation": {"name": "mean", "max_update_norm": "default"}, "seed": 0,
+            "engine": {"name": "deployment"}}
+    assert build_aggregator(base).max_update_norm == "10x"
+    assert build_aggregator({**base, "privacy": {"mode": "dp"}}).max_update_norm is None
+    assert build_aggregator({**base, "secagg": {"name": "plus"}}).max_update_norm is None
     for name in ("median", "trimmed_mean", "norm_clip"):
         assert Aggregator(name).max_update_norm == "10x"
     assert parse_bound("auto", "k") == "10x" and parse_bound(2, "k") == 2.0

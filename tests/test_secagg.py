@@ -63,10 +63,25 @@ def test_error_bound_is_one_level_per_client_over_the_weight_sum():
     (["secagg.modulus_range=1000"], "secagg.modulus_range=1000 is not allowed"),
     (["privacy=dp", "privacy.clipping=adaptive", "privacy.noise_multiplier=0.1",
       "privacy.target_epsilon=null"], "privacy.clipping=adaptive is not allowed with secagg"),
+    (["aggregation=median"], "aggregation=median is not allowed with secagg=plus"),
+    (["aggregation=trimmed_mean"], "aggregation=trimmed_mean is not allowed with secagg=plus"),
+    (["aggregation=norm_clip"], "aggregation=norm_clip is not allowed with secagg=plus"),
+    (["aggregation.max_update_norm=5"], "aggregation.max_update_norm=5 is not allowed with "
+                                        "secagg=plus"),
 ])
 def test_secagg_refuses_what_it_cannot_sum(overrides, message):
     with pytest.raises(ConfigError, match=message):
         compose("secagg=plus", *overrides)
+
+
+def test_secagg_refuses_model_hf():
+    """Its trained head travels beside the factors, outside the masked sum."""
+    from fedrac.secagg import check_config
+
+    cfg = compose("secagg=plus")
+    check_config(cfg)
+    with pytest.raises(ValueError, match="model=hf is not allowed with secagg=plus"):
+        check_config({**cfg, "model": {**cfg["model"], "name": "hf"}})
 
 
 def test_secagg_run_equals_the_plain_run_up_to_the_quantisation_error(tmp_path):
@@ -137,3 +152,28 @@ def test_secagg_over_real_flower_processes(tmp_path):
     # or double-counted client moves the weights by far more.
     assert diff <= max(20 * summary["secagg"]["error_bound_max"], 1e-2)
     assert torch.isfinite(torch.tensor(diff))
+
+
+def test_a_signal_stops_a_secagg_run_after_its_round(tmp_path, monkeypatch):
+    """SIGINT / SIGTERM during round 1 of 3: the run stops after round 1, as plain runs do."""
+    import signal
+
+    from fedrac import checkpoint as ck
+    from fedrac.results import RunRecorder
+    from fedrac.run import run_experiment
+
+    log_round = RunRecorder.log_round
+
+    def log_and_signal(self, server_round, *args):
+        if server_round == 1:
+            ck.STOP.set(signal.SIGTERM)
+        return log_round(self, server_round, *args)
+
+    monkeypatch.setattr(RunRecorder, "log_round", log_and_signal)
+    try:
+        summary = run_experiment(compose(*SMALL, "strategy=fedavg", "num_rounds=3",
+                                         "secagg=plus", f"output_dir={tmp_path / 'out'}"))
+    finally:
+        ck.STOP.clear()
+    assert summary["interrupted"] and summary["interrupted_after_round"] == 1
+    assert summary["signal"] == "SIGTERM" and summary["rounds"] == 1

@@ -284,6 +284,11 @@ def build_splits(cfg: Mapping[str, Any]) -> DataSplits:
     if len(parts["target_train"]) == 0:
         raise DataConfigError(f"dataset {cfg.get('name')!r} leaves no target training samples; "
                               "check dataset.target_classes / target_groups")
+    classes = np.unique(np.asarray(parts["target_train"]["label"]))
+    if len(classes) < 2:
+        raise DataConfigError(f"dataset {cfg.get('name')!r} ({_where(cfg)}) has one class in "
+                              f"its target training split (label {int(classes[0])}); allowed: "
+                              "2 or more classes")
     return DataSplits(**parts, input_shape=tuple(int(d) for d in raw.x.shape[1:]),
                       num_classes=num_classes, label_names=label_names,
                       standardisation=stats)

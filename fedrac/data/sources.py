@@ -11,6 +11,7 @@ a Hugging Face ``hub`` id; any callable through Hydra's ``_target_``.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -224,8 +225,31 @@ def _image_to_array(img: Any, size: Sequence[int] | None, mode: str) -> np.ndarr
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
+def _decoded(ds: Any, column: str) -> list[Any]:
+    """The column's images decoded one by one: a file that cannot be read stops with one line
+    naming it (``datasets`` would raise its decoder's traceback without the file)."""
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    if not isinstance(ds.features[column], ImageFeature):
+        return list(ds[column])
+    out = []
+    for i, item in enumerate(ds.cast_column(column, ImageFeature(decode=False))[column]):
+        where = item.get("path") or f"row {i}"
+        try:
+            img = Image.open(io.BytesIO(item["bytes"])) if item.get("bytes") else \
+                Image.open(item["path"])
+            img.load()
+        except Exception as err:  # noqa: BLE001 - any undecodable file: name it
+            why = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise DataConfigError(f"image {where!r} cannot be read ({why}); allowed: image "
+                                  "files PIL can open (remove or replace it)") from None
+        out.append(img)
+    return out
+
+
 def _images(ds: Any, column: str, cfg: Mapping[str, Any]) -> np.ndarray:
-    images = ds[column]
+    images = _decoded(ds, column)
     channels = cfg.get("channels")
     if channels is None:
         channels = 1 if all(im.mode in ("L", "1", "I;16", "I", "F") for im in images) else 3
@@ -272,6 +296,8 @@ def hf_to_arrays(ds: Any, cfg: Mapping[str, Any], where: str) -> Arrays:
         if features is None:
             features = [c for c in cols if c not in skip
                         and getattr(ds.features[c], "dtype", "") in _NUMERIC]
+            _check_left_out(ds, [c for c in cols if c not in skip and c not in features],
+                            where)
         bad = [c for c in features if c not in cols]
         if bad:
             raise DataConfigError(f"dataset.feature_columns={list(features)} names columns that "
@@ -287,6 +313,34 @@ def hf_to_arrays(ds: Any, cfg: Mapping[str, Any], where: str) -> Arrays:
                                   f"not numeric ({str(err).splitlines()[0]})") from err
     groups = np.asarray([str(v) for v in ds[group]]) if group is not None else None
     return Arrays(x, y, groups, columns=None if features is None else list(features))
+
+
+def _number(v: Any) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _check_left_out(ds: Any, columns: Sequence[str], where: str) -> None:
+    """Columns that are not numeric are left out of the features: refuse one of mixed types
+    (mostly numbers: a typo, not a text column), name the others in a warning."""
+    import logging
+
+    for c in columns:
+        if getattr(ds.features[c], "dtype", "") not in ("string", "large_string"):
+            continue
+        values = [v for v in ds[c] if v is not None and str(v).strip() != ""]
+        numeric = [_number(v) for v in values]
+        if values and sum(numeric) >= len(values) / 2 and not all(numeric):
+            row = numeric.index(False)
+            raise DataConfigError(f"column {c!r} of {where} mixes numbers and text (row {row}: "
+                                  f"{values[row]!r}); allowed: numbers only, or "
+                                  "dataset.feature_columns without it")
+        logging.getLogger(__name__).warning("column %r of %s is not numeric: left out of the "
+                                            "features (dataset.feature_columns to choose)",
+                                            c, where)
 
 
 _NUMERIC = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -371,14 +425,51 @@ def _read_path(path: str | os.PathLike, cfg: Mapping[str, Any], key: str) -> Arr
     if suffix in TABLE_FORMATS:
         from datasets import load_dataset
 
+        if not any(line.strip() for line in _head_lines(p, 2)[1 if suffix == ".csv" else 0:]):
+            raise DataConfigError(f"{key}={str(p)!r} has no rows (the file is empty"
+                                  f"{' or only a header' if suffix == '.csv' else ''}); "
+                                  "allowed: a table with rows")
         try:
             ds = load_dataset(TABLE_FORMATS[suffix], data_files=str(p), split="train")
         except Exception as err:  # noqa: BLE001
+            bad = _bad_json_line(p) if suffix in (".json", ".jsonl") else None
             raise DataConfigError(f"{key}={str(p)!r} is not a readable {suffix} table: "
-                                  f"{str(err).splitlines()[0]}") from err
+                                  + (bad or str(err).splitlines()[0])) from None
         return hf_to_arrays(ds, cfg, f"{str(p)!r}")
     raise DataConfigError(f"{key}={str(p)!r} has an unknown format {suffix!r}; allowed: a folder "
                           "of class sub-folders, .csv, .parquet, .json, .jsonl, .npz")
+
+
+def _head_lines(p: Path, n: int) -> list[str]:
+    if p.suffix.lower() == ".parquet":
+        return ["", "x"]  # binary: load_dataset reports an empty one
+    with open(p, encoding="utf-8", errors="replace") as fh:
+        return [line for _, line in zip(range(n), fh, strict=False)]
+
+
+def _bad_json_line(p: Path) -> str | None:
+    """``line N is not JSON (...)``: the first bad line of a JSON-lines file, or where a JSON
+    document breaks (``None`` when the file parses: the problem is elsewhere)."""
+    import json
+
+    text = p.read_text(encoding="utf-8", errors="replace")
+    try:
+        json.loads(text)
+        return None
+    except json.JSONDecodeError as whole:
+        lines = text.splitlines()
+        first = next((line for line in lines if line.strip()), "")
+        try:
+            json.loads(first)
+        except ValueError:  # one multi-line document
+            return f"line {whole.lineno} is not JSON ({whole.msg})"
+        for n, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as err:
+                    return f"line {n} is not JSON ({err.msg})"
+    return None
 
 
 def read_files(cfg: Mapping[str, Any]) -> Arrays:

@@ -90,11 +90,10 @@ def supernode_command(superlink: str, port: int, node_config: Mapping[str, Any],
                       root_cert: str | Path | None = None,
                       private_key: str | Path | None = None,
                       poll: float | None = None) -> list[str]:
-    """``flower-supernode`` argv: TLS when ``root_cert`` is given, auth with ``private_key``;
-    with ``poll`` the same SuperNode through :mod:`fedrac.deploy.supernode` (idle polls of
-    ``poll`` s instead of Flower's fixed 3 s)."""
-    start = ([sys.executable, "-m", "fedrac.deploy.supernode", "--poll", str(poll)]
-             if poll else [flwr_exe("flower-supernode")])
+    """``flower-supernode`` argv (through :mod:`fedrac.deploy.supernode`: its local Runtime
+    API only for the operator's account): TLS when ``root_cert`` is given, auth with
+    ``private_key``; idle polls of ``poll`` s (``None``: Flower's fixed 3 s)."""
+    start = [sys.executable, "-m", "fedrac.deploy.supernode", "--poll", str(poll or 3)]
     argv = [*start, "--superlink", superlink, "--port", str(port),
             "--node-config", node_config_string(node_config)]
     argv += ["--root-certificates", str(root_cert)] if root_cert else ["--insecure"]

@@ -13,7 +13,8 @@ This launcher runs Flower's own SuperLink app (the same state, TLS and node auth
 on two listeners:
 
 - ``--host`` / ``--port`` (default ``127.0.0.1:9093``): every API, for the operator's ``flwr``
-  CLI and the ServerApp on this machine;
+  CLI and the ServerApp on this machine, answered only to connections owned by the operator's
+  uid (or root): another local account gets 403 (:mod:`fedrac.deploy.peer`);
 - ``--fleet-host`` / ``--fleet-port`` (default ``127.0.0.1:9092``): only the Fleet API's routes
   (``/v1/fleet/...``), for the SuperNodes; anything else is answered 404.
 
@@ -94,7 +95,10 @@ async def _serve(app, config, fleet_host: str, fleet_port: int) -> None:
 
     tls = {"ssl_keyfile": config.ssl_keyfile, "ssl_certfile": config.ssl_certfile}
     logs = get_uvicorn_log_config(console_handler.level)
-    main = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, workers=1,
+    from fedrac.deploy.peer import same_user_only
+
+    main = uvicorn.Server(uvicorn.Config(same_user_only(app), host=config.host,
+                                         port=config.port, workers=1,
                                          log_config=logs, access_log=True, **tls))
     fleet = _FleetServer(uvicorn.Config(fleet_only(app), host=fleet_host, port=fleet_port,
                                      workers=1, lifespan="off", log_config=logs,

@@ -222,9 +222,9 @@ def call_worker(folder: str | Path, kind: str, message: Message, context: Contex
 def handle(kind: str, message: Message, context: Context) -> Message:
     """What fedrac's ClientApp does with the message, in this (warm) process."""
     from clients import handlers
-    from fedrac.flower_apps import deployment_config
+    from fedrac.flower_apps import node_config
 
-    cfg = deployment_config(context.run_config)
+    cfg = node_config(message, context)
     if kind == "train":
         return handlers.handle_train(cfg, message, context)
     if kind == "evaluate":

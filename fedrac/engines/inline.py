@@ -325,6 +325,10 @@ class InlineGrid(Grid):
             log.warning("engine.batched: the batch failed (%s: %s); these clients train one "
                         "by one", type(ex).__name__, ex)
             return {}
+        from clients.handlers import bind_reply
+
+        replies = [r if r is None else bind_reply(m, r) for m, r in zip(received, replies,
+                                                                         strict=True)]
         out: dict[str, Message] = {}
         for msg, context, reply in zip(train, contexts, replies, strict=True):
             if reply is None or _reply_problem(reply, msg) is not None:

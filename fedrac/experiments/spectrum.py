@@ -98,7 +98,7 @@ class SpectrumMonitor:
         self._file = None
         if self.every > 0:
             self._file = self.path.open("w", newline="")
-            self._writer = csv.writer(self._file)
+            self._writer = csv.writer(self._file, lineterminator="\n")  # LF, also on resume
             self._writer.writerow(COLUMNS)
             self._file.flush()
 

@@ -1,0 +1,66 @@
+"""A wrecked run fails (exit 3, status failed) instead of reporting ok; the default ``mean``
+drops an update 10x over the round's median norm."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from fedrac.divergence import DivergenceGuard, RunDiverged
+from tests.helpers import run_config
+
+
+def test_guard_passes_steady_rounds_and_stops_a_blow_up():
+    w0 = {"w": torch.ones(4)}
+    guard = DivergenceGuard(w0)
+    guard.observe(1, {"w": torch.ones(4) * 1.5})
+    guard.observe(2, {"w": torch.ones(4) * 2.0})
+    with pytest.raises(RunDiverged, match="round 3 diverged: the global weights moved by 12"):
+        guard.observe(3, {"w": torch.ones(4) * 8.0})  # moved 12 > 10 x 1
+
+
+def test_guard_stops_non_finite_weights_and_a_first_round_far_beyond_the_weights():
+    with pytest.raises(RunDiverged, match="not finite"):
+        DivergenceGuard({"w": torch.ones(2)}).observe(1, {"w": torch.tensor([1.0, math.inf])})
+    with pytest.raises(RunDiverged, match="the initial weights norm"):
+        DivergenceGuard({"w": torch.ones(4)}).observe(1, {"w": torch.ones(4) * 1e20})
+
+
+@pytest.fixture
+def attacker(monkeypatch):
+    """Node 0 scales its reply by 1e20 (a modified ClientApp)."""
+    from clients import handlers
+
+    real = handlers.local_privacy
+
+    def boosted(cfg, out, start, server_round, context):
+        out = real(cfg, out, start, server_round, context)
+        if int(context.node_config.get("partition-id", -1)) == 0:
+            out = {k: v * 1e20 for k, v in out.items()}
+        return out
+
+    monkeypatch.setattr(handlers, "local_privacy", boosted)
+    monkeypatch.setenv("FEDRAC_CACHE", os.environ.get("FEDRAC_CACHE", ""))
+
+
+def _cfg(tmp_path, *overrides):
+    return run_config(tmp_path, "num_clients=4", "num_rounds=3", "client.local_steps=2",
+                      *overrides)
+
+
+def test_an_unbounded_mean_wrecked_in_round_one_fails_naming_the_round(tmp_path, attacker):
+    from fedrac.run import RunFailedError, run_experiment
+
+    with pytest.raises(RunFailedError, match="round 1 diverged"):
+        run_experiment(_cfg(tmp_path, "aggregation.max_update_norm=null"))
+
+
+def test_the_default_mean_drops_the_boosted_update(tmp_path, attacker, caplog):
+    from fedrac.run import run_experiment
+
+    summary = run_experiment(_cfg(tmp_path))
+    assert summary["status"] == "ok"
+    assert "exceeds aggregation.max_update_norm=10x" in caplog.text
