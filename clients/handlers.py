@@ -54,9 +54,9 @@ from fedrac.adapters import (
     resolve_trained,
 )
 from fedrac.adapters.quantized import load_state
-from fedrac.data import load_dataset_from_path, load_splits, partition, to_tensors
+from fedrac.data import load_dataset_from_path, partition, to_tensors
 from fedrac.delta_sync import ResyncNeeded
-from fedrac.models import build_model
+from fedrac.models.shared import shared_model
 from fedrac.privacy import LOCAL_STREAM, settings_from_config
 from fedrac.records import to_array_record, to_shared_state_dict, to_state_dict
 from fedrac.sketch import check_fingerprint, derive_seed, make_sketch, sketch_fingerprint
@@ -84,11 +84,7 @@ def _cfg_key(cfg: Mapping[str, Any], part: str) -> str:
     return entry[1] if part == "model" else entry[2]
 
 
-@functools.lru_cache(maxsize=1)
-def _model(key: str) -> nn.Module:
-    model_cfg, dataset_cfg = json.loads(key)
-    splits = load_splits(dataset_cfg)
-    return build_model(model_cfg, splits.input_shape, splits.num_classes)
+_model = shared_model  # the process's one model instance (fedrac.models.shared)
 
 
 def client_model(cfg: Mapping[str, Any]) -> nn.Module:

@@ -34,6 +34,7 @@ from clients.local_training import TrainSettings, evaluate, resolve_device, trai
 from fedrac.adapters.quantized import dense_state
 from fedrac.data import load_splits, source_stamp, to_tensors
 from fedrac.models import ModelConfigError, build_model, file_digest, load_weights
+from fedrac.models.shared import model_as_built
 from fedrac.models.weights import state_digest
 from fedrac.records import to_array_record, to_shared_state_dict
 from fedrac.tasks import get_task
@@ -113,9 +114,7 @@ def _checkpoint_record(key: str) -> ArrayRecord:
     """A transformers model's starting weights (float32) as a record, built once per process
     (the record is the one copy of them the run keeps: :func:`pretrained_state` reads views
     of it)."""
-    model_cfg, dataset_cfg = json.loads(key)
-    splits = load_splits(dataset_cfg)
-    model = build_model(model_cfg, splits.input_shape, splits.num_classes)
+    model, _ = model_as_built(key)  # the process's model when still as built: no second one
     return to_array_record({k: (v.detach().float() if v.is_floating_point() else v.detach())
                             .cpu().contiguous() for k, v in dense_state(model).items()})
 

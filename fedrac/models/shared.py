@@ -1,0 +1,58 @@
+"""The one model instance a process keeps for a (model, dataset) config.
+
+Every simulated client of a process and the server's evaluation load weights into it
+(:func:`shared_model`); the server's starting weights are read from it too while it still
+holds the weights it was built with (:func:`model_as_built`), so a transformer is built once
+per process, not twice.
+"""
+
+from __future__ import annotations
+
+import json
+
+from torch import nn
+
+_cache: dict[str, nn.Module] = {}  # at most one entry: the config this process serves
+_handed_out: set[str] = set()
+
+
+def _get(key: str) -> nn.Module:
+    if key not in _cache:
+        from fedrac.data import load_splits
+        from fedrac.models import build_model
+
+        cache_clear()
+        model_cfg, dataset_cfg = json.loads(key)
+        splits = load_splits(dataset_cfg)
+        _cache[key] = build_model(model_cfg, splits.input_shape, splits.num_classes)
+    return _cache[key]
+
+
+def shared_model(key: str) -> nn.Module:
+    """The process's model for ``key`` (``json.dumps([model_cfg, dataset_cfg])``), built once;
+    its weights are the caller's to overwrite."""
+    model = _get(key)
+    _handed_out.add(key)
+    return model
+
+
+def model_as_built(key: str) -> tuple[nn.Module, bool]:
+    """``(model, shared)``: the shared model while no one has been handed it (its weights are
+    those it was built with), else a new model that is not kept (``shared`` False)."""
+    if key in _cache and key in _handed_out:
+        from fedrac.data import load_splits
+        from fedrac.models import build_model
+
+        model_cfg, dataset_cfg = json.loads(key)
+        splits = load_splits(dataset_cfg)
+        return build_model(model_cfg, splits.input_shape, splits.num_classes), False
+    return _get(key), True
+
+
+def cache_clear() -> None:
+    """Forget the kept model."""
+    _cache.clear()
+    _handed_out.clear()
+
+
+shared_model.cache_clear = cache_clear  # type: ignore[attr-defined]  # as functools' caches
