@@ -156,3 +156,22 @@ def test_fedex_residual_is_sent_low_rank_where_it_is(d_in):
     got = apply_update({"fc.weight": torch.zeros(48, d_in, dtype=torch.float64)}, record, layers)
     assert torch.allclose(got["fc.weight"], dense, atol=1e-5, rtol=1e-5)
     assert dense.abs().max() > 1e-2  # the residual is not trivially zero
+
+
+def test_deployment_worker_holds_the_cached_weights_and_the_context_a_token():
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from fedrac.delta_sync import STATE_SYNC, STATE_WEIGHTS
+    from fedrac.deploy import worker
+
+    weights = ArrayRecord({"w": torch.ones(3)})
+    ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(
+        {STATE_WEIGHTS: weights, STATE_SYNC: ConfigRecord({"version": 2})}), run_config={})
+    worker.hold(7, ctx)
+    assert STATE_WEIGHTS not in ctx.state and worker.HELD_KEY in ctx.state  # a token travels
+    worker.restore_held(7, ctx)
+    assert ctx.state[STATE_WEIGHTS] is weights and worker.HELD_KEY not in ctx.state
+    worker.hold(7, ctx)
+    worker._held.clear()  # a worker started again holds nothing: the node resyncs
+    worker.restore_held(7, ctx)
+    assert STATE_WEIGHTS not in ctx.state
