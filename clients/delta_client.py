@@ -6,7 +6,7 @@ the server's own merges (:func:`fedrac.delta_sync.apply_deltas`) and checked aga
 sent checksum, which also covers the train config completed from the cache; any problem
 raises :class:`~fedrac.delta_sync.ResyncNeeded`, which the
 handler turns into a ``resync`` reply so the server sends the full weights. Nodes of one
-process (the inline engine) that rebuild the same weights from the same cached record share
+process (the inline engine) that rebuild the same weights from the same cached Arrays share
 the result: one copy per version, not one per node.
 """
 
@@ -44,8 +44,15 @@ def _cached(context: Context, base: int) -> dict[str, torch.Tensor]:
         raise ResyncNeeded(f"cached weights unreadable ({type(err).__name__})") from err
 
 
-# checksum -> (the cached record rebuilt from, the rebuilt weights), the last of this process
-_rebuilt: dict[str, tuple[object, ArrayRecord]] = {}
+# checksum -> (the cached Arrays rebuilt from, the rebuilt weights), the last of this process
+_rebuilt: dict[str, tuple[tuple, ArrayRecord]] = {}
+
+
+def _arrays_of(context: Context) -> tuple | None:
+    """The Array objects of the node's cached weights (the inline engine shares them between
+    the copies of a context it makes; their bytes are immutable)."""
+    record = context.state[STATE_WEIGHTS] if STATE_WEIGHTS in context.state else None
+    return tuple(record.values()) if isinstance(record, ArrayRecord) else None
 
 
 def _version(context: Context) -> int | None:
@@ -83,9 +90,11 @@ def downloaded_weights(
     else:
         config = content["config"]
         checksum = str(sync["checksum"])
-        cache = context.state[STATE_WEIGHTS] if STATE_WEIGHTS in context.state else None
+        cache = _arrays_of(context)
         shared = _rebuilt.get(checksum)
-        if shared is not None and shared[0] is cache and int(sync["base"]) == _version(context):
+        if shared is not None and cache is not None and len(cache) == len(shared[0]) and \
+                all(a is b for a, b in zip(cache, shared[0], strict=True)) and \
+                int(sync["base"]) == _version(context):
             # another node of this process rebuilt these weights from the very same cached
             # record (the inline engine): share the result instead of holding a copy per node
             record = shared[1]
@@ -103,7 +112,7 @@ def downloaded_weights(
                                    f"{got}, the server's are {checksum}")
             record = to_array_record(state)
             _rebuilt.clear()
-            _rebuilt[checksum] = (cache, record)
+            _rebuilt[checksum] = (cache or (), record)
     context.state[STATE_WEIGHTS] = record
     context.state[STATE_SYNC] = ConfigRecord(
         {"version": int(content["config"]["server-round"]) - 1})

@@ -218,10 +218,29 @@ class InlineGrid(Grid):
 
     def state_dict(self) -> dict[str, Any]:
         """The grid's id stream and every node's persisted ``Context.state`` (Flower's
-        protobuf bytes), for a checkpoint: a resumed run continues with the same node state."""
-        return {"rng": self._rng.getstate(),
-                "contexts": {str(node): recorddict_to_proto(ctx.state).SerializeToString()
-                             for node, ctx in self._contexts.items()}}
+        protobuf bytes), for a checkpoint: a resumed run continues with the same node state.
+        ArrayRecords that nodes share (the same Arrays: delta-sync caches at one version) are
+        stored once, in ``shared``, and named per node in ``refs``."""
+        shared: dict[str, bytes] = {}
+        seen: dict[tuple, str] = {}
+        contexts: dict[str, bytes] = {}
+        refs: dict[str, dict[str, str]] = {}
+        for node, ctx in self._contexts.items():
+            own, named = RecordDict(), {}
+            for key, record in ctx.state.items():
+                if isinstance(record, ArrayRecord) and len(record) > 0:
+                    ident = tuple((k, id(a)) for k, a in record.items())
+                    if ident not in seen:
+                        seen[ident] = str(len(shared))
+                        shared[seen[ident]] = recorddict_to_proto(
+                            RecordDict({"r": record})).SerializeToString()
+                    named[key] = seen[ident]
+                else:
+                    own[key] = record
+            contexts[str(node)] = recorddict_to_proto(own).SerializeToString()
+            refs[str(node)] = named
+        return {"rng": self._rng.getstate(), "contexts": contexts, "shared": shared,
+                "refs": refs}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`state_dict` (call after :meth:`set_run`, before any message)."""
@@ -229,11 +248,19 @@ class InlineGrid(Grid):
         self._rng.setstate((version, tuple(internal), gauss))
         run = self.run
         self._contexts.clear()
-        for node, blob in state["contexts"].items():
-            context = self._node_context(int(node), run)
+        def parse(blob: bytes) -> RecordDict:
             proto = ProtoRecordDict()
             proto.ParseFromString(blob)
-            context.state = recorddict_from_proto(proto)
+            return recorddict_from_proto(proto)
+
+        shared = {ref: parse(blob)["r"] for ref, blob in (state.get("shared") or {}).items()}
+        for node, blob in state["contexts"].items():
+            context = self._node_context(int(node), run)
+            context.state = parse(blob)
+            for key, ref in (state.get("refs") or {}).get(node, {}).items():
+                context.state[key] = ArrayRecord()  # a container of its own, shared Arrays
+                for name, array in shared[ref].items():
+                    context.state[key][name] = array
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         """Run the ClientApp for each valid message now; return the accepted message ids.
