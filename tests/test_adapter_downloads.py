@@ -64,7 +64,7 @@ def run_rounds(cfg: dict, rounds: int):
 
         strategy.start(grid, ArrayRecord(state), num_rounds=rounds, evaluate_fn=evaluate_fn)
 
-    run_inline(server, make_client_app(cfg), int(cfg["num_clients"]))
+    strategy.grid = run_inline(server, make_client_app(cfg), int(cfg["num_clients"]))
     return seen, strategy
 
 
@@ -108,6 +108,15 @@ def test_rac_lora_downloads_at_most_three_times_the_upload(ckpt, tmp_path):
         down, up = (strategy.ledger.round_total(rnd, d) for d in ("down", "up"))
         assert strategy.ledger.round_kinds(rnd, "down").get("weights", 0) == 0
         assert down <= 3 * up, (rnd, down, up)
+    # the 4 nodes hold one version: one copy of its weights, in memory and in a checkpoint
+    from fedrac.delta_sync import STATE_WEIGHTS
+
+    grid = strategy.grid
+    caches = [grid.node_context(n).state[STATE_WEIGHTS] for n in grid.get_node_ids()]
+    assert len(caches) == 4 and len({id(a) for c in caches for a in c.values()}) == \
+        len(caches[0])
+    state = grid.state_dict()
+    assert len(state["shared"]) == 1 and all(len(r) == 1 for r in state["refs"].values())
 
 
 def test_auto_download_is_delta_on_hf_only():
