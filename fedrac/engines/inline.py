@@ -101,6 +101,17 @@ def _copy_recorddict(records: RecordDict) -> RecordDict:
     return out
 
 
+def _record_state(record: ArrayRecord) -> dict[str, Any] | bytes:
+    """An ArrayRecord for a checkpoint: its tensors (model weights: far faster than
+    protobuf), else Flower's protobuf bytes."""
+    from fedrac.records import to_state_dict
+
+    try:
+        return dict(to_state_dict(record))
+    except Exception:  # noqa: BLE001 - an Array that is no tensor: keep Flower's bytes
+        return recorddict_to_proto(RecordDict({"r": record})).SerializeToString()
+
+
 def _copy_context(context: Context) -> Context:
     """Working copy of a node context (committed back only if the ClientApp succeeds)."""
     return Context(
@@ -221,7 +232,7 @@ class InlineGrid(Grid):
         protobuf bytes), for a checkpoint: a resumed run continues with the same node state.
         ArrayRecords that nodes share (the same Arrays: delta-sync caches at one version) are
         stored once, in ``shared``, and named per node in ``refs``."""
-        shared: dict[str, bytes] = {}
+        shared: dict[str, Any] = {}
         seen: dict[tuple, str] = {}
         contexts: dict[str, bytes] = {}
         refs: dict[str, dict[str, str]] = {}
@@ -232,8 +243,7 @@ class InlineGrid(Grid):
                     ident = tuple((k, id(a)) for k, a in record.items())
                     if ident not in seen:
                         seen[ident] = str(len(shared))
-                        shared[seen[ident]] = recorddict_to_proto(
-                            RecordDict({"r": record})).SerializeToString()
+                        shared[seen[ident]] = _record_state(record)
                     named[key] = seen[ident]
                 else:
                     own[key] = record
@@ -253,7 +263,10 @@ class InlineGrid(Grid):
             proto.ParseFromString(blob)
             return recorddict_from_proto(proto)
 
-        shared = {ref: parse(blob)["r"] for ref, blob in (state.get("shared") or {}).items()}
+        from fedrac.records import to_array_record
+
+        shared = {ref: parse(value)["r"] if isinstance(value, bytes) else
+                  to_array_record(value) for ref, value in (state.get("shared") or {}).items()}
         for node, blob in state["contexts"].items():
             context = self._node_context(int(node), run)
             context.state = parse(blob)
