@@ -2,10 +2,12 @@
 
 The node keeps the global weights it last had in ``Context.state`` (persisted between
 rounds by every Flower engine). A message with ``deltas`` is replayed on that cache with
-the server's own merge (:func:`fedrac.delta_sync.apply_deltas`) and checked against the
+the server's own merges (:func:`fedrac.delta_sync.apply_deltas`) and checked against the
 sent checksum, which also covers the train config completed from the cache; any problem
 raises :class:`~fedrac.delta_sync.ResyncNeeded`, which the
-handler turns into a ``resync`` reply so the server sends the full weights.
+handler turns into a ``resync`` reply so the server sends the full weights. Nodes of one
+process (the inline engine) that rebuild the same weights from the same cached Arrays share
+the result: one copy per version, not one per node.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedrac.adapters import LayerSpec
 from fedrac.delta_sync import (
@@ -37,9 +39,25 @@ def _cached(context: Context, base: int) -> dict[str, torch.Tensor]:
     if version != base:
         raise ResyncNeeded(f"cache holds version {version}, the deltas start from {base}")
     try:
-        return to_state_dict(state[STATE_WEIGHTS])
+        return to_shared_state_dict(state[STATE_WEIGHTS])
     except Exception as err:  # an unreadable cache is a cache miss, not a crash
         raise ResyncNeeded(f"cached weights unreadable ({type(err).__name__})") from err
+
+
+# checksum -> (the cached Arrays rebuilt from, the rebuilt weights), the last of this process
+_rebuilt: dict[str, tuple[tuple, ArrayRecord]] = {}
+
+
+def _arrays_of(context: Context) -> tuple | None:
+    """The Array objects of the node's cached weights (the inline engine shares them between
+    the copies of a context it makes; their bytes are immutable)."""
+    record = context.state[STATE_WEIGHTS] if STATE_WEIGHTS in context.state else None
+    return tuple(record.values()) if isinstance(record, ArrayRecord) else None
+
+
+def _version(context: Context) -> int | None:
+    sync = context.state[STATE_SYNC] if STATE_SYNC in context.state else None
+    return sync.get("version") if isinstance(sync, ConfigRecord) else None
 
 
 def restore_config(content: RecordDict, context: Context) -> None:
@@ -70,16 +88,31 @@ def downloaded_weights(
         state = to_state_dict(record)
         context.state[STATE_CONFIG] = ConfigRecord(dict(content["config"]))
     else:
-        config, sketch = content["config"], content["sketch"]
-        state = apply_deltas(
-            _cached(context, int(sync["base"])), layers, to_state_dict(content["deltas"]),
-            [int(r) for r in sync["rounds"]], [int(s) for s in sync["seeds"]],
-            int(config["rank"]), float(config["alpha"]), str(sketch["distribution"]))
-        got = sync_checksum(state, config)  # ``config``: completed from the node cache
-        if got != sync["checksum"]:
-            raise ResyncNeeded(f"rebuilt weights and cached train config have checksum {got}, "
-                               f"the server's are {sync['checksum']}")
-        record = to_array_record(state)
+        config = content["config"]
+        checksum = str(sync["checksum"])
+        cache = _arrays_of(context)
+        shared = _rebuilt.get(checksum)
+        if shared is not None and cache is not None and len(cache) == len(shared[0]) and \
+                all(a is b for a, b in zip(cache, shared[0], strict=True)) and \
+                int(sync["base"]) == _version(context):
+            # another node of this process rebuilt these weights from the very same cached
+            # record (the inline engine): share the result instead of holding a copy per node
+            record = shared[1]
+            state = to_shared_state_dict(record)
+        else:
+            distribution = str(content["sketch"]["distribution"]) if "sketch" in content \
+                else None
+            state = apply_deltas(
+                _cached(context, int(sync["base"])), layers, to_state_dict(content["deltas"]),
+                [int(r) for r in sync["rounds"]], [int(s) for s in sync["seeds"]],
+                int(config["rank"]), float(config["alpha"]), distribution)
+            got = sync_checksum(state, config)  # ``config``: completed from the node cache
+            if got != checksum:
+                raise ResyncNeeded(f"rebuilt weights and cached train config have checksum "
+                                   f"{got}, the server's are {checksum}")
+            record = to_array_record(state)
+            _rebuilt.clear()
+            _rebuilt[checksum] = (cache or (), record)
     context.state[STATE_WEIGHTS] = record
     context.state[STATE_SYNC] = ConfigRecord(
         {"version": int(content["config"]["server-round"]) - 1})

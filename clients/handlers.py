@@ -56,6 +56,7 @@ from fedrac.adapters import (
 from fedrac.adapters.quantized import load_state
 from fedrac.data import load_dataset_from_path, partition, to_tensors
 from fedrac.delta_sync import ResyncNeeded
+from fedrac.delta_sync import apply_update as apply_update_record
 from fedrac.models.shared import shared_model
 from fedrac.privacy import LOCAL_STREAM, settings_from_config
 from fedrac.records import to_array_record, to_shared_state_dict, to_state_dict
@@ -239,24 +240,11 @@ def global_state(content: RecordDict) -> dict[str, torch.Tensor]:
 
 def apply_update(state: dict[str, torch.Tensor], content: RecordDict,
                  layers: Mapping[str, LayerSpec] | None = None) -> dict[str, torch.Tensor]:
-    """``state`` with the message's optional ``update`` record (dense or stacked) added
-    (``layers`` says which weights are stored transposed, as transformers' ``Conv1D``)."""
+    """``state`` with the message's optional ``update`` record (dense or stacked) added by
+    :func:`fedrac.delta_sync.apply_update`, the function the server merges with."""
     if "update" not in content:
         return state
-    update = to_state_dict(content["update"])
-    for key, value in update.items():
-        if key.endswith(".weight"):
-            state[key] = state[key] + value.to(state[key].dtype)
-        elif key.endswith(".stack_B"):
-            layer = key[: -len(".stack_B")]
-            w = state[f"{layer}.weight"]
-            delta = value.to(torch.float64) @ update[f"{layer}.stack_A"].to(torch.float64)
-            if layers is not None and layer in layers and layers[layer].transposed:
-                delta = delta.T
-            state[f"{layer}.weight"] = (w.to(torch.float64) + delta.reshape(w.shape)).to(w.dtype)
-        elif not key.endswith(".stack_A"):
-            raise KeyError(f"update record key {key!r} is not '<layer>.weight' or a stack factor")
-    return state
+    return apply_update_record(state, to_state_dict(content["update"]), layers)
 
 
 @dataclass

@@ -224,11 +224,6 @@ def check_task(d: Mapping[str, Any]) -> None:
         _require(dtype == "float32" or d["strategy"]["name"] != "fedavg", "model.dtype", dtype,
                  "float32 with strategy=fedavg (full fine-tuning keeps every weight and its "
                  "optimizer state in float32; bfloat16/float16 bases need an adapter strategy)")
-        has_modules = bool(d["model"].get("trainable_modules")) and \
-            d["model"].get("trainable_modules") not in ("none", [])
-        _require(not (has_modules and d["strategy"].get("download") == "delta"),
-                 "strategy.download", "delta", "full with model.trainable_modules (the "
-                 "trained modules are not replayed from seeds)")
     elif text:
         _require(False, "model", model, "hf (text needs a transformers model and its "
                  "tokenizer)")

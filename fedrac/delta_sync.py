@@ -1,19 +1,24 @@
-"""Seed-sized downloads: the merge both sides run, weight checksums, delta records.
+"""Adapter-sized downloads: the merges both sides run, weight checksums, delta records.
 
-Fed-RAC-LoRA's global update of round ``t`` is fully described by its seed and the
-averaged trained factors. A client that keeps the global weights ``W_v`` (after round
-``v``) rebuilds ``W_{t-1}`` by replaying the merges of rounds ``v+1 .. t-1`` with
-:func:`merge_factors` -- the very function the server merges with -- so on the CPU the
+A round's global change is small for every adapter method: Fed-RAC-LoRA's / FFA-LoRA's is
+its seed and the averaged trained factors; COLA's merge, FLoRA's stacked factors and
+FedEx-LoRA's residual are an ``update`` record (stacked factors ``<layer>.stack_B`` /
+``<layer>.stack_A``, or dense ``<layer>.weight`` deltas); trained modules (a new classifier
+head) are their new values. A client that keeps the global weights ``W_v`` (after round
+``v``) rebuilds ``W_{t-1}`` by replaying the changes of rounds ``v+1 .. t-1`` with
+:func:`apply_change` -- the very functions the server merges with -- so on the CPU the
 rebuilt weights are bit-identical; a checksum of the result confirms it.
 
 Wire format (``strategy.download=delta``): a ``deltas`` ArrayRecord whose keys are
-``"<round>/<layer>.lora_<side>"`` (the averaged trained factor of that round) and a
-``sync`` ConfigRecord with ``base`` (the version the client must hold), ``rounds`` and
-``seeds`` (the merged rounds and their sketch seeds) and ``checksum``
-(:func:`sync_checksum` of what the node will train from: the weights rebuilt, ``W_{t-1}``
-at round ``t``, and the round's whole train config); its ``config`` record holds only
-``server-round`` and what changed, the rest of the (constant) train config being cached
-with the weights -- so a node whose cached config differs (an edited ``lr`` or
+``"<round>/<key>"``, ``<key>`` one of ``<layer>.lora_<side>`` (an averaged trained factor,
+merged against the sketch of the round's seed), ``<layer>.stack_B`` / ``<layer>.stack_A`` or
+``<layer>.weight`` (an update record, :func:`apply_update`) and ``set:<key>`` (the new value
+of a trained module's tensor ``<key>``); a ``sync`` ConfigRecord with ``base`` (the version
+the client must hold), ``rounds`` and ``seeds`` (the replayed rounds and their sketch seeds)
+and ``checksum`` (:func:`sync_checksum` of what the node will train from: the weights
+rebuilt, ``W_{t-1}`` at round ``t``, and the round's whole train config); its ``config``
+record holds only ``server-round`` and what changed, the rest of the (constant) train config
+being cached with the weights -- so a node whose cached config differs (an edited ``lr`` or
 ``local-epochs``) resyncs instead of training with it. A full download carries ``arrays``,
 the whole ``config`` and a ``sync`` record with ``target`` and ``checksum``.
 """
@@ -34,6 +39,7 @@ from fedrac.sketch import make_sketch
 STATE_WEIGHTS = "fedrac.weights"  # node Context.state keys of the cached global weights
 STATE_SYNC = "fedrac.sync"        # ... of its version (``{"version": v}``)
 STATE_CONFIG = "fedrac.config"    # ... and of the static part of the train config
+SET_PREFIX = "set:"  # a round-change key ``set:<key>``: tensor ``<key>`` takes this value
 
 
 class ResyncNeeded(RuntimeError):
@@ -103,25 +109,85 @@ def round_sketches(
     return sketches
 
 
+def apply_update(
+    state: dict[str, torch.Tensor], update: Mapping[str, torch.Tensor],
+    layers: Mapping[str, LayerSpec] | None = None,
+) -> dict[str, torch.Tensor]:
+    """``state`` (changed in place and returned) plus an update record: dense
+    ``<layer>.weight`` deltas (added in the weight's dtype) or stacked ``<layer>.stack_B`` /
+    ``<layer>.stack_A`` factors whose product is the delta (float64, then cast back);
+    ``layers`` says which weights are stored transposed (transformers' ``Conv1D``)."""
+    for key, value in update.items():
+        if key.endswith(".weight"):
+            state[key] = state[key] + value.to(state[key].dtype)
+        elif key.endswith(".stack_B"):
+            layer = key[: -len(".stack_B")]
+            w = state[f"{layer}.weight"]
+            delta = value.to(torch.float64) @ update[f"{layer}.stack_A"].to(torch.float64)
+            if layers is not None and layer in layers and layers[layer].transposed:
+                delta = delta.T
+            state[f"{layer}.weight"] = (w.to(torch.float64) + delta.reshape(w.shape)).to(w.dtype)
+        elif not key.endswith(".stack_A"):
+            raise KeyError(f"update record key {key!r} is not '<layer>.weight' or a stack factor")
+    return state
+
+
+def is_factor_key(key: str) -> bool:
+    """Whether a round-change key is an averaged trained factor (``<layer>.lora_A|B``)."""
+    return key.endswith((".lora_A", ".lora_B"))
+
+
+def apply_change(
+    state: Mapping[str, torch.Tensor], layers: Mapping[str, LayerSpec],
+    change: Mapping[str, torch.Tensor], seed: int, rank: int, alpha: float,
+    distribution: str | None,
+) -> dict[str, torch.Tensor]:
+    """One round's change replayed on ``state`` (a new dict; ``state``'s tensors are not
+    modified): the factor merge (sketches from ``seed``), then the update record, then the
+    new values of the trained modules -- the order the server applies them in."""
+    factors = {k: v for k, v in change.items() if is_factor_key(k)}
+    update = {k: v for k, v in change.items()
+              if not is_factor_key(k) and not k.startswith(SET_PREFIX)}
+    out = dict(state)
+    if factors:
+        per_layer = [sum(f"{n}.lora_{s}" in factors for s in "AB") for n in layers]
+        if len(factors) != len(layers) or any(c != 1 for c in per_layer):
+            raise ResyncNeeded("deltas do not hold one factor per layer")
+        if distribution is None:
+            raise ResyncNeeded("deltas hold factors but the message names no sketch")
+        sketches = round_sketches(layers, set(factors), seed, rank, distribution)
+        out = merge_factors(out, layers, factors, sketches, alpha / rank)
+    try:
+        out = apply_update(out, update, layers)
+    except KeyError as err:
+        raise ResyncNeeded(f"unusable update in the deltas: {err}") from err
+    for key, value in change.items():
+        if key.startswith(SET_PREFIX):
+            name = key[len(SET_PREFIX):]
+            if name not in out:
+                raise ResyncNeeded(f"delta '{key}' names no tensor of the model")
+            out[name] = value.to(out[name].dtype)
+    return out
+
+
 def apply_deltas(
     state: Mapping[str, torch.Tensor], layers: Mapping[str, LayerSpec],
     deltas: Mapping[str, torch.Tensor], rounds: list[int], seeds: list[int], rank: int,
-    alpha: float, distribution: str,
+    alpha: float, distribution: str | None,
 ) -> dict[str, torch.Tensor]:
-    """Replay the merges of ``rounds`` (with their ``seeds``) on ``state``, in order."""
+    """Replay the changes of ``rounds`` (with their ``seeds``) on ``state``, in order."""
     if len(rounds) != len(seeds):
         raise ResyncNeeded(f"sync record has {len(rounds)} rounds but {len(seeds)} seeds")
     by_round: dict[int, dict[str, torch.Tensor]] = {int(r): {} for r in rounds}
     for key, tensor in deltas.items():
-        head, _, factor_key = key.partition("/")
+        head, _, change_key = key.partition("/")
         if not head.isdigit() or int(head) not in by_round:
             raise ResyncNeeded(f"delta '{key}' names no round of the sync record")
-        by_round[int(head)][factor_key] = tensor
+        by_round[int(head)][change_key] = tensor
     for rnd, seed in zip(rounds, seeds, strict=True):
-        factors = by_round[int(rnd)]
-        per_layer = [sum(f"{n}.lora_{s}" in factors for s in "AB") for n in layers]
-        if len(factors) != len(layers) or any(c != 1 for c in per_layer):
-            raise ResyncNeeded(f"round {rnd}: deltas do not hold one factor per layer")
-        sketches = round_sketches(layers, set(factors), int(seed), rank, distribution)
-        state = merge_factors(state, layers, factors, sketches, alpha / rank)
+        try:
+            state = apply_change(state, layers, by_round[int(rnd)], int(seed), rank, alpha,
+                                 distribution)
+        except ResyncNeeded as err:
+            raise ResyncNeeded(f"round {rnd}: {err}") from err
     return dict(state)

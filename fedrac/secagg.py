@@ -78,9 +78,9 @@ def check_config(cfg: Mapping[str, Any]) -> None:
         raise ValueError("model=hf is not allowed with secagg=plus (its trained modules, e.g. "
                          "the new head, travel beside the factors and are not summed by "
                          "SecAgg+); allowed: a built-in model")
-    if cfg["strategy"].get("download", "full") != "full":
+    if cfg["strategy"].get("download", "full") == "delta":  # ``auto`` resolves to full
         raise ValueError("strategy.download=delta is not allowed with secagg=plus (a resync "
-                         "reply cannot go through the masked sum); allowed: full")
+                         "reply cannot go through the masked sum); allowed: full, auto")
     p = cfg.get("privacy") or {}
     if p.get("mode") == "dp" and p.get("clipping", "fixed") != "fixed":
         raise ValueError("privacy.clipping=adaptive is not allowed with secagg=plus (the "

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from fedrac.adapters import LayerSpec
 from strategies.base import ValidReply
-from strategies.two_factor import TwoFactorLoRA, lora_product
+from strategies.two_factor import TwoFactorLoRA
 
 
 class Cola(TwoFactorLoRA):
@@ -15,8 +17,10 @@ class Cola(TwoFactorLoRA):
     product ``s * B_bar @ A_bar`` is folded into the weights and the adapters restart
     (zero factor at zero, the other drawn afresh from the round's seed).
 
-    Rule per round: ``A <- sum_k p_k A_k``, ``B <- sum_k p_k B_k``; on a merge round
-    ``W <- W + s * B @ A`` and the chain restarts. Inexact like FedIT within a link.
+    Rule per round: ``A <- sum_k p_k A_k``, ``B <- sum_k p_k B_k``; on a merge round ``W <- W +
+    (s B) @ A`` (the stacked factors ``s B``, ``A`` in the adapters' dtype, which is what a
+    node that holds the base receives) and the chain restarts. Inexact like FedIT within a
+    link.
     Config keys: ``rank``, ``alpha``, ``sketch``, ``train_factor`` (as FedIT) and
     ``merge_every`` (rounds per link of the chain, >= 1).
     """
@@ -48,10 +52,11 @@ class Cola(TwoFactorLoRA):
     def combine(self, server_round: int, valid: list[ValidReply]) -> None:
         """Average the factors; on a merge round fold them into the weights and restart."""
         self.adapters = self.average(server_round, valid, self.round_start)
-        if server_round % self.merge_every == 0:
-            self.merge_into_base({n: lora_product(self.adapters[f"{n}.lora_A"],
-                                                  self.adapters[f"{n}.lora_B"], self.scale, spec)
-                                  for n, spec in self.layers.items()}, as_update=False,
-                                 terms={n: (self.adapters[f"{n}.lora_B"].double() * self.scale,
-                                            self.adapters[f"{n}.lora_A"]) for n in self.layers})
+        if server_round % self.merge_every == 0:  # the product as stacked factors (rank r)
+            merge = {}
+            for name in self.layers:
+                b = self.adapters[f"{name}.lora_B"].to(torch.float64) * self.scale
+                merge[f"{name}.stack_B"] = b.to(self.adapters[f"{name}.lora_B"].dtype)
+                merge[f"{name}.stack_A"] = self.adapters[f"{name}.lora_A"]
+            self.merge_into_base(merge, as_update=False)
             self.adapters = None

@@ -1,13 +1,13 @@
 """Server side of ``strategy.download=delta``: per-round deltas, per-node versions, resyncs.
 
-The server remembers, for every node, the version of the global weights it last sent
-(``W_v``, the weights after round ``v``) and, for recent rounds, each round's seed and
-averaged trained factors. A node that comes back at round ``t`` gets the deltas of rounds
-``v+1 .. t-1`` and a checksum of ``W_{t-1}`` instead of the weights -- unless it is new,
-its earlier reply failed, the history no longer reaches back to ``v``, or the deltas
-would cost more bytes than the weights: then it gets the full weights. A node whose
-rebuild fails (cache missing or corrupt, checksum mismatch) answers ``resync``; it is sent
-the full weights at once, in the same round, so the run's result does not change.
+The server remembers, for every node, the version of the global weights it last sent (``W_v``,
+the weights after round ``v``) and, for recent rounds, each round's change (its seed and the
+tensors :func:`fedrac.delta_sync.apply_change` replays). A node that comes back at round ``t``
+gets the deltas of rounds ``v+1 .. t-1`` and a checksum of ``W_{t-1}`` instead of the weights
+-- unless it is new, its earlier reply failed, the history no longer reaches back to ``v``, or
+the deltas would cost more bytes than the weights: then it gets the full weights. A node whose
+rebuild fails (cache missing or corrupt, checksum mismatch) answers ``resync``; it is sent the
+full weights at once, in the same round, so the run's result does not change.
 See :mod:`fedrac.delta_sync` for the wire format.
 """
 
@@ -26,8 +26,19 @@ from fedrac.delta_sync import sync_checksum
 from fedrac.ledger import array_record_nbytes, record_dict_nbytes
 from fedrac.records import to_array_record, to_state_dict
 
-DOWNLOADS = ("full", "delta")
+DOWNLOADS = ("auto", "full", "delta")  # strategy.download of the adapter methods
 RESYNC_KEY = "resync"  # a client's reply record asking for the full weights
+
+
+def resolve_download(cfg: Mapping[str, Any]) -> str:
+    """``strategy.download`` with ``auto`` resolved: ``delta`` for ``model=hf`` (a node holds
+    the base and receives what changed), ``full`` for the built-in models and under
+    ``secagg=plus`` (a resync cannot go through the masked sum)."""
+    value = str(cfg["strategy"].get("download", "full"))
+    if value != "auto":
+        return value
+    secagg = (cfg.get("secagg") or {}).get("name", "none") == "plus"
+    return "delta" if (cfg.get("model") or {}).get("name") == "hf" and not secagg else "full"
 
 
 class DeltaSync:
@@ -43,7 +54,9 @@ class DeltaSync:
         self._full: RecordDict | None = None
 
     def record(self, server_round: int, seed: int, factors: Mapping[str, torch.Tensor]) -> None:
-        """Remember round ``server_round``'s merge (its seed and averaged trained factors)."""
+        """Remember round ``server_round``'s change: its seed and the tensors
+        :func:`fedrac.delta_sync.apply_change` replays (averaged trained factors, an update
+        record, ``set:<key>`` values of the trained modules)."""
         self.history[server_round] = (int(seed), {k: v.detach().cpu() for k, v in
                                                   factors.items()})
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 
+from fedrac.adapters import LayerSpec
 from strategies.base import ValidReply
 from strategies.two_factor import TwoFactorLoRA, lora_product
 
@@ -13,7 +16,8 @@ class FLoRA(TwoFactorLoRA):
 
     Rule: ``B_stack = [s p_1 B_1, ..., s p_K B_K]`` (``d_out x K r``),
     ``A_stack = [A_1; ...; A_K]`` (``K r x d_in``), ``W <- W + B_stack @ A_stack``
-    ``= W + s * sum_k p_k B_k A_k`` (exact). The stacked factors go to the clients
+    ``= W + s * sum_k p_k B_k A_k`` (exact up to the stacks' float32 rounding; the server
+    merges the float32 stacks it sends). The stacked factors go to the clients
     next round as the ``update`` record (kind ``factors``) on top of the previous
     weights, so the download grows with the number of clients. Config keys as FedIT.
     Stacking needs one coefficient ``p_k`` per client: ``aggregation=mean`` or ``norm_clip``
@@ -42,16 +46,8 @@ class FLoRA(TwoFactorLoRA):
             return
         self.note_release(server_round, valid)
         p = self.aggregator.coefficients([r.weight for r in valid]).tolist()
-        update, deltas, terms = {}, {}, {}
-        for name, spec in self.layers.items():
-            b = torch.cat([r.tensors[f"{name}.lora_B"].to(torch.float64) * (self.scale * pk)
-                           for r, pk in zip(valid, p, strict=True)], dim=1)
-            a = torch.cat([r.tensors[f"{name}.lora_A"].to(torch.float64) for r in valid], dim=0)
-            deltas[name] = spec.delta(a, b, 1.0)
-            terms[name] = (b, a)
-            update[f"{name}.stack_B"], update[f"{name}.stack_A"] = b.float(), a.float()
-        self.merge_into_base(deltas, as_update=True, terms=terms)
-        self.update = update
+        self.merge_into_base(stack_factors(self.layers, [r.tensors for r in valid],
+                                           [self.scale * pk for pk in p]), as_update=True)
         self.adapters = None
 
     def private_combine(self, server_round: int, valid: list[ValidReply]) -> None:
@@ -63,6 +59,21 @@ class FLoRA(TwoFactorLoRA):
         self.note_release(server_round, valid)
         deltas = self.private_average(server_round, products, None,
                                       modules=[r.modules for r in valid])
-        self.merge_into_base(deltas, as_update=True)
-        self.update = {self.layers[n].weight_key: d.to(torch.float32) for n, d in deltas.items()}
+        self.merge_into_base({self.layers[n].weight_key: d.to(torch.float32)
+                              for n, d in deltas.items()}, as_update=True)
         self.adapters = None
+
+
+def stack_factors(
+    layers: Mapping[str, LayerSpec], factors: Sequence[Mapping[str, torch.Tensor]],
+    coefficients: Sequence[float],
+) -> dict[str, torch.Tensor]:
+    """``<layer>.stack_B = [c_1 B_1, ..., c_K B_K]`` and ``<layer>.stack_A = [A_1; ...; A_K]``
+    (float32): their product is ``sum_k c_k B_k A_k``."""
+    out = {}
+    for name in layers:
+        out[f"{name}.stack_B"] = torch.cat(
+            [f[f"{name}.lora_B"].to(torch.float64) * c
+             for f, c in zip(factors, coefficients, strict=True)], dim=1).float()
+        out[f"{name}.stack_A"] = torch.cat([f[f"{name}.lora_A"].float() for f in factors], dim=0)
+    return out

@@ -11,11 +11,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from fedrac.adapters import LayerSpec, resolve_trained
-from fedrac.delta_sync import merge_factors
+from fedrac.delta_sync import SET_PREFIX, merge_factors
 from fedrac.records import array_to_tensor, to_array_record, to_shared_state_dict
 from fedrac.sketch import derive_seed, fingerprint, make_sketch
 from strategies.base import FedracStrategy, require_choice
-from strategies.delta_sync import DOWNLOADS, DeltaSync
+from strategies.delta_sync import DOWNLOADS, DeltaSync, resolve_download
 
 TRAIN_FACTORS = ("A", "B", "auto", "alternate", "bernoulli")
 SIDE_STREAM = 3  # derive_seed(run_seed, round, SIDE_STREAM) flips the coin of `bernoulli`
@@ -99,6 +99,7 @@ class RacLoRA(FedracStrategy):
         self.train_factor_p = float(p)
         require_choice("strategy.train_factor", train_factor, TRAIN_FACTORS, "rac_lora")
         require_choice("strategy.download", download, DOWNLOADS)
+        # ``auto`` (resolved from the whole config by ``from_config``) is full when built here
         if int(resample_every) < 1:
             raise ValueError(f"strategy.resample_every={resample_every!r} is not allowed; "
                              "allowed: an integer >= 1")
@@ -116,7 +117,7 @@ class RacLoRA(FedracStrategy):
         s = cfg["strategy"]
         return cls(layers=layers, rank=s["rank"], alpha=s["alpha"], sketch=s["sketch"],
                    train_factor=s["train_factor"], resample_every=s.get("resample_every", 1),
-                   download=s.get("download", "full"), client_ranks=s.get("client_ranks"),
+                   download=resolve_download(cfg), client_ranks=s.get("client_ranks"),
                    train_factor_p=s.get("train_factor_p", 0.5), **common)
 
     @staticmethod
@@ -216,8 +217,9 @@ class RacLoRA(FedracStrategy):
             self.merged.add_all({n: (both[f"{n}.lora_B"].to(torch.float64) * self.scale,
                                      both[f"{n}.lora_A"]) for n in self.layers})
         state = self.apply_modules(server_round, state, valid)
-        if self.sync is not None:
-            self.sync.record(server_round, plan.seed, avg)
+        if self.sync is not None:  # the round's change: factors, then the modules' new values
+            self.sync.record(server_round, plan.seed, {
+                **avg, **{SET_PREFIX + k: state[k] for k in self.module_shapes}})
         return to_array_record(state), metrics
 
     def _check_reply(self, msg: Message, array_key: str, expected: Mapping[str, tuple[int, ...]],

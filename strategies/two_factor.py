@@ -1,13 +1,20 @@
 """Shared plumbing of the methods that train both LoRA factors (FedIT, COLA, FedEx-LoRA, FLoRA).
 
-The server keeps the frozen base weights and, for the methods whose adapters persist
-across rounds, the global factors ``(A, B)``. Each round clients receive the base
-weights (``arrays``), either the global factors (``adapters``, kind ``factors``) or,
-when they start fresh, the seed of the random factor (``sketch``, kind ``seeds``),
-and optionally the server's last merge as an ``update`` record. They train both
-factors and reply with both. Subclasses say how the replies are combined
-(:meth:`TwoFactorLoRA.combine`); the aggregation rule acts on each factor's update, i.e. the
-factor minus the one the client started from (:meth:`TwoFactorLoRA.start_factors`). Under
+The server keeps the frozen base weights and, for the methods whose adapters persist across
+rounds, the global factors ``(A, B)``. Each round clients receive the base weights
+(``arrays``), either the global factors (``adapters``, kind ``factors``) or, when they start
+fresh, the seed of the random factor (``sketch``, kind ``seeds``), and optionally the server's
+last merge as an ``update`` record. They train both factors and reply with both. With
+``strategy.download=delta`` (the default on ``model=hf``) a node that holds the base weights
+gets, instead of ``arrays`` and ``update``, the changes of the base since it last had it
+(:class:`strategies.delta_sync.DeltaSync`): nothing for FedIT, the merged low-rank product for
+COLA and FLoRA, FedEx-LoRA's residual (low-rank where it is), the new values of the trained
+modules -- plus the global adapters, as in every round. The server merges into its base with
+the clients' own function (:func:`fedrac.delta_sync.apply_update`) on the very record it sends,
+so a client's base is the server's, bit for bit, whichever way it was downloaded. Subclasses
+say how the replies are combined (:meth:`TwoFactorLoRA.combine`); the aggregation rule acts on
+each factor's update, i.e. the factor minus the one the client started from
+(:meth:`TwoFactorLoRA.start_factors`). Under
 ``privacy=dp`` those updates are clipped jointly and noised (:mod:`fedrac.privacy`).
 """
 
@@ -21,10 +28,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from fedrac.adapters import LayerSpec
+from fedrac.delta_sync import SET_PREFIX, apply_update
 from fedrac.models.merged_factors import MergedFactors
 from fedrac.records import to_array_record, to_state_dict
 from fedrac.sketch import derive_seed, fingerprint, make_sketch
 from strategies.base import FedracStrategy, ValidReply, require_choice
+from strategies.delta_sync import DOWNLOADS, DeltaSync, resolve_download
 
 ZERO_SIDES = ("both", "A", "B")
 FRESH_STREAM = 4  # derive_seed(run_seed, round, FRESH_STREAM) draws fresh random factors
@@ -47,16 +56,20 @@ class TwoFactorLoRA(FedracStrategy):
     """
 
     TRAIN_FACTORS = ZERO_SIDES
+    DOWNLOADS = DOWNLOADS
     IGNORED_KEYS = ("resample_every",)  # no sketch to resample: a sweep over it runs once
     update_kind = "factors"
     trains_both = True  # clients train A and B: client.refactor (RefLoRA) applies
 
     def __init__(
         self, *, layers: Mapping[str, LayerSpec], rank: int, alpha: float,
-        sketch: str = "orthogonal", train_factor: str = "both", **kwargs: Any,
+        sketch: str = "orthogonal", train_factor: str = "both", download: str = "full",
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         require_choice("strategy.train_factor", train_factor, ZERO_SIDES, self.name)
+        require_choice("strategy.download", download, DOWNLOADS)
+        self.sync = DeltaSync() if download == "delta" else None
         self.set_adapters(layers, rank, alpha, sketch)
         self.zero_side = "B" if train_factor == "both" else train_factor
         self.base: dict[str, torch.Tensor] | None = None
@@ -64,15 +77,18 @@ class TwoFactorLoRA(FedracStrategy):
         self.sent_base: dict[str, torch.Tensor] | None = None  # base before `update`
         self.update: dict[str, torch.Tensor] | None = None
         self.round_start: dict[str, torch.Tensor] | None = None  # this round's start factors
+        self.change: dict[str, torch.Tensor] = {}  # the round's update of the base
         self.kinds = {"arrays": "weights", "adapters": "factors", "factors": "factors",
-                      "sketch": "seeds", "config": "config", "update": self.update_kind}
+                      "sketch": "seeds", "config": "config", "update": self.update_kind,
+                      "deltas": "deltas", "sync": "seeds"}
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], layers, **common: Any) -> TwoFactorLoRA:
         """Build from the composed run config."""
         s = cfg["strategy"]
         return cls(layers=layers, rank=s["rank"], alpha=s["alpha"], sketch=s["sketch"],
-                   train_factor=s["train_factor"], **cls.extra_kwargs(s), **common)
+                   train_factor=s["train_factor"], download=resolve_download(cfg),
+                   **cls.extra_kwargs(s), **common)
 
     @classmethod
     def extra_kwargs(cls, strategy_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,6 +142,14 @@ class TwoFactorLoRA(FedracStrategy):
         records["config"] = self.train_config(
             server_round, mode="adapters", rank=self.rank, alpha=self.alpha,
             **{"train-factor": "both", "zero-factor": self.zero_side})
+        if self.sync is not None:  # download=delta: per node, the base's changes or the base
+            self.sync.grid = grid
+            del records["arrays"]
+            records.pop("update", None)
+            records["config"]["download"] = "delta"
+            contents = self.sync.downloads(server_round, to_array_record(self.base), nodes,
+                                           records)
+            return self.make_messages(server_round, contents, nodes, self.kinds)
         return self.make_messages(server_round, RecordDict(records), nodes, self.kinds)
 
     def aggregate_train(
@@ -133,6 +157,13 @@ class TwoFactorLoRA(FedracStrategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Combine the clients' factors (subclass rule); return base + s * B @ A for evaluation."""
         self.round_start = self.start_factors(server_round)
+        self.change = {}
+        if self.sync is not None:
+            replies = self.sync.resolve_resyncs(
+                server_round, replies,
+                lambda rnd, contents, nodes: self.make_messages(rnd, contents, nodes,
+                                                                self.kinds),
+                self.ledger.add)
         valid = self.collect_replies(server_round, replies, "factors", self.factor_keys(),
                                      self.kinds, reference=self.round_start,
                                      dtypes={k: v.dtype for k, v in self.round_start.items()},
@@ -145,13 +176,17 @@ class TwoFactorLoRA(FedracStrategy):
             self.base = self.apply_modules(server_round, self.base, valid)
             if self.sent_base is not None:  # the update record goes on top of sent_base
                 self.sent_base = self.apply_modules(server_round, self.sent_base, valid)
+        if self.sync is not None:  # the round's change: the update, then the modules' values
+            self.sync.record(server_round, 0, {
+                **self.change, **{SET_PREFIX + k: self.base[k] for k in self.module_shapes}})
         return to_array_record(self.effective_state()), metrics
 
     def state_dict(self) -> dict[str, Any]:
         """Base state plus the base weights, the global adapters, the last merge and the
         record kinds (FLoRA under DP sends its update as ``residual``)."""
         return {**super().state_dict(), "base": self.base, "adapters": self.adapters,
-                "sent_base": self.sent_base, "update": self.update, "kinds": dict(self.kinds)}
+                "sent_base": self.sent_base, "update": self.update, "kinds": dict(self.kinds),
+                "sync": None if self.sync is None else self.sync.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`state_dict`."""
@@ -159,7 +194,9 @@ class TwoFactorLoRA(FedracStrategy):
         for key in ("base", "adapters", "sent_base", "update"):
             value = state[key]
             setattr(self, key, None if value is None else dict(value))
-        self.kinds = dict(state["kinds"])
+        self.kinds = {**self.kinds, **state["kinds"]}
+        if self.sync is not None and state.get("sync") is not None:
+            self.sync.load_state_dict(state["sync"])
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> None:
         """Update ``base`` / ``adapters`` / ``update`` from the round's valid replies."""
@@ -173,23 +210,30 @@ class TwoFactorLoRA(FedracStrategy):
         return merged.plus({n: (self.adapters[f"{n}.lora_B"].to(torch.float64) * self.scale,
                                 self.adapters[f"{n}.lora_A"]) for n in self.layers})
 
-    def merge_into_base(self, deltas: Mapping[str, torch.Tensor], as_update: bool,
+    def merge_into_base(self, update: Mapping[str, torch.Tensor], as_update: bool,
                         terms: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
                         ) -> None:
-        """``base[layer] += delta`` per layer; ``as_update`` also sends it next round.
-        ``terms``: the same deltas as factors ``(B, A)`` with ``B @ A`` the logical
-        ``d_out x d_in`` delta (recorded for the export); ``None``: a dense merge."""
+        """``base <- base + update`` (an update record: ``<layer>.stack_B`` / ``.stack_A``
+        factors or dense ``<layer>.weight`` deltas) with the clients' own
+        :func:`~fedrac.delta_sync.apply_update`; ``as_update`` also sends it next round on top
+        of the previous base (full downloads). It is the round's change either way.
+        ``terms``: the same change as factors ``(B, A)`` per layer for the export's record
+        (default: the update's stacks; a dense delta makes the record unusable)."""
         assert self.base is not None
-        if self.merged is not None:
-            if terms is None:
+        if self.merged is not None and terms is not None:
+            self.merged.add_all(terms)
+        elif self.merged is not None:  # the export's record: the stacks as sent, or dense
+            if any(self.layers[n].weight_key in update for n in self.layers):
                 self.merged.invalidate(f"{self.name} merged a dense update")
             else:
-                self.merged.add_all(terms)
+                self.merged.add_all({n: (update[f"{n}.stack_B"].to(torch.float64),
+                                         update[f"{n}.stack_A"].to(torch.float64))
+                                     for n in self.layers if f"{n}.stack_B" in update})
         before = dict(self.base)
-        for name, spec in self.layers.items():
-            w = self.base[spec.weight_key]
-            self.base[spec.weight_key] = (w.to(torch.float64) + deltas[name]).to(w.dtype)
+        self.base = apply_update(dict(self.base), update, self.layers)
         self.sent_base = before if as_update else None
+        self.update = dict(update) if as_update else None
+        self.change = dict(update)
 
     def effective_state(self) -> dict[str, torch.Tensor]:
         """The model the server evaluates: base weights plus ``s * B @ A`` of the adapters."""

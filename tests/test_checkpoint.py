@@ -24,6 +24,7 @@ CASES = {
     "fedit": ["strategy=fedit"],
     "fedavg": ["strategy=fedavg"],
     "rac_lora_delta": ["strategy=rac_lora", "strategy.download=delta", "fraction_train=0.67"],
+    "fedex_lora_delta": ["strategy=fedex_lora", "strategy.download=delta", "fraction_train=0.67"],
     "ffa_lora": ["strategy=ffa_lora"],
     "cola": ["strategy=cola"],
     "fedex_lora": ["strategy=fedex_lora"],

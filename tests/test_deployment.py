@@ -188,13 +188,16 @@ def _assert_same_model(a: dict, b: dict) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)  # same code, same seeds: bit-identical
 
 
-def test_warm_workers_give_the_inline_result(federation, flwr_env):
+@pytest.mark.parametrize("download", ["full", "delta"])
+def test_warm_workers_give_the_inline_result(federation, flwr_env, download):
     """One warm worker per node serves every round of the run (its round time is measured
     by ``python -m bench.peers``, not asserted here); the model is bit-identical to the
-    inline engine's."""
+    inline engine's. With ``download=delta`` the worker holds the node's cached weights:
+    after round 1 the nodes get deltas only, never a resync."""
     fed = federation(2)
     out = flwr_env / "out"
-    overrides = f"strategy=rac_lora num_rounds=5 num_clients=2 {FAST} output_dir={out}"
+    overrides = f"strategy=rac_lora num_rounds=5 num_clients=2 {FAST} output_dir={out} " \
+        f"strategy.download={download}"
     run = flwr_run(fed, overrides)
     log, _ = run.communicate(timeout=240)
     assert run.returncode == 0, log
@@ -211,6 +214,11 @@ def test_warm_workers_give_the_inline_result(federation, flwr_env):
         assert oct(sock.parent.stat().st_mode & 0o777) == "0o700"
     _assert_same_model(load_file(out / "model.safetensors"),
                        _inline_model(overrides, out, flwr_env / "ref"))
+    if download == "delta":
+        rows = list(csv.DictReader((out / "metrics.csv").open()))
+        later = [r for r in rows if int(r["round"]) >= 2]
+        assert all(int(r["bytes_down_weights"]) == 0 and int(r["bytes_down_deltas"]) > 0
+                   for r in later), later
 
 
 def test_killed_worker_is_restarted_and_the_run_goes_on(federation, flwr_env):

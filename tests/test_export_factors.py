@@ -70,8 +70,8 @@ def test_a_dense_merge_or_an_old_checkpoint_leaves_no_record():
     assert strategy.export_factors() is None
     fedex = _strategy("fedex_lora")
     fedex.base = _initial()
-    fedex.merge_into_base({n: torch.zeros(s.d_out, s.d_in, dtype=torch.float64)
-                           for n, s in LAYERS.items()}, as_update=True)
+    fedex.merge_into_base({s.weight_key: torch.zeros(s.weight_shape)
+                           for s in LAYERS.values()}, as_update=True)  # a dense update
     assert fedex.export_factors() is None
 
 

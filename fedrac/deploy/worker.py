@@ -15,6 +15,9 @@ Flower's; the worker only computes, with the same handlers the inline engine cal
 - Started on demand by the ClientApp process (the first message of a run pays the
   start-up once); a dead or missing worker is started again and the message is sent
   again (handlers are pure functions of message and context, so the result is the same).
+- With ``strategy.download=delta`` the node's cached global weights stay in the worker
+  (:func:`hold`); its ``Context`` carries a token instead, so a round's context is small.
+  The model itself is built (its checkpoint loaded) once per worker.
 - A worker exits when its SuperNode is gone, after ``FEDRAC_WORKER_IDLE`` seconds without
   a message (default 900), or on SIGTERM (``python -m fedrac.deploy down``).
 
@@ -38,10 +41,11 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 
 WORKER_DIR_ENV = "FEDRAC_WORKER_DIR"
 IDLE_ENV = "FEDRAC_WORKER_IDLE"
@@ -232,6 +236,36 @@ def handle(kind: str, message: Message, context: Context) -> Message:
     raise ValueError(f"kind={kind!r} is not allowed; allowed: train, evaluate")
 
 
+HELD_KEY = "fedrac.weights-held"  # Context.state: the token of the weights the worker holds
+_held: dict[int, tuple[str, Any]] = {}  # node id -> (token, its cached global weights)
+
+
+def hold(node_id: int, context: Context) -> None:
+    """Keep the node's cached global weights (``download=delta``) in this worker and leave a
+    token in their place: the context travels between processes with every message, the
+    weights need not (a worker started again holds nothing: the node resyncs once)."""
+    from fedrac.delta_sync import STATE_WEIGHTS
+
+    if STATE_WEIGHTS in context.state:
+        token = uuid.uuid4().hex
+        _held[node_id] = (token, context.state[STATE_WEIGHTS])
+        del context.state[STATE_WEIGHTS]
+        context.state[HELD_KEY] = ConfigRecord({"token": token})
+
+
+def restore_held(node_id: int, context: Context) -> None:
+    """Put back the weights :func:`hold` kept for the node, if the context's token is theirs."""
+    from fedrac.delta_sync import STATE_WEIGHTS
+
+    if HELD_KEY not in context.state:
+        return
+    token = context.state[HELD_KEY].get("token")
+    del context.state[HELD_KEY]
+    held = _held.get(node_id)
+    if held is not None and held[0] == token:
+        context.state[STATE_WEIGHTS] = held[1]
+
+
 def _serve_one(conn: socket.socket, run_id: int) -> None:
     from fedrac.engines.inline import _as_task
 
@@ -247,8 +281,10 @@ def _serve_one(conn: socket.socket, run_id: int) -> None:
         message, context = _decode(message_bytes, context_bytes)
         if int(context.run_id) != run_id or int(message.metadata.run_id) != run_id:
             raise WorkerError(f"this worker serves run {run_id}, not run {context.run_id}")
+        restore_held(int(req["node_id"]), context)
         with _as_task(run_id, int(req["node_id"]), int(req["task_id"])):
             reply = handle(str(req["kind"]), message, context)
+        hold(int(req["node_id"]), context)
         _send(conn, json.dumps({"ok": True}).encode(), *_encode(reply, context))
     except Exception as err:  # noqa: BLE001 - every failure goes back as the ClientApp's
         _send(conn, json.dumps({"ok": False, "error": f"{type(err).__name__}: {err}"}).encode(),

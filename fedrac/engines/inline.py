@@ -101,6 +101,17 @@ def _copy_recorddict(records: RecordDict) -> RecordDict:
     return out
 
 
+def _record_state(record: ArrayRecord) -> dict[str, Any] | bytes:
+    """An ArrayRecord for a checkpoint: its tensors (model weights: far faster than
+    protobuf), else Flower's protobuf bytes."""
+    from fedrac.records import to_state_dict
+
+    try:
+        return dict(to_state_dict(record))
+    except Exception:  # noqa: BLE001 - an Array that is no tensor: keep Flower's bytes
+        return recorddict_to_proto(RecordDict({"r": record})).SerializeToString()
+
+
 def _copy_context(context: Context) -> Context:
     """Working copy of a node context (committed back only if the ClientApp succeeds)."""
     return Context(
@@ -218,10 +229,28 @@ class InlineGrid(Grid):
 
     def state_dict(self) -> dict[str, Any]:
         """The grid's id stream and every node's persisted ``Context.state`` (Flower's
-        protobuf bytes), for a checkpoint: a resumed run continues with the same node state."""
-        return {"rng": self._rng.getstate(),
-                "contexts": {str(node): recorddict_to_proto(ctx.state).SerializeToString()
-                             for node, ctx in self._contexts.items()}}
+        protobuf bytes), for a checkpoint: a resumed run continues with the same node state.
+        ArrayRecords that nodes share (the same Arrays: delta-sync caches at one version) are
+        stored once, in ``shared``, and named per node in ``refs``."""
+        shared: dict[str, Any] = {}
+        seen: dict[tuple, str] = {}
+        contexts: dict[str, bytes] = {}
+        refs: dict[str, dict[str, str]] = {}
+        for node, ctx in self._contexts.items():
+            own, named = RecordDict(), {}
+            for key, record in ctx.state.items():
+                if isinstance(record, ArrayRecord) and len(record) > 0:
+                    ident = tuple((k, id(a)) for k, a in record.items())
+                    if ident not in seen:
+                        seen[ident] = str(len(shared))
+                        shared[seen[ident]] = _record_state(record)
+                    named[key] = seen[ident]
+                else:
+                    own[key] = record
+            contexts[str(node)] = recorddict_to_proto(own).SerializeToString()
+            refs[str(node)] = named
+        return {"rng": self._rng.getstate(), "contexts": contexts, "shared": shared,
+                "refs": refs}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`state_dict` (call after :meth:`set_run`, before any message)."""
@@ -229,11 +258,22 @@ class InlineGrid(Grid):
         self._rng.setstate((version, tuple(internal), gauss))
         run = self.run
         self._contexts.clear()
-        for node, blob in state["contexts"].items():
-            context = self._node_context(int(node), run)
+        def parse(blob: bytes) -> RecordDict:
             proto = ProtoRecordDict()
             proto.ParseFromString(blob)
-            context.state = recorddict_from_proto(proto)
+            return recorddict_from_proto(proto)
+
+        from fedrac.records import to_array_record
+
+        shared = {ref: parse(value)["r"] if isinstance(value, bytes) else
+                  to_array_record(value) for ref, value in (state.get("shared") or {}).items()}
+        for node, blob in state["contexts"].items():
+            context = self._node_context(int(node), run)
+            context.state = parse(blob)
+            for key, ref in (state.get("refs") or {}).get(node, {}).items():
+                context.state[key] = ArrayRecord()  # a container of its own, shared Arrays
+                for name, array in shared[ref].items():
+                    context.state[key][name] = array
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         """Run the ClientApp for each valid message now; return the accepted message ids.
