@@ -199,3 +199,24 @@ def test_the_fleet_listener_serves_only_the_fleet_routes():
         assert sent[0]["status"] == 404, path
     assert call("/v1/fleet/register-node") == [] and served == ["/v1/fleet/register-node"]
     assert call("/v1/fleet/pull-messages", "websocket")[0]["type"] == "websocket.close"
+
+
+def test_a_worker_leaves_soon_after_the_runs_last_round(tmp_path):
+    """After the last train round a worker waits ``grace`` s for more messages (the round's
+    evaluation), not the 900 s idle limit (issue 20: idle workers left behind)."""
+    import threading
+    import time
+
+    from fedrac.deploy import worker
+
+    done = threading.Event()
+    worker.FINAL_ROUND_SERVED.set()
+    try:
+        t = threading.Thread(target=lambda: (worker.serve(tmp_path / "w", 7, idle=900,
+                                                          grace=0.5), done.set()), daemon=True)
+        start = time.monotonic()
+        t.start()
+        assert done.wait(20), "the worker stayed for the idle limit"
+        assert time.monotonic() - start < 10
+    finally:
+        worker.FINAL_ROUND_SERVED.clear()

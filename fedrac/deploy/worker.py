@@ -19,7 +19,9 @@ Flower's; the worker only computes, with the same handlers the inline engine cal
   (:func:`hold`); its ``Context`` carries a token instead, so a round's context is small.
   The model itself is built (its checkpoint loaded) once per worker.
 - A worker exits when its SuperNode is gone, after ``FEDRAC_WORKER_IDLE`` seconds without
-  a message (default 900), or on SIGTERM (``python -m fedrac.deploy down``).
+  a message (default 900), 60 s after its last message once it has served the run's last
+  train round (``num_rounds``: the run is over), or on SIGTERM (``python -m fedrac.deploy
+  down``).
 
 Wire format: frames of an 8-byte big-endian length and bytes. Request: a JSON header
 (``run_id``, ``node_id``, ``task_id``, ``kind``), Flower's protobuf of the ``Message`` and
@@ -230,12 +232,17 @@ def handle(kind: str, message: Message, context: Context) -> Message:
 
     cfg = node_config(message, context)
     if kind == "train":
+        config = message.content.config_records.get("config") or {}
+        if int(config.get("server-round", 0)) >= int(cfg.get("num_rounds") or 0) > 0:
+            FINAL_ROUND_SERVED.set()  # the run's last round: leave soon after it
         return handlers.handle_train(cfg, message, context)
     if kind == "evaluate":
         return handlers.handle_evaluate(cfg, message, context)
     raise ValueError(f"kind={kind!r} is not allowed; allowed: train, evaluate")
 
 
+FINAL_GRACE = 60.0  # s a worker stays after the run's last train message (its evaluation)
+FINAL_ROUND_SERVED = threading.Event()
 HELD_KEY = "fedrac.weights-held"  # Context.state: the token of the weights the worker holds
 _held: dict[int, tuple[str, Any]] = {}  # node id -> (token, its cached global weights)
 
@@ -292,9 +299,9 @@ def _serve_one(conn: socket.socket, run_id: int) -> None:
 
 
 def serve(folder: str | Path, run_id: int, parent: int | None = None,
-          idle: float | None = None) -> None:
+          idle: float | None = None, grace: float = FINAL_GRACE) -> None:
     """Serve run ``run_id``'s messages on its socket in ``folder`` until idle, orphaned or
-    stopped."""
+    stopped; ``grace`` s after a message once the run's last train round was served."""
     import clients.handlers  # noqa: F401 - the heavy imports, before listening
     import fedrac.flower_apps  # noqa: F401
 
@@ -317,9 +324,10 @@ def serve(folder: str | Path, run_id: int, parent: int | None = None,
     stop = threading.Event()
 
     def watch() -> None:  # leave when the SuperNode is gone or nothing came for `idle` s
-        while not stop.wait(2.0):
+        while not stop.wait(min(2.0, grace)):  # (FINAL_GRACE s once the last round was served)
             gone = parent is not None and not _alive(parent)
-            if gone or time.monotonic() - last[0] > idle:
+            limit = min(idle, grace) if FINAL_ROUND_SERVED.is_set() else idle
+            if gone or time.monotonic() - last[0] > limit:
                 stop.set()
 
     threading.Thread(target=watch, daemon=True).start()
