@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from bench.common import Workload, settings_of
-from clients.handlers import SHUFFLE_STREAM
+from clients.handlers import SHUFFLE_STREAM, bind_reply
 from clients.local_training import evaluate, train_locally
 from fedrac.adapters import find_target_layers, resolve_trained
 from fedrac.engines.inline import run_inline
@@ -93,8 +93,8 @@ def message_exchange(work: Workload) -> None:
     def train(msg: Message, context: Context) -> Message:
         metrics = MetricRecord({"num-examples": 50, "train-loss": 0.5, "train-seconds": 0.0,
                                 "train-steps": 4})
-        return Message(RecordDict({"factors": to_array_record(factors), "metrics": metrics}),
-                       reply_to=msg)
+        return bind_reply(msg, Message(RecordDict({"factors": to_array_record(factors),
+                                                   "metrics": metrics}), reply_to=msg))
 
     server = ServerApp()
 

@@ -36,7 +36,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
-from clients.handlers import global_state, prepare_adapters, settings_from
+from clients.handlers import bind_reply, global_state, prepare_adapters, settings_from
 from clients.local_training import TrainSettings, make_optimizer, step_hooks
 from fedrac.adapters import adapter_factors, attached, find_target_layers, remove_adapters
 from fedrac.config import ConfigError
@@ -138,7 +138,8 @@ def quadratic_client(cfg: Mapping[str, Any], xs, ys, lip: float) -> ClientApp:
             remove_adapters(model)
         metrics = MetricRecord({"num-examples": len(ys[pid]), "train-loss": float(loss.detach()),
                                 "train-seconds": 0.0})
-        return Message(RecordDict({key: ArrayRecord(out), "metrics": metrics}), reply_to=msg)
+        return bind_reply(msg, Message(RecordDict({key: ArrayRecord(out), "metrics": metrics}),
+                                       reply_to=msg))
 
     return app
 
