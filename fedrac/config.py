@@ -130,6 +130,7 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     s = d["strategy"]
     _require(s.get("name") in STRATEGIES, "strategy", s.get("name"), ", ".join(STRATEGIES))
     strategy_cls = STRATEGIES[s["name"]]
+    resolve_packaged(d)
     link_task(d)
     check_run(d, strategy_cls)
     check_client(d["client"], strategy_cls)
@@ -172,6 +173,23 @@ def check_pretrain(p: Mapping[str, Any]) -> None:
     _require(_is_int(seed) and seed >= 0, "pretrain.seed", seed, "an integer >= 0")
 
 
+def resolve_packaged(d: dict[str, Any]) -> None:
+    """``model.path`` / ``model.tokenizer`` naming a packaged model (``minilm``): its extracted
+    checkpoint folder under ``cache_dir`` (in place; :mod:`fedrac.models.packaged`)."""
+    from fedrac.models.packaged import packaged_name, packaged_path
+
+    if d["model"].get("name") != "hf":
+        return
+    for key in ("path", "tokenizer"):
+        value = d["model"].get(key)
+        if packaged_name(value) and not os.path.exists(os.path.expanduser(str(value))):
+            try:
+                d["model"][key] = packaged_path(value, d.get("cache_dir") or "~/.cache/fedrac",
+                                                f"model.{key}")
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
+
+
 def link_task(d: dict[str, Any]) -> None:
     """Fill in what the model and the data take from each other (in place).
 
@@ -212,8 +230,8 @@ def check_task(d: Mapping[str, Any]) -> None:
         from fedrac.models.hf import check_checkpoint, check_tokenizer
 
         try:
-            if d["model"].get("path") and not d["model"].get("config"):
-                check_checkpoint(d["model"]["path"])
+            if not d["model"].get("config"):  # the path first: a missing one is no tokenizer
+                check_checkpoint(d["model"].get("path"))
             check_tokenizer(d["model"])
         except ValueError as err:
             raise ConfigError(str(err)) from err
