@@ -122,10 +122,19 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     if splits.label_names:
         extra["label_names"] = list(splits.label_names)
     if cfg["model"].get("name") == "hf":
-        from fedrac.models.export import export_transformers
+        from fedrac.models.export import (
+            export_transformers,
+            set_label_names,
+            tidy_adapter_config,
+            truncation_hint,
+        )
 
+        set_label_names(model, splits.label_names)
         extra["export"] = export_transformers(cfg, model, layers, state, final,
                                               cfg["output_dir"])
+        tidy_adapter_config(f"{cfg['output_dir']}/adapter")
+        if hint := truncation_hint(extra["export"]):
+            print(hint, flush=True)
     summary = recorder.finish(final, extra)
     if ckpt is not None and ckpt.count:
         print(f"fedrac: {ckpt.count} checkpoints in {ckpt.dir / 'checkpoint'}, "

@@ -14,11 +14,12 @@ Both folders are written to a temporary folder and renamed into place.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +154,38 @@ def export_transformers(
     result.update({"adapter": "adapter", "export_rank": rank,
                    "adapter_relative_error": rel, "adapter_worst_layer_error": worst})
     return result
+
+
+def set_label_names(model: nn.Module, names: Sequence[str] | None) -> None:
+    """``id2label`` / ``label2id`` of a sequence classifier's config from the label names, so
+    that ``save_pretrained`` writes them and a ``pipeline()`` answers with the names."""
+    config = getattr(model, "config", None)
+    if not names or config is None or not hasattr(config, "id2label"):
+        return
+    if len(names) != int(getattr(config, "num_labels", len(names))):
+        return
+    config.id2label = {i: str(n) for i, n in enumerate(names)}
+    config.label2id = {str(n): i for i, n in enumerate(names)}
+
+
+def tidy_adapter_config(folder: str | os.PathLike) -> None:
+    """``adapter_config.json``: each of ``target_modules`` / ``modules_to_save`` once, sorted
+    (PEFT adds the classifier to ``modules_to_save`` again, and writes sets unordered)."""
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(data.get(key), list):
+            data[key] = sorted(set(data[key]))
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def truncation_hint(result: Mapping[str, Any], tolerance: float = 1e-3) -> str | None:
+    """One line when ``adapter/`` is a truncated copy of ``W - W0``: how to make it exact."""
+    err = result.get("adapter_relative_error")
+    if err is None or err <= tolerance:
+        return None
+    return (f"export: adapter/ is a rank-{result.get('export_rank')} truncation of W - W0 "
+            f"(relative error {err:.3g}); hf_model/ is exact. For an exact adapter/ raise "
+            "model.export_rank (e.g. model.export_rank=<strategy.rank x num_rounds>)")
