@@ -203,11 +203,42 @@ def link_task(d: dict[str, Any]) -> None:
     d["task"] = task
     if d["model"].get("name") == "hf":
         d["model"]["task"] = task.get("name")
+    if task.get("name") == "causal_lm":
+        link_causal_lm(d)
     if is_text(d["dataset"]):
         d["dataset"]["task"] = task.get("name")
         if not d["dataset"].get("tokenizer") and d["model"].get("name") == "hf":
             d["dataset"]["tokenizer"] = d["model"].get("tokenizer") or d["model"].get("path")
         d["dataset"].setdefault("cache_dir", d.get("cache_dir"))
+
+
+def link_causal_lm(d: dict[str, Any]) -> None:
+    """``task=causal_lm``'s defaults (in place): a table without named text columns is read
+    in TRL's formats (``dataset.text_column=auto``), and the default partitioner (dirichlet,
+    a label skew) becomes ``iid``: a language model's data has no labels."""
+    from fedrac.data.text import AUTO, is_text
+
+    ds = d["dataset"]
+    table = ds.get("name") in ("files", "hub") or ds.get("_target_")
+    if d["model"].get("name") == "hf" and table and not is_text(ds):
+        ds["text_column"] = AUTO
+    part = d["partitioner"]
+    if part.get("name") == "dirichlet":
+        d["partitioner"] = {"name": "iid", "val_fraction": part.get("val_fraction", 0.0)}
+
+
+def check_generate_eval(task: Mapping[str, Any]) -> None:
+    """``task.generate_eval`` (held-out prompts answered greedily each evaluation): causal_lm
+    only, an integer >= 0; ``task.generate_max_new_tokens`` an integer >= 1."""
+    n = task.get("generate_eval", 0)
+    if task.get("name") != "causal_lm":
+        _require(n in (0, None), "task.generate_eval", n, "0 with task="
+                 f"{task.get('name')} (generation-based evaluation needs task=causal_lm)")
+        return
+    _require(_is_int(n) and n >= 0, "task.generate_eval", n,
+             "an integer >= 0 (held-out prompts answered each evaluation; 0: off)")
+    m = task.get("generate_max_new_tokens", 32)
+    _require(_is_int(m) and m >= 1, "task.generate_max_new_tokens", m, "an integer >= 1")
 
 
 def check_task(d: Mapping[str, Any]) -> None:
@@ -217,12 +248,13 @@ def check_task(d: Mapping[str, Any]) -> None:
 
     name = d["task"].get("name")
     _require(name in TASKS, "task", name, ", ".join(TASKS))
+    check_generate_eval(d["task"])
     model, text = d["model"].get("name"), is_text(d["dataset"])
     if name == "causal_lm":
         _require(model == "hf", "task", name, "classification (causal_lm needs model=hf, a "
                  "transformers causal language model)")
-        _require(text, "task", name, "classification (causal_lm needs text: set "
-                 "dataset.text_column, or prompt_column and response_column)")
+        _require(text, "task", name, "classification (causal_lm needs text: a table with "
+                 "TRL's columns, or dataset.text_column, or prompt_column and response_column)")
         part = d["partitioner"].get("name")
         _require(part in ("iid", "size_skew", "natural"), "partitioner", part,
                  "iid, size_skew, natural (causal_lm data has no labels to skew)")

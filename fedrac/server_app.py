@@ -58,6 +58,9 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     device = resolve_device(str(cfg["device"]))
     task = task_of(cfg)
     x_test, y_test = to_tensors(splits.target_test)
+    from fedrac.tasks.generation import generation_metrics, generation_setup
+
+    generate = generation_setup(cfg, x_test)  # task.generate_eval: greedy answers, scored
     initial = to_array_record(state)
     latest = {"arrays": initial}
     monitor = monitor_from_config(cfg, layers, state)
@@ -78,8 +81,10 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
         model.load_state_dict(to_shared_state_dict(arrays))
         move_to(model, device)
         metrics = task.evaluate(model, x_test, y_test, device)
+        if generate is not None:
+            metrics.update(generation_metrics(model, device=device, **generate))
         recorder.log_round(server_round, metrics["eval_loss"], metrics["eval_accuracy"],
-                           metrics.get("eval_perplexity", math.nan))
+                           metrics.get("eval_perplexity", math.nan), metrics)
         return MetricRecord(metrics)
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

@@ -302,10 +302,11 @@ def build_text_splits(cfg: Mapping[str, Any]) -> DataSplits:
     )
 
     task = str(cfg.get("task") or "classification")
-    cols = text_columns(cfg, task)
+    text_columns(cfg, task)  # the keys' own errors before reading anything
     with _quiet_datasets():
         train_table, test_table = read_text_tables(cfg)
     where = f"dataset {cfg.get('name')!r} ({cfg.get('path') or cfg.get('_target_')})"
+    cols = text_columns(cfg, task, train_table.column_names, where)
     check_columns(train_table, cols, where)
     if test_table is not None:
         check_columns(test_table, cols, where + " test split")
@@ -507,9 +508,10 @@ def _text_from_path(path: Any, cfg: Mapping[str, Any]) -> Dataset:
     )
 
     task = str(cfg.get("task") or "classification")
-    cols = text_columns(cfg, task)
+    text_columns(cfg, task)  # the keys' own errors before reading anything
     with _quiet_datasets():
         table = _read_table(path, "data-path")
+    cols = text_columns(cfg, task, table.column_names, f"data-path={str(path)!r}")
     check_columns(table, cols, f"data-path={str(path)!r}")
     names = None
     if task == "classification":
