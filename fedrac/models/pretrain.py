@@ -136,7 +136,11 @@ def pretrained_state(
         key["data_files"] = source_stamp(dataset_cfg)
     path = _cache_path(cache_dir, key)
     if path.exists() and (cached := read_cache(path)) is not None:
-        log.info("pretrained weights from cache %s", path)
+        untrained = path.with_name(path.name + UNTRAINED).exists()
+        log.info("%s weights from cache %s", "initial (never pretrained)" if untrained
+                 else "pretrained", path)
+        if untrained:
+            warn_untrained(model_cfg, dataset_cfg, pretrain_cfg)
         return cached
     splits = load_splits(dataset_cfg)
     task = get_task(str(model_cfg.get("task") or dataset_cfg.get("task") or "classification"))
@@ -144,7 +148,9 @@ def pretrained_state(
     model = build_model(model_cfg, splits.input_shape, splits.num_classes)
     if model_cfg.get("weights"):
         load_weights(model, model_cfg["weights"])
+    pretrained = bool(model_cfg.get("weights")) or model_cfg.get("name") == "hf"
     if int(pretrain_cfg.get("epochs", 0)) > 0 and len(splits.source_train):
+        pretrained = True
         x, y = to_tensors(splits.source_train)
         settings = TrainSettings(
             optimizer=str(pretrain_cfg.get("optimizer", "adamw")),
@@ -168,5 +174,32 @@ def pretrained_state(
             f"pretrain.lr={pretrain_cfg.get('lr')!r}; allowed: settings under which it "
             "converges (a smaller pretrain.lr)")
     write_cache(path, state)
-    log.info("pretrained weights cached at %s", path)
+    marker = path.with_name(path.name + UNTRAINED)
+    if pretrained:
+        marker.unlink(missing_ok=True)
+        log.info("pretrained weights cached at %s", path)
+    else:
+        marker.touch()
+        log.info("initial weights (never pretrained) cached at %s", path)
+        warn_untrained(model_cfg, dataset_cfg, pretrain_cfg)
     return state
+
+
+UNTRAINED = ".untrained"  # beside a cache file: its weights were never pretrained
+_warned: set[str] = set()
+
+
+def warn_untrained(model_cfg: Mapping[str, Any], dataset_cfg: Mapping[str, Any],
+                   pretrain_cfg: Mapping[str, Any]) -> None:
+    """Warn (once per process and data set) that fine-tuning starts from random weights."""
+    name = str(dataset_cfg.get("name") or dataset_cfg.get("_target_"))
+    if name in _warned:
+        return
+    _warned.add(name)
+    why = "pretrain.epochs=0" if int(pretrain_cfg.get("epochs", 0)) <= 0 else \
+        "the data set has no source part to pretrain on"
+    log.warning("model %s was never pretrained (%s): fine-tuning starts from random weights, "
+                "and adapter strategies (LoRA, rac_lora, ...) then train low-rank updates of "
+                "random layers. Give a source part (dataset.source_classes, or source files), "
+                "model.weights=<file.safetensors>, or compare with strategy=fedavg",
+                model_cfg.get("name") or model_cfg.get("_target_"), why)
