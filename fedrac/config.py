@@ -67,6 +67,57 @@ def check_group_overrides(overrides: Sequence[str]) -> None:
                 )
 
 
+def _section_keys(data: Any, section: str, global_package: bool) -> set[str]:
+    part = data.get(section) if global_package and isinstance(data, Mapping) else data
+    return {str(k) for k in part} if isinstance(part, Mapping) else set()
+
+
+def known_keys(section: str) -> set[str]:
+    """Every key that some config in ``conf/`` gives the section ``section`` (``strategy``:
+    the keys of all strategies; ``""``: the top-level keys and groups)."""
+    import yaml
+
+    root = conf_dir()
+    keys: set[str] = set()
+    for path in root.rglob("*.yaml"):
+        text = path.read_text()
+        data = yaml.safe_load(text) or {}
+        rel = path.relative_to(root).parts
+        global_package = "@package _global_" in text or len(rel) == 1
+        if not section:
+            if len(rel) == 1:
+                keys |= {str(k) for k in data if k != "defaults"}
+                keys |= {p.name for p in root.iterdir() if p.is_dir()}
+            continue
+        if rel[0] == section and len(rel) == 2 and not global_package:
+            keys |= _section_keys(data, section, False)
+        elif global_package:
+            keys |= _section_keys(data, section, True)
+    return keys - {"defaults"}
+
+
+def check_added_keys(overrides: Sequence[str]) -> None:
+    """Reject ``+key=value`` overrides adding a key that no config and no code reads (a typo
+    such as ``+strategy.rnak=4``); free-form places (a custom model's keywords,
+    ``dataset.kwargs``) and ``hydra.*`` are left alone."""
+    items = [o for o in overrides if o.startswith("+") and not o.startswith("++") and "=" in o]
+    custom_model = any(o.lstrip("+").startswith(("model=custom", "model._target_="))
+                       for o in overrides)
+    for item in items:
+        key, _, value = item[1:].partition("=")
+        parts = key.split(".")
+        section = parts[0] if len(parts) > 1 else ""
+        if section == "hydra" or (section == "dataset" and parts[1] == "kwargs") or \
+                (section == "model" and custom_model):
+            continue
+        name = parts[1] if section else parts[0]
+        known = known_keys(section)
+        if name not in known:
+            scope = f"the keys of {section}" if section else "the top-level keys and groups"
+            raise ConfigError(f"+{key}={value} adds a key that no code reads; allowed: {scope}: "
+                              f"{', '.join(sorted(known))}")
+
+
 _VARIABLE = re.compile(r"\$[A-Za-z_]")
 _PLAIN_VALUE = re.compile(r"^[\w\-+./:@%,]*$")
 

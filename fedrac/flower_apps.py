@@ -43,10 +43,18 @@ def _overrides(run_config: Any) -> str:
 def _compose(overrides: str) -> str:
     from hydra import compose, initialize_config_dir
 
-    from fedrac.config import ConfigError, check_group_overrides, conf_dir, expand_paths, validate
+    from fedrac.config import (
+        ConfigError,
+        check_added_keys,
+        check_group_overrides,
+        conf_dir,
+        expand_paths,
+        validate,
+    )
 
     items = expand_paths(shlex.split(overrides))
     check_group_overrides(items)
+    check_added_keys(items)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         cfg = compose(config_name="config", overrides=[*items, "engine=deployment"])
     d = validate(cfg)
