@@ -55,12 +55,12 @@ def progress_bar(cfg: Mapping[str, Any], num_rounds: int) -> Any:
 
 
 def human_bytes(n: float) -> str:
-    """``1536 -> '1.5 KB'`` (powers of 1024)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+    """``1536 -> '1.5 KiB'`` (powers of 1024, named as such)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} GB"
+    return f"{n:.1f} GiB"
 
 
 class RunRecorder:
