@@ -149,6 +149,12 @@ def plot_heatmap(hist: np.ndarray, path: str | Path, title: str,
     if c <= 40:
         ax.set_yticks(range(c), labels=names if names is not None else range(c))
     fig.colorbar(im, ax=ax, label="samples")
+    if n * c <= 400:  # the counts themselves, readable without the colour scale
+        top = float(hist.max()) or 1.0
+        for i in range(n):
+            for j in range(c):
+                ax.text(i, j, str(int(hist[i, j])), ha="center", va="center", fontsize=6,
+                        color="black" if hist[i, j] > 0.6 * top else "white")
     from fedrac.atomic import atomic_path
 
     with atomic_path(path) as tmp:
