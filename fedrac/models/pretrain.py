@@ -36,7 +36,9 @@ from fedrac.models.weights import state_digest
 from fedrac.tasks import get_task
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 2  # 2: entries carry the SHA-256 of their tensors; keys hash `_target_` code
+CACHE_FORMAT = 3  # 2: entries carry the SHA-256 of their tensors; keys hash `_target_` code;
+#                  3: pretrained on one intra-op thread (weights independent of the machine)
+PRETRAIN_THREADS = 1  # the thread count changes float sums: a fresh cache must not depend on it
 DIGEST_KEY = "fedrac.sha256"  # safetensors metadata key of that digest
 
 
@@ -159,8 +161,13 @@ def pretrained_state(
             batch_size=int(pretrain_cfg.get("batch_size", 32)),
         )
         device = resolve_device("cpu")
-        result = train_locally(model, x, y, settings, seed=int(pretrain_cfg.get("seed", 0)),
-                               device=device, task=task)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(PRETRAIN_THREADS)  # the same weights on every machine and load
+        try:
+            result = train_locally(model, x, y, settings, seed=int(pretrain_cfg.get("seed", 0)),
+                                   device=device, task=task)
+        finally:
+            torch.set_num_threads(threads)
         xt, yt = to_tensors(splits.source_test)
         _, acc = evaluate(model, xt, yt, device, task=task)
         log.info("pretrained on the source task: train loss %.4f, source test accuracy %.4f "

@@ -1,4 +1,5 @@
-"""Fine-tuning weights that were never pretrained is said, fresh and from the cache."""
+"""Pretraining: the warning for never-pretrained weights, and caches that do not depend on
+the machine."""
 
 from __future__ import annotations
 
@@ -44,3 +45,24 @@ def test_a_source_part_does_not_warn(tmp_path, caplog):
            "pretrain.epochs=1")
     assert "never pretrained" not in caplog.text
     assert "pretrained weights cached" in caplog.text
+
+
+def test_pretrained_weights_do_not_depend_on_torchs_thread_count(tmp_path):
+    """A fresh cache gives the same weights on any machine (README figures reproduce)."""
+    import torch
+
+    from bench.common import compose_cfg
+    from fedrac.models.pretrain import pretrained_state
+
+    cfg = compose_cfg("pretrain.epochs=3")
+    threads = torch.get_num_threads()
+    states = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            states.append(pretrained_state(cfg["model"], cfg["dataset"], cfg["pretrain"],
+                                           tmp_path / f"cache{n}"))
+            assert torch.get_num_threads() == n  # restored after pretraining
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
