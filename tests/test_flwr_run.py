@@ -65,8 +65,9 @@ def _started_by(marker: str) -> list[int]:
     return found
 
 
-def _flwr_run(overrides: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    argv = [flwr_exe("flwr"), "run", ".", "--stream", "-c", f'overrides="{overrides}"']
+def _flwr_run(overrides: str, env: dict, timeout: float,
+              *extra: str) -> subprocess.CompletedProcess:
+    argv = [flwr_exe("flwr"), "run", ".", "--stream", *extra, "-c", f'overrides="{overrides}"']
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -102,6 +103,13 @@ def test_flwr_run_dot_uses_the_simulations_supernodes_and_leaves_nothing(tmp_pat
             rows = list(csv.DictReader(f))
         assert [r["round"] for r in rows] == ["0", "1", "2"]
         assert rows[-1]["clients"] == "2"
+        # the README's form: more SuperNodes with --federation-config, num_clients agreeing
+        three = _flwr_run(f"num_clients=3 num_rounds=1 client.local_steps=2 "
+                          f"output_dir={tmp_path / 'three'}", env, 240,
+                          "--federation-config", "num-supernodes=3")
+        assert three.returncode == 0, three.stdout[-3000:]
+        with (tmp_path / "three" / "metrics.csv").open() as f:
+            assert [r["clients"] for r in csv.DictReader(f)] == ["0", "3"]
     finally:
         mine = _started_by(marker)
         procs.stop(mine, grace=5)

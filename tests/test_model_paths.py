@@ -90,3 +90,31 @@ def test_an_unreachable_hub_says_why_and_how_to_go_offline(monkeypatch):
     with pytest.raises(ModelConfigError, match=r"hub did not answer \(ConnectError: down\).*"
                        r"HF_HUB_OFFLINE=1"):
         check_checkpoint("some-org/not-cached-model-xyz")
+
+
+@pytest.mark.slow
+def test_readme_minilm_command_runs_on_a_csv(tmp_path):
+    """The README's ``model=minilm`` line on a CSV of three topics (2 rounds), through the
+    CLI; ``hf_model/`` names the labels. Needs the registry package."""
+    import json
+    import os
+    import subprocess
+
+    pytest.importorskip("all_minilm_l6_v2")
+    rows = {"food": ["pasta with tomato sauce", "the pizza was great", "bread and cheese"],
+            "sport": ["the striker scored a goal", "a long tennis match", "the team won"],
+            "money": ["the stock market fell", "interest rates went up", "my bank fees"]}
+    lines = ["text,topic"] + [f"{t} {i},{k}" for k, ts in rows.items() for t in ts
+                              for i in range(4)]
+    (tmp_path / "topics.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    env = {**os.environ, "FEDRAC_CACHE": os.environ.get("FEDRAC_CACHE")
+           or str(tmp_path / "cache"), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedrac", "model=minilm", "dataset=files",
+         "dataset.path=topics.csv", "dataset.text_column=text", "dataset.label_column=topic",
+         "strategy.rank=8", "num_rounds=2", "num_clients=3", f"output_dir={out}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    config = json.loads((out / "hf_model" / "config.json").read_text())
+    assert config["id2label"] == {"0": "food", "1": "money", "2": "sport"}
