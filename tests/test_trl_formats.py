@@ -38,6 +38,9 @@ def files(tmp_path_factory):
     out["messages"] = H.write_jsonl(root / "messages.jsonl", [
         {"messages": [{"role": "user", "content": r["prompt"]},
                       {"role": "assistant", "content": r["response"]}]} for r in rows])
+    out["chat_pc"] = H.write_jsonl(root / "chat_pc.jsonl", [
+        {"prompt": [{"role": "user", "content": r["prompt"]}],
+         "completion": [{"role": "assistant", "content": r["response"]}]} for r in rows])
     out["prompt_only"] = H.write_jsonl(root / "prompt_only.jsonl",
                                        [{"prompt": r["prompt"]} for r in rows])
     return out
@@ -101,6 +104,14 @@ def test_messages_train_on_the_assistant_turns_through_the_chat_template(files):
     loss, every = _decoded(files, ds[0])
     assert loss in (["blue", "</s>"], ["green", "</s>"])  # not the user turn, not the header
     assert every[0] == "<unk>" and "question" in every  # 'user' rendered by the template
+    assert every.index(loss[0]) > every.index("answer")
+
+
+def test_conversational_prompt_completion_trains_on_the_completions_turns(files):
+    cols, ds = _tokenised(files, "chat_pc")
+    assert cols == {"prompt": "prompt", "response": "completion"}
+    loss, every = _decoded(files, ds[0])
+    assert loss in (["blue", "</s>"], ["green", "</s>"])
     assert every.index(loss[0]) > every.index("answer")
 
 
