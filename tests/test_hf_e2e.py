@@ -173,6 +173,7 @@ def test_export_round_trip_through_transformers_and_peft(ckpt, tmp_path, arch, t
 def test_minilm_experiment_config_smoke(tmp_path):
     """``+experiment=text_minilm`` composes and runs one short round (needs the package)."""
     pytest.importorskip("all_minilm_l6_v2")
+    pytest.importorskip("chatterbot_corpus")
     from bench.common import compose_cfg
     from fedrac.run import run_experiment
 
@@ -188,6 +189,7 @@ def test_minilm_experiment_config_smoke(tmp_path):
 def test_minilm_dp_compare_config_smoke(tmp_path):
     """``+experiment=dp_compare_text`` composes and runs one noised round (needs the package)."""
     pytest.importorskip("all_minilm_l6_v2")
+    pytest.importorskip("chatterbot_corpus")
     from bench.common import compose_cfg
     from fedrac.run import run_experiment
 
