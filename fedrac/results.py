@@ -374,22 +374,27 @@ def plot_curves(rows: list[Mapping[str, Any]], path: Path, title: str = "") -> N
     plt.close(fig)
 
 
+def _num(value: Any) -> float:
+    """A summary figure as a float (``None``, as JSON writes NaN: ``nan``)."""
+    return math.nan if value is None else float(value)
+
+
 def format_table(summaries: list[Mapping[str, Any]]) -> str:
     """A markdown table of runs: accuracy (a language model: perplexity, loss, next-token
     accuracy and the generation scores), bytes per round and seconds per round."""
     lm = any((s.get("config") or {}).get("task") == "causal_lm" for s in summaries)
-    gen = lm and any(not math.isnan(s.get("final_eval_f1", math.nan)) for s in summaries)
+    gen = lm and any(not math.isnan(_num(s.get("final_eval_f1"))) for s in summaries)
     head = ("final ppl | final loss | next-token acc" + (" | exact match | F1" if gen else "")
             if lm else "final acc | best acc")
     lines = [f"| run | {head} | up/round | down/round | s/round | client s/round |",
              "|---|" + "---|" * (head.count("|") + 1) + "---|---|---|---|"]
     for s in summaries:
         if lm:
-            ev = (f"{s.get('final_eval_perplexity', math.nan):.3f} | "
-                  f"{s['final_eval_loss']:.4f} | {s['final_accuracy']:.4f}")
+            ev = (f"{_num(s.get('final_eval_perplexity')):.3f} | "
+                  f"{_num(s.get('final_eval_loss')):.4f} | {_num(s['final_accuracy']):.4f}")
             if gen:
-                ev += (f" | {s.get('final_eval_exact_match', math.nan):.3f} | "
-                       f"{s.get('final_eval_f1', math.nan):.3f}")
+                ev += (f" | {_num(s.get('final_eval_exact_match')):.3f} | "
+                       f"{_num(s.get('final_eval_f1')):.3f}")
         else:
             ev = f"{s['final_accuracy']:.4f} | {s['best_accuracy']:.4f}"
         lines.append(

@@ -202,3 +202,17 @@ def test_messages_run_reports_tokens_perplexity_and_generation_scores(files, tmp
     assert all(f >= e for e, f in zip(em, f1, strict=True))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["final_eval_f1"] == pytest.approx(f1[-1])
+
+
+def test_final_table_of_a_summary_read_back_from_json():
+    """summary.json writes NaN as null: the table still prints (perplexity, no F1 columns)."""
+    from fedrac.results import format_table
+
+    summary = {"label": "rac_lora r=2", "config": {"task": "causal_lm"},
+               "final_eval_perplexity": 12.5, "final_eval_loss": 2.5257, "final_accuracy": 0.25,
+               "final_eval_f1": None, "final_eval_exact_match": None,
+               "bytes_up_per_round": 2048, "bytes_down_per_round": 4096,
+               "seconds_per_round": 0.5, "client_seconds_per_round": 0.25}
+    table = format_table([summary])
+    assert "| rac_lora r=2 | 12.500 | 2.5257 | 0.2500 | 2.0 KiB | 4.0 KiB |" in table
+    assert "F1" not in table

@@ -379,10 +379,16 @@ def _key(cfg: Mapping[str, Any]) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _load_splits_cached(key: str) -> DataSplits:
-    splits = build_splits(json.loads(key))
-    log.info("dataset: input shape %s, %d classes, target %d train / %d test, source %d / %d",
-             splits.input_shape, splits.num_classes, len(splits.target_train),
-             len(splits.target_test), len(splits.source_train), len(splits.source_test))
+    cfg = json.loads(key)
+    splits = build_splits(cfg)
+    sizes = (len(splits.target_train), len(splits.target_test), len(splits.source_train),
+             len(splits.source_test))
+    if cfg.get("task") == "causal_lm":  # no classes: sequences (tokens in the partition summary)
+        log.info("dataset: text for causal_lm, sequences: target %d train / %d test, source "
+                 "%d / %d", *sizes)
+    else:
+        log.info("dataset: input shape %s, %d classes, target %d train / %d test, source "
+                 "%d / %d", splits.input_shape, splits.num_classes, *sizes)
     return splits
 
 
