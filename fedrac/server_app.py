@@ -40,6 +40,10 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     process's model instance (shared with clients simulated in the same process).
     """
     splits = load_splits(cfg["dataset"])
+    from fedrac.tasks.generation import generation_metrics, generation_setup
+
+    # task.generate_eval: greedy answers to held-out prompts, scored (checked before any file)
+    generate = generation_setup(cfg, to_tensors(splits.target_test)[0])
     model = client_model(cfg)
     state = pretrained_state(cfg["model"], cfg["dataset"], cfg["pretrain"], cfg["cache_dir"])
     model.load_state_dict(state)
@@ -58,9 +62,6 @@ def run_server(cfg: Mapping[str, Any], grid: Grid) -> dict[str, Any]:
     device = resolve_device(str(cfg["device"]))
     task = task_of(cfg)
     x_test, y_test = to_tensors(splits.target_test)
-    from fedrac.tasks.generation import generation_metrics, generation_setup
-
-    generate = generation_setup(cfg, x_test)  # task.generate_eval: greedy answers, scored
     initial = to_array_record(state)
     latest = {"arrays": initial}
     monitor = monitor_from_config(cfg, layers, state)

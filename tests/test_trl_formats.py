@@ -177,8 +177,7 @@ def test_generate_eval_on_a_text_table_stops_before_training(files, tmp_path):
                f"output_dir={tmp_path}")
     with pytest.raises(ConfigError, match=r"^task.generate_eval=4 needs prompts to answer"):
         run_experiment(cfg)
-    assert not (tmp_path / "metrics.csv").exists() or \
-        len(list(csv.DictReader((tmp_path / "metrics.csv").open()))) == 0
+    assert not (tmp_path / "metrics.csv").exists()  # stopped before the first round's file
 
 
 def test_messages_run_reports_tokens_perplexity_and_generation_scores(files, tmp_path, capsys):
