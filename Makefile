@@ -41,7 +41,7 @@ lint: $(STAMP)
 # python -m bench's peers: pfl-research in this venv, BlazeFL 2.x in .venv-blazefl (Python 3.12)
 PYTHON312 ?= python3.12
 bench-peers: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m pip install --quiet -r bench/requirements-peers.txt
 
 blazefl-venv:
 	$(PYTHON312) -m venv .venv-blazefl

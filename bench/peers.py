@@ -4,7 +4,7 @@
 ``python -m bench``). Every run is its own process, so that start-up and peak memory are
 each system's own: fedrac (``fedrac +experiment=pfl_cifar10 strategy=fedavg``),
 pfl-research (``bench/peer_scripts/pfl_cifar10.py``, PyPI ``pfl`` 0.6 in fedrac's venv:
-``pip install -e '.[bench]'``) and BlazeFL (``bench/peer_scripts/blazefl_cifar10.py`` under
+``make bench-peers``) and BlazeFL (``bench/peer_scripts/blazefl_cifar10.py`` under
 its own Python 3.12 venv, ``make blazefl-venv``; or set ``FEDRAC_BLAZEFL_PYTHON``). A peer
 that is not installed is skipped with a note. The peers train on the exact tensors fedrac
 trains on (per-user partitions, test split, initial weights), dumped once per benchmark.
@@ -50,7 +50,7 @@ def available() -> tuple[list[str], list[str]]:
     """The systems that can run here, and a note for each peer that cannot."""
     systems, notes = ["fedrac"], []
     if importlib.util.find_spec("pfl") is None:
-        notes.append("pfl-research skipped: `pfl` is not installed (pip install -e '.[bench]')")
+        notes.append("pfl-research skipped: `pfl` is not installed (make bench-peers)")
     else:
         systems.append("pfl")
     py = blazefl_python()

@@ -18,7 +18,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from fedrac.config import ConfigError, check_group_overrides, conf_dir, expand_paths, validate
+from fedrac.config import (
+    ConfigError,
+    check_added_keys,
+    check_group_overrides,
+    conf_dir,
+    expand_paths,
+    validate,
+)
 from fedrac.results import format_table
 
 
@@ -109,10 +116,12 @@ def main() -> None:
     sys.argv[1:] = expand_paths(sys.argv[1:])
     try:
         check_group_overrides(sys.argv[1:])
+        check_added_keys(sys.argv[1:])
     except ConfigError as err:
         _fail(err)
-    full = "HYDRA_FULL_ERROR" in os.environ
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra's errors reach us, not its printer
+    given = os.environ.get("HYDRA_FULL_ERROR")
+    full = given == "1"  # Hydra's full traceback asked for; 0 or unset: fedrac's one line
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's errors reach us, not its printer
     try:
         _hydra_main()
     except (HydraException, OmegaConfBaseException) as err:
@@ -120,8 +129,10 @@ def main() -> None:
             raise
         _fail(one_line(err, sys.argv[1:]))
     finally:
-        if not full:
+        if given is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = given
     from fedrac.sweep import failed_jobs
 
     failed = failed_jobs()

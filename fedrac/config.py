@@ -67,6 +67,57 @@ def check_group_overrides(overrides: Sequence[str]) -> None:
                 )
 
 
+def _section_keys(data: Any, section: str, global_package: bool) -> set[str]:
+    part = data.get(section) if global_package and isinstance(data, Mapping) else data
+    return {str(k) for k in part} if isinstance(part, Mapping) else set()
+
+
+def known_keys(section: str) -> set[str]:
+    """Every key that some config in ``conf/`` gives the section ``section`` (``strategy``:
+    the keys of all strategies; ``""``: the top-level keys and groups)."""
+    import yaml
+
+    root = conf_dir()
+    keys: set[str] = set()
+    for path in root.rglob("*.yaml"):
+        text = path.read_text()
+        data = yaml.safe_load(text) or {}
+        rel = path.relative_to(root).parts
+        global_package = "@package _global_" in text or len(rel) == 1
+        if not section:
+            if len(rel) == 1:
+                keys |= {str(k) for k in data if k != "defaults"}
+                keys |= {p.name for p in root.iterdir() if p.is_dir()}
+            continue
+        if rel[0] == section and len(rel) == 2 and not global_package:
+            keys |= _section_keys(data, section, False)
+        elif global_package:
+            keys |= _section_keys(data, section, True)
+    return keys - {"defaults"}
+
+
+def check_added_keys(overrides: Sequence[str]) -> None:
+    """Reject ``+key=value`` overrides adding a key that no config and no code reads (a typo
+    such as ``+strategy.rnak=4``); free-form places (a custom model's keywords,
+    ``dataset.kwargs``) and ``hydra.*`` are left alone."""
+    items = [o for o in overrides if o.startswith("+") and not o.startswith("++") and "=" in o]
+    custom_model = any(o.lstrip("+").startswith(("model=custom", "model._target_="))
+                       for o in overrides)
+    for item in items:
+        key, _, value = item[1:].partition("=")
+        parts = key.split(".")
+        section = parts[0] if len(parts) > 1 else ""
+        if section == "hydra" or (section == "dataset" and parts[1] == "kwargs") or \
+                (section == "model" and custom_model):
+            continue
+        name = parts[1] if section else parts[0]
+        known = known_keys(section)
+        if name not in known:
+            scope = f"the keys of {section}" if section else "the top-level keys and groups"
+            raise ConfigError(f"+{key}={value} adds a key that no code reads; allowed: {scope}: "
+                              f"{', '.join(sorted(known))}")
+
+
 _VARIABLE = re.compile(r"\$[A-Za-z_]")
 _PLAIN_VALUE = re.compile(r"^[\w\-+./:@%,]*$")
 
@@ -130,6 +181,7 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     s = d["strategy"]
     _require(s.get("name") in STRATEGIES, "strategy", s.get("name"), ", ".join(STRATEGIES))
     strategy_cls = STRATEGIES[s["name"]]
+    resolve_packaged(d)
     link_task(d)
     check_run(d, strategy_cls)
     check_client(d["client"], strategy_cls, d.get("device", "cpu"))
@@ -172,6 +224,23 @@ def check_pretrain(p: Mapping[str, Any]) -> None:
     _require(_is_int(seed) and seed >= 0, "pretrain.seed", seed, "an integer >= 0")
 
 
+def resolve_packaged(d: dict[str, Any]) -> None:
+    """``model.path`` / ``model.tokenizer`` naming a packaged model (``minilm``): its extracted
+    checkpoint folder under ``cache_dir`` (in place; :mod:`fedrac.models.packaged`)."""
+    from fedrac.models.packaged import packaged_name, packaged_path
+
+    if d["model"].get("name") != "hf":
+        return
+    for key in ("path", "tokenizer"):
+        value = d["model"].get(key)
+        if packaged_name(value) and not os.path.exists(os.path.expanduser(str(value))):
+            try:
+                d["model"][key] = packaged_path(value, d.get("cache_dir") or "~/.cache/fedrac",
+                                                f"model.{key}")
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
+
+
 def link_task(d: dict[str, Any]) -> None:
     """Fill in what the model and the data take from each other (in place).
 
@@ -185,11 +254,42 @@ def link_task(d: dict[str, Any]) -> None:
     d["task"] = task
     if d["model"].get("name") == "hf":
         d["model"]["task"] = task.get("name")
+    if task.get("name") == "causal_lm":
+        link_causal_lm(d)
     if is_text(d["dataset"]):
         d["dataset"]["task"] = task.get("name")
         if not d["dataset"].get("tokenizer") and d["model"].get("name") == "hf":
             d["dataset"]["tokenizer"] = d["model"].get("tokenizer") or d["model"].get("path")
         d["dataset"].setdefault("cache_dir", d.get("cache_dir"))
+
+
+def link_causal_lm(d: dict[str, Any]) -> None:
+    """``task=causal_lm``'s defaults (in place): a table without named text columns is read
+    in TRL's formats (``dataset.text_column=auto``), and the default partitioner (dirichlet,
+    a label skew) becomes ``iid``: a language model's data has no labels."""
+    from fedrac.data.text import AUTO, is_text
+
+    ds = d["dataset"]
+    table = ds.get("name") in ("files", "hub") or ds.get("_target_")
+    if d["model"].get("name") == "hf" and table and not is_text(ds):
+        ds["text_column"] = AUTO
+    part = d["partitioner"]
+    if part.get("name") == "dirichlet":
+        d["partitioner"] = {"name": "iid", "val_fraction": part.get("val_fraction", 0.0)}
+
+
+def check_generate_eval(task: Mapping[str, Any]) -> None:
+    """``task.generate_eval`` (held-out prompts answered greedily each evaluation): causal_lm
+    only, an integer >= 0; ``task.generate_max_new_tokens`` an integer >= 1."""
+    n = task.get("generate_eval", 0)
+    if task.get("name") != "causal_lm":
+        _require(n in (0, None), "task.generate_eval", n, "0 with task="
+                 f"{task.get('name')} (generation-based evaluation needs task=causal_lm)")
+        return
+    _require(_is_int(n) and n >= 0, "task.generate_eval", n,
+             "an integer >= 0 (held-out prompts answered each evaluation; 0: off)")
+    m = task.get("generate_max_new_tokens", 32)
+    _require(_is_int(m) and m >= 1, "task.generate_max_new_tokens", m, "an integer >= 1")
 
 
 def check_task(d: Mapping[str, Any]) -> None:
@@ -199,12 +299,13 @@ def check_task(d: Mapping[str, Any]) -> None:
 
     name = d["task"].get("name")
     _require(name in TASKS, "task", name, ", ".join(TASKS))
+    check_generate_eval(d["task"])
     model, text = d["model"].get("name"), is_text(d["dataset"])
     if name == "causal_lm":
         _require(model == "hf", "task", name, "classification (causal_lm needs model=hf, a "
                  "transformers causal language model)")
-        _require(text, "task", name, "classification (causal_lm needs text: set "
-                 "dataset.text_column, or prompt_column and response_column)")
+        _require(text, "task", name, "classification (causal_lm needs text: a table with "
+                 "TRL's columns, or dataset.text_column, or prompt_column and response_column)")
         part = d["partitioner"].get("name")
         _require(part in ("iid", "size_skew", "natural"), "partitioner", part,
                  "iid, size_skew, natural (causal_lm data has no labels to skew)")
@@ -212,8 +313,8 @@ def check_task(d: Mapping[str, Any]) -> None:
         from fedrac.models.hf import check_checkpoint, check_tokenizer
 
         try:
-            if d["model"].get("path") and not d["model"].get("config"):
-                check_checkpoint(d["model"]["path"])
+            if not d["model"].get("config"):  # the path first: a missing one is no tokenizer
+                check_checkpoint(d["model"].get("path"))
             check_tokenizer(d["model"])
         except ValueError as err:
             raise ConfigError(str(err)) from err

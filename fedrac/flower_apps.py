@@ -44,17 +44,25 @@ def _overrides(run_config: Any) -> str:
 def _compose(overrides: str) -> str:
     from hydra import compose, initialize_config_dir
 
-    from fedrac.config import ConfigError, check_group_overrides, conf_dir, expand_paths, validate
+    from fedrac.config import (
+        ConfigError,
+        check_added_keys,
+        check_group_overrides,
+        conf_dir,
+        expand_paths,
+        validate,
+    )
 
     items = expand_paths(shlex.split(overrides))
     check_group_overrides(items)
+    check_added_keys(items)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         cfg = compose(config_name="config", overrides=[*items, "engine=deployment"])
     d = validate(cfg)
     out = d.get("output_dir")
     if d.get("resume") and out is None:
         return json.dumps(d)  # the resumed run's own folder and config (fedrac.checkpoint)
-    if not isinstance(out, str) or not PurePath(out).is_absolute():
+    if out is not None and (not isinstance(out, str) or not PurePath(out).is_absolute()):
         raise ConfigError(f"output_dir={out!r} is not allowed under flwr run; allowed: an "
                           "absolute path on the server machine, e.g. output_dir=/srv/fedrac/run1")
     return json.dumps(d)
@@ -96,6 +104,59 @@ def node_config(msg: Message, context: Context) -> dict[str, Any]:
                           f"message carries no {RUN_OVERRIDES}; allowed: messages of fedrac's "
                           "ServerApp")
     return json.loads(_compose(str(config[RUN_OVERRIDES])))
+
+
+def sets_num_clients(overrides: str) -> bool:
+    """Whether the run's overrides give ``num_clients`` themselves."""
+    return any(i.lstrip("+").split("=", 1)[0].strip() == "num_clients"
+               for i in shlex.split(overrides))
+
+
+def default_output_dir(run_id: int) -> str:
+    """Where a ``flwr run`` without ``output_dir`` writes: ``~/fedrac-runs/run-<run id>``."""
+    return str(Path.home() / "fedrac-runs" / f"run-{run_id}")
+
+
+def is_simulation(grid: Grid) -> bool:
+    """Whether ``grid`` is Flower's Simulation Runtime (``flwr run .`` on a local SuperLink)."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid)
+
+
+def simulated_nodes(grid: Grid, settle: float = 1.0, poll: float = 0.1,
+                    limit: float = 120.0) -> list[int]:
+    """The simulation's SuperNodes once their number has not changed for ``settle`` s (the
+    Simulation Runtime registers them while the ServerApp starts)."""
+    nodes: list[int] = []
+    stable_since = end = time.monotonic()
+    end += limit
+    while time.monotonic() < end:
+        now = list(grid.get_node_ids())
+        if len(now) != len(nodes):
+            nodes, stable_since = now, time.monotonic()
+        elif nodes and time.monotonic() - stable_since >= settle:
+            break
+        time.sleep(poll)
+    return nodes
+
+
+def match_simulated_nodes(cfg: dict[str, Any], overrides: str, nodes: int) -> None:
+    """Make ``num_clients`` the simulation's number of SuperNodes when the overrides leave it
+    unset; a different ``num_clients`` given there stops the run with one line."""
+    from fedrac.config import ConfigError
+
+    wanted = int(cfg["num_clients"])
+    if wanted == nodes:
+        return
+    if sets_num_clients(overrides):
+        raise ConfigError(
+            f"num_clients={wanted} is not allowed on this simulation of {nodes} SuperNodes; "
+            f"allowed: num_clients={nodes}, or flwr run . --federation-config "
+            f"'num-supernodes={wanted}'")
+    print(f"fedrac: num_clients={nodes}, the simulation's SuperNodes (flwr run . "
+          "--federation-config 'num-supernodes=N' changes it)", flush=True)
+    cfg["num_clients"] = nodes
 
 
 def save_resolved_config(cfg: dict[str, Any], overrides: str) -> Path:
@@ -177,6 +238,14 @@ def _server_main(grid: Grid, context: Context) -> None:
     from fedrac.outputs import check_output_dir, clear_results
 
     cfg = deployment_config(context.run_config)
+    overrides = _overrides(context.run_config)
+    simulation = is_simulation(grid)
+    if simulation:  # Flower's local simulation: as many clients as it has SuperNodes
+        match_simulated_nodes(cfg, overrides, len(simulated_nodes(grid)))
+    if cfg.get("output_dir") is None:
+        cfg["output_dir"] = default_output_dir(context.run_id)
+        print(f"fedrac: results in {cfg['output_dir']} (set output_dir=/abs/path to choose)",
+              flush=True)
     resumed = bool(cfg.get("resume"))
     node_overrides = None
     if resumed:  # the saved config of that run (fedrac.checkpoint), with the few overrides kept
@@ -191,7 +260,7 @@ def _server_main(grid: Grid, context: Context) -> None:
     if cfg.get("overwrite") and not cfg.get("resume"):
         clear_results(cfg["output_dir"])
     if not resumed:
-        save_resolved_config(cfg, _overrides(context.run_config))
+        save_resolved_config(cfg, overrides)
     grid = PromptGrid(grid)
     if resumed:
         wait_for_nodes(grid, int(cfg["num_clients"]))
@@ -218,7 +287,11 @@ def _client(kind: str, msg: Message, context: Context) -> Message:
     from clients import handlers
 
     handle = handlers.handle_train if kind == "train" else handlers.handle_evaluate
-    return handle(node_config(msg, context), msg, context)
+    cfg = node_config(msg, context)
+    parts = context.node_config.get("num-partitions")
+    if parts is not None and not sets_num_clients(_overrides(context.run_config)):
+        cfg["num_clients"] = int(parts)  # Flower's simulation: as the ServerApp does
+    return handle(cfg, msg, context)
 
 
 def _secagg_cfg(context: Context) -> dict[str, Any]:

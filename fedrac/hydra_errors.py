@@ -46,8 +46,21 @@ def _unknown_key(err: BaseException, overrides: Sequence[str]) -> str | None:
     keys = [k for k in keys if where or k != "hydra"]  # the top level: the run's own keys
     scope = f"the keys of {where}" if where else "the top-level keys"
     allowed = f"{scope}: {', '.join(keys)}" if keys else "a key the config has"
-    add = f" (+{given.lstrip('+')} adds a new key)" if "=" in given else ""
-    return f"{given} is not a known key; allowed: {allowed}{add}"
+    return f"{given} is not a known key; allowed: {allowed}{_hint(full_key, given, keys)}"
+
+
+def _hint(full_key: str, given: str, keys: Sequence[str]) -> str:
+    """``(did you mean strategy.rank?)`` for a near miss; ``(+key=value adds it)`` only for a
+    key that another option of the group reads (``+strategy.client_ranks`` with fedit)."""
+    import difflib
+
+    from fedrac.config import known_keys
+
+    where, _, name = full_key.rpartition(".")
+    if "=" in given and "." in full_key and name in known_keys(full_key.split(".")[0]):
+        return f" (+{given.lstrip('+')} adds it)"
+    close = difflib.get_close_matches(name, list(keys), n=1)
+    return f" (did you mean {where + '.' if where else ''}{close[0]}?)" if close else ""
 
 
 def one_line(err: BaseException, overrides: Sequence[str] = ()) -> str:

@@ -27,8 +27,10 @@ KINDS = ("weights", "factors", "residual", "deltas", "seeds", "config", "metrics
 # client-side evaluation (fraction_evaluate > 0): weighted means and spread across clients
 CLIENT_EVAL = tuple(f"client_eval_{m}{s}" for m in ("loss", "accuracy")
                     for s in ("", "_std", "_min", "_max")) + ("client_eval_clients",)
+GENERATION = ("eval_exact_match", "eval_f1")  # task.generate_eval (fedrac/tasks/generation.py)
 COLUMNS = (
-    ["round", "train_loss", "eval_loss", "eval_accuracy", "eval_perplexity", "bytes_up",
+    ["round", "train_loss", "eval_loss", "eval_accuracy", "eval_perplexity",
+     *GENERATION, "bytes_up",
      "bytes_down", "seconds", "client_seconds", "clients", "failed", "rejected", "epsilon",
      "clip_norm", "secagg_error_bound"]
     + [f"bytes_{d}_{k}" for d in ("up", "down") for k in KINDS]
@@ -53,12 +55,12 @@ def progress_bar(cfg: Mapping[str, Any], num_rounds: int) -> Any:
 
 
 def human_bytes(n: float) -> str:
-    """``1536 -> '1.5 KB'`` (powers of 1024)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+    """``1536 -> '1.5 KiB'`` (powers of 1024, named as such)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} GB"
+    return f"{n:.1f} GiB"
 
 
 class RunRecorder:
@@ -84,15 +86,18 @@ class RunRecorder:
         self._totals: dict[str, float] = {}
 
     def log_round(self, server_round: int, eval_loss: float, eval_accuracy: float,
-                  eval_perplexity: float = math.nan) -> dict:
+                  eval_perplexity: float = math.nan,
+                  metrics: Mapping[str, float] | None = None) -> dict:
         """Record a finished round (``nan`` where it was not evaluated) and print progress
-        (``eval_perplexity``: language-model tasks only)."""
+        (``eval_perplexity``: language-model tasks only; ``metrics``: the evaluation's other
+        figures, e.g. ``eval_exact_match`` / ``eval_f1``)."""
         now = time.perf_counter()
         m = self.round_metrics.get(server_round, {})
         row: dict[str, Any] = {
             "round": server_round, "train_loss": m.get("train_loss", math.nan),
             "eval_loss": eval_loss, "eval_accuracy": eval_accuracy,
             "eval_perplexity": eval_perplexity,
+            **{k: float((metrics or {}).get(k, math.nan)) for k in GENERATION},
             "bytes_up": self.ledger.round_total(server_round, "up"),
             "bytes_down": self.ledger.round_total(server_round, "down"),
             "seconds": now - self._last if server_round else 0.0,
@@ -153,6 +158,8 @@ class RunRecorder:
             f"acc {acc:.4f} loss {row['eval_loss']:.4f}"
         if not math.isnan(row.get("eval_perplexity", math.nan)):
             ev += f" ppl {row['eval_perplexity']:.2f}"
+        if not math.isnan(row.get("eval_exact_match", math.nan)):
+            ev += f" em {row['eval_exact_match']:.3f} f1 {row['eval_f1']:.3f}"
         tl = row["train_loss"]
         train = "-" if math.isnan(tl) else f"{tl:.4f}"
         ca = row.get("client_eval_accuracy", math.nan)
@@ -223,6 +230,8 @@ class RunRecorder:
             "final_eval_loss": final["eval_loss"] if final else math.nan,
             "final_eval_perplexity": final.get("eval_perplexity", math.nan) if final
             else math.nan,
+            **{f"final_{k}": final.get(k, math.nan) if final else math.nan
+               for k in GENERATION},
             "best_accuracy": best["eval_accuracy"] if best else math.nan,
             "best_round": best["round"] if best else None,
             **_final_client_eval(self.rows),
@@ -369,13 +378,31 @@ def plot_curves(rows: list[Mapping[str, Any]], path: Path, title: str = "") -> N
     plt.close(fig)
 
 
+def _num(value: Any) -> float:
+    """A summary figure as a float (``None``, as JSON writes NaN: ``nan``)."""
+    return math.nan if value is None else float(value)
+
+
 def format_table(summaries: list[Mapping[str, Any]]) -> str:
-    """A markdown table of runs: accuracy, bytes per round and seconds per round."""
-    lines = ["| run | final acc | best acc | up/round | down/round | s/round | client s/round |",
-             "|---|---|---|---|---|---|---|"]
+    """A markdown table of runs: accuracy (a language model: perplexity, loss, next-token
+    accuracy and the generation scores), bytes per round and seconds per round."""
+    lm = any((s.get("config") or {}).get("task") == "causal_lm" for s in summaries)
+    gen = lm and any(not math.isnan(_num(s.get("final_eval_f1"))) for s in summaries)
+    head = ("final ppl | final loss | next-token acc" + (" | exact match | F1" if gen else "")
+            if lm else "final acc | best acc")
+    lines = [f"| run | {head} | up/round | down/round | s/round | client s/round |",
+             "|---|" + "---|" * (head.count("|") + 1) + "---|---|---|---|"]
     for s in summaries:
+        if lm:
+            ev = (f"{_num(s.get('final_eval_perplexity')):.3f} | "
+                  f"{_num(s.get('final_eval_loss')):.4f} | {_num(s['final_accuracy']):.4f}")
+            if gen:
+                ev += (f" | {_num(s.get('final_eval_exact_match')):.3f} | "
+                       f"{_num(s.get('final_eval_f1')):.3f}")
+        else:
+            ev = f"{s['final_accuracy']:.4f} | {s['best_accuracy']:.4f}"
         lines.append(
-            f"| {s['label']} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} | "
+            f"| {s['label']} | {ev} | "
             f"{human_bytes(s['bytes_up_per_round'])} | {human_bytes(s['bytes_down_per_round'])} | "
             f"{s['seconds_per_round']:.3f} | {s['client_seconds_per_round']:.3f} |")
     return "\n".join(lines)

@@ -55,6 +55,10 @@ def run_server(cfg: Mapping[str, Any], grid: Grid, node_overrides: str | None = 
 def _run_server(cfg: Mapping[str, Any], grid: Grid, node_overrides: str | None
                 ) -> dict[str, Any]:
     splits = load_splits(cfg["dataset"])
+    from fedrac.tasks.generation import generation_metrics, generation_setup
+
+    # task.generate_eval: greedy answers to held-out prompts, scored (checked before any file)
+    generate = generation_setup(cfg, to_tensors(splits.target_test)[0])
     model = client_model(cfg)
     initial = pretrained_record(cfg["model"], cfg["dataset"], cfg["pretrain"],
                                 cfg["cache_dir"])
@@ -100,8 +104,10 @@ def _run_server(cfg: Mapping[str, Any], grid: Grid, node_overrides: str | None
         load_state(model, to_shared_state_dict(arrays))
         move_to(model, device)
         metrics = task.evaluate(model, x_test, y_test, device)
+        if generate is not None:
+            metrics.update(generation_metrics(model, device=device, **generate))
         recorder.log_round(server_round, metrics["eval_loss"], metrics["eval_accuracy"],
-                           metrics.get("eval_perplexity", math.nan))
+                           metrics.get("eval_perplexity", math.nan), metrics)
         return MetricRecord(metrics)
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -150,11 +156,20 @@ def _run_server(cfg: Mapping[str, Any], grid: Grid, node_overrides: str | None
     if splits.label_names:
         extra["label_names"] = list(splits.label_names)
     if cfg["model"].get("name") == "hf":
-        from fedrac.models.export import export_transformers
+        from fedrac.models.export import (
+            export_transformers,
+            set_label_names,
+            tidy_adapter_config,
+            truncation_hint,
+        )
 
+        set_label_names(model, splits.label_names)
         merged = getattr(strategy, "export_factors", lambda: None)()
         extra["export"] = export_transformers(cfg, model, layers, state, final,
                                               cfg["output_dir"], merged)
+        tidy_adapter_config(f"{cfg['output_dir']}/adapter")
+        if hint := truncation_hint(extra["export"]):
+            print(hint, flush=True)
     summary = recorder.finish(final, extra)
     if ckpt is not None and ckpt.count:
         print(f"fedrac: {ckpt.count} checkpoints in {ckpt.dir / 'checkpoint'}, "

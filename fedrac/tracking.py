@@ -71,6 +71,31 @@ def round_scalars(row: Mapping[str, Any], totals: dict[str, float]) -> dict[str,
     return out
 
 
+_GROUPS = (("client_eval_", "client_eval/"), ("eval_", "eval/"), ("train_", "train/"),
+           ("bytes_up_", "bytes_up/"), ("bytes_down_", "bytes_down/"), ("bytes_", "bytes/"))
+_TIME = ("seconds", "client_seconds")
+_PRIVACY = ("epsilon", "clip_norm", "secagg_error_bound")
+
+
+def tb_tag(key: str) -> str:
+    """The TensorBoard tag of a metrics.csv column, grouped into sections (``eval/accuracy``,
+    ``bytes_up/factors``, ``time/seconds``, ``clients/failed``, ``privacy/epsilon``)."""
+    for prefix, section in _GROUPS:
+        if key.startswith(prefix):
+            return section + key[len(prefix):]
+    if key in _TIME:
+        return f"time/{key}"
+    if key in _PRIVACY:
+        return f"privacy/{key}"
+    return f"clients/{key}"
+
+
+def _quiet_until_nonzero(key: str) -> bool:
+    """Per-kind bytes and failure counts: logged from their first non-zero value on."""
+    return key.startswith(("bytes_up_", "bytes_down_")) and not key.endswith("_cumulative") \
+        or key in ("failed", "rejected")
+
+
 class Tracker:
     """Receives what the run folder gets; the base class logs nothing (``logger=none``)."""
 
@@ -92,6 +117,7 @@ class TensorBoardTracker(Tracker):
 
         self.dir = out_dir / str(logger_cfg.get("dir") or "tensorboard")
         self.writer = SummaryWriter(log_dir=str(self.dir))
+        self.seen: set[str] = set()  # keys logged so far (zero kinds wait for a first value)
 
     def start(self, cfg: Mapping[str, Any]) -> None:
         text = json.dumps(cfg, indent=2, default=str)
@@ -99,7 +125,10 @@ class TensorBoardTracker(Tracker):
 
     def log_round(self, server_round: int, scalars: Mapping[str, float]) -> None:
         for key, value in scalars.items():
-            self.writer.add_scalar(key, value, server_round)
+            if value == 0 and key not in self.seen and _quiet_until_nonzero(key):
+                continue
+            self.seen.add(key)
+            self.writer.add_scalar(tb_tag(key), value, server_round)
         self.writer.flush()
 
     def finish(self, summary: Mapping[str, Any], out_dir: Path) -> None:

@@ -284,9 +284,9 @@ class Aggregator:
     def describe(self) -> str:
         """One line: the rule and the screen's bounds."""
         w = self.max_client_weight
-        return (f"rule {self.rule.name}, num-examples capped at "
-                f"{'no limit' if w is None else (w if isinstance(w, str) else f'{w:g}')}"
-                f"{' x the median claim' if isinstance(w, str) else ''}, update norm bound "
+        cap = "no limit" if w is None else (f"{w.rstrip('x')}x the median claim"
+                                             if isinstance(w, str) else f"{w:g}")
+        return (f"rule {self.rule.name}, num-examples capped at {cap}, update norm bound "
                 f"{self.max_update_norm or 'off'}")
 
     # ------------------------------------------------------------------ screen

@@ -68,6 +68,18 @@ def test_comparison_groups_seeds_and_measures_gap_and_target(tmp_path):
     assert (tmp_path / "comparison.md").read_text().startswith("| run |")
 
 
+def test_fedavg_is_not_labelled_with_the_rank_it_ignores(tmp_path):
+    for rank in (1, 4):
+        _fake_run(tmp_path, f"f{rank}", ["strategy=fedavg", f"strategy.rank={rank}", "seed=0"],
+                  "fedavg", [0.5, 0.9])
+        _fake_run(tmp_path, f"r{rank}", ["strategy=rac_lora", f"strategy.rank={rank}",
+                                         "seed=0"], "rac_lora", [0.5, 0.8 + rank / 100])
+    write_comparison(tmp_path)
+    groups = {r["group"]: r["seeds"] for r in _rows(tmp_path / "comparison.csv")}
+    assert groups == {"strategy=fedavg": "1", "strategy=rac_lora strategy.rank=1": "1",
+                      "strategy=rac_lora strategy.rank=4": "1"}
+
+
 def test_paper_table_pivots_arms_and_settings(tmp_path):
     for i, (arm, acc) in enumerate([("fpft", 0.98), ("rac_lora_B", 0.91), ("rac_lora_A", 0.95)]):
         _fake_run(tmp_path, f"run{i}", ["+setting=central", f"+arm={arm}", "seed=0"],

@@ -28,8 +28,12 @@ def test_flwr_run_overrides_compose_the_cli_config():
     assert cfg["engine"]["name"] == "deployment" and cfg["output_dir"] == "/srv/run"
 
 
+def test_flwr_run_without_output_dir_leaves_it_to_the_server_app():
+    # the ServerApp writes to ~/fedrac-runs/run-<run id> (fedrac.flower_apps.default_output_dir)
+    assert deployment_config({"overrides": "num_rounds=2"})["output_dir"] is None
+
+
 @pytest.mark.parametrize("overrides, key", [
-    ("num_rounds=2", "output_dir"),
     ("output_dir=relative/out", "output_dir"),
     ("strategy=nope output_dir=/srv/x", "strategy"),
     ("num_rounds=0 output_dir=/srv/x", "num_rounds"),

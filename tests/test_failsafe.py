@@ -103,7 +103,13 @@ BAD_VALUES = [
                           "alpha, "),  # ... every key of conf/strategy, then:
     (["strategy.rnak=2"], " rank, "),
     (["strategy.rnak=2"], ", train_factor, "),
-    (["strategy.rnak=2"], " (+strategy.rnak=2 adds a new key)"),
+    (["strategy.rnak=2"], " (did you mean strategy.rank?)"),  # never "+strategy.rnak adds"
+    (["+strategy.rnak=4"], "+strategy.rnak=4 adds a key that no code reads; allowed: the keys "
+                           "of strategy: alpha, "),
+    (["+nokey=1"], "+nokey=1 adds a key that no code reads; allowed: the top-level keys and "
+                   "groups: "),
+    (["strategy=fedit", "strategy.client_ranks=[1,2]"], " (+strategy.client_ranks=[1,2] adds "
+                                                         "it)"),
     (["nokey=1"], "nokey=1 is not a known key; allowed: the top-level keys: aggregation, "
                  "cache_dir, checkpoint_every, client,"),
     (["num_rounds=[1,2"], "'num_rounds=[1,2' is not a valid override (no viable alternative at "
@@ -128,6 +134,21 @@ def test_every_bad_value_stops_with_one_line_and_leaves_no_folder(args, message,
     assert err[0].startswith("fedrac: error: ") and message in err[0], err[0]
     assert not (tmp_path / "outputs").exists()  # no empty run folder after a failed start
     assert "HYDRA_FULL_ERROR" not in os.environ
+
+
+def test_hydra_full_error_0_keeps_the_one_line(tmp_path, monkeypatch, capsys):
+    from fedrac import cli
+
+    monkeypatch.setenv("FEDRAC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setattr(sys, "argv", ["fedrac", "strategy.rnak=2",
+                                      f"hydra.run.dir={tmp_path}/outputs/d/t"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith("fedrac: error: strategy.rnak=2 is not a known")
+    assert os.environ["HYDRA_FULL_ERROR"] == "0"  # left as the user set it
 
 
 # --- results are never overwritten ---------------------------------------------------------

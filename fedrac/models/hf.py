@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -104,11 +105,61 @@ def check_tokenizer(model_cfg: Mapping[str, Any]) -> None:
                                "model.tokenizer") from err
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+ALLOWED_PATHS = ("a checkpoint folder (config.json and weights, from save_pretrained), a "
+                 "packaged model (minilm), or a hub id ('org/name')")
+
+
+def _hub_offline() -> bool:
+    """transformers' / huggingface_hub's offline mode (``HF_HUB_OFFLINE=1``)."""
+    flags = (os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f.strip().upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def _hub_cached(repo: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an id the hub would refuse: not cached
+        return False
+
+
+def _hub_reachable(repo: str, timeout: float = 5.0) -> str | None:
+    """None when the hub answers for ``repo`` within ``timeout`` s, else why not (one phrase)."""
+    try:
+        from huggingface_hub import model_info
+
+        model_info(repo, timeout=timeout)
+        return None
+    except Exception as err:  # noqa: BLE001 - offline, unknown id, gated: all one line
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:120]}" if str(err) else \
+            type(err).__name__
+
+
 def check_checkpoint(path: Any) -> None:
-    """A one-line error unless ``path`` is a checkpoint folder or (when absent) a hub id."""
+    """A one-line error unless ``path`` is set and is a checkpoint folder, or a hub id that is
+    cached or (online) answered by the hub; offline, an uncached id fails at once."""
+    if path is None or str(path).strip() == "":
+        raise ModelConfigError(f"model.path={path} is not set; allowed: {ALLOWED_PATHS}, or "
+                               "model.config={model_type: ..., ...} for random weights")
     local = _local_dir(path)
     if local is None:
-        return  # a hub id: from_pretrained says whether it is cached
+        text = str(path)
+        if not HUB_ID.match(text) or text.startswith((".", "~", "/")):
+            raise ModelConfigError(f"model.path={text!r} does not exist; allowed: {ALLOWED_PATHS}")
+        if _hub_cached(text):
+            return
+        if _hub_offline():
+            raise ModelConfigError(f"model.path={text!r} is neither a folder nor in the local "
+                                   "hub cache, and the hub is offline (HF_HUB_OFFLINE); allowed: "
+                                   f"{ALLOWED_PATHS} that is cached")
+        reason = _hub_reachable(text)
+        if reason is not None:
+            raise ModelConfigError(f"model.path={text!r} is neither a folder nor in the local "
+                                   f"hub cache, and the hub did not answer ({reason}); allowed: "
+                                   f"{ALLOWED_PATHS}; offline: HF_HUB_OFFLINE=1")
+        return
     if not local.is_dir() or not (local / "config.json").is_file():
         raise ModelConfigError(f"model.path={str(path)!r} is not a transformers checkpoint; "
                                "allowed: a folder with config.json and the weights "

@@ -40,7 +40,9 @@ from fedrac.records import to_array_record, to_shared_state_dict
 from fedrac.tasks import get_task
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 2  # 2: entries carry the SHA-256 of their tensors; keys hash `_target_` code
+CACHE_FORMAT = 3  # 2: entries carry the SHA-256 of their tensors; keys hash `_target_` code;
+#                  3: pretrained on one intra-op thread (weights independent of the machine)
+PRETRAIN_THREADS = 1  # the thread count changes float sums: a fresh cache must not depend on it
 DIGEST_KEY = "fedrac.sha256"  # safetensors metadata key of that digest
 
 
@@ -156,7 +158,11 @@ def pretrained_state(
         key["data_files"] = source_stamp(dataset_cfg)
     path = _cache_path(cache_dir, key)
     if path.exists() and (cached := read_cache(path)) is not None:
-        log.info("pretrained weights from cache %s", path)
+        untrained = path.with_name(path.name + UNTRAINED).exists()
+        log.info("%s weights from cache %s", "initial (never pretrained)" if untrained
+                 else "pretrained", path)
+        if untrained:
+            warn_untrained(model_cfg, dataset_cfg, pretrain_cfg)
         return cached
     splits = load_splits(dataset_cfg)
     task = get_task(str(model_cfg.get("task") or dataset_cfg.get("task") or "classification"))
@@ -164,7 +170,9 @@ def pretrained_state(
     model = build_model(model_cfg, splits.input_shape, splits.num_classes)
     if model_cfg.get("weights"):
         load_weights(model, model_cfg["weights"])
+    pretrained = bool(model_cfg.get("weights")) or model_cfg.get("name") == "hf"
     if int(pretrain_cfg.get("epochs", 0)) > 0 and len(splits.source_train):
+        pretrained = True
         x, y = to_tensors(splits.source_train)
         settings = TrainSettings(
             optimizer=str(pretrain_cfg.get("optimizer", "adamw")),
@@ -173,8 +181,13 @@ def pretrained_state(
             batch_size=int(pretrain_cfg.get("batch_size", 32)),
         )
         device = resolve_device("cpu")
-        result = train_locally(model, x, y, settings, seed=int(pretrain_cfg.get("seed", 0)),
-                               device=device, task=task)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(PRETRAIN_THREADS)  # the same weights on every machine and load
+        try:
+            result = train_locally(model, x, y, settings, seed=int(pretrain_cfg.get("seed", 0)),
+                                   device=device, task=task)
+        finally:
+            torch.set_num_threads(threads)
         xt, yt = to_tensors(splits.source_test)
         _, acc = evaluate(model, xt, yt, device, task=task)
         log.info("pretrained on the source task: train loss %.4f, source test accuracy %.4f "
@@ -188,5 +201,32 @@ def pretrained_state(
             f"pretrain.lr={pretrain_cfg.get('lr')!r}; allowed: settings under which it "
             "converges (a smaller pretrain.lr)")
     write_cache(path, state)
-    log.info("pretrained weights cached at %s", path)
+    marker = path.with_name(path.name + UNTRAINED)
+    if pretrained:
+        marker.unlink(missing_ok=True)
+        log.info("pretrained weights cached at %s", path)
+    else:
+        marker.touch()
+        log.info("initial weights (never pretrained) cached at %s", path)
+        warn_untrained(model_cfg, dataset_cfg, pretrain_cfg)
     return state
+
+
+UNTRAINED = ".untrained"  # beside a cache file: its weights were never pretrained
+_warned: set[str] = set()
+
+
+def warn_untrained(model_cfg: Mapping[str, Any], dataset_cfg: Mapping[str, Any],
+                   pretrain_cfg: Mapping[str, Any]) -> None:
+    """Warn (once per process and data set) that fine-tuning starts from random weights."""
+    name = str(dataset_cfg.get("name") or dataset_cfg.get("_target_"))
+    if name in _warned:
+        return
+    _warned.add(name)
+    why = "pretrain.epochs=0" if int(pretrain_cfg.get("epochs", 0)) <= 0 else \
+        "the data set has no source part to pretrain on"
+    log.warning("model %s was never pretrained (%s): fine-tuning starts from random weights, "
+                "and adapter strategies (LoRA, rac_lora, ...) then train low-rank updates of "
+                "random layers. Give a source part (dataset.source_classes, or source files), "
+                "model.weights=<file.safetensors>, or compare with strategy=fedavg",
+                model_cfg.get("name") or model_cfg.get("_target_"), why)
