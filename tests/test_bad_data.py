@@ -90,3 +90,20 @@ def test_a_full_disk_is_one_line_and_exit_1(tmp_path):
     assert lines[-1].startswith("fedrac: error: no space left on the device writing "
                                 f"{tmp_path / 'out' / 'metrics.csv'}"), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_nan_in_a_text_column_names_the_row(tmp_path):
+    from tests import hf_models as H
+
+    tok = H.build_checkpoint(tmp_path / "bert", "bert")
+    rows = H.sentiment_rows(20)
+    text = "text,label\n" + "".join(
+        f"{'' if i == 13 else r['text']},{r['label']}\n" for i, r in enumerate(rows))
+    (tmp_path / "t.csv").write_text(text)
+    cfg = {**FILES, "path": str(tmp_path / "t.csv"), "text_column": "text",
+           "tokenizer": str(tok), "cache_dir": str(tmp_path / "cache")}
+    with pytest.raises(DataConfigError) as err:
+        build_splits(cfg)
+    line = _one_line(err)
+    assert "dataset.text_column='text' has no text in data row 14 of" in line
+    assert "t.csv" in line

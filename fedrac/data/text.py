@@ -252,6 +252,24 @@ def check_columns(table: Any, cols: Mapping[str, str], where: str) -> None:
                                   f"allowed: {', '.join(have)}")
 
 
+def check_missing_text(table: Any, cols: Mapping[str, str], where: str = "the table") -> None:
+    """One line naming the key, the column, ``where`` and the first data row (1-based) whose
+    text is missing (NaN / empty cell / null)."""
+    import pyarrow.compute as pc
+
+    data = getattr(table, "data", None)
+    for role, column in cols.items():
+        if data is None or column not in data.column_names:
+            continue
+        col = data.column(column)
+        if col.null_count:
+            row = pc.index(pc.is_null(col), True).as_py()
+            raise DataConfigError(
+                f"dataset.{role}_column={column!r} has no text in data row {row + 1} of {where} "
+                f"(a missing value, NaN; {col.null_count} rows in all); allowed: text in every "
+                "row (drop or fill those rows)")
+
+
 def label_ids(values: Sequence[Any], names: Sequence[str] | None, key: str) -> np.ndarray:
     """Labels as int64 ids: integers kept, strings mapped by their index in ``names``."""
     from fedrac.data.sources import integer_labels
@@ -328,6 +346,8 @@ def tokenize(table: Any, cfg: Mapping[str, Any], task: str, cols: Mapping[str, s
                               "model=hf with model.path or model.tokenizer")
     tok = load_tokenizer(str(source))
     roles = [r for r in ("text", "text_pair", "prompt", "response", "messages") if r in cols]
+    check_missing_text(table, {r: cols[r] for r in roles},
+                       repr(str(cfg["path"])) if cfg.get("path") else "the table")
     chat = "messages" in cols or ("prompt" in cols and len(table) and
                                   isinstance(table[0][cols["prompt"]], list))
     if task == "causal_lm" and chat and not getattr(tok, "chat_template", None):
