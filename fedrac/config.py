@@ -6,6 +6,7 @@ and what is allowed, before any work starts.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -576,7 +577,13 @@ def check_objects(d: Mapping[str, Any], strategy_cls: type) -> None:
                               "weights, which strategy=fedavg trains; allowed with it: an adapter "
                               "strategy, or model.quantization=none")
         splits = load_splits(d["dataset"])
-        model = build_model(d["model"], splits.input_shape, splits.num_classes)
+        if d["model"].get("name") == "hf":  # built once: the run takes this instance over
+            from fedrac.models.shared import model_as_built
+
+            model, _ = model_as_built(json.dumps([d["model"], d["dataset"]], sort_keys=True,
+                                                 default=str))
+        else:
+            model = build_model(d["model"], splits.input_shape, splits.num_classes)
         check_model(model, d["model"], splits.input_shape, splits.num_classes)
         check_partitions(d["dataset"], d["partitioner"], d["num_clients"], d["seed"])
         layers = find_target_layers(model, d["model"].get("target_modules", ["all"]))
