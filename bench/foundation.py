@@ -4,10 +4,11 @@ Workload (issue 19): a random-weight LLaMA built with transformers (hidden 1536,
 intermediate 4096, ~113 M parameters), ``task=causal_lm``, ``strategy=rac_lora strategy.rank=8``
 on all seven projections, batch 8 x 64 tokens, 4 local steps, 1 client and 1 round; the plain
 loop is ``get_peft_model`` with ``lora_A`` frozen and ``lora_B`` trained, AdamW and gradient
-clipping, the same steps. Each point runs in its own process (peak RSS is per process):
-``python -m bench.foundation fedrac VARIANT CLIENTS DIR`` / ``... peft VARIANT DIR`` print
-JSON. Variants: ``fp32``, ``bf16`` (the frozen base in bfloat16), ``nf4`` (a 4-bit base).
-``--quick`` (tests): hidden 128.
+clipping, the same steps, and the same 32 held-out rows evaluated before and after (as
+fedrac's server evaluates rounds 0 and 1). Each point runs in its own process (peak RSS is
+per process): ``python -m bench.foundation fedrac VARIANT CLIENTS DIR`` / ``... peft VARIANT
+DIR`` print JSON. Variants: ``fp32``, ``bf16`` (the frozen base in bfloat16), ``nf4`` (a 4-bit
+base). ``--quick`` (tests): hidden 128.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA, STEPS, BATCH, TOKENS, LR = 8, 16.0, 4, 8, 64, 2e-3
+EVAL_ROWS = 32  # held-out rows each system evaluates before and after training
 VARIANTS = ("fp32", "bf16", "nf4")
 
 
@@ -47,12 +49,14 @@ def build(folder: Path, quick: bool) -> dict[str, Path]:
         torch.manual_seed(0)
         LlamaForCausalLM(cfg).save_pretrained(str(ckpt))
     data = folder / "long_qa.jsonl"  # prompts of TOKENS - 8 words: the answer fits
-    if not data.exists():
+    test = folder / "long_qa_test.jsonl"  # evaluated before and after, by both systems
+    if not test.exists():
         rng = random.Random(0)
         rows = [{"prompt": " ".join(rng.choices(H.WORDS, k=TOKENS - 8)), "response": "blue"}
-                for _ in range(1200)]
-        H.write_jsonl(data, rows)
-    return {"ckpt": ckpt, "data": data}
+                for _ in range(1200 + EVAL_ROWS)]
+        H.write_jsonl(data, rows[:1200])
+        H.write_jsonl(test, rows[1200:])
+    return {"ckpt": ckpt, "data": data, "test": test}
 
 
 def _variant(variant: str) -> list[str]:
@@ -81,7 +85,8 @@ def fedrac_point(variant: str, clients: int, folder: Path, quick: bool) -> dict[
     steps = STEPS if clients == 1 else 1
     cfg = compose_cfg(
         "model=hf", f"model.path={paths['ckpt']}", "dataset=files",
-        f"dataset.path={paths['data']}", "dataset.prompt_column=prompt",
+        f"dataset.path={paths['data']}", f"dataset.test_path={paths['test']}",
+        "dataset.prompt_column=prompt",
         "dataset.response_column=response", f"dataset.max_length={TOKENS}", "task=causal_lm",
         "partitioner=iid", f"num_clients={clients}", "num_rounds=1", "strategy=rac_lora",
         f"strategy.rank={RANK}", f"strategy.alpha={ALPHA}",
@@ -131,6 +136,19 @@ def peft_point(variant: str, folder: Path, quick: bool) -> dict[str, Any]:
               truncation=True, max_length=TOKENS, padding="max_length", return_tensors="pt")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
+    tests = [json.loads(line) for line in paths["test"].read_text().splitlines()]
+    held = tok([r["prompt"] + " " + r["response"] for r in tests], truncation=True,
+               max_length=TOKENS, padding="longest", return_tensors="pt")
+
+    @torch.no_grad()
+    def evaluate() -> float:  # what fedrac's server does before and after the round
+        model.eval()
+        loss = float(model(input_ids=held["input_ids"], attention_mask=held["attention_mask"],
+                           labels=held["input_ids"]).loss)
+        model.train()
+        return loss
+
+    evaluate()
     model.train()
     times = []
     for s in range(STEPS):
@@ -143,6 +161,7 @@ def peft_point(variant: str, folder: Path, quick: bool) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         times.append(time.perf_counter() - t0)
+    evaluate()
     up = sum(p.numel() * p.element_size() for p in params)
     return {"system": "peft", "variant": variant, "clients": 1,
             "wall_seconds": time.perf_counter() - start,
