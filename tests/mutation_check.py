@@ -68,6 +68,9 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
     ("LoRA rebuilds W + s B A in the forward pass", "fedrac/adapters/layer.py",
      "return F.linear(F.linear(x, a), b) * self.scale", "return F.linear(x, self.delta())",
      ["tests/test_adapter_cost.py"]),
+    ("a quantised base is not requantised from the global weights",
+     "fedrac/adapters/quantized.py", '        _requantize(module, state[f"{name}.weight"])',
+     "        pass", ["tests/test_quantized.py"]),
     ("LoRA trains the wrong factor", "fedrac/adapters/layer.py",
      '(("lora_A", a, trained in ("A", "both")),\n'
      '                                  ("lora_B", b, trained in ("B", "both")))',
