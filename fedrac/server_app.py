@@ -59,9 +59,10 @@ def _run_server(cfg: Mapping[str, Any], grid: Grid, node_overrides: str | None
 
     # task.generate_eval: greedy answers to held-out prompts, scored (checked before any file)
     generate = generation_setup(cfg, to_tensors(splits.target_test)[0])
-    model = client_model(cfg)
+    # W0 first: read from the process's model while it is still as built (one build)
     initial = pretrained_record(cfg["model"], cfg["dataset"], cfg["pretrain"],
                                 cfg["cache_dir"])
+    model = client_model(cfg)
     state = dict(to_shared_state_dict(initial))  # W0: read-only views of the record
     load_state(model, state)
     layers = find_target_layers(model, cfg["model"]["target_modules"])
