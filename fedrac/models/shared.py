@@ -16,15 +16,19 @@ _cache: dict[str, nn.Module] = {}  # at most one entry: the config this process 
 _handed_out: set[str] = set()
 
 
+def _build(key: str) -> nn.Module:
+    from fedrac.data import load_splits
+    from fedrac.models import build_model
+
+    model_cfg, dataset_cfg = json.loads(key)
+    splits = load_splits(dataset_cfg)
+    return build_model(model_cfg, splits.input_shape, splits.num_classes)
+
+
 def _get(key: str) -> nn.Module:
     if key not in _cache:
-        from fedrac.data import load_splits
-        from fedrac.models import build_model
-
         cache_clear()
-        model_cfg, dataset_cfg = json.loads(key)
-        splits = load_splits(dataset_cfg)
-        _cache[key] = build_model(model_cfg, splits.input_shape, splits.num_classes)
+        _cache[key] = _build(key)
     return _cache[key]
 
 
@@ -40,12 +44,7 @@ def model_as_built(key: str) -> tuple[nn.Module, bool]:
     """``(model, shared)``: the shared model while no one has been handed it (its weights are
     those it was built with), else a new model that is not kept (``shared`` False)."""
     if key in _cache and key in _handed_out:
-        from fedrac.data import load_splits
-        from fedrac.models import build_model
-
-        model_cfg, dataset_cfg = json.loads(key)
-        splits = load_splits(dataset_cfg)
-        return build_model(model_cfg, splits.input_shape, splits.num_classes), False
+        return _build(key), False
     return _get(key), True
 
 
