@@ -155,14 +155,23 @@ def trial_key(trial: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _score(summary: Mapping[str, Any], metric: str) -> float:
-    value = summary.get("final_accuracy" if metric == "accuracy" else "final_eval_loss")
+def _figure(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
+def _scored(record: Mapping[str, Any], metric: str, cached: bool) -> dict[str, Any]:
+    """The trial ``record`` with its ``score`` on ``metric`` (no figure: failed)."""
+    out = {**record, "score": _figure(record.get(metric)), "cached": cached}
+    if out["status"] == "ok" and not math.isfinite(out["score"]):
+        out.update(status="failed", error=f"no validation {metric} (the trial evaluated "
+                   "nothing)")
+    return out
+
+
 def run_trial(trial: dict[str, Any], metric: str, root: Path) -> dict[str, Any]:
-    """The trial's record (``status``, ``score``, ``error``), from the cache or run now; a
-    run that ends in a failure of its own is cached too, an exception of the code is not."""
+    """The trial's record (``status``, ``score`` on ``metric``, ``error``), from the cache or
+    run now; a run that ends in a failure of its own is cached too, an exception of the code
+    is not (it is tried again next time)."""
     from fedrac.atomic import write_json
     from fedrac.run import RunFailedError, run_experiment
 
@@ -173,12 +182,12 @@ def run_trial(trial: dict[str, Any], metric: str, root: Path) -> dict[str, Any]:
             record = json.loads(path.read_text())
         except ValueError:
             record = {}
-        if record.get("format") == FORMAT and record.get("metric") == metric:
-            return {**record, "cached": True}
+        if record.get("format") == FORMAT:
+            return _scored(record, metric, True)
     work = root / key
     shutil.rmtree(work, ignore_errors=True)
     trial = {**trial, "output_dir": str(work)}
-    record: dict[str, Any] = {"format": FORMAT, "key": key, "metric": metric}
+    record: dict[str, Any] = {"format": FORMAT, "key": key}
     keep = True
     root.mkdir(parents=True, exist_ok=True)
     with (root / f"{key}.log").open("w") as out, contextlib.redirect_stdout(out):
@@ -186,24 +195,21 @@ def run_trial(trial: dict[str, Any], metric: str, root: Path) -> dict[str, Any]:
             summary = run_experiment(trial)
             if summary.get("interrupted"):
                 raise KeyboardInterrupt
-            record["score"] = _score(summary, metric)
-            record["status"] = "ok" if math.isfinite(record["score"]) else "failed"
-            if record["status"] == "failed":
-                record["error"] = f"no validation {metric} (the trial evaluated nothing)"
+            record.update(status="ok", accuracy=_figure(summary.get("final_accuracy")),
+                          loss=_figure(summary.get("final_eval_loss")))
         except RunFailedError as err:  # the trial's own outcome (diverged, no valid reply)
-            record.update(status="failed", score=math.nan, error=_line(err))
+            record.update(status="failed", error=_line(err))
         except Exception as err:  # noqa: BLE001 - a failing grid point ends no job
             log.debug("tune trial %s failed", key, exc_info=True)
-            record.update(status="failed", score=math.nan,
-                          error=f"{type(err).__name__}: {_line(err)}")
-            keep = False  # perhaps not the config's fault: tried again next time
+            record.update(status="failed", error=f"{type(err).__name__}: {_line(err)}")
+            keep = False
     metrics = work / "metrics.csv"
     if metrics.is_file():
         shutil.copyfile(metrics, root / f"{key}.metrics.csv")
     shutil.rmtree(work, ignore_errors=True)
     if keep:
         write_json(path, record)
-    return {**record, "cached": False}
+    return _scored(record, metric, False)
 
 
 def _line(err: BaseException) -> str:
