@@ -5,7 +5,6 @@ import csv
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import torch
 
 from fedrac.data import load_splits, to_tensors
 from fedrac.data.holdout import KEY, validation_rows
-from tests.helpers import run_config
+from tests.helpers import cli_error, run_config
 from tests.test_cli import ROOT, fedrac
 
 TINY = ["tune=lr", "num_clients=2", "num_rounds=2", "tune.rounds=1", "progress=lines",
@@ -167,18 +166,9 @@ BAD = [
 
 @pytest.mark.parametrize(("args", "message"), BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_tune_input_stops_with_one_line(args, message, tmp_path, monkeypatch, capsys):
-    from fedrac import cli
-
-    out = tmp_path / "run"
-    monkeypatch.setenv("FEDRAC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(sys, "argv", ["fedrac", *args, f"output_dir={out}",
-                                      f"hydra.run.dir={tmp_path / 'hydra'}"])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = cli_error(args, tmp_path, monkeypatch, capsys)
     assert len(err) == 1 and err[0].startswith("fedrac: error: ") and message in err[0], err
-    assert not out.exists() and not (tmp_path / "cache").exists()  # no work was done
+    assert not (tmp_path / "cache").exists()  # no work was done
 
 
 def _env(tmp_path):
