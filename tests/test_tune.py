@@ -114,6 +114,19 @@ def test_full_fine_tuning_tunes_full_lr(tmp_path, monkeypatch):
     assert lr_key(plain) == "lr" and grid_lrs(plain) == [0.1, 0.3]  # full_lr null: lr
 
 
+def test_private_trials_add_the_jobs_noise_not_a_short_runs(tmp_path):
+    from fedrac.privacy import settings_from_config
+    from fedrac.tune import trial_config
+
+    cfg = run_config(tmp_path, *TINY, "privacy=dp", "privacy.target_epsilon=8", "num_rounds=20",
+                     "tune.rounds=2")
+    trial = trial_config(cfg, 0.1)
+    job = settings_from_config(cfg).noise_multiplier
+    assert trial["privacy"]["noise_multiplier"] == job > 0
+    assert trial["privacy"]["target_epsilon"] is None and cfg["privacy"]["target_epsilon"] == 8
+    assert settings_from_config(trial).noise_multiplier == job
+
+
 def test_real_trials_read_validation_data_are_cached_and_shared_by_seeds(tmp_path,
                                                                         monkeypatch):
     from fedrac import run as run_mod
