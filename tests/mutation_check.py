@@ -135,7 +135,25 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
     ("corrupt image not named", "fedrac/data/sources.py",
      "    images = _decoded(ds, column)", "    images = ds[column]",
      ["tests/test_bad_data.py"]),
-
+    ("tune picks the worst lr", "fedrac/tune.py",
+     'return max(ok, key=lambda p: (sign * p["score"], -p["lr"]))',
+     'return min(ok, key=lambda p: (sign * p["score"], -p["lr"]))', ["tests/test_tune.py"]),
+    ("tune trials scored on the test split", "fedrac/tune.py",
+     'trial["dataset"][KEY] = {', 'trial["dataset"]["unused"] = {', ["tests/test_tune.py"]),
+    ("tune trials at the job's seed", "fedrac/tune.py",
+     'trial.update(seed=int(t.get("seed", 0)),', 'trial.update(seed=int(d["seed"]),',
+     ["tests/test_tune.py"]),
+    ("tune cache never read", "fedrac/tune.py",
+     "    if path.is_file():\n        try:", "    if False:\n        try:",
+     ["tests/test_tune.py"]),
+    ("tune: a failing grid point is fatal", "fedrac/tune.py",
+     "except Exception as err:  # noqa: BLE001 - a failing grid point ends no job",
+     "except ZeroDivisionError as err:  # noqa: BLE001", ["tests/test_tune.py"]),
+    ("tune accepts an empty grid", "fedrac/tune.py",
+     "or not grid or not all(", "or not all(", ["tests/test_tune.py"]),
+    ("validation split carved from the test rows", "fedrac/data/holdout.py",
+     "    train = splits.target_train\n", "    train = splits.target_test\n",
+     ["tests/test_tune.py"]),
 ]
 
 
