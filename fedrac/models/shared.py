@@ -17,12 +17,15 @@ _handed_out: set[str] = set()
 
 
 def _build(key: str) -> nn.Module:
+    from fedrac.adapters.quantized import trim_heap
     from fedrac.data import load_splits
     from fedrac.models import build_model
 
     model_cfg, dataset_cfg = json.loads(key)
     splits = load_splits(dataset_cfg)
-    return build_model(model_cfg, splits.input_shape, splits.num_classes)
+    model = build_model(model_cfg, splits.input_shape, splits.num_classes)
+    trim_heap()  # loading a checkpoint (and quantising it) leaves freed temporaries resident
+    return model
 
 
 def _get(key: str) -> nn.Module:
