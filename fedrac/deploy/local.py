@@ -349,8 +349,9 @@ def up(
 
 
 def check_reach(user: RunAs, out: Path, data_paths: Sequence[str] = ()) -> None:
-    """RunAsError (one line) unless ``user`` can enter ``out``, read each data path and
-    write ``$FEDRAC_CACHE`` (when set)."""
+    """RunAsError (one line) unless ``user`` can run this interpreter, enter ``out``, read
+    each data path and write ``$FEDRAC_CACHE`` (when set)."""
+    user.require(sys.executable)
     user.require(out)
     for path in data_paths:
         user.require(Path(path).resolve())

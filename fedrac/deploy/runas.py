@@ -43,10 +43,12 @@ class RunAs:
         return [exe, f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--"]
 
     def can_reach(self, path: str | Path, write: bool = False) -> bool:
-        """Whether this account can read (and with ``write``, write) ``path``: asked of the
-        kernel by ``test`` run as the account."""
-        flags = ["-r", str(path)] + (["-a", "-x", str(path)] if Path(path).is_dir() else [])
-        flags += ["-a", "-w", str(path)] if write else []
+        """Whether this account can read (and with ``write``, write) ``path``, enter it if
+        it is a folder, run it if it is an executable: asked of the kernel by ``test`` run
+        as the account."""
+        p = str(path)
+        run = Path(path).is_dir() or os.access(path, os.X_OK)
+        flags = ["-r", p] + (["-a", "-x", p] if run else []) + (["-a", "-w", p] if write else [])
         test = shutil.which("test") or "/usr/bin/test"
         return subprocess.run([test, *flags], cwd="/", env={}, check=False,
                               **self.popen_kwargs()).returncode == 0
@@ -55,9 +57,10 @@ class RunAs:
         """RunAsError (one line) unless this account can read (and write) ``path``."""
         if not self.can_reach(path, write):
             need = "writable" if write else "readable"
-            raise RunAsError(f"{path} is not {need} by user {self.name}: chown/chmod it "
-                             f"(e.g. chown -R {self.name} {path}) or every folder above it "
-                             "needs o+x")
+            real = os.path.realpath(path)
+            where = f" (real path {real})" if real != os.path.abspath(path) else ""
+            raise RunAsError(f"{path} is not {need} by user {self.name}: chown/chmod it"
+                             f"{where}; every folder above it needs o+x")
 
     def own(self, path: str | Path, mode: int = 0o700) -> Path:
         """Create ``path`` (a folder) if needed, give it to this account with ``mode``."""

@@ -104,10 +104,11 @@ RUNTIME_PREFIX = "/v1/runtime/"
 def drop_serverapps(uid: int, gid: int, home: str) -> None:
     """Start the SuperLink's SuperExec (hence its ServerApps) as ``uid``/``gid`` through
     ``setpriv``, with ``HOME`` and ``FLWR_HOME`` = ``home``."""
-    from flwr.superlink.cli import flower_superlink as fs
+    import importlib
 
     from fedrac.deploy.runas import RunAs
 
+    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
     build = fs._get_superexec_command
     if getattr(build, "fedrac_dropped", False):
         return
