@@ -289,7 +289,8 @@ def up(
     the run's first message. ``poll``: the SuperNodes' idle polling interval
     (:mod:`fedrac.deploy.supernode`; ``None``: Flower's fixed 3 s). Started by root: nodes,
     apps and workers run as ``run_as`` (created first only with ``create_user``; RunAsError
-    when missing, or when it cannot reach ``directory``, a data path or ``$FEDRAC_CACHE``).
+    when missing, or when it cannot reach ``directory``, a data path or ``$FEDRAC_CACHE``;
+    ``None``: they keep the caller's account -- tests of the federation itself).
     Waits until every node is online; on failure stops what it started and raises
     DeployError.
     """
@@ -349,10 +350,10 @@ def up(
 
 
 def check_reach(user: RunAs, out: Path, data_paths: Sequence[str] = ()) -> None:
-    """RunAsError (one line) unless ``user`` can run this interpreter, enter ``out``, read
+    """RunAsError (one line) unless ``user`` can enter ``out``, run this interpreter, read
     each data path and write ``$FEDRAC_CACHE`` (when set)."""
-    user.require(sys.executable)
     user.require(out)
+    user.require(sys.executable)
     for path in data_paths:
         user.require(Path(path).resolve())
     if os.environ.get("FEDRAC_CACHE"):

@@ -72,14 +72,16 @@ class RunAs:
 
 
 def resolve(user: str | None = DEFAULT_USER, create: bool = False) -> RunAs | None:
-    """The account to drop to, or ``None`` when this process is not root (nothing changes).
+    """The account to drop to, or ``None`` when this process is not root (nothing changes)
+    or ``user`` is ``None`` (Python callers only: keep this account; the command line always
+    names one).
 
     A missing ``user`` is created (a system account without login shell or home) only with
     ``create``; else RunAsError naming the option and the ``useradd`` line.
     """
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 or user is None:
         return None
-    name = user or DEFAULT_USER
+    name = user
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
