@@ -225,7 +225,7 @@ def test_root_started_deployment_runs_nodes_and_apps_as_the_node_user(node_user,
     monkeypatch.setenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     monkeypatch.setenv("FEDRAC_CACHE", str(node_user.own(open_dir / "cache", 0o755)))
     fed = local.up(open_dir / "fed", 2, run_as=node_user.name)
-    seen: dict[int, tuple[int, str]] = {}
+    seen: set[tuple[int, int, str]] = set()  # (pid, real uid, command line) samples
     try:
         out = Path(fed.dir) / "results" / "r1"
         run = subprocess.Popen(
@@ -240,20 +240,20 @@ def test_root_started_deployment_runs_nodes_and_apps_as_the_node_user(node_user,
                 pids += [top, *procs.descendants(top), *worker_pids(fed.worker_dir(name))]
             for pid in pids:
                 try:
-                    seen[pid] = (ids(pid)[0][0], Path(f"/proc/{pid}/cmdline")
-                                 .read_bytes().replace(b"\0", b" ").decode()[:120])
+                    seen.add((pid, ids(pid)[0][0], Path(f"/proc/{pid}/cmdline")
+                              .read_bytes().replace(b"\0", b" ").decode()[:120]))
                 except (OSError, KeyError):
                     pass
-            time.sleep(0.3)
+            time.sleep(0.02)  # a ClientApp process may live for a fraction of a second
         log = run.stdout.read()
         assert run.returncode == 0, log
         assert json.loads((out / "summary.json").read_text())["status"] == "ok", log
-        kinds = {k for _, cmd in seen.values() for k in
+        kinds = {k for _, _, cmd in seen for k in
                  ("supernode", "superexec", "flwr-serverapp", "flwr-clientapp", "worker")
                  if k in cmd}
         assert kinds == {"supernode", "superexec", "flwr-serverapp", "flwr-clientapp",
                          "worker"}, seen
-        assert all(uid == node_user.uid for uid, _ in seen.values()), seen
+        assert {uid for _, uid, _ in seen} == {node_user.uid}, seen
         assert ids(fed.superlink_pid)[0][0] == 0  # the operator's: it holds server.key
         control = int(fed.control_address.rsplit(":", 1)[1])
         runtime = next(iter(fed.node_ports.values()))

@@ -259,7 +259,8 @@ def test_readme_deployment_runs(tmp_path):
             stack.close()
             pytest.skip(f"{sys.executable} is not runnable by a second user")
         base = stack.enter_context(unix_users.open_dir())
-        fed, out, run_as = base / "fed", base / "run1", ["--run-as", user.name]
+        fed, run_as = base / "fed", ["--run-as", user.name]
+        out = user.own(base / "out", 0o755) / "run1"  # the ServerApp writes as that user
         env["FEDRAC_CACHE"] = str(user.own(base / "cache", 0o755))
     commands = [c for c in readme_commands() if kind(c) == "deploy"]
     bindir = Path(sys.executable).parent
