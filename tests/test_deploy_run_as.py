@@ -21,6 +21,7 @@ from fedrac.deploy.peer import same_user_only
 from fedrac.deploy.runas import RunAsError
 from fedrac.deploy.worker import worker_pids
 from tests import unix_users
+from tests.test_local_api_owner import _ok
 from tests.unix_users import second_user
 
 ROOT_ONLY = pytest.mark.skipif(not unix_users.CAN_MAKE_USERS,
@@ -163,16 +164,6 @@ def test_serverapps_start_as_the_run_as_user(node_user, monkeypatch, tmp_path):
         out = subprocess.run([*prefix, "/usr/bin/id", flag], capture_output=True, text=True,
                              check=True, cwd="/")
         assert out.stdout.split() == [str(want)], (flag, out.stdout)
-
-
-async def _ok(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
-        return
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"ok\n"})
 
 
 @ROOT_ONLY

@@ -77,6 +77,17 @@ def alive(pid: int) -> bool:
             return False
 
 
+def pid_exists(pid: int) -> bool:
+    """Whether process ``pid`` exists (zombies included), also when another account owns it."""
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def stop(pids: Iterable[int], grace: float = 10.0) -> list[int]:
     """SIGTERM ``pids`` and their descendants, SIGKILL what is left after ``grace`` s.
 

@@ -10,18 +10,7 @@ alive; nothing else differs.
 
 from __future__ import annotations
 
-import os
-
-
-def pid_exists(pid: int) -> bool:
-    """Whether process ``pid`` exists, also when another account owns it."""
-    try:
-        os.kill(pid, 0)
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
+from fedrac.deploy.procs import pid_exists
 
 
 def main() -> None:
