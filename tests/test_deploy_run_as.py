@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import socket
 import subprocess
 import sys
@@ -108,6 +109,19 @@ def test_superexec_counts_another_accounts_parent_as_alive(monkeypatch):
 
 
 # --------------------------------------------------------------------------- with a second user
+
+
+@ROOT_ONLY
+def test_create_user_makes_a_system_account_without_login():
+    name = f"fedrac-c{os.getpid() % 100000}"
+    try:
+        user = runas.resolve(name, create=True)
+        entry = pwd.getpwnam(name)
+        assert user is not None and (user.uid, user.gid) == (entry.pw_uid, entry.pw_gid)
+        assert user.uid != 0 and entry.pw_shell == "/usr/sbin/nologin"
+        assert runas.resolve(name) == user  # exists now: no --create-user needed
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True)
 
 
 @ROOT_ONLY

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ import tomli_w
 
 from fedrac.deploy import procs
 from fedrac.deploy.certs import make_certificates, make_node_keys
-from fedrac.deploy.runas import DEFAULT_USER, RunAs, resolve
+from fedrac.deploy.runas import DEFAULT_USER, RunAs, RunAsError, resolve
 
 STATE_FILE = "federation.json"
 DEFAULT_CONNECTION = "fedrac-local"
@@ -354,6 +355,9 @@ def check_reach(user: RunAs, out: Path, data_paths: Sequence[str] = ()) -> None:
     each data path and write ``$FEDRAC_CACHE`` (when set)."""
     user.require(out)
     user.require(sys.executable)
+    if not shutil.which("setpriv"):
+        raise RunAsError(f"setpriv (util-linux) is not on PATH: needed to start the "
+                         f"ServerApps as user {user.name}; install util-linux")
     for path in data_paths:
         user.require(Path(path).resolve())
     if os.environ.get("FEDRAC_CACHE"):
