@@ -55,6 +55,7 @@ def federation(flwr_env):
     extra: list[int] = []
 
     def start(nodes: int, **kwargs) -> Federation:
+        kwargs.setdefault("run_as", None)  # as the caller (tests/test_deploy_run_as.py: root)
         fed = up(flwr_env / f"fed{len(started)}", nodes, **kwargs)
         started.append(fed)
         return fed

@@ -90,4 +90,4 @@ def test_fedracs_listeners_are_wrapped():
     from flwr.supernode import main as node_main
 
     assert getattr(node_main.create_app, "fedrac_guarded", False)
-    assert "uvicorn.Config(same_user_only(app)" in inspect.getsource(superlink._serve)
+    assert "uvicorn.Config(same_user_only(app" in inspect.getsource(superlink._serve)

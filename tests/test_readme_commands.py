@@ -11,6 +11,7 @@ test that runs it. A new README command that is none of these fails
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -246,6 +247,21 @@ def test_readme_deployment_runs(tmp_path):
         '[superlink]\ndefault = "mine"\n\n[superlink.mine]\naddress = "h:1"\ninsecure = true\n')
     fed = tmp_path / "fed"
     out = tmp_path / "run1"
+    run_as: list[str] = []
+    stack = contextlib.ExitStack()
+    if os.geteuid() == 0:  # root's `up` runs the nodes as a second user: give it a folder
+        from tests import unix_users
+
+        if not unix_users.CAN_MAKE_USERS:
+            pytest.skip("root without useradd: no account to run the nodes as")
+        user = stack.enter_context(unix_users.second_user())
+        if not user.can_reach(sys.executable):
+            stack.close()
+            pytest.skip(f"{sys.executable} is not runnable by a second user")
+        base = stack.enter_context(unix_users.open_dir())
+        fed, run_as = base / "fed", ["--run-as", user.name]
+        out = user.own(base / "out", 0o755) / "run1"  # the ServerApp writes as that user
+        env["FEDRAC_CACHE"] = str(user.own(base / "cache", 0o755))
     commands = [c for c in readme_commands() if kind(c) == "deploy"]
     bindir = Path(sys.executable).parent
     env["PATH"] = f"{bindir}{os.pathsep}{env['PATH']}"
@@ -253,7 +269,8 @@ def test_readme_deployment_runs(tmp_path):
         for command in commands:
             words = shlex.split(command)
             if words[0] == "python":
-                words = [sys.executable, *words[1:], "--dir", str(fed)]
+                words = [sys.executable, *words[1:], "--dir", str(fed),
+                         *(run_as if "deploy up" in command else [])]
             else:
                 spec = words[words.index("-c") + 1]
                 assert "output_dir=/tmp/fedrac-run1" in spec
@@ -266,9 +283,10 @@ def test_readme_deployment_runs(tmp_path):
             if "deploy up" in command:
                 config = (flwr_home / "config.toml").read_text()
                 assert 'default = "mine"' in config and "[superlink.fedrac-local]" in config
+        summary = json.loads((out / "summary.json").read_text())
     finally:
         if (fed / "federation.json").exists():
             subprocess.run([sys.executable, "-m", "fedrac.deploy", "down", "--dir", str(fed)],
                            cwd=ROOT, env=env, capture_output=True, timeout=120)
-    summary = json.loads((out / "summary.json").read_text())
+        stack.close()
     assert summary["rounds"] == 2 and summary["final_accuracy"] > 0

@@ -126,7 +126,7 @@ def test_secagg_over_real_flower_processes(tmp_path):
     from fedrac.run import run_experiment
     from tests.test_deployment import flwr_run, rows
 
-    fed = up(tmp_path / "fed", 3)
+    fed = up(tmp_path / "fed", 3, run_as=None)  # as the caller, also root
     try:
         out = tmp_path / "out"
         overrides = (f"strategy=rac_lora num_rounds=2 secagg=plus {' '.join(SMALL)} "

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from fedrac.deploy import procs
 from fedrac.deploy.certs import make_certificates, make_node_keys
 from fedrac.deploy.local import DEFAULT_CONNECTION, DeployError, Federation, down, up
+from fedrac.deploy.runas import DEFAULT_USER, RunAsError
 from fedrac.deploy.worker import worker_pids
 
 DEFAULT_DIR = ".fedrac-federation"
@@ -58,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--poll", type=float, default=0.1,
                    help="SuperNode idle polling interval in seconds (default 0.1; 0: Flower's "
                         "fixed 3 s)")
+    u.add_argument("--run-as", default=DEFAULT_USER,
+                   help=f"started by root: the account SuperNodes, apps and node workers run as "
+                        f"(default: {DEFAULT_USER}; ignored when not root)")
+    u.add_argument("--create-user", action="store_true",
+                   help="started by root: create the --run-as account (a system account "
+                        "without login) when it does not exist")
     d = sub.add_parser("down", help="stop the processes `up` started")
     d.add_argument("--dir", default=DEFAULT_DIR)
     s = sub.add_parser("status", help="show the recorded processes and whether they run")
@@ -93,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                      port=args.port, connection=args.connection, data_paths=args.data_path,
                      threads=args.threads or None, control_host=args.control_host,
                      control_port=args.control_port, workers=not args.no_workers,
-                     poll=args.poll or None)
+                     poll=args.poll or None, run_as=args.run_as,
+                     create_user=args.create_user)
             print(f"SuperLink (pid {fed.superlink_pid}): Fleet API for SuperNodes at "
                   f"{fed.address}, Control API for the flwr CLI at {fed.control_address} only; "
                   f"{len(fed.node_pids)} SuperNodes online; logs in {fed.dir}/logs")
@@ -115,6 +123,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                     state = "running" if procs.alive(pid) else "stopped"
                     print(f"  worker of {name}: pid {pid:<8d} {state:8s} in "
                           f"{fed.worker_dir(name)}")
+            if fed.run_as:
+                print(f"SuperNodes, apps and node workers run as user {fed.run_as}")
+    except RunAsError as err:
+        print(f"fedrac.deploy: error: {err}", file=sys.stderr)
+        sys.exit(2)
     except DeployError as err:
         print(f"fedrac.deploy: error: {err}", file=sys.stderr)
         sys.exit(1)

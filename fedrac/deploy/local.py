@@ -6,6 +6,11 @@ the ``default`` connection); ``down`` stops exactly the recorded processes and t
 children. The SuperLink is :mod:`fedrac.deploy.superlink`: its Control API (what the
 connection names) listens on ``control_host`` (127.0.0.1), apart from the Fleet API the
 SuperNodes reach.
+
+Started by root, ``up`` runs the SuperNodes, the apps Flower starts (ClientApp, ServerApp)
+and the node workers as an unprivileged account (``run_as``, default ``fedrac``;
+:mod:`fedrac.deploy.runas`) with ``HOME`` and ``FLWR_HOME`` in ``<dir>/home``; the SuperLink
+stays with the operator: it holds ``server.key`` and the Control API.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +32,7 @@ import tomli_w
 
 from fedrac.deploy import procs
 from fedrac.deploy.certs import make_certificates, make_node_keys
+from fedrac.deploy.runas import DEFAULT_USER, RunAs, RunAsError, resolve
 
 STATE_FILE = "federation.json"
 DEFAULT_CONNECTION = "fedrac-local"
@@ -59,10 +66,11 @@ def process_env(threads: int | None = None, extra: Mapping[str, str] | None = No
 
 def superlink_command(host: str, port: int, certs: Mapping[str, Any] | None = None,
                       auth: bool = False, control_host: str = "127.0.0.1",
-                      control_port: int | None = None) -> list[str]:
+                      control_port: int | None = None, run_as: RunAs | None = None,
+                      run_as_home: str | Path = "") -> list[str]:
     """SuperLink argv (:mod:`fedrac.deploy.superlink`): the Fleet API on ``host:port``, the
     Control API on ``control_host:control_port``; TLS with ``certs`` (else --insecure),
-    optional node auth."""
+    optional node auth; its ServerApps as ``run_as`` (home ``run_as_home``)."""
     argv = [sys.executable, "-m", "fedrac.deploy.superlink", "--fleet-host", host,
             "--fleet-port", str(port), "--host", control_host,
             "--port", str(control_port or procs.free_port(control_host)),
@@ -75,6 +83,9 @@ def superlink_command(host: str, port: int, certs: Mapping[str, Any] | None = No
         argv.append("--insecure")
     if auth:
         argv.append("--enable-supernode-auth")
+    if run_as:
+        argv += ["--run-as-uid", str(run_as.uid), "--run-as-gid", str(run_as.gid),
+                 "--run-as-home", str(run_as_home)]
     return argv
 
 
@@ -182,6 +193,7 @@ class Federation:
     flwr_home: str = ""
     workers: bool = True  # each SuperNode hands its messages to warm node workers
     poll: float | None = None  # SuperNode idle polls (s); None: Flower's fixed 3 s
+    run_as: str | None = None  # the account nodes and apps run as (root-started `up`)
 
     def save(self) -> Path:
         path = Path(self.dir) / STATE_FILE
@@ -202,6 +214,11 @@ class Federation:
 
     def log(self, name: str) -> Path:
         return Path(self.dir) / "logs" / f"{name}.log"
+
+    @property
+    def home(self) -> Path:
+        """``HOME`` and ``FLWR_HOME`` of the nodes and apps when they run as ``run_as``."""
+        return Path(self.dir) / "home"
 
     def worker_dir(self, name: str) -> Path:
         """Node ``name``'s worker folder (sockets, PIDs, logs of its warm workers)."""
@@ -224,12 +241,20 @@ def start_node(fed: Federation, name: str, node_config: Mapping[str, Any],
     port = fed.node_ports.get(name) or procs.free_port()
     argv = supernode_command(fed.address, port, node_config, fed.root_cert, private_key,
                              fed.poll)
-    extra = {}
+    extra: dict[str, str] = {}
+    user = resolve(fed.run_as) if fed.run_as else None
+    if user:
+        extra.update(HOME=str(fed.home), FLWR_HOME=str(fed.home))
+        if private_key:
+            os.chown(private_key, user.uid, user.gid)  # stays 0600: the node's own key
     if fed.workers:
         from fedrac.deploy.worker import WORKER_DIR_ENV, private_folder
 
-        extra[WORKER_DIR_ENV] = str(private_folder(fed.worker_dir(name)))
-    proc = procs.spawn(argv, fed.log(name), process_env(threads, extra))
+        folder = user.own(fed.worker_dir(name)) if user else private_folder(
+            fed.worker_dir(name))
+        extra[WORKER_DIR_ENV] = str(folder)
+    proc = procs.spawn(argv, fed.log(name), process_env(threads, extra),
+                       user.popen_kwargs() if user else None)
     fed.node_pids[name], fed.node_ports[name] = proc.pid, port
     fed.node_configs[name] = dict(node_config)
     if private_key:
@@ -254,6 +279,7 @@ def up(
     data_paths: Sequence[str] = (), threads: int | None = 1, timeout: float = 90,
     workers: bool = True, poll: float | None = 0.1,
     control_host: str = "127.0.0.1", control_port: int | None = None,
+    run_as: str | None = DEFAULT_USER, create_user: bool = False,
 ) -> Federation:
     """Start a SuperLink and ``nodes`` SuperNodes (node i: ``partition-id=i``, or its data path).
 
@@ -262,8 +288,12 @@ def up(
     (Flower requires TLS for SuperNode authentication). ``workers``: each SuperNode hands its
     messages to a warm fedrac node worker per run (:mod:`fedrac.deploy.worker`), started on
     the run's first message. ``poll``: the SuperNodes' idle polling interval
-    (:mod:`fedrac.deploy.supernode`; ``None``: Flower's fixed 3 s). Waits until every node is
-    online; on failure stops what it started and raises DeployError.
+    (:mod:`fedrac.deploy.supernode`; ``None``: Flower's fixed 3 s). Started by root: nodes,
+    apps and workers run as ``run_as`` (created first only with ``create_user``; RunAsError
+    when missing, or when it cannot reach ``directory``, a data path or ``$FEDRAC_CACHE``;
+    ``None``: they keep the caller's account -- tests of the federation itself).
+    Waits until every node is online; on failure stops what it started and raises
+    DeployError.
     """
     out = Path(directory).resolve()
     if (out / STATE_FILE).exists():
@@ -277,17 +307,25 @@ def up(
         raise DeployError(f"data paths={list(data_paths)} must name one folder per node "
                           f"({nodes} nodes)")
     tls = tls or auth
+    user = resolve(run_as, create_user)
     (out / "logs").mkdir(parents=True, exist_ok=True)
+    if user:
+        check_reach(user, out, data_paths)
     certs = make_certificates(out / "certs", [host, control_host]) if tls else None
     port = port or procs.free_port(host)
     control_port = control_port or procs.free_port(control_host)
     fed = Federation(dir=str(out), connection=connection, address=f"{host}:{port}",
                      control_address=f"{control_host}:{control_port}",
                      superlink_pid=0, root_cert=str(certs["ca_cert"]) if certs else None,
-                     flwr_home=str(flwr_home()), workers=workers, poll=poll)
+                     flwr_home=str(flwr_home()), workers=workers, poll=poll,
+                     run_as=user.name if user else None)
     env = process_env(threads)
+    if user:
+        user.own(fed.home)
+        user.own(out / "results", 0o750)  # the ServerApp's default output_dir
     try:
-        argv = superlink_command(host, port, certs, auth, control_host, control_port)
+        argv = superlink_command(host, port, certs, auth, control_host, control_port, user,
+                                 fed.home)
         sl = procs.spawn(argv, fed.log("superlink"), env)
         fed.superlink_pid = sl.pid
         fed.save()
@@ -310,6 +348,22 @@ def up(
         down(out)
         raise
     return fed
+
+
+def check_reach(user: RunAs, out: Path, data_paths: Sequence[str] = ()) -> None:
+    """RunAsError (one line) unless ``user`` can enter ``out``, run this interpreter, read
+    each data path and write ``$FEDRAC_CACHE`` (when set)."""
+    user.require(out)
+    user.require(sys.executable)
+    if not shutil.which("setpriv"):
+        raise RunAsError(f"setpriv (util-linux) is not on PATH: needed to start the "
+                         f"ServerApps as user {user.name}; install util-linux")
+    for path in data_paths:
+        user.require(Path(path).resolve())
+    if os.environ.get("FEDRAC_CACHE"):
+        cache = Path(os.environ["FEDRAC_CACHE"]).expanduser()
+        cache.mkdir(parents=True, exist_ok=True)
+        user.require(cache, write=True)
 
 
 def down(directory: str | Path) -> list[int]:

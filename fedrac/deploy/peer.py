@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 Scope = MutableMapping[str, Any]
@@ -52,16 +52,25 @@ def peer_uid(client: tuple[str, int], server_port: int,
     return None
 
 
-def same_user_only(app: ASGIApp, uids: Iterable[int] | None = None) -> ASGIApp:
+def _under(path: str, prefixes: tuple[str, ...]) -> bool:
+    return path.startswith(prefixes) and "/." not in path
+
+
+def same_user_only(app: ASGIApp, uids: Iterable[int] | None = None,
+                   limited: Mapping[int, Sequence[str]] | None = None) -> ASGIApp:
     """``app`` answering 403 to HTTP / websocket peers owned by a uid outside ``uids``
-    (default: this process's uid and root)."""
+    (default: this process's uid and root); a uid in ``limited`` gets through only to paths
+    starting with one of its prefixes (e.g. the account a root-started deployment runs its
+    ServerApp as: the Runtime API, not the Control API)."""
     allowed = frozenset({os.getuid(), 0} if uids is None else uids)
+    prefixes = {uid: tuple(p) for uid, p in (limited or {}).items()}
 
     async def guarded(scope: Scope, receive, send) -> None:
         if scope["type"] in ("http", "websocket"):
             client, server = scope.get("client"), scope.get("server")
             uid = peer_uid(tuple(client), int(server[1])) if client and server else None
-            if uid not in allowed:
+            if uid not in allowed and not (
+                    uid in prefixes and _under(str(scope.get("path", "")), prefixes[uid])):
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 1008})
                     return

@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -27,12 +28,16 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def spawn(argv: Sequence[str], log_file: Path, env: Mapping[str, str]) -> subprocess.Popen:
-    """Start ``argv`` in its own session with stdout and stderr appended to ``log_file``."""
+def spawn(argv: Sequence[str], log_file: Path, env: Mapping[str, str],
+          user: Mapping[str, Any] | None = None) -> subprocess.Popen:
+    """Start ``argv`` in its own session with stdout and stderr appended to ``log_file``;
+    ``user``: ``Popen``'s ``user``/``group``/``extra_groups`` (another account; the log is
+    opened here, by the caller)."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("ab") as out:
         return subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=dict(env), start_new_session=True)
+                                stdin=subprocess.DEVNULL, env=dict(env), start_new_session=True,
+                                **dict(user or {}))
 
 
 def _children() -> dict[int, list[int]]:
@@ -70,6 +75,17 @@ def alive(pid: int) -> bool:
             return True
         except OSError:
             return False
+
+
+def pid_exists(pid: int) -> bool:
+    """Whether process ``pid`` exists (zombies included), also when another account owns it."""
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def stop(pids: Iterable[int], grace: float = 10.0) -> list[int]:

@@ -19,6 +19,12 @@ on two listeners:
   (``/v1/fleet/...``), for the SuperNodes; anything else is answered 404.
 
 Every other ``flower-superlink`` flag is passed through unchanged.
+
+``--run-as-uid U --run-as-gid G --run-as-home H`` (what ``deploy up`` passes when started by
+root): the SuperLink stays with the operator (it holds ``server.key`` and serves the Control
+API), but the SuperExec it starts for ServerApps -- and so every ServerApp -- runs as uid U
+(util-linux ``setpriv``) with ``HOME`` and ``FLWR_HOME`` = H, and uid U may use the Runtime
+API's routes (``/v1/runtime/...``) on the main listener, never the Control API.
 """
 
 from __future__ import annotations
@@ -69,6 +75,9 @@ def _split(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--fleet-host", default="127.0.0.1",
                    help="interface the SuperNodes reach (default 127.0.0.1)")
     p.add_argument("--fleet-port", type=int, default=DEFAULT_FLEET_PORT)
+    p.add_argument("--run-as-uid", type=int, default=None)
+    p.add_argument("--run-as-gid", type=int, default=None)
+    p.add_argument("--run-as-home", default=None)
     p.add_argument("-h", "--help", action="store_true")
     ours, rest = p.parse_known_args(list(argv))
     if not any(a == "--host" or a.startswith("--host=") for a in rest):
@@ -89,7 +98,32 @@ class _FleetServer(uvicorn.Server):
         yield
 
 
-async def _serve(app, config, fleet_host: str, fleet_port: int) -> None:
+RUNTIME_PREFIX = "/v1/runtime/"
+
+
+def drop_serverapps(uid: int, gid: int, home: str) -> None:
+    """Start the SuperLink's SuperExec (hence its ServerApps) as ``uid``/``gid`` through
+    ``setpriv``, with ``HOME`` and ``FLWR_HOME`` = ``home``."""
+    import importlib
+
+    from fedrac.deploy.runas import RunAs
+
+    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    build = fs._get_superexec_command
+    if getattr(build, "fedrac_dropped", False):
+        return
+
+    def command(*args, **kwargs) -> list[str]:
+        argv = build(*args, **kwargs)  # ["flower-superexec", flags...]
+        return [*RunAs("", uid, gid).setpriv(), "env", f"HOME={home}", f"FLWR_HOME={home}",
+                sys.executable, "-m", "fedrac.deploy.superexec", *argv[1:]]
+
+    command.fedrac_dropped = True  # type: ignore[attr-defined]
+    fs._get_superexec_command = command
+
+
+async def _serve(app, config, fleet_host: str, fleet_port: int,
+                 run_as_uid: int | None = None) -> None:
     from flwr.supercore.http_logging import get_uvicorn_log_config
     from flwr.supercore.logger import console_handler
 
@@ -97,7 +131,8 @@ async def _serve(app, config, fleet_host: str, fleet_port: int) -> None:
     logs = get_uvicorn_log_config(console_handler.level)
     from fedrac.deploy.peer import same_user_only
 
-    main = uvicorn.Server(uvicorn.Config(same_user_only(app), host=config.host,
+    limited = {run_as_uid: (RUNTIME_PREFIX,)} if run_as_uid is not None else None
+    main = uvicorn.Server(uvicorn.Config(same_user_only(app, limited=limited), host=config.host,
                                          port=config.port, workers=1,
                                          log_config=logs, access_log=True, **tls))
     fleet = _FleetServer(uvicorn.Config(fleet_only(app), host=fleet_host, port=fleet_port,
@@ -128,10 +163,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if config.simulation:
         raise SystemExit("fedrac.deploy superlink: --simulation has no SuperNodes; use "
                          "flower-superlink")
+    if ours.run_as_uid is not None:
+        drop_serverapps(ours.run_as_uid, ours.run_as_gid, ours.run_as_home)
     app = create_app(config, SuperLinkLifespan)
     log(20, "fedrac: Control, ServerAppIo and Fleet APIs on %s:%s; Fleet API only on %s:%s",
         config.host, config.port, ours.fleet_host, ours.fleet_port)
-    asyncio.run(_serve(app, config, ours.fleet_host, ours.fleet_port))
+    asyncio.run(_serve(app, config, ours.fleet_host, ours.fleet_port, ours.run_as_uid))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message
 
+from fedrac.deploy.procs import pid_exists
+
 WORKER_DIR_ENV = "FEDRAC_WORKER_DIR"
 IDLE_ENV = "FEDRAC_WORKER_IDLE"
 START_TIMEOUT = 300.0  # seconds a new worker may take to listen (imports, data)
@@ -325,7 +327,7 @@ def serve(folder: str | Path, run_id: int, parent: int | None = None,
 
     def watch() -> None:  # leave when the SuperNode is gone or nothing came for `idle` s
         while not stop.wait(min(2.0, grace)):  # (FINAL_GRACE s once the last round was served)
-            gone = parent is not None and not _alive(parent)
+            gone = parent is not None and not pid_exists(parent)
             limit = min(idle, grace) if FINAL_ROUND_SERVED.is_set() else idle
             if gone or time.monotonic() - last[0] > limit:
                 stop.set()
@@ -349,16 +351,6 @@ def serve(folder: str | Path, run_id: int, parent: int | None = None,
         if sock_file.exists() and pid_file.exists() and pid_file.read_text() == str(os.getpid()):
             sock_file.unlink()
             pid_file.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def worker_pids(folder: str | Path) -> list[int]:
