@@ -215,3 +215,41 @@ def test_bad_input_names_the_key(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=None) as exc:
         run_config(tmp_path, "strategy=fed_sb", *overrides)
     assert message in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
+
+
+@pytest.mark.parametrize("arch", [pytest.param("bert", marks=pytest.mark.slow), "gpt2"])
+def test_fed_sb_on_a_tiny_transformers_model(arch, tmp_path, capsys):
+    """model=hf end to end (gpt2's Conv1D stores its weights transposed): each round uploads
+    r² per target layer, the export is written, and on bert it learns (the tiny gpt2 does not
+    learn this task with rac_lora either)."""
+    import json
+
+    from tests import hf_models as H
+    from tests.test_hf_e2e import _rows, overrides, run
+
+    ckpt = {arch: H.build_checkpoint(tmp_path / arch, arch),
+            "sentiment": H.write_csv(tmp_path / "s.csv", H.sentiment_rows(160))}
+    out = tmp_path / "run"
+    stdout = run(overrides(ckpt, out, "classification", "strategy=fed_sb", "strategy.rank=4",
+                           "num_rounds=4" if arch == "bert" else "num_rounds=2",
+                           "client.lr=0.02", arch=arch), tmp_path, False, capsys)
+    summary = json.loads((out / "summary.json").read_text())
+    if arch == "bert":
+        assert summary["final_accuracy"] >= 0.8 > summary["initial_accuracy"], summary
+    model = H.build_checkpoint(tmp_path / "again", arch)
+    from transformers import AutoModelForSequenceClassification
+
+    from fedrac.adapters import default_target_modules
+
+    net = AutoModelForSequenceClassification.from_pretrained(model, num_labels=2)
+    layers = find_target_layers(net, default_target_modules(net))
+    one = len(Array(np.zeros((4, 4), dtype=np.float32)).data)
+    assert int(_rows(out)[2]["bytes_up_factors"]) == 3 * len(layers) * one
+    assert "adapter/ (PEFT LoRA, rank auto: 4" in stdout
+
+
+@pytest.mark.parametrize("extra", [["privacy=dp"], ["secagg=plus"], ["aggregation=median"],
+                                   ["privacy=local_dp"]])
+def test_random_init_serves_dp_secagg_and_robust_rules(extra, tmp_path):
+    cfg = run_config(tmp_path, "strategy=fed_sb", "strategy.init=random", *extra)
+    assert cfg["strategy"]["name"] == "fed_sb"
