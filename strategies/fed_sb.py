@@ -48,7 +48,8 @@ class FedSB(FedracStrategy):
     ``init``: ``gradient`` (LoRA-SB: before round 1 ``init_clients`` seeded clients each
     send the mean gradient of the target weights over up to ``init_samples`` examples, one
     full-size upload each, ledger kind ``gradient``; their example-weighted mean gives
-    ``B``, ``A``, ``R_0`` by :func:`lora_sb_init` with ``eta = init_step``, and the server merges
+    ``B``, ``A``, ``R_0`` by :func:`lora_sb_init` with ``eta = init_step`` (default: the lr
+    of the first local step, ``client.lr / client.warmup_steps``), and the server merges
     ``s * B R_0 A`` into the weights before round 1) or ``random`` (``B``, ``A`` drawn from the
     run seed with ``sketch``, ``R_0 = 0``: no data leaves a client before training).
     Each round clients start ``R`` at zero on the merged weights (the same step as the
@@ -76,8 +77,11 @@ class FedSB(FedracStrategy):
         self.set_adapters(layers, rank, alpha, sketch)
         self.init, self.init_samples, self.init_clients = init, int(init_samples), \
             int(init_clients)
-        lr = float(self.client_config.get("lr", 0.0))
-        self.init_step = float(init_step) if init_step is not None else lr
+        # the paper's eta = lr / (warmup_ratio * total_steps): the lr of a linear warm-up's
+        # first step
+        first = float(self.client_config.get("lr", 0.0)) / max(
+            int(self.client_config.get("warmup-steps", 0)), 1)
+        self.init_step = float(init_step) if init_step is not None else first
         self.frame: dict[str, torch.Tensor] | None = None  # <layer>.lora_A / .lora_B, float32
         self.holders: set[int] = set()  # nodes that hold the frame
         self._global: ArrayRecord | None = None
@@ -102,7 +106,7 @@ class FedSB(FedracStrategy):
         if step is not None and (isinstance(step, bool) or not isinstance(step, int | float)
                                  or not step > 0):
             raise ValueError(f"strategy.init_step={step!r} is not allowed; allowed: null "
-                             "(client.lr) or a number > 0")
+                             "(client.lr / client.warmup_steps) or a number > 0")
 
     @classmethod
     def validate_config(cls, strategy_cfg: Mapping[str, Any]) -> None:

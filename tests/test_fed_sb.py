@@ -253,3 +253,13 @@ def test_fed_sb_on_a_tiny_transformers_model(arch, tmp_path, capsys):
 def test_random_init_serves_dp_secagg_and_robust_rules(extra, tmp_path):
     cfg = run_config(tmp_path, "strategy=fed_sb", "strategy.init=random", *extra)
     assert cfg["strategy"]["name"] == "fed_sb"
+
+
+def test_the_default_init_step_is_the_first_warm_up_steps_lr():
+    """The paper's ``eta = lr / (warmup_ratio * total_steps)``: the lr of the first step."""
+    def step(**client):
+        return FedSB(layers=LAYERS, rank=RANK, alpha=ALPHA, run_seed=SEED,
+                     client_config=client).init_step
+
+    assert step(lr=0.1, warmup_steps=4) == pytest.approx(0.025)
+    assert step(lr=0.1, warmup_steps=0) == pytest.approx(0.1)
