@@ -246,6 +246,7 @@ def test_fed_sb_on_a_tiny_transformers_model(arch, tmp_path, capsys):
     one = len(Array(np.zeros((4, 4), dtype=np.float32)).data)
     assert int(_rows(out)[2]["bytes_up_factors"]) == 3 * len(layers) * one
     assert "adapter/ (PEFT LoRA, rank auto: 4" in stdout
+    assert int(_rows(out)[1]["bytes_up_gradient"]) > 0 == int(_rows(out)[2]["bytes_up_gradient"])
 
 
 @pytest.mark.parametrize("extra", [["privacy=dp"], ["secagg=plus"], ["aggregation=median"],
