@@ -30,6 +30,7 @@ INIT_STREAM = 7  # derive_seed(run_seed, 0, INIT_STREAM): the init's clients, ra
 KINDS = {"arrays": "weights", "adapters": "factors", "factors": "factors", "config": "config",
          "gradient": "gradient"}
 FINGERPRINT_KEY = "frame-fingerprint"  # clients.fed_sb.FINGERPRINT_KEY
+INIT_TIMEOUT = 3600.0  # seconds the init waits for the gradients (a round's default timeout)
 
 
 def lora_sb_init(gradient: torch.Tensor, rank: int, step: float, scale: float
@@ -181,7 +182,7 @@ class FedSB(FedracStrategy):
         expected = {spec.weight_key: (spec.d_out, spec.d_in) for spec in self.layers.values()}
         total: dict[str, torch.Tensor] = {}
         weight = 0.0
-        for msg in grid.send_and_receive(messages):
+        for msg in grid.send_and_receive(messages, timeout=INIT_TIMEOUT):
             if msg.has_error():
                 log(INFO, "fed_sb: a gradient request failed: %s", msg.error.reason)
                 continue
