@@ -85,7 +85,7 @@ def downloaded_weights(
     sync = content["sync"]
     if "arrays" in content:
         record = content["arrays"]
-        state = to_state_dict(record)
+        state = to_shared_state_dict(record)  # read-only views: no copy of the model
         context.state[STATE_CONFIG] = ConfigRecord(dict(content["config"]))
     else:
         config = content["config"]

@@ -58,6 +58,7 @@ from fedrac.adapters import (
 )
 from fedrac.adapters.quantized import load_state
 from fedrac.data import load_dataset_from_path, partition, to_tensors
+from fedrac.data.holdout import without_holdout
 from fedrac.delta_sync import ResyncNeeded
 from fedrac.delta_sync import apply_update as apply_update_record
 from fedrac.models.shared import shared_model
@@ -83,7 +84,8 @@ def _cfg_key(cfg: Mapping[str, Any], part: str) -> str:
     if entry is None or entry[0] is not cfg:
         if len(_cfg_keys) > 16:
             _cfg_keys.clear()
-        entry = (cfg, _key(cfg["model"], cfg["dataset"]), _key(cfg["dataset"], cfg["partitioner"]))
+        entry = (cfg, _key(cfg["model"], without_holdout(cfg["dataset"])),  # same model
+                 _key(cfg["dataset"], cfg["partitioner"]))
         _cfg_keys[id(cfg)] = entry  # holds cfg, so its id is not reused while cached
     return entry[1] if part == "model" else entry[2]
 

@@ -70,8 +70,9 @@ def _run(run_cfg: dict[str, Any]) -> float:
         summary = get_method(run_cfg["runner"])(run_cfg)
         return float(summary.get("final_accuracy", summary.get("final_distance", math.nan)))
     from fedrac.run import run_experiment
+    from fedrac.tune import tune_lr
 
-    summary = run_experiment(run_cfg)
+    summary = run_experiment(tune_lr(run_cfg))  # tune=lr: at the lr chosen on validation
     if summary.get("interrupted"):
         from fedrac.checkpoint import exit_interrupted
 

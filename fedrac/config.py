@@ -200,6 +200,7 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     if not d.get("runner"):  # an experiment with its own loop builds (and checks) its own
         check_objects(d, strategy_cls)
     check_privacy(d)
+    check_tune(d)
     return d
 
 
@@ -347,6 +348,16 @@ def check_secagg(d: Mapping[str, Any]) -> None:
 
     try:
         check_config(d)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def check_tune(d: Mapping[str, Any]) -> None:
+    """The ``tune`` group (:func:`fedrac.tune.check_tune`)."""
+    from fedrac.tune import check_tune as check
+
+    try:
+        check(d)
     except ValueError as err:
         raise ConfigError(str(err)) from err
 

@@ -39,10 +39,13 @@ class DivergenceGuard:
     Round ``t`` diverged when its weights are not finite, or when ``||W_t - W_{t-1}||``
     exceeds :data:`FACTOR` times the largest move of an earlier round (in the first round
     that moved: :data:`FACTOR` times ``||W_0||``, the pretrained weights' own norm).
+
+    The weights are held by reference, not copied: the server hands it read-only views of
+    its records (a record's bytes are immutable), so a copy would only add a model to memory.
     """
 
     def __init__(self, initial: Mapping[str, torch.Tensor]) -> None:
-        self.previous = {k: v.detach().clone() for k, v in initial.items()}
+        self.previous = dict(initial)
         self.scale = _norm(initial)
         self.largest = 0.0
 
@@ -59,7 +62,7 @@ class DivergenceGuard:
                               f"{FACTOR:g}x the largest earlier move ({bound / FACTOR:.3g}"
                               f"{'' if self.largest > 0 else ': the initial weights norm'})")
         self.largest = max(self.largest, moved)
-        self.previous = {k: v.detach().clone() for k, v in state.items()}
+        self.previous = dict(state)
 
     def state_dict(self) -> dict[str, float]:
         """The largest move so far (the previous weights are the checkpoint's own)."""
@@ -69,4 +72,4 @@ class DivergenceGuard:
                         weights: Mapping[str, torch.Tensor]) -> None:
         """Continue after a resume from the weights of the checkpointed round."""
         self.largest, self.scale = float(state["largest"]), float(state["scale"])
-        self.previous = {k: v.detach().clone() for k, v in weights.items()}
+        self.previous = dict(weights)

@@ -122,9 +122,16 @@ def numpy_to_array(value: np.ndarray) -> Array:
     return Array(dtype=dtype, shape=value.shape, stype=_NUMPY_STYPE, data=data)
 
 
-def to_array_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """``ArrayRecord(tensors)`` for a torch state dict, faster (see the module docstring)."""
+def to_array_record(tensors: Mapping[str, torch.Tensor], *, release: bool = False
+                    ) -> ArrayRecord:
+    """``ArrayRecord(tensors)`` for a torch state dict, faster (see the module docstring).
+
+    ``release``: empty the (mutable) dict as it goes, so a tensor only it holds is freed as
+    soon as it is encoded: the weights are not in memory twice while the record is built.
+    """
     record = ArrayRecord()
-    for key, tensor in tensors.items():
-        record[key] = numpy_to_array(tensor.detach().cpu().numpy())
+    for key in list(tensors):
+        record[key] = numpy_to_array(tensors[key].detach().cpu().numpy())
+        if release:
+            del tensors[key]  # type: ignore[attr-defined]
     return record

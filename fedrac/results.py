@@ -213,6 +213,7 @@ class RunRecorder:
         s = self.cfg["strategy"]
         label = s["name"] + (f" r={s['rank']}" if s["name"] != "fedavg" and "rank" in s else "")
         n = max(len(rounds), 1)
+        tuned = (self.cfg.get("tune") or {}).get("result")  # tune=lr (fedrac/tune.py)
         target = self.cfg.get("target_accuracy")
         reached, total = None, 0
         for r in self.rows:
@@ -254,6 +255,7 @@ class RunRecorder:
                                        default=math.nan),
                 "seconds_per_round": sum(r["seconds"] for r in self.secagg["rounds"])
                 / max(len(self.secagg["rounds"]), 1)},
+            **({"tuned_lr": tuned["lr"], "tune": tuned} if tuned else {}),
             "config": {
                 "strategy": dict(s), "dataset": self.cfg["dataset"].get("name"),
                 "task": (self.cfg.get("task") or {}).get("name", "classification"),

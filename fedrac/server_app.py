@@ -24,7 +24,6 @@ from fedrac.experiments.spectrum import global_factors, monitor_from_config
 from fedrac.models.pretrain import pretrained_record
 from fedrac.outputs import claim_output_dir, release_output_dir
 from fedrac.records import (
-    array_to_tensor,
     to_array_record,
     to_shared_state_dict,
 )
@@ -93,16 +92,16 @@ def _run_server(cfg: Mapping[str, Any], grid: Grid, node_overrides: str | None
     guard = DivergenceGuard(state)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        weights = to_shared_state_dict(arrays)  # read-only views: no copy of the model
         if server_round > 0:
-            guard.observe(server_round, to_shared_state_dict(arrays))  # RunDiverged
+            guard.observe(server_round, weights)  # RunDiverged
         latest["arrays"] = arrays
         if monitor.due(server_round):
-            monitor.observe(server_round, {spec.weight_key: array_to_tensor(
-                arrays[spec.weight_key]) for spec in layers.values()}, global_factors(strategy))
+            monitor.observe(server_round, weights, global_factors(strategy))
         if server_round % every and server_round != num_rounds:
             recorder.log_round(server_round, math.nan, math.nan)
             return None
-        load_state(model, to_shared_state_dict(arrays))
+        load_state(model, weights)
         move_to(model, device)
         metrics = task.evaluate(model, x_test, y_test, device)
         if generate is not None:

@@ -24,7 +24,7 @@ from flwr.supercore import log
 
 from fedrac.delta_sync import sync_checksum
 from fedrac.ledger import array_record_nbytes, record_dict_nbytes
-from fedrac.records import to_array_record, to_state_dict
+from fedrac.records import to_array_record, to_shared_state_dict
 
 DOWNLOADS = ("auto", "full", "delta")  # strategy.download of the adapter methods
 RESYNC_KEY = "resync"  # a client's reply record asking for the full weights
@@ -98,7 +98,7 @@ class DeltaSync:
         full_bytes = array_record_nbytes(arrays)
         self._prune(full_bytes)
         config = dict(common["config"])
-        checksum = sync_checksum(to_state_dict(arrays), config)  # weights and train config
+        checksum = sync_checksum(to_shared_state_dict(arrays), config)  # weights and train config
         self._full = RecordDict({"arrays": arrays, "sync": ConfigRecord(
             {"target": target, "checksum": checksum}), **common})
         by_key: dict[tuple, RecordDict | None] = {}

@@ -60,4 +60,5 @@ class FedAvgFPFT(FedracStrategy):
         metrics = self.round_metric_record(server_round)
         if not valid:
             return None, metrics
-        return to_array_record(self.average(server_round, valid, current)), metrics
+        return to_array_record(self.average(server_round, valid, current), release=True), \
+            metrics

@@ -220,7 +220,7 @@ class RacLoRA(FedracStrategy):
         if self.sync is not None:  # the round's change: factors, then the modules' new values
             self.sync.record(server_round, plan.seed, {
                 **avg, **{SET_PREFIX + k: state[k] for k in self.module_shapes}})
-        return to_array_record(state), metrics
+        return to_array_record(state, release=True), metrics
 
     def _check_reply(self, msg: Message, array_key: str, expected: Mapping[str, tuple[int, ...]],
                      dtypes: Mapping[str, torch.dtype] | None = None):

@@ -24,6 +24,26 @@ def run_config(tmp_path, *overrides: str) -> dict:
     return cfg
 
 
+def cli_error(args: list[str], tmp_path, monkeypatch, capsys) -> list[str]:
+    """Run the ``fedrac`` CLI in-process with ``args`` writing into ``tmp_path``; assert it
+    stopped with exit code 2, wrote no output folder; return its stderr lines."""
+    import sys
+
+    import pytest
+
+    from fedrac import cli
+
+    out = tmp_path / "run"
+    monkeypatch.setenv("FEDRAC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "argv", ["fedrac", *args, f"output_dir={out}",
+                                      f"hydra.run.dir={tmp_path / 'hydra'}"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 2
+    assert not out.exists()
+    return capsys.readouterr().err.strip().splitlines()
+
+
 def run_strategy(strategy, initial: ArrayRecord, num_rounds: int, num_nodes: int,
                  train: Callable[[Message, Context], Message] | ClientApp) -> list[ArrayRecord]:
     """Run ``strategy`` with a ClientApp whose train handler is ``train`` (or that ClientApp).

@@ -46,19 +46,12 @@ BAD_INPUTS = [
 @pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[a[0] for a, _ in BAD_INPUTS])
 def test_bad_input_stops_with_one_line_naming_key_value_and_allowed(args, message, tmp_path,
                                                                     monkeypatch, capsys):
-    from fedrac import cli
+    from tests.helpers import cli_error
 
-    out = tmp_path / "run"
-    monkeypatch.setenv("FEDRAC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(sys, "argv", ["fedrac", *args, f"output_dir={out}",
-                                      f"hydra.run.dir={tmp_path / 'hydra'}"])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = cli_error(args, tmp_path, monkeypatch, capsys)
     assert len(err) == 1, err
     assert err[0].startswith("fedrac: error: ") and message in err[0], err[0]
-    assert not out.exists() and not (tmp_path / "cache").exists()  # no work was done
+    assert not (tmp_path / "cache").exists()  # no work was done
 
 
 def test_cuda_devices_are_checked_against_the_machine(monkeypatch):

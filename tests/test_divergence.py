@@ -64,3 +64,14 @@ def test_the_default_mean_drops_the_boosted_update(tmp_path, attacker, caplog):
     summary = run_experiment(_cfg(tmp_path))
     assert summary["status"] == "ok"
     assert "exceeds aggregation.max_update_norm=10x" in caplog.text
+
+
+def test_guard_keeps_the_previous_weights_by_reference():
+    """The previous round's weights are the server's read-only record views: no copy of the
+    model (issue 19's one copy)."""
+    w0 = {"w": torch.ones(3, 3)}
+    guard = DivergenceGuard(w0)
+    assert guard.previous["w"] is w0["w"]
+    w1 = {"w": torch.full((3, 3), 1.1)}
+    guard.observe(1, w1)
+    assert guard.previous["w"] is w1["w"]

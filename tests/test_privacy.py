@@ -2,7 +2,6 @@
 the factor methods still merge exactly, and bad privacy settings stop the run in one line."""
 
 import math
-import sys
 
 import pytest
 import torch
@@ -275,18 +274,10 @@ def test_dp_refuses_a_robust_aggregator_that_breaks_its_sensitivity_bound(agg, m
 ])
 def test_bad_privacy_input_from_the_command_line_exits_2_with_one_line(args, message, tmp_path,
                                                                        monkeypatch, capsys):
-    from fedrac import cli
+    from tests.helpers import cli_error
 
-    out = tmp_path / "run"
-    monkeypatch.setenv("FEDRAC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(sys, "argv", ["fedrac", *args, f"output_dir={out}",
-                                      f"hydra.run.dir={tmp_path / 'hydra'}"])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = cli_error(args, tmp_path, monkeypatch, capsys)
     assert len(err) == 1 and err[0].startswith("fedrac: error: ") and message in err[0], err
-    assert not out.exists()
 
 
 def test_default_delta_is_below_one_over_the_number_of_clients():

@@ -59,3 +59,13 @@ def test_shared_decoding_reuses_the_same_arrays_only():
     reordered = ArrayRecord()
     reordered["b"], reordered["w"] = record["b"], record["w"]
     assert list(to_shared_state_dict(reordered)) == ["b", "w"]
+
+
+def test_to_array_record_release_frees_as_it_encodes():
+    state = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4)}
+    expected = {k: v.clone() for k, v in state.items()}
+    record = to_array_record(state, release=True)
+    assert state == {}  # each tensor dropped once encoded: never two copies of the weights
+    assert list(record.keys()) == ["a", "b"]
+    for key, value in to_state_dict(record).items():
+        assert torch.equal(value, expected[key])

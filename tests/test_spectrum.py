@@ -92,3 +92,13 @@ def test_run_writes_spectrum_csv_matching_the_final_model(tmp_path):
 def test_monitor_every_is_validated(tmp_path):
     with pytest.raises(ConfigError, match="monitor_every=-1 is not allowed"):
         run_config(tmp_path, "monitor_every=-1")
+
+
+def test_monitor_holds_w0_by_reference_not_a_float64_copy(tmp_path):
+    """The server's W0 is read-only views of its record: a float64 copy per adapted layer
+    would add twice the model to a run's memory (issue 19)."""
+    spec = LayerSpec("lin", (4, 6))
+    w0 = torch.randn(4, 6)
+    mon = SpectrumMonitor(tmp_path, {"lin": spec}, {"lin.weight": w0}, every=1)
+    assert mon.initial["lin"] is w0
+    mon.close()

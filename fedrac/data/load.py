@@ -414,8 +414,22 @@ def source_stamp(dataset_cfg: Mapping[str, Any]) -> str:
 
 
 def load_splits(dataset_cfg: Mapping[str, Any]) -> DataSplits:
-    """The source/target splits of the ``dataset`` config group (cached per process)."""
+    """The source/target splits of the ``dataset`` config group (cached per process); with
+    ``validation_split``, the target test split is carved from the training rows
+    (:mod:`fedrac.data.holdout`)."""
+    from fedrac.data.holdout import KEY
+
+    if dataset_cfg.get(KEY):
+        return _carved_cached(_key(dict(dataset_cfg)))
     return _load_splits_cached(_key(dict(dataset_cfg)))
+
+
+@functools.lru_cache(maxsize=2)
+def _carved_cached(key: str) -> DataSplits:
+    from fedrac.data.holdout import KEY, carve, without_holdout
+
+    cfg = json.loads(key)
+    return carve(load_splits(without_holdout(cfg)), cfg[KEY])
 
 
 def partition(

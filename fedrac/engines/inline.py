@@ -104,10 +104,10 @@ def _copy_recorddict(records: RecordDict) -> RecordDict:
 def _record_state(record: ArrayRecord) -> dict[str, Any] | bytes:
     """An ArrayRecord for a checkpoint: its tensors (model weights: far faster than
     protobuf), else Flower's protobuf bytes."""
-    from fedrac.records import to_state_dict
+    from fedrac.records import to_shared_state_dict
 
     try:
-        return dict(to_state_dict(record))
+        return dict(to_shared_state_dict(record))  # read-only views: written, not copied
     except Exception:  # noqa: BLE001 - an Array that is no tensor: keep Flower's bytes
         return recorddict_to_proto(RecordDict({"r": record})).SerializeToString()
 

@@ -211,6 +211,10 @@ def compare(runs: Sequence[Run]) -> tuple[list[dict[str, Any]], list[dict[str, A
                 for kind, n in r.summary.get("bytes_by_kind", {}).get(direction, {}).items():
                     kinds[kind] += n / len(members)
             row[f"bytes_{direction}_by_kind"] = dict(kinds)
+        tuned = [r.summary for r in members if r.summary.get("tuned_lr") is not None]
+        if tuned:  # tune=lr: one tuning per group (seeds share it)
+            row["tuned_lr"] = " ".join(dict.fromkeys(f"{t['tuned_lr']:g}" for t in tuned))
+            row["tune"] = tuned[0]["tune"]
         table.append(row)
     return table, per_round
 
@@ -461,8 +465,10 @@ def write_comparison(sweep_dir: str | Path) -> str | None:
         table = table + [{"group": f["overrides"], "status": "failed", "failure": f["failure"]}
                          for f in failed]
     from fedrac.experiments.paper import paper_table
+    from fedrac.tune import format_tuning
 
-    extra = paper_table(runs) if runs else ""
+    extra = "\n\n".join(t for t in (format_tuning(table), paper_table(runs) if runs else "")
+                        if t)
     if extra:
         text += "\n\n" + extra
     from fedrac.atomic import write_text

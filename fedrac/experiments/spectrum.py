@@ -90,8 +90,9 @@ class SpectrumMonitor:
         self.layers = dict(layers)
         self.every, self.top_k, self.rank_tol = int(every), int(top_k), float(rank_tol)
         self.exact_max, self.num_rounds = int(exact_max), num_rounds
-        self.initial = {n: layer_matrix(spec, initial[spec.weight_key])
-                        for n, spec in self.layers.items()}
+        # W0 by reference (the server's W0 is read-only views of its record, never written):
+        # a float64 copy of every adapted layer would double the model in memory
+        self.initial = {n: initial[spec.weight_key] for n, spec in self.layers.items()}
         self.seconds: list[float] = []
         self.last: dict[str, dict[str, Any]] = {}
         self.path = Path(output_dir) / "spectrum.csv"
@@ -117,7 +118,8 @@ class SpectrumMonitor:
         start = time.perf_counter()
         out: dict[str, dict[str, Any]] = {}
         for name, spec in self.layers.items():
-            x = layer_matrix(spec, state[spec.weight_key]) - self.initial[name]
+            x = layer_matrix(spec, state[spec.weight_key]) - layer_matrix(spec,
+                                                                      self.initial[name])
             stats = layer_stats(x, self.top_k, self.rank_tol, self.exact_max)
             a, b = (factors or {}).get(f"{name}.lora_A"), (factors or {}).get(f"{name}.lora_B")
             stats["balance"] = balance(a, b) if a is not None and b is not None else math.nan

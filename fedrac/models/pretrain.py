@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from clients.local_training import TrainSettings, evaluate, resolve_device, train_locally
 from fedrac.adapters.quantized import dense_state
 from fedrac.data import load_splits, source_stamp, to_tensors
+from fedrac.data.holdout import without_holdout
 from fedrac.models import ModelConfigError, build_model, file_digest, load_weights
 from fedrac.models.shared import model_as_built
 from fedrac.models.weights import state_digest
@@ -127,6 +128,7 @@ def pretrained_record(
 ) -> ArrayRecord:
     """:func:`pretrained_state` as a Flower record (for a transformers checkpoint, the very
     record the process keeps: no further copy)."""
+    dataset_cfg = without_holdout(dataset_cfg)  # pretraining reads the source splits only
     if model_cfg.get("name") == "hf" and int(pretrain_cfg.get("epochs", 0)) == 0:
         return _checkpoint_record(_checkpoint_key(model_cfg, dataset_cfg))
     return to_array_record(pretrained_state(model_cfg, dataset_cfg, pretrain_cfg, cache_dir))
@@ -145,6 +147,7 @@ def pretrained_state(
     Floating-point weights are float32 whatever ``model.dtype`` (the server's master copy).
     A transformers checkpoint's are read-only views of :func:`pretrained_record`'s record.
     """
+    dataset_cfg = without_holdout(dataset_cfg)  # pretraining reads the source splits only
     if model_cfg.get("name") == "hf" and int(pretrain_cfg.get("epochs", 0)) == 0:
         return dict(to_shared_state_dict(_checkpoint_record(
             _checkpoint_key(model_cfg, dataset_cfg))))
