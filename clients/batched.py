@@ -149,6 +149,8 @@ def _prepare(cfg: Mapping[str, Any], msg: Message, context: Context,
     if not isinstance(x, torch.Tensor):
         return "the data are not dense tensors (text)"
     mode = str(config["mode"])
+    if mode == "gradient" or str(config.get("train-factor")) == "R":
+        return "strategy=fed_sb (a gradient or a middle factor R) is not batched"
     state = {k: v.detach() for k, v in model.state_dict().items()}
     # the weights as loaded, shared between clients when the message's tensors are
     state = {k: (start[k] if k in start and start[k].dtype == v.dtype and

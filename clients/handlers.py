@@ -38,9 +38,12 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from torch import nn
 
 from clients.delta_client import downloaded_weights, restore_config, resync_reply
+from clients.fed_sb import with_frame
 from clients.local_training import (
+    TrainResult,
     TrainSettings,
     evaluate,
+    layer_gradients,
     move_to,
     resolve_device,
     train_locally,
@@ -206,6 +209,11 @@ def prepare_adapters(
     sent = to_state_dict(content["adapters"]) if "adapters" in content else {}
     sketch = content["sketch"] if "sketch" in content else None
     zero_side = str(config.get("zero-factor", "B"))
+    if str(config["train-factor"]) == "R":  # Fed-SB: B and A sent, R (r x r) from zero
+        attach_adapters(model, layers, {n: (sent[f"{n}.lora_A"], sent[f"{n}.lora_B"])
+                                        for n in layers}, rank, alpha,
+                        dict.fromkeys(layers, "R"), {n: torch.zeros(rank, rank) for n in layers})
+        return
     factors, trained, sketched = {}, {}, {}
     for name, spec in layers.items():
         trained[name] = resolve_trained(spec, str(config["train-factor"]))
@@ -307,7 +315,15 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
         result = train_locally(model, x, y, settings_from(config), seed, device, task)
         reply_key = "arrays"
         out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    elif mode == "gradient":  # Fed-SB's initialisation: the target layers' mean gradient
+        out = layer_gradients(model, layers, x, y, int(config["init-samples"]), seed, device,
+                              task)
+        result = TrainResult(0.0, min(int(config["init-samples"]), task.num_examples(x, y)),
+                             0, 0.0)
+        reply_key = "gradient"
     elif mode == "adapters":
+        if str(config["train-factor"]) == "R":
+            content = with_frame(content, context)
         prepare_adapters(model, layers, content, server_round,
                          own_rank(config, context.node_config))
         start = {k: v.detach().cpu().clone() for k, v in adapter_factors(model).items()}
@@ -324,7 +340,8 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
             remove_adapters(model)
         reply_key = "factors"
     else:
-        raise ValueError(f"config mode={mode!r} is not allowed; allowed: full, adapters")
+        raise ValueError(f"config mode={mode!r} is not allowed; allowed: full, adapters, "
+                         "gradient")
     out = local_privacy(cfg, out, start, server_round, context)
     metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
                             "train-seconds": result.seconds, "train-steps": result.steps})

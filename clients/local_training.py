@@ -299,3 +299,40 @@ def evaluate(
     classification: cross-entropy and accuracy); ``task.evaluate`` has every metric."""
     metrics = (task or CLASSIFICATION).evaluate(model, x, y, device, batch_size)
     return metrics["eval_loss"], metrics["eval_accuracy"]
+
+
+def layer_gradients(
+    model: nn.Module, layers: Any, x: Any, y: torch.Tensor | None, samples: int, seed: int,
+    device: torch.device, task: Task | None = None, batch_size: int = 32,
+) -> dict[str, torch.Tensor]:
+    """``{"<layer>.weight": g}``: the gradient of the mean loss over up to ``samples``
+    examples (drawn from ``seed``) with respect to each target layer's weight, laid out
+    ``d_out x d_in`` (float32, CPU). No parameter changes; only those weights take a grad."""
+    task = task or CLASSIFICATION
+    modules = dict(model.named_modules())
+    weights = {name: modules[name].weight for name in layers}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in weights.values():
+        if not w.is_floating_point():
+            raise ValueError("strategy=fed_sb needs the target layers' gradients; a quantised "
+                             "weight has none (model.quantization=none)")
+        w.requires_grad_(True)
+        w.grad = None
+    n = task.num_examples(x, y)
+    take = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:samples]
+    data = task.prepare(x, y, device)
+    model.train()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(derive_seed(int(seed), DROPOUT_STREAM))
+        for part in _micro(take, batch_size):
+            loss = task.loss(model, task.batch(data, part, device))
+            (loss.float() * (len(part) / len(take))).backward()
+    out = {}
+    for name, w in weights.items():
+        g = w.grad.detach().to("cpu", torch.float32)
+        out[f"{name}.weight"] = g.T.contiguous() if layers[name].transposed else \
+            g.reshape(g.shape[0], -1)
+        w.grad = None
+        w.requires_grad_(False)
+    return out

@@ -190,6 +190,11 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     check_task(d)
     check_engine(d["engine"])
     check_strategy(s, strategy_cls)
+    if hasattr(strategy_cls, "validate_run"):  # options the method cannot serve
+        try:
+            strategy_cls.validate_run(d)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     check_guards(d, strategy_cls)
     check_secagg(d)  # config only: before the model and data are built
     if not d.get("runner"):  # an experiment with its own loop builds (and checks) its own

@@ -23,7 +23,7 @@ from fedrac.tracking import Tracker, make_tracker, round_scalars
 log = logging.getLogger(__name__)
 
 KINDS = ("weights", "factors", "residual", "deltas", "seeds", "config", "metrics", "modules",
-         "eval", "secagg")
+         "eval", "secagg", "gradient")  # gradient: fed_sb's one-off init upload
 # client-side evaluation (fraction_evaluate > 0): weighted means and spread across clients
 CLIENT_EVAL = tuple(f"client_eval_{m}{s}" for m in ("loss", "accuracy")
                     for s in ("", "_std", "_min", "_max")) + ("client_eval_clients",)

@@ -42,7 +42,7 @@ from fedrac.checkpoint import STOP, RunInterrupted
 from fedrac.ledger import ByteLedger, record_dict_nbytes
 from fedrac.records import numpy_to_array
 
-LINEAR_STRATEGIES = ("fedavg", "rac_lora", "ffa_lora", "fedit", "cola")
+LINEAR_STRATEGIES = ("fedavg", "rac_lora", "ffa_lora", "fedit", "cola", "fed_sb")
 RECORD_KEY = "secagg-record"  # fitres.metrics entries naming the reply's ArrayRecord
 KEYS_KEY = "secagg-keys"
 DTYPES_KEY = "secagg-dtypes"

@@ -10,6 +10,7 @@ from fedrac.privacy import settings_from_config
 from strategies.aggregation import Aggregator
 from strategies.base import FedracStrategy
 from strategies.cola import Cola
+from strategies.fed_sb import FedSB
 from strategies.fedavg import FedAvgFPFT
 from strategies.fedex_lora import FedExLoRA
 from strategies.fedit import FedIT
@@ -18,7 +19,8 @@ from strategies.flora import FLoRA
 from strategies.rac_lora import RacLoRA
 
 STRATEGIES: dict[str, type[FedracStrategy]] = {
-    cls.name: cls for cls in (FedAvgFPFT, RacLoRA, FFALoRA, FedIT, Cola, FedExLoRA, FLoRA)}
+    cls.name: cls for cls in (FedAvgFPFT, RacLoRA, FFALoRA, FedIT, Cola, FedExLoRA, FLoRA,
+                           FedSB)}
 
 
 def build_strategy(

@@ -26,6 +26,7 @@ IGNORE = shutil.ignore_patterns(".venv", ".git", "outputs", "multirun", "__pycac
 FAST = ["tests/test_baselines.py", "tests/test_faithfulness.py", "tests/test_client_merge.py"]
 LORA = ["tests/test_lora.py", *FAST]
 SKETCH = ["tests/test_sketch.py"]
+FEDSB = ["tests/test_fed_sb.py"]
 
 # (name, file, original snippet, mutated snippet, tests)
 MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
@@ -167,6 +168,24 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
     ("validation split carved from the test rows", "fedrac/data/holdout.py",
      "    train = splits.target_train\n", "    train = splits.target_test\n",
      ["tests/test_tune.py"]),
+    ("Fed-SB R average unweighted", "strategies/fed_sb.py",
+     "avg = self.average(server_round, valid)  # R starts",
+     "avg = __import__('strategies.base').base.weighted_average([r.tensors for r in valid], "
+     "[1.0] * len(valid))  # R starts", FEDSB),
+    ("Fed-SB merge transposes B and A", "strategies/fed_sb.py",
+     "            terms[name] = (br * self.scale, a)",
+     "            terms[name] = (br * self.scale, a)\n"
+     "            state[spec.weight_key] = w + spec.delta(br.T, a.T, self.scale).to(w.dtype)",
+     FEDSB),
+    ("Fed-SB init sign flipped", "strategies/fed_sb.py",
+     "m = -float(step) * torch.sign(", "m = float(step) * torch.sign(", FEDSB),
+    ("Fed-SB init R_0 ignores the scale", "strategies/fed_sb.py",
+     "torch.diag(s[:rank]) / scale", "torch.diag(s[:rank])", FEDSB),
+    ("Fed-SB sends B, A every round", "strategies/fed_sb.py",
+     "self.holders.update(nodes)", "pass", FEDSB),
+    ("middle factor R left off the path", "fedrac/adapters/layer.py",
+     "return self.lora_A if self.lora_R is None else self.lora_R @ self.lora_A",
+     "return self.lora_A", FEDSB),
 ]
 
 

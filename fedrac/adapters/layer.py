@@ -24,14 +24,17 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 class LoRAAdapter(nn.Module):
     """``s * ((x Aᵀ) Bᵀ)`` (``scale * B @ A`` applied to ``x`` factor by factor) for one layer.
 
-    ``trained``: ``A``, ``B`` or ``both`` are ``nn.Parameter``; the others are buffers.
+    ``trained``: ``A``, ``B``, ``both`` or ``R`` are ``nn.Parameter``; the others are buffers.
+    ``middle``: an optional ``r x r`` factor ``R`` between them (LoRA-SB / Fed-SB): the path
+    is then ``s * B @ R @ A`` (``R`` trained when ``trained == "R"``).
     ``conv_dims``: 0 for linear layers (``nn.Linear``, its quantised kinds and ``Conv1D``),
     else the conv's spatial dimensions.
     """
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, scale: float, trained: str,
                  weight_shape: tuple[int, ...], transposed: bool = False,
-                 conv_dims: int = 0, groups: int = 1) -> None:
+                 conv_dims: int = 0, groups: int = 1,
+                 middle: torch.Tensor | None = None) -> None:
         super().__init__()
         self.scale = float(scale)
         self.transposed = bool(transposed)
@@ -43,19 +46,32 @@ class LoRAAdapter(nn.Module):
                 self.register_parameter(key, nn.Parameter(value.clone()))
             else:
                 self.register_buffer(key, value.clone())
+        if middle is None:
+            self.lora_R: torch.Tensor | None = None
+        else:
+            if trained == "R":
+                self.lora_R = nn.Parameter(middle.clone())
+            else:
+                self.register_buffer("lora_R", middle.clone())
 
     @property
     def rank(self) -> int:
         return int(self.lora_A.shape[0])
 
     def delta(self) -> torch.Tensor:
-        """``scale * B @ A`` laid out like the base weight."""
-        return delta_weight(self.lora_A, self.lora_B, self.scale, self.weight_shape,
+        """``scale * B @ A`` (``scale * B @ R @ A`` with a middle factor) laid out like the
+        base weight."""
+        return delta_weight(self.down(), self.lora_B, self.scale, self.weight_shape,
                             self.transposed)
+
+    def down(self) -> torch.Tensor:
+        """The ``r x d_in`` map the path starts with: ``A``, or ``R @ A`` with a middle
+        factor (``R`` is ``r x r``: the product costs little beside the batch's)."""
+        return self.lora_A if self.lora_R is None else self.lora_R @ self.lora_A
 
     def path(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The low-rank path's output for input ``x`` of ``base``."""
-        a, b = self.lora_A, self.lora_B
+        a, b = self.down(), self.lora_B
         if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)
         if not self.conv_dims:

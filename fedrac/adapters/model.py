@@ -107,11 +107,14 @@ def attach_adapters(
     rank: int,
     alpha: float,
     trained: Mapping[str, str],
+    middles: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Give each layer the low-rank path ``(alpha/rank) * B @ A``; freeze all else.
 
-    The factors are in :func:`~fedrac.adapters.config.adapter_dtype` of the base weight's
-    dtype, on its device. A layer that holds an adapter already is refused.
+    ``middles``: an ``r x r`` factor ``R`` per layer (the path is then ``s * B @ R @ A``;
+    ``trained[name] == "R"`` trains it). The factors are in
+    :func:`~fedrac.adapters.config.adapter_dtype` of the base weight's dtype, on its device.
+    A layer that holds an adapter already is refused.
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -122,12 +125,13 @@ def attach_adapters(
             raise RuntimeError(f"layer '{name}' holds an adapter already; remove it first")
         a, b = factors[name]
         device, dtype = module.weight.device, _factor_dtype(module)
+        middle = None if middles is None else middles[name].to(device=device, dtype=dtype)
         conv_dims = 0 if isinstance(module, nn.Linear) or is_transposed(module) else \
             module.weight.dim() - 2
         adapter = LoRAAdapter(
             a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype),
             alpha / rank, trained[name], layers[name].weight_shape, layers[name].transposed,
-            conv_dims, int(getattr(module, "groups", 1)),
+            conv_dims, int(getattr(module, "groups", 1)), middle,
         )
         module.add_module(ADAPTER_ATTR, adapter)
         setattr(module, _HOOK_ATTR, module.register_forward_hook(add_adapter_output))
@@ -142,12 +146,13 @@ def attached(model: nn.Module) -> Iterator[tuple[str, nn.Module, LoRAAdapter]]:
 
 
 def adapter_factors(model: nn.Module, trained_only: bool = True) -> dict[str, torch.Tensor]:
-    """``{"<layer>.lora_A": A, "<layer>.lora_B": B}`` of the attached adapters (CPU copies)."""
+    """``{"<layer>.lora_A": A, "<layer>.lora_B": B}`` (and ``"<layer>.lora_R"`` where a
+    middle factor is attached) of the attached adapters (CPU copies)."""
     out: dict[str, torch.Tensor] = {}
     for name, _, adapter in attached(model):
-        for key in ("lora_A", "lora_B"):
+        for key in ("lora_A", "lora_B", "lora_R"):
             t = getattr(adapter, key)
-            if trained_only and not isinstance(t, nn.Parameter):
+            if t is None or (trained_only and not isinstance(t, nn.Parameter)):
                 continue
             out[f"{name}.{key}"] = t.detach().to("cpu").clone()
     return out

@@ -1,0 +1,40 @@
+"""Client side of ``strategy=fed_sb``: the fixed ``B`` and ``A`` kept in the node's state.
+
+The server sends a node the run's fixed factors (record ``adapters``) once, with their
+fingerprint in every train message's ``config`` (``frame-fingerprint``). The node keeps them
+in ``Context.state`` and fills later messages from there; a node whose state holds no factors
+of that fingerprint (a restarted process, another run) fails the round with a one-line
+reason, and the server sends it the factors again the next time it samples it.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, RecordDict
+
+from fedrac.records import to_state_dict
+from fedrac.sketch import fingerprint
+
+FRAME_KEY = "adapters"  # the record of the fixed factors in a train message
+STATE_FRAME = "fed-sb-frame"  # where the node keeps them
+FINGERPRINT_KEY = "frame-fingerprint"  # config key: the fingerprint of the run's factors
+
+
+def with_frame(content: RecordDict, context: Context) -> RecordDict:
+    """``content`` holding the fixed factors: sent ones are checked and kept in the node's
+    state; otherwise they are taken from there (``RuntimeError`` when it holds none of the
+    fingerprint the config names)."""
+    want = str(content["config"][FINGERPRINT_KEY])
+    if FRAME_KEY in content:
+        got = fingerprint(to_state_dict(content[FRAME_KEY]))
+        if got != want:
+            raise RuntimeError(f"fed_sb: the sent B, A have fingerprint {got}, the config "
+                               f"names {want}")
+        context.state[STATE_FRAME] = content[FRAME_KEY]
+        return content
+    cached = context.state[STATE_FRAME] if STATE_FRAME in context.state else None
+    if not isinstance(cached, ArrayRecord) or fingerprint(to_state_dict(cached)) != want:
+        raise RuntimeError("fed_sb: this node holds no B, A of this run (the server sends "
+                           "them again next time)")
+    out = RecordDict(dict(content.items()))
+    out[FRAME_KEY] = cached
+    return out

@@ -1,0 +1,266 @@
+"""Fed-SB (Singhal et al., arXiv 2502.15436): fixed ``B`` and ``A``, clients train ``R`` (r x r).
+
+LoRA-SB's initialisation (the paper's code, ``find_and_initialize_grad``): the first
+gradient ``G`` of each target weight (``d_out x d_in``), summed over a few examples, becomes
+one Adam-like step ``M = -eta * sign(G)``; its truncated SVD ``M ~ U_r S_r V_rᵀ`` gives the
+frozen ``B = U_r`` (``d_out x r``), ``A = V_rᵀ`` (``r x d_in``) and the start ``R_0 = S_r``
+(scaled by ``1 / s`` here, so that ``s * B R_0 A = trunc_r(M)`` whatever ``alpha``; the
+paper sets ``alpha = r``, ``s = 1``). See docs/fed_sb.md for where fedrac deviates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from logging import INFO
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from fedrac.adapters import LayerSpec
+from fedrac.ledger import record_dict_nbytes
+from fedrac.records import to_array_record, to_shared_state_dict
+from fedrac.sketch import derive_seed, fingerprint, make_sketch
+from strategies.base import FedracStrategy, require_choice
+
+INITS = ("gradient", "random")
+INIT_STREAM = 7  # derive_seed(run_seed, 0, INIT_STREAM): the init's clients, random factors
+KINDS = {"arrays": "weights", "adapters": "factors", "factors": "factors", "config": "config",
+         "gradient": "gradient"}
+FINGERPRINT_KEY = "frame-fingerprint"  # clients.fed_sb.FINGERPRINT_KEY
+INIT_TIMEOUT = 3600.0  # seconds the init waits for the gradients (a round's default timeout)
+
+
+def lora_sb_init(gradient: torch.Tensor, rank: int, step: float, scale: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(B, A, R_0)`` of one layer from its first gradient (``d_out x d_in``): the truncated
+    SVD of ``M = -step * sign(G)``, ``B = U_r``, ``A = V_rᵀ``, ``R_0 = S_r / scale`` (float64;
+    ``scale * B @ R_0 @ A`` is the best rank-``r`` approximation of ``M``)."""
+    m = -float(step) * torch.sign(gradient.to(torch.float64))
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return u[:, :rank].contiguous(), vh[:rank].contiguous(), torch.diag(s[:rank]) / scale
+
+
+class FedSB(FedracStrategy):
+    """Fed-SB: per target layer ``W <- W + s * B @ R_bar @ A`` each round, ``B``/``A`` fixed.
+
+    ``init``: ``gradient`` (LoRA-SB: before round 1 ``init_clients`` seeded clients each
+    send the mean gradient of the target weights over up to ``init_samples`` examples, one
+    full-size upload each, ledger kind ``gradient``; their example-weighted mean gives
+    ``B``, ``A``, ``R_0`` by :func:`lora_sb_init` with ``eta = init_step`` (default: the lr
+    of the first local step, ``client.lr / client.warmup_steps``), and the server merges
+    ``s * B R_0 A`` into the weights before round 1) or ``random`` (``B``, ``A`` drawn from the
+    run seed with ``sketch``, ``R_0 = 0``: no data leaves a client before training).
+    Each round clients start ``R`` at zero on the merged weights (the same step as the
+    paper's ``R`` kept across rounds, fedrac's methods merging every round), train it only
+    (plus ``model.trainable_modules``) and reply ``<layer>.lora_R`` (r x r). The server
+    averages ``R`` with the run's aggregation rule (privacy=dp: the private mean), exact
+    since ``B`` and ``A`` are shared: ``B (sum_k p_k R_k) A = sum_k p_k B R_k A``.
+    ``B``, ``A`` go to each node once (record ``adapters``, kind ``factors``); the node keeps
+    them (:mod:`clients.fed_sb`), a node that failed gets them again.
+    """
+
+    name = "fed_sb"
+    TRAIN_FACTORS = ("R",)
+    DOWNLOADS = ("full",)
+    IGNORED_KEYS = ("resample_every", "train_factor")
+
+    def __init__(
+        self, *, layers: Mapping[str, LayerSpec], rank: int, alpha: float,
+        sketch: str = "orthogonal", init: str = "gradient", init_samples: int = 170,
+        init_clients: int = 1, init_step: float | None = None, **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        require_choice("strategy.init", init, INITS, self.name)
+        self.check_init(init_samples, init_clients, init_step)
+        self.set_adapters(layers, rank, alpha, sketch)
+        self.init, self.init_samples, self.init_clients = init, int(init_samples), \
+            int(init_clients)
+        # the paper's eta = lr / (warmup_ratio * total_steps): the lr of a linear warm-up's
+        # first step
+        first = float(self.client_config.get("lr", 0.0)) / max(
+            int(self.client_config.get("warmup-steps", 0)), 1)
+        self.init_step = float(init_step) if init_step is not None else first
+        self.frame: dict[str, torch.Tensor] | None = None  # <layer>.lora_A / .lora_B, float32
+        self.holders: set[int] = set()  # nodes that hold the frame
+        self._global: ArrayRecord | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], layers, **common: Any) -> FedSB:
+        """Build from the composed run config."""
+        s = cfg["strategy"]
+        return cls(layers=layers, rank=s["rank"], alpha=s["alpha"], sketch=s["sketch"],
+                   init=s.get("init", "gradient"), init_samples=s.get("init_samples", 170),
+                   init_clients=s.get("init_clients", 1), init_step=s.get("init_step"),
+                   **common)
+
+    @staticmethod
+    def check_init(samples: Any, clients: Any, step: Any) -> None:
+        """Raise ``ValueError`` (one line) for a bad ``init_samples`` / ``init_clients`` /
+        ``init_step``."""
+        for key, value in (("init_samples", samples), ("init_clients", clients)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"strategy.{key}={value!r} is not allowed; allowed: an "
+                                 "integer >= 1")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int | float)
+                                 or not step > 0):
+            raise ValueError(f"strategy.init_step={step!r} is not allowed; allowed: null "
+                             "(client.lr / client.warmup_steps) or a number > 0")
+
+    @classmethod
+    def validate_config(cls, strategy_cfg: Mapping[str, Any]) -> None:
+        """Check the keys only Fed-SB has."""
+        s = strategy_cfg
+        require_choice("strategy.init", s.get("init", "gradient"), INITS, cls.name)
+        cls.check_init(s.get("init_samples", 170), s.get("init_clients", 1), s.get("init_step"))
+
+    @classmethod
+    def validate_run(cls, cfg: Mapping[str, Any]) -> None:
+        """The options Fed-SB cannot serve (``ValueError``, one line)."""
+        s = cfg["strategy"]
+        privacy = (cfg.get("privacy") or {}).get("mode", "none")
+        secagg = (cfg.get("secagg") or {}).get("name", "none")
+        if s.get("init", "gradient") == "gradient" and (privacy != "none" or secagg != "none"):
+            raise ValueError(
+                f"strategy.init=gradient is not allowed with privacy={privacy} / "
+                f"secagg={secagg} (a client's raw gradient would reach the server outside the "
+                "privacy accounting and the masked sum); allowed: strategy.init=random")
+        if (cfg.get("model") or {}).get("quantization", "none") not in (None, "none") and \
+                s.get("init", "gradient") == "gradient":
+            raise ValueError("strategy.init=gradient is not allowed with model.quantization "
+                             "(a quantised weight has no gradient); allowed: "
+                             "strategy.init=random, or model.quantization=none")
+
+    # ------------------------------------------------------------ initialisation
+    def initialise(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> ArrayRecord:
+        """Compute ``B``, ``A`` (and ``R_0``); return the weights with ``s * B R_0 A`` merged."""
+        if self.init == "random":
+            seed = derive_seed(self.run_seed, 0, INIT_STREAM)
+            self.frame = {f"{n}.lora_{side}": make_sketch(seed, f"{n}.lora_{side}",
+                                                          spec.factor_shape(side, self.rank),
+                                                          self.sketch)
+                          for n, spec in self.layers.items() for side in ("A", "B")}
+            return arrays
+        grads = self.client_gradients(server_round, arrays, grid)
+        state = dict(to_shared_state_dict(arrays))
+        frame, start = {}, {}
+        for name in self.layers:
+            b, a, r0 = lora_sb_init(grads[f"{name}.weight"], self.rank, self.init_step,
+                                    self.scale)
+            frame[f"{name}.lora_A"], frame[f"{name}.lora_B"] = a.float(), b.float()
+            start[name] = (b @ r0, a)
+        self.frame = frame
+        for name, (br, a) in start.items():
+            spec = self.layers[name]
+            w = state[spec.weight_key]
+            state[spec.weight_key] = (w.to(torch.float64) + spec.delta(a, br, self.scale)
+                                      ).to(w.dtype)
+        if self.merged is not None:
+            self.merged.add_all({n: (br * self.scale, a) for n, (br, a) in start.items()})
+        log(INFO, "fed_sb: B, A from the clients' first gradient (rank %d)", self.rank)
+        return to_array_record(state)
+
+    def client_gradients(self, server_round: int, arrays: ArrayRecord, grid: Grid
+                         ) -> dict[str, torch.Tensor]:
+        """The example-weighted mean of ``init_clients`` seeded clients' target-layer
+        gradients (``RuntimeError`` when none replies usably)."""
+        import random
+
+        nodes = sorted(grid.get_node_ids())
+        rng = random.Random(derive_seed(self.run_seed, 0, INIT_STREAM))
+        chosen = sorted(rng.sample(nodes, min(self.init_clients, len(nodes))))
+        content = RecordDict({"arrays": arrays, "config": self.train_config(
+            server_round, mode="gradient", **{"init-samples": self.init_samples})})
+        size = record_dict_nbytes(content, KINDS)
+        messages = []
+        for node in chosen:
+            self.ledger.add(server_round, "down", size)
+            messages.append(Message(content=content, message_type=MessageType.TRAIN,
+                                    dst_node_id=node))
+        expected = {spec.weight_key: (spec.d_out, spec.d_in) for spec in self.layers.values()}
+        total: dict[str, torch.Tensor] = {}
+        weight = 0.0
+        for msg in grid.send_and_receive(messages, timeout=INIT_TIMEOUT):
+            if msg.has_error():
+                log(INFO, "fed_sb: a gradient request failed: %s", msg.error.reason)
+                continue
+            self.ledger.add(server_round, "up", record_dict_nbytes(msg.content, KINDS))
+            reason = self.stale_reason(server_round, msg, {})
+            reply = None
+            if reason is None:
+                reason, reply = self._check_reply(msg, "gradient", expected,
+                                                  dict.fromkeys(expected, torch.float32))
+            if reason is not None:
+                log(INFO, "fed_sb: a gradient reply was rejected: %s", reason)
+                continue
+            for key, g in reply.tensors.items():
+                total[key] = total.get(key, 0) + g.to(torch.float64) * reply.weight
+            weight += reply.weight
+        if not weight:
+            raise RuntimeError("fed_sb: no client sent a usable gradient for the "
+                               "initialisation of B and A")
+        return {k: v / weight for k, v in total.items()}
+
+    # ------------------------------------------------------------------ rounds
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the weights, the fixed factors to the nodes without them, and the settings."""
+        if self.frame is None:
+            arrays = self.initialise(server_round, arrays, grid)
+        assert self.frame is not None
+        self._global = arrays
+        nodes = self.sample_train_nodes(grid, server_round)
+        cfg = self.train_config(server_round, mode="adapters", rank=self.rank, alpha=self.alpha,
+                                **{"train-factor": "R", FINGERPRINT_KEY: fingerprint(self.frame)})
+        plain = RecordDict({"arrays": arrays, "config": cfg})
+        with_frame = RecordDict({"arrays": arrays, "adapters": to_array_record(self.frame),
+                                 "config": cfg})
+        contents = {n: plain if n in self.holders else with_frame for n in nodes}
+        self.holders.update(nodes)
+        return self.make_messages(server_round, contents, nodes, KINDS)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average ``R`` and merge ``s * B @ R_bar @ A`` into the global weights."""
+        assert self._global is not None and self.frame is not None
+        replies = list(replies)
+        to = {m.metadata.message_id: int(m.metadata.dst_node_id)
+              for m in self.sent.get(server_round, [])}
+        answered = {self.reply_node(m, to) for m in replies if not m.has_error()}
+        self.holders -= set(to.values()) - answered  # failed or silent: it may lack the frame
+        expected = {f"{n}.lora_R": (self.rank, self.rank) for n in self.layers}
+        current = to_shared_state_dict(self._global)
+        valid = self.collect_replies(server_round, replies, "factors", expected, KINDS,
+                                     dtypes=self.factor_dtypes(current, expected),
+                                     module_reference=current)
+        metrics = self.round_metric_record(server_round)
+        if not valid:
+            return None, metrics
+        avg = self.average(server_round, valid)  # R starts at zero: the reply is the update
+        state, terms = dict(current), {}
+        for name, spec in self.layers.items():
+            br = self.frame[f"{name}.lora_B"].to(torch.float64) @ \
+                avg[f"{name}.lora_R"].to(torch.float64)
+            a = self.frame[f"{name}.lora_A"].to(torch.float64)
+            w = state[spec.weight_key]
+            state[spec.weight_key] = (w.to(torch.float64) + spec.delta(a, br, self.scale)
+                                      ).to(w.dtype)
+            terms[name] = (br * self.scale, a)
+        if self.merged is not None:
+            self.merged.add_all(terms)
+        state = self.apply_modules(server_round, state, valid)
+        return to_array_record(state), metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """Base state plus the fixed factors (a resumed run sends them to every node again)."""
+        return {**super().state_dict(), "frame": self.frame}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        super().load_state_dict(state)
+        self.frame = None if state.get("frame") is None else dict(state["frame"])
+        self.holders = set()
