@@ -49,8 +49,8 @@ from clients.handlers import (
 from clients.local_training import TrainSettings, _batches, _lr_at, move_to, resolve_device
 from fedrac.adapters import LayerSpec, attach_adapters, attached, remove_adapters
 from fedrac.adapters.layer import ADAPTER_ATTR
-from fedrac.records import to_array_record
 from fedrac.tasks import task_of
+from fedrac.wire.records import to_array_record
 
 log = logging.getLogger("fedrac.batched")
 

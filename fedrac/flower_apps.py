@@ -2,7 +2,7 @@
 
 Both compose the same Hydra config as the CLI, from the run-config key ``overrides``
 (``flwr run . local -c 'overrides="num_rounds=20 output_dir=/abs/out"'``), validate
-it, and call the engine-independent :func:`fedrac.server_app.run_server` and
+it, and call the engine-independent :func:`fedrac.server.app.run_server` and
 :mod:`clients.handlers`. When the SuperNode's environment names a node worker folder
 (``FEDRAC_WORKER_DIR``; see :mod:`fedrac.deploy.worker`), the ClientApp hands each message
 to that node's warm worker instead. Heavy imports (torch, Hydra, data) happen only where
@@ -31,7 +31,7 @@ RUN_OVERRIDES = "run-overrides"  # message config key: a resumed run's own overr
 
 
 def _overrides(run_config: Any) -> str:
-    from fedrac.config import ConfigError
+    from fedrac.settings.config import ConfigError
 
     value = run_config.get(OVERRIDES_KEY, "") if run_config is not None else ""
     if not isinstance(value, str):
@@ -44,7 +44,7 @@ def _overrides(run_config: Any) -> str:
 def _compose(overrides: str) -> str:
     from hydra import compose, initialize_config_dir
 
-    from fedrac.config import (
+    from fedrac.settings.config import (
         ConfigError,
         check_added_keys,
         check_group_overrides,
@@ -61,7 +61,7 @@ def _compose(overrides: str) -> str:
     d = validate(cfg)
     out = d.get("output_dir")
     if d.get("resume") and out is None:
-        return json.dumps(d)  # the resumed run's own folder and config (fedrac.checkpoint)
+        return json.dumps(d)  # the resumed run's own folder and config (fedrac.server.checkpoint)
     if out is not None and (not isinstance(out, str) or not PurePath(out).is_absolute()):
         raise ConfigError(f"output_dir={out!r} is not allowed under flwr run; allowed: an "
                           "absolute path on the server machine, e.g. output_dir=/srv/fedrac/run1")
@@ -93,7 +93,7 @@ def node_config(msg: Message, context: Context) -> dict[str, Any]:
     """A node's run config: from the run config's overrides, or, when they resume a run
     (``resume=DIR``, a folder on the server machine), from the run's own overrides, which the
     ServerApp sends in every message's config (``run-overrides``)."""
-    from fedrac.config import ConfigError
+    from fedrac.settings.config import ConfigError
 
     own = _overrides(context.run_config)
     if not _resumes(own):
@@ -144,7 +144,7 @@ def simulated_nodes(grid: Grid, settle: float = 1.0, poll: float = 0.1,
 def match_simulated_nodes(cfg: dict[str, Any], overrides: str, nodes: int) -> None:
     """Make ``num_clients`` the simulation's number of SuperNodes when the overrides leave it
     unset; a different ``num_clients`` given there stops the run with one line."""
-    from fedrac.config import ConfigError
+    from fedrac.settings.config import ConfigError
 
     wanted = int(cfg["num_clients"])
     if wanted == nodes:
@@ -235,7 +235,7 @@ server_app = ServerApp()
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
-    from fedrac.outputs import check_output_dir, clear_results
+    from fedrac.server.outputs import check_output_dir, clear_results
 
     cfg = deployment_config(context.run_config)
     overrides = _overrides(context.run_config)
@@ -248,8 +248,9 @@ def _server_main(grid: Grid, context: Context) -> None:
               flush=True)
     resumed = bool(cfg.get("resume"))
     node_overrides = None
-    if resumed:  # the saved config of that run (fedrac.checkpoint), with the few overrides kept
-        from fedrac.checkpoint import resume_config
+    # resumed: the saved config of that run (fedrac.server.checkpoint), with the few overrides kept
+    if resumed:
+        from fedrac.server.checkpoint import resume_config
 
         given = cfg
         overrides = _overrides(context.run_config)
@@ -270,7 +271,7 @@ def _server_main(grid: Grid, context: Context) -> None:
         wait_for_nodes(grid, int(cfg["num_clients"]))
         cfg["min_available_clients"] = 1
     from fedrac.run import RunFailedError
-    from fedrac.server_app import run_server
+    from fedrac.server.app import run_server
 
     summary = run_server(cfg, grid, node_overrides=node_overrides)
     if summary.get("status") == "failed":  # Flower marks the run failed, with this reason

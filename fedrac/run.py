@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from clients.client_app import make_client_app
-from fedrac.checkpoint import stop_on_signals
 from fedrac.data.summary import partition_summary
 from fedrac.models.pretrain import pretrained_state
-from fedrac.server_app import make_server_app
+from fedrac.server.app import make_server_app
+from fedrac.server.checkpoint import stop_on_signals
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from clients.handlers import settings_from
 from clients.local_training import TrainSettings, train_locally
-from fedrac.config import ConfigError
+from fedrac.settings.config import ConfigError
 from strategies.base import client_config_record
 from tests.helpers import run_config
 

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from clients.local_training import evaluate
-from fedrac.config import ConfigError
 from fedrac.data import partition, to_tensors
 from fedrac.models import build_model
 from fedrac.run import run_experiment
+from fedrac.settings.config import ConfigError
 from strategies.base import client_eval_metrics
 from tests.helpers import run_config
 

@@ -98,7 +98,7 @@ def test_gpt2_conv1d_lora_is_exact_and_matches_peft(ckpt):
 
 def test_server_merge_of_a_conv1d_layer_is_the_clients_adapted_weight(ckpt):
     """The merge the server runs (delta_sync.merge_factors) lays ΔW out transposed too."""
-    from fedrac.delta_sync import merge_factors
+    from fedrac.wire.delta_sync import merge_factors
 
     model = _hf(ckpt, "gpt2", "causal_lm")
     layers = find_target_layers(model, "auto")

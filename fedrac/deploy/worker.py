@@ -251,7 +251,7 @@ def hold(node_id: int, context: Context) -> None:
     """Keep the node's cached global weights (``download=delta``) in this worker and leave a
     token in their place: the context travels between processes with every message, the
     weights need not (a worker started again holds nothing: the node resyncs once)."""
-    from fedrac.delta_sync import STATE_WEIGHTS
+    from fedrac.wire.delta_sync import STATE_WEIGHTS
 
     if STATE_WEIGHTS in context.state:
         token = uuid.uuid4().hex
@@ -262,7 +262,7 @@ def hold(node_id: int, context: Context) -> None:
 
 def restore_held(node_id: int, context: Context) -> None:
     """Put back the weights :func:`hold` kept for the node, if the context's token is theirs."""
-    from fedrac.delta_sync import STATE_WEIGHTS
+    from fedrac.wire.delta_sync import STATE_WEIGHTS
 
     if HELD_KEY not in context.state:
         return

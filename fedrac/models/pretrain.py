@@ -36,8 +36,8 @@ from fedrac.data import load_splits, source_stamp, to_tensors
 from fedrac.models import ModelConfigError, build_model, file_digest, load_weights
 from fedrac.models.shared import model_as_built
 from fedrac.models.weights import state_digest
-from fedrac.records import to_array_record, to_shared_state_dict
 from fedrac.tasks import get_task
+from fedrac.wire.records import to_array_record, to_shared_state_dict
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 3  # 2: entries carry the SHA-256 of their tensors; keys hash `_target_` code;

@@ -16,20 +16,20 @@ from clients.handlers import client_model, module_keys
 from clients.local_training import move_to, resolve_device
 from fedrac.adapters import find_target_layers
 from fedrac.adapters.quantized import load_state
-from fedrac.checkpoint import Checkpointer, RunInterrupted, set_rng_state
 from fedrac.data import load_splits, to_tensors
 from fedrac.data.standardise import write_data_json
-from fedrac.divergence import DivergenceGuard, RunDiverged
-from fedrac.experiments.spectrum import global_factors, monitor_from_config
 from fedrac.models.pretrain import pretrained_record
-from fedrac.outputs import claim_output_dir, release_output_dir
-from fedrac.records import (
+from fedrac.server.checkpoint import Checkpointer, RunInterrupted, set_rng_state
+from fedrac.server.divergence import DivergenceGuard, RunDiverged
+from fedrac.server.outputs import claim_output_dir, release_output_dir
+from fedrac.server.results import RunRecorder
+from fedrac.server.spectrum import global_factors, monitor_from_config
+from fedrac.tasks import task_of
+from fedrac.wire.records import (
     array_to_tensor,
     to_array_record,
     to_shared_state_dict,
 )
-from fedrac.results import RunRecorder
-from fedrac.tasks import task_of
 from strategies import build_strategy
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def _run_server(cfg: Mapping[str, Any], grid: Grid, node_overrides: str | None
         set_rng_state(rng)  # last: nothing may draw between here and round `done + 1`
     try:
         if secagg:
-            from fedrac.secagg import run_secagg
+            from fedrac.privacy.secagg import run_secagg
 
             recorder.secagg = run_secagg(strategy, grid, initial, num_rounds,
                                          float(cfg["round_timeout"]), evaluate_fn,

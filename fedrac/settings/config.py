@@ -337,8 +337,8 @@ def check_task(d: Mapping[str, Any]) -> None:
 
 
 def check_secagg(d: Mapping[str, Any]) -> None:
-    """The ``secagg`` group (:func:`fedrac.secagg.check_config`)."""
-    from fedrac.secagg import check_config
+    """The ``secagg`` group (:func:`fedrac.privacy.secagg.check_config`)."""
+    from fedrac.privacy.secagg import check_config
 
     try:
         check_config(d)
@@ -347,9 +347,9 @@ def check_secagg(d: Mapping[str, Any]) -> None:
 
 
 def check_privacy(d: Mapping[str, Any]) -> None:
-    """The ``privacy`` group (:func:`fedrac.privacy.settings_from_config`: noise, clipping,
+    """The ``privacy`` group (:func:`fedrac.privacy.dp.settings_from_config`: noise, clipping,
     a reachable target epsilon, an aggregation rule that keeps the sensitivity bound)."""
-    from fedrac.privacy import settings_from_config
+    from fedrac.privacy.dp import settings_from_config
 
     settings_from_config(d)
 
@@ -368,7 +368,7 @@ def check_run(d: Mapping[str, Any], strategy_cls: type) -> None:
              d.get("progress"), "auto, bar, lines")
     for key in ("verbose", "overwrite"):
         _require(isinstance(d.get(key, False), bool), key, d.get(key), "true, false")
-    from fedrac.tracking import check_logger
+    from fedrac.server.tracking import check_logger
 
     problem = check_logger(d)
     if problem:
@@ -433,7 +433,7 @@ def check_client(c: Mapping[str, Any], strategy_cls: type | None = None,
     """The ``client.*`` local training settings (``refactor`` against the strategy,
     ``precision`` against the run's ``device``)."""
     from clients.local_training import OPTIMIZERS, check_precision, resolve_device
-    from fedrac.reflora import REFACTORS
+    from fedrac.adapters.reflora import REFACTORS
 
     _require(c["optimizer"] in OPTIMIZERS, "client.optimizer", c["optimizer"],
              ", ".join(OPTIMIZERS))
@@ -520,7 +520,7 @@ def _ray_address(address: str) -> bool:
 
 def check_strategy(s: Mapping[str, Any], strategy_cls: type) -> None:
     """The ``strategy`` group's adapter keys (rank, alpha, sketch, trained factor, download)."""
-    from fedrac.sketch import DISTRIBUTIONS
+    from fedrac.adapters.sketch import DISTRIBUTIONS
 
     if s["name"] != "fedavg":
         _require(_is_int(s.get("rank")) and s["rank"] >= 1, "strategy.rank", s.get("rank"),
