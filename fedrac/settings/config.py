@@ -37,11 +37,11 @@ OmegaConf.register_new_resolver("fedrac.uid", lambda: _UID, replace=True)
 
 def conf_dir() -> Path:
     """The ``conf/`` tree: inside the installed package, else the source checkout's."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent / "conf"):
+    package = Path(__file__).resolve().parent.parent  # fedrac/ (this file is fedrac/settings/)
+    for candidate in (package / "conf", package.parent / "conf"):
         if (candidate / "config.yaml").is_file():
             return candidate
-    raise FileNotFoundError(f"fedrac's conf/ tree is missing (looked in {here} and its parent)")
+    raise FileNotFoundError(f"fedrac's conf/ tree is missing (looked in {package} and its parent)")
 
 
 def group_options(group: str) -> list[str]:
