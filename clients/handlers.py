@@ -38,13 +38,6 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from torch import nn
 
 from clients.delta_client import downloaded_weights, restore_config, resync_reply
-from clients.local_training import (
-    TrainSettings,
-    evaluate,
-    move_to,
-    resolve_device,
-    train_locally,
-)
 from fedrac.adapters import (
     LayerSpec,
     adapter_factors,
@@ -59,6 +52,13 @@ from fedrac.data import load_dataset_from_path, partition, to_tensors
 from fedrac.models.shared import shared_model
 from fedrac.privacy.dp import LOCAL_STREAM, settings_from_config
 from fedrac.tasks import task_of
+from fedrac.training.local import (
+    TrainSettings,
+    evaluate,
+    move_to,
+    resolve_device,
+    train_locally,
+)
 from fedrac.wire.delta_sync import ResyncNeeded
 from fedrac.wire.delta_sync import apply_update as apply_update_record
 from fedrac.wire.records import to_array_record, to_shared_state_dict, to_state_dict

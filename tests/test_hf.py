@@ -279,11 +279,11 @@ def test_bfloat16_base_with_gradient_checkpointing_trains_float32_adapters(ckpt)
     """model.dtype=bfloat16: the frozen base is bfloat16, the factors, the head and the
     optimizer state float32; activation checkpointing does not change the gradients."""
     from clients.handlers import module_keys
-    from clients.local_training import TrainSettings, train_locally
     from fedrac.adapters import adapter_factors
     from fedrac.data import load_splits, to_tensors
     from fedrac.models.hf import build_hf_model
     from fedrac.tasks import get_task
+    from fedrac.training.local import TrainSettings, train_locally
 
     data = {"name": "files", "path": str(ckpt["sentiment"]), "text_column": "text",
             "max_length": 8, "tokenizer": str(ckpt["bert"]), "test_fraction": 0.25}

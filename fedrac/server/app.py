@@ -13,7 +13,6 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from clients.handlers import client_model, module_keys
-from clients.local_training import move_to, resolve_device
 from fedrac.adapters import find_target_layers
 from fedrac.adapters.quantized import load_state
 from fedrac.data import load_splits, to_tensors
@@ -25,6 +24,7 @@ from fedrac.server.outputs import claim_output_dir, release_output_dir
 from fedrac.server.results import RunRecorder
 from fedrac.server.spectrum import global_factors, monitor_from_config
 from fedrac.tasks import task_of
+from fedrac.training.local import move_to, resolve_device
 from fedrac.wire.records import (
     array_to_tensor,
     to_array_record,

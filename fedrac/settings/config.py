@@ -210,7 +210,7 @@ def check_sections(d: Mapping[str, Any]) -> None:
 
 def check_pretrain(p: Mapping[str, Any]) -> None:
     """The ``pretrain.*`` settings (centralized pretraining on the source task)."""
-    from clients.local_training import OPTIMIZERS
+    from fedrac.training.local import OPTIMIZERS
 
     _require(p.get("optimizer", "adamw") in OPTIMIZERS, "pretrain.optimizer",
              p.get("optimizer"), ", ".join(OPTIMIZERS))
@@ -432,8 +432,8 @@ def check_client(c: Mapping[str, Any], strategy_cls: type | None = None,
                  device: str = "cpu") -> None:
     """The ``client.*`` local training settings (``refactor`` against the strategy,
     ``precision`` against the run's ``device``)."""
-    from clients.local_training import OPTIMIZERS, check_precision, resolve_device
     from fedrac.adapters.reflora import REFACTORS
+    from fedrac.training.local import OPTIMIZERS, check_precision, resolve_device
 
     _require(c["optimizer"] in OPTIMIZERS, "client.optimizer", c["optimizer"],
              ", ".join(OPTIMIZERS))
@@ -446,7 +446,7 @@ def check_client(c: Mapping[str, Any], strategy_cls: type | None = None,
              c["batch_size"], "an integer >= 1")
     _require(_is_num(c["weight_decay"]) and c["weight_decay"] >= 0, "client.weight_decay",
              c["weight_decay"], "a number >= 0")
-    from clients.local_training import WEIGHT_DECAY_MODES
+    from fedrac.training.local import WEIGHT_DECAY_MODES
 
     mode = c.get("weight_decay_mode", "auto")
     _require(mode in WEIGHT_DECAY_MODES, "client.weight_decay_mode", mode,
