@@ -42,7 +42,7 @@ from fedrac.adapters.sketch import derive_seed
 from fedrac.engines.inline import run_inline
 from fedrac.experiments.certificate import certify, reference_minimum
 from fedrac.server.spectrum import global_factors, monitor_from_config
-from fedrac.settings.config import ConfigError
+from fedrac.settings.errors import ConfigError
 from fedrac.training.local import TrainSettings, make_optimizer, step_hooks
 from fedrac.wire.ledger import ByteLedger
 from strategies import build_strategy

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from fedrac.settings.config import ConfigError
+from fedrac.settings.errors import ConfigError
 
 MODES = ("none", "dp", "local_dp")
 SAMPLINGS = ("poisson", "fixed")

@@ -17,9 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names key, value and what is allowed."""
+from fedrac.settings.errors import ConfigError, _require
 
 
 def _minilm(cache_dir: str) -> str:
@@ -145,11 +143,6 @@ def expand_paths(overrides: Sequence[str]) -> list[str]:
                                 for v in parts)
         out.append(f"{key}={expanded}")
     return out
-
-
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is not allowed; allowed: {allowed}")
 
 
 def _is_int(v: Any) -> bool:

@@ -23,7 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fedrac.atomic import write_json
-from fedrac.settings.config import ConfigError
+from fedrac.settings.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -81,7 +81,7 @@ def generation_setup(cfg: Any, x: Any) -> dict[str, Any] | None:
     if n <= 0 or task.get("name") != "causal_lm":
         return None
     from fedrac.models.hf import load_tokenizer
-    from fedrac.settings.config import ConfigError
+    from fedrac.settings.errors import ConfigError
 
     tok = load_tokenizer(str(cfg["dataset"]["tokenizer"]))
     spans = answer_spans(x, n, tok.eos_token_id)
