@@ -49,7 +49,8 @@ from fedrac.adapters import (
 from fedrac.adapters.quantized import load_state
 from fedrac.adapters.sketch import check_fingerprint, derive_seed, make_sketch, sketch_fingerprint
 from fedrac.data import load_dataset_from_path, partition, to_tensors
-from fedrac.models.shared import shared_model
+from fedrac.models.shared import config_model as client_model
+from fedrac.models.shared import module_keys, shared_model
 from fedrac.privacy.dp import LOCAL_STREAM, settings_from_config
 from fedrac.tasks import task_of
 from fedrac.training.local import (
@@ -86,27 +87,6 @@ def _cfg_key(cfg: Mapping[str, Any], part: str) -> str:
 
 
 _model = shared_model  # the process's one model instance (fedrac.models.shared)
-
-
-def client_model(cfg: Mapping[str, Any]) -> nn.Module:
-    """This process's model instance (built once; weights are loaded per message).
-
-    One instance serves every simulated client of the process, and the server's evaluation
-    when it runs in the same process: a transformer's base weights are held once.
-    """
-    return _model(_cfg_key(cfg, "model"))
-
-
-def module_keys(model: nn.Module, cfg: Mapping[str, Any]) -> dict[str, nn.Parameter]:
-    """The parameters of ``model.trainable_modules`` by state-dict key (none for built-in
-    models)."""
-    if cfg["model"].get("name") != "hf":
-        return {}
-    from fedrac.models.hf import trainable_modules
-
-    found = trainable_modules(model, cfg["model"].get("trainable_modules", "auto"))
-    return {f"{name}.{key}": p for name, module in found.items()
-            for key, p in module.named_parameters()}
 
 
 def client_data(cfg: Mapping[str, Any], context: Context, split: str = "train",

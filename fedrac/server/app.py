@@ -12,12 +12,12 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from clients.handlers import client_model, module_keys
 from fedrac.adapters import find_target_layers
 from fedrac.adapters.quantized import load_state
 from fedrac.data import load_splits, to_tensors
 from fedrac.data.standardise import write_data_json
 from fedrac.models.pretrain import pretrained_record
+from fedrac.models.shared import config_model, module_keys
 from fedrac.server.checkpoint import Checkpointer, RunInterrupted, set_rng_state
 from fedrac.server.divergence import DivergenceGuard, RunDiverged
 from fedrac.server.outputs import claim_output_dir, release_output_dir
@@ -43,7 +43,7 @@ def run_server(cfg: Mapping[str, Any], grid: Grid, node_overrides: str | None = 
     process's model instance (shared with clients simulated in the same process). The
     output folder is claimed (one run per folder, also under ``flwr run``) until it returns.
     ``node_overrides``: sent in every message's config (``run-overrides``) for nodes that
-    resume a deployment run (:func:`fedrac.flower_apps.node_config`).
+    resume a deployment run (:func:`fedrac.settings.deployment.node_config`).
     """
     claim_output_dir(cfg["output_dir"])
     try:
@@ -62,7 +62,7 @@ def _run_server(cfg: Mapping[str, Any], grid: Grid, node_overrides: str | None
     # W0 first: read from the process's model while it is still as built (one build)
     initial = pretrained_record(cfg["model"], cfg["dataset"], cfg["pretrain"],
                                 cfg["cache_dir"])
-    model = client_model(cfg)
+    model = config_model(cfg)
     state = dict(to_shared_state_dict(initial))  # W0: read-only views of the record
     load_state(model, state)
     layers = find_target_layers(model, cfg["model"]["target_modules"])
