@@ -228,7 +228,7 @@ def call_worker(folder: str | Path, kind: str, message: Message, context: Contex
 def handle(kind: str, message: Message, context: Context) -> Message:
     """What fedrac's ClientApp does with the message, in this (warm) process."""
     from clients import handlers
-    from fedrac.flower_apps import node_config
+    from fedrac.settings.deployment import node_config
 
     cfg = node_config(message, context)
     if kind == "train":
@@ -303,7 +303,7 @@ def serve(folder: str | Path, run_id: int, parent: int | None = None,
     """Serve run ``run_id``'s messages on its socket in ``folder`` until idle, orphaned or
     stopped; ``grace`` s after a message once the run's last train round was served."""
     import clients.handlers  # noqa: F401 - the heavy imports, before listening
-    import fedrac.flower_apps  # noqa: F401
+    import fedrac.settings.deployment  # noqa: F401
 
     idle = float(os.environ.get(IDLE_ENV, 900)) if idle is None else idle
     path = private_folder(folder)
