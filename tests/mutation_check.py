@@ -147,6 +147,11 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
      "        for child in ast.iter_child_nodes(node):\n            visit(child)\n\n    visit(",
      "        for child in getattr(node, 'body', []) if isinstance(node, ast.Module) else []:\n"
      "            visit(child)\n\n    visit(", ["tests/test_architecture.py"]),
+    ("typed settings: eval_every from num_rounds", "fedrac/settings/typed.py",
+     'eval_every=int(cfg["eval_every"])', 'eval_every=int(cfg["num_rounds"])',
+     ["tests/test_settings.py"]),
+    ("typed settings: monitor.top_k ignored", "fedrac/settings/typed.py",
+     'top_k=int(mon.get("top_k", 8))', "top_k=8", ["tests/test_settings.py"]),
 ]
 
 
