@@ -29,6 +29,7 @@ from flwr_datasets.partitioner import (
     SquarePartitioner,
 )
 
+from fedrac.data.columns import column_values
 from fedrac.data.load import load_splits, plain
 from fedrac.data.sources import DataConfigError
 
@@ -155,19 +156,6 @@ def _partitioner_cached(key: str) -> Partitioner:
     task = load_splits(d["dataset"])
     ds = task.target_train.shuffle(seed=int(d["seed"]))
     return _ready(d["partitioner"], ds, int(d["num_partitions"]), int(d["seed"]))
-
-
-def column_values(ds: Dataset, name: str) -> np.ndarray:
-    """Column ``name`` of ``ds`` as a NumPy array, in ``ds``'s row order.
-
-    Gathers through the dataset's indices mapping in one Arrow ``take``; reading a column
-    through ``datasets``' formatting takes ~10 s for 1,000,000 shuffled rows.
-    """
-    values = ds.data.column(name)
-    mapping = getattr(ds, "_indices", None)  # datasets' row order after select/shuffle/sort
-    if mapping is not None:
-        values = values.take(mapping.column(0))
-    return values.to_numpy()
 
 
 def _partitioner_key(dataset_cfg: Mapping[str, Any], part_cfg: Mapping[str, Any],
