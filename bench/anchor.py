@@ -22,12 +22,12 @@ from flwr.serverapp.strategy import FedAvg
 
 from bench.common import Workload, settings_of
 from clients.handlers import SHUFFLE_STREAM, bind_reply
-from clients.local_training import evaluate, train_locally
 from fedrac.adapters import find_target_layers, resolve_trained
+from fedrac.adapters.sketch import derive_seed
 from fedrac.engines.inline import run_inline
-from fedrac.records import to_array_record
 from fedrac.run import quiet_flower
-from fedrac.sketch import derive_seed
+from fedrac.training.local import evaluate, train_locally
+from fedrac.wire.records import to_array_record
 from strategies import build_strategy
 
 

@@ -12,12 +12,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from clients.local_training import TrainSettings
-from fedrac.config import conf_dir, validate
 from fedrac.data import load_splits, partition, to_tensors
 from fedrac.engines.inline import InlineGrid
 from fedrac.models import build_model
 from fedrac.models.pretrain import pretrained_state
+from fedrac.settings.config import conf_dir, validate
+from fedrac.training.local import TrainSettings
 
 
 def compose_cfg(*overrides: str) -> dict[str, Any]:

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=4)
     args = parser.parse_args(argv)
     from bench.transformer import _workload
-    from fedrac.results import human_bytes
+    from fedrac.server.results import human_bytes
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

@@ -16,10 +16,10 @@ import torch
 
 from bench.common import Workload, settings_of
 from clients.handlers import SHUFFLE_STREAM
-from clients.local_training import evaluate, train_locally
 from fedrac.adapters import adapter_factors, attach_adapters, find_target_layers, remove_adapters
-from fedrac.delta_sync import merge_factors
-from fedrac.sketch import derive_seed
+from fedrac.adapters.sketch import derive_seed
+from fedrac.training.local import evaluate, train_locally
+from fedrac.wire.delta_sync import merge_factors
 from strategies.base import SAMPLING_STREAM, weighted_average
 from strategies.rac_lora import plan_round
 

@@ -46,8 +46,8 @@ from bench.anchor import flower_fedavg, message_exchange
 from bench.common import Workload, compose_cfg, states_equal, timed, timed_pair
 from bench.floor import plain_loop
 from fedrac.engines.inline import set_torch_threads
-from fedrac.results import KINDS
 from fedrac.run import run_experiment
+from fedrac.server.results import KINDS
 from strategies import STRATEGIES
 
 ROOT = Path(__file__).resolve().parent.parent

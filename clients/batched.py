@@ -10,7 +10,7 @@ every weight; LoRA methods: the trained factors, with the frozen base and the sk
 once when all clients hold the same), through ``torch.func.functional_call`` on the one
 process model. The optimizer is functional, per client state, step for step the arithmetic
 of ``torch.optim.SGD`` (momentum, weight decay) and ``torch.optim.AdamW``, with the same
-warm-up and gradient clipping as :func:`clients.local_training.train_locally`.
+warm-up and gradient clipping as :func:`fedrac.training.local.train_locally`.
 
 Clients of unequal data sizes and step counts: every step cuts each client's own next
 batch (same seed, same order as the sequential loop); a step whose batches differ in length
@@ -46,11 +46,11 @@ from clients.handlers import (
     prepare_train,
     settings_from,
 )
-from clients.local_training import TrainSettings, _batches, _lr_at, move_to, resolve_device
 from fedrac.adapters import LayerSpec, attach_adapters, attached, remove_adapters
 from fedrac.adapters.layer import ADAPTER_ATTR
-from fedrac.records import to_array_record
 from fedrac.tasks import task_of
+from fedrac.training.local import TrainSettings, _batches, _lr_at, move_to, resolve_device
+from fedrac.wire.records import to_array_record
 
 log = logging.getLogger("fedrac.batched")
 

@@ -2,9 +2,9 @@
 
 The node keeps the global weights it last had in ``Context.state`` (persisted between
 rounds by every Flower engine). A message with ``deltas`` is replayed on that cache with
-the server's own merges (:func:`fedrac.delta_sync.apply_deltas`) and checked against the
+the server's own merges (:func:`fedrac.wire.delta_sync.apply_deltas`) and checked against the
 sent checksum, which also covers the train config completed from the cache; any problem
-raises :class:`~fedrac.delta_sync.ResyncNeeded`, which the
+raises :class:`~fedrac.wire.delta_sync.ResyncNeeded`, which the
 handler turns into a ``resync`` reply so the server sends the full weights. Nodes of one
 process (the inline engine) that rebuild the same weights from the same cached Arrays share
 the result: one copy per version, not one per node.
@@ -18,7 +18,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedrac.adapters import LayerSpec
-from fedrac.delta_sync import (
+from fedrac.wire.delta_sync import (
     STATE_CONFIG,
     STATE_SYNC,
     STATE_WEIGHTS,
@@ -26,7 +26,7 @@ from fedrac.delta_sync import (
     apply_deltas,
     sync_checksum,
 )
-from fedrac.records import to_array_record, to_shared_state_dict, to_state_dict
+from fedrac.wire.records import to_array_record, to_shared_state_dict, to_state_dict
 from strategies.delta_sync import RESYNC_KEY
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, Context, RecordDict
 
-from fedrac.records import to_state_dict
-from fedrac.sketch import fingerprint
+from fedrac.adapters.sketch import fingerprint
+from fedrac.wire.records import to_state_dict
 
 FRAME_KEY = "adapters"  # the record of the fixed factors in a train message
 STATE_FRAME = "fed-sb-frame"  # where the node keeps them

@@ -39,15 +39,6 @@ from torch import nn
 
 from clients.delta_client import downloaded_weights, restore_config, resync_reply
 from clients.fed_sb import with_frame
-from clients.local_training import (
-    TrainResult,
-    TrainSettings,
-    evaluate,
-    layer_gradients,
-    move_to,
-    resolve_device,
-    train_locally,
-)
 from fedrac.adapters import (
     LayerSpec,
     adapter_factors,
@@ -57,15 +48,25 @@ from fedrac.adapters import (
     resolve_trained,
 )
 from fedrac.adapters.quantized import load_state
+from fedrac.adapters.sketch import check_fingerprint, derive_seed, make_sketch, sketch_fingerprint
 from fedrac.data import load_dataset_from_path, partition, to_tensors
 from fedrac.data.holdout import without_holdout
-from fedrac.delta_sync import ResyncNeeded
-from fedrac.delta_sync import apply_update as apply_update_record
-from fedrac.models.shared import shared_model
-from fedrac.privacy import LOCAL_STREAM, settings_from_config
-from fedrac.records import to_array_record, to_shared_state_dict, to_state_dict
-from fedrac.sketch import check_fingerprint, derive_seed, make_sketch, sketch_fingerprint
+from fedrac.models.shared import config_model as client_model
+from fedrac.models.shared import module_keys, shared_model
+from fedrac.privacy.dp import LOCAL_STREAM, settings_from_config
 from fedrac.tasks import task_of
+from fedrac.training.local import (
+    TrainResult,
+    TrainSettings,
+    evaluate,
+    layer_gradients,
+    move_to,
+    resolve_device,
+    train_locally,
+)
+from fedrac.wire.delta_sync import ResyncNeeded
+from fedrac.wire.delta_sync import apply_update as apply_update_record
+from fedrac.wire.records import to_array_record, to_shared_state_dict, to_state_dict
 
 SHUFFLE_STREAM = 2  # derive_seed(run_seed, round, SHUFFLE_STREAM, partition) shuffles batches
 
@@ -91,27 +92,6 @@ def _cfg_key(cfg: Mapping[str, Any], part: str) -> str:
 
 
 _model = shared_model  # the process's one model instance (fedrac.models.shared)
-
-
-def client_model(cfg: Mapping[str, Any]) -> nn.Module:
-    """This process's model instance (built once; weights are loaded per message).
-
-    One instance serves every simulated client of the process, and the server's evaluation
-    when it runs in the same process: a transformer's base weights are held once.
-    """
-    return _model(_cfg_key(cfg, "model"))
-
-
-def module_keys(model: nn.Module, cfg: Mapping[str, Any]) -> dict[str, nn.Parameter]:
-    """The parameters of ``model.trainable_modules`` by state-dict key (none for built-in
-    models)."""
-    if cfg["model"].get("name") != "hf":
-        return {}
-    from fedrac.models.hf import trainable_modules
-
-    found = trainable_modules(model, cfg["model"].get("trainable_modules", "auto"))
-    return {f"{name}.{key}": p for name, module in found.items()
-            for key, p in module.named_parameters()}
 
 
 def client_data(cfg: Mapping[str, Any], context: Context, split: str = "train",
@@ -251,7 +231,7 @@ def global_state(content: RecordDict) -> dict[str, torch.Tensor]:
 def apply_update(state: dict[str, torch.Tensor], content: RecordDict,
                  layers: Mapping[str, LayerSpec] | None = None) -> dict[str, torch.Tensor]:
     """``state`` with the message's optional ``update`` record (dense or stacked) added by
-    :func:`fedrac.delta_sync.apply_update`, the function the server merges with."""
+    :func:`fedrac.wire.delta_sync.apply_update`, the function the server merges with."""
     if "update" not in content:
         return state
     return apply_update_record(state, to_state_dict(content["update"]), layers)
@@ -368,14 +348,14 @@ def local_privacy(cfg: Mapping[str, Any], out: dict[str, torch.Tensor],
                   start: Mapping[str, torch.Tensor], server_round: int,
                   context: Context) -> dict[str, torch.Tensor]:
     """Under ``privacy=local_dp`` (this node's own config, not the server's word): the reply
-    clipped and noised around what the client started from (:func:`fedrac.privacy.
+    clipped and noised around what the client started from (:func:`fedrac.privacy.dp.
     privatize_update`), seeded by ``(run seed, round, node)``; under ``privacy=dp`` with
     ``secagg=plus`` clipped only (the server adds the noise); otherwise ``out`` unchanged."""
     mode = (cfg.get("privacy") or {}).get("mode", "none")
     secagg = (cfg.get("secagg") or {}).get("name", "none") == "plus"
     if mode != "local_dp" and not (mode == "dp" and secagg):
         return out
-    from fedrac.privacy import privatize_update
+    from fedrac.privacy.dp import privatize_update
 
     s = _local_settings(json.dumps({k: cfg[k] for k in ("privacy", "num_clients", "num_rounds",
                                                          "fraction_train")}, sort_keys=True))

@@ -17,7 +17,7 @@ import logging
 import uuid
 from collections.abc import Iterator
 
-from fedrac.sketch import SketchMismatchError
+from fedrac.adapters.sketch import SketchMismatchError
 
 log = logging.getLogger("fedrac.node")
 PUBLIC_ERRORS: tuple[type[BaseException], ...] = (SketchMismatchError,)

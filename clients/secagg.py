@@ -17,7 +17,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord
 
-from fedrac.secagg import DTYPES_KEY, KEYS_KEY, RECORD_KEY
+from fedrac.privacy.secagg import DTYPES_KEY, KEYS_KEY, RECORD_KEY
 
 
 def fitres_reply_mod(cfg_of: Callable[[Context], Mapping[str, Any]]):

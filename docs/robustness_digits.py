@@ -28,7 +28,7 @@ def attacked_app(cfg, attack):
     from flwr.clientapp import ClientApp
 
     from clients import handlers
-    from fedrac.records import to_state_dict
+    from fedrac.wire.records import to_state_dict
 
     count = {"overflow_1e308": 2}.get(attack, 1 if attack else 0)
     calls: dict[int, int] = {}
@@ -70,7 +70,7 @@ def run(strategy: str, attack: str | None, out: str, extra: list[str]):
     from safetensors.torch import load_file
 
     from fedrac import run as runmod
-    from fedrac.config import conf_dir, validate
+    from fedrac.settings.config import conf_dir, validate
 
     with initialize_config_dir(str(conf_dir()), version_base=None):
         cfg = validate(compose("config", overrides=[

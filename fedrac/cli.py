@@ -18,7 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from fedrac.config import (
+from fedrac.server.results import format_table
+from fedrac.settings.config import (
     ConfigError,
     check_added_keys,
     check_group_overrides,
@@ -26,13 +27,12 @@ from fedrac.config import (
     expand_paths,
     validate,
 )
-from fedrac.results import format_table
 
 
 def _fail(err: Exception | str, code: int = 2, in_job: bool = False) -> NoReturn:
     print(f"fedrac: error: {err}", file=sys.stderr, flush=True)
     if in_job:  # a run that never started leaves no empty folder
-        from fedrac.outputs import drop_if_unused
+        from fedrac.server.outputs import drop_if_unused
 
         drop_if_unused(HydraConfig.get().runtime.output_dir)
     sys.exit(code)
@@ -40,7 +40,7 @@ def _fail(err: Exception | str, code: int = 2, in_job: bool = False) -> NoReturn
 
 def _prepare(cfg: DictConfig) -> dict[str, Any]:
     """The validated run config with its output folder (ConfigError when either is bad)."""
-    from fedrac.outputs import (
+    from fedrac.server.outputs import (
         check_output_dir,
         claim_output_dir,
         clear_results,
@@ -49,7 +49,7 @@ def _prepare(cfg: DictConfig) -> dict[str, Any]:
 
     run_cfg = validate(cfg)
     if run_cfg.get("resume"):  # the saved config, with the few overrides that keep its path
-        from fedrac.checkpoint import resume_config
+        from fedrac.server.checkpoint import resume_config
 
         run_cfg = resume_config(run_cfg["resume"], HydraConfig.get().overrides.task, run_cfg)
     run_cfg["output_dir"] = job_output_dir(run_cfg.get("output_dir"), HydraConfig.get())
@@ -74,7 +74,7 @@ def _run(run_cfg: dict[str, Any]) -> float:
 
     summary = run_experiment(tune_lr(run_cfg))  # tune=lr: at the lr chosen on validation
     if summary.get("interrupted"):
-        from fedrac.checkpoint import exit_interrupted
+        from fedrac.server.checkpoint import exit_interrupted
 
         exit_interrupted(summary, run_cfg["output_dir"])
     print(format_table([summary]), flush=True)
@@ -86,7 +86,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     from fedrac.run import RunFailedError
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:
-        from fedrac.sweep import run_job
+        from fedrac.settings.sweep import run_job
 
         return run_job(cfg, _prepare, _run)
     try:
@@ -112,7 +112,7 @@ def main() -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from fedrac.hydra_errors import one_line
+    from fedrac.settings.hydra_errors import one_line
 
     sys.argv[1:] = expand_paths(sys.argv[1:])
     try:
@@ -134,7 +134,7 @@ def main() -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = given
-    from fedrac.sweep import failed_jobs
+    from fedrac.settings.sweep import failed_jobs
 
     failed = failed_jobs()
     if failed:

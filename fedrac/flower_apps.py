@@ -2,7 +2,7 @@
 
 Both compose the same Hydra config as the CLI, from the run-config key ``overrides``
 (``flwr run . local -c 'overrides="num_rounds=20 output_dir=/abs/out"'``), validate
-it, and call the engine-independent :func:`fedrac.server_app.run_server` and
+it, and call the engine-independent :func:`fedrac.server.app.run_server` and
 :mod:`clients.handlers`. When the SuperNode's environment names a node worker folder
 (``FEDRAC_WORKER_DIR``; see :mod:`fedrac.deploy.worker`), the ClientApp hands each message
 to that node's warm worker instead. Heavy imports (torch, Hydra, data) happen only where
@@ -11,99 +11,27 @@ they are used, so that Flower's per-message ``flwr-clientapp`` process stays lig
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import os
 import shlex
 import time
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fedrac.settings.deployment import (  # noqa: F401 - also this module's API
+    OVERRIDES_KEY,
+    RUN_OVERRIDES,
+    deployment_config,
+    node_config,
+    overrides_of,
+    run_overrides,
+)
+
 log = logging.getLogger(__name__)
-
-OVERRIDES_KEY = "overrides"  # the run-config key (pyproject [tool.flwr.app.config])
-RUN_OVERRIDES = "run-overrides"  # message config key: a resumed run's own overrides
-
-
-def _overrides(run_config: Any) -> str:
-    from fedrac.config import ConfigError
-
-    value = run_config.get(OVERRIDES_KEY, "") if run_config is not None else ""
-    if not isinstance(value, str):
-        raise ConfigError(f"run config {OVERRIDES_KEY}={value!r} is not allowed; "
-                          "allowed: a string of Hydra overrides, e.g. \"num_rounds=20\"")
-    return value
-
-
-@functools.lru_cache(maxsize=4)
-def _compose(overrides: str) -> str:
-    from hydra import compose, initialize_config_dir
-
-    from fedrac.config import (
-        ConfigError,
-        check_added_keys,
-        check_group_overrides,
-        conf_dir,
-        expand_paths,
-        validate,
-    )
-
-    items = expand_paths(shlex.split(overrides))
-    check_group_overrides(items)
-    check_added_keys(items)
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        cfg = compose(config_name="config", overrides=[*items, "engine=deployment"])
-    d = validate(cfg)
-    out = d.get("output_dir")
-    if d.get("resume") and out is None:
-        return json.dumps(d)  # the resumed run's own folder and config (fedrac.checkpoint)
-    if out is not None and (not isinstance(out, str) or not PurePath(out).is_absolute()):
-        raise ConfigError(f"output_dir={out!r} is not allowed under flwr run; allowed: an "
-                          "absolute path on the server machine, e.g. output_dir=/srv/fedrac/run1")
-    return json.dumps(d)
-
-
-def deployment_config(run_config: Any) -> dict[str, Any]:
-    """The validated fedrac config composed from a run config's ``overrides`` string."""
-    return json.loads(_compose(_overrides(run_config)))
-
-
-def _resumes(overrides: str) -> bool:
-    return any(i.lstrip("+~").startswith("resume=") for i in shlex.split(overrides))
-
-
-def run_overrides(folder: str | Path, overrides: str) -> str:
-    """The overrides the nodes of a resumed run compose their config from: the run's own
-    (``<folder>/.hydra/overrides.yaml``) with ``num_rounds`` from ``overrides``."""
-    from omegaconf import OmegaConf
-
-    saved = Path(folder) / ".hydra" / "overrides.yaml"
-    items = [str(i) for i in OmegaConf.load(saved)] if saved.is_file() else []
-    items = [i for i in items if not i.lstrip("+~").startswith(("resume=", "num_rounds="))]
-    items += [i for i in shlex.split(overrides) if i.lstrip("+~").startswith("num_rounds=")]
-    return shlex.join(items)
-
-
-def node_config(msg: Message, context: Context) -> dict[str, Any]:
-    """A node's run config: from the run config's overrides, or, when they resume a run
-    (``resume=DIR``, a folder on the server machine), from the run's own overrides, which the
-    ServerApp sends in every message's config (``run-overrides``)."""
-    from fedrac.config import ConfigError
-
-    own = _overrides(context.run_config)
-    if not _resumes(own):
-        return deployment_config(context.run_config)
-    config = msg.content.config_records.get("config")
-    if config is None or RUN_OVERRIDES not in config:
-        raise ConfigError(f"run config {OVERRIDES_KEY}={own!r} resumes a run, but the "
-                          f"message carries no {RUN_OVERRIDES}; allowed: messages of fedrac's "
-                          "ServerApp")
-    return json.loads(_compose(str(config[RUN_OVERRIDES])))
 
 
 def sets_num_clients(overrides: str) -> bool:
@@ -144,7 +72,7 @@ def simulated_nodes(grid: Grid, settle: float = 1.0, poll: float = 0.1,
 def match_simulated_nodes(cfg: dict[str, Any], overrides: str, nodes: int) -> None:
     """Make ``num_clients`` the simulation's number of SuperNodes when the overrides leave it
     unset; a different ``num_clients`` given there stops the run with one line."""
-    from fedrac.config import ConfigError
+    from fedrac.settings.config import ConfigError
 
     wanted = int(cfg["num_clients"])
     if wanted == nodes:
@@ -235,10 +163,10 @@ server_app = ServerApp()
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
-    from fedrac.outputs import check_output_dir, clear_results
+    from fedrac.server.outputs import check_output_dir, clear_results
 
     cfg = deployment_config(context.run_config)
-    overrides = _overrides(context.run_config)
+    overrides = overrides_of(context.run_config)
     simulation = is_simulation(grid)
     if simulation:  # Flower's local simulation: as many clients as it has SuperNodes
         match_simulated_nodes(cfg, overrides, len(simulated_nodes(grid)))
@@ -248,11 +176,12 @@ def _server_main(grid: Grid, context: Context) -> None:
               flush=True)
     resumed = bool(cfg.get("resume"))
     node_overrides = None
-    if resumed:  # the saved config of that run (fedrac.checkpoint), with the few overrides kept
-        from fedrac.checkpoint import resume_config
+    # resumed: the saved config of that run (fedrac.server.checkpoint), with the few overrides kept
+    if resumed:
+        from fedrac.server.checkpoint import resume_config
 
         given = cfg
-        overrides = _overrides(context.run_config)
+        overrides = overrides_of(context.run_config)
         cfg = resume_config(cfg["resume"], shlex.split(overrides), given)
         # the nodes cannot read the folder: they get the run's own overrides in each message
         node_overrides = run_overrides(cfg["output_dir"], overrides)
@@ -270,7 +199,7 @@ def _server_main(grid: Grid, context: Context) -> None:
         wait_for_nodes(grid, int(cfg["num_clients"]))
         cfg["min_available_clients"] = 1
     from fedrac.run import RunFailedError
-    from fedrac.server_app import run_server
+    from fedrac.server.app import run_server
 
     summary = run_server(cfg, grid, node_overrides=node_overrides)
     if summary.get("status") == "failed":  # Flower marks the run failed, with this reason
@@ -289,7 +218,7 @@ def _client(kind: str, msg: Message, context: Context) -> Message:
     handle = handlers.handle_train if kind == "train" else handlers.handle_evaluate
     cfg = node_config(msg, context)
     parts = context.node_config.get("num-partitions")
-    if parts is not None and not sets_num_clients(_overrides(context.run_config)):
+    if parts is not None and not sets_num_clients(overrides_of(context.run_config)):
         cfg["num_clients"] = int(parts)  # Flower's simulation: as the ServerApp does
     return handle(cfg, msg, context)
 
@@ -298,7 +227,7 @@ def _secagg_cfg(context: Context) -> dict[str, Any]:
     """The run's config for :func:`clients.secagg.secagg_mod`, composed only when the
     overrides ask for SecAgg+ (this short-lived process otherwise stays light)."""
     if not any(i.lstrip("+").replace(" ", "") in ("secagg=plus",)
-               for i in shlex.split(_overrides(context.run_config))):
+               for i in shlex.split(overrides_of(context.run_config))):
         return {}
     return deployment_config(context.run_config)
 
@@ -316,7 +245,7 @@ def _verbose(run_config: Any) -> bool:
     """Whether the run's overrides set ``verbose_node_errors=true`` (read without composing
     the config, which the warm path avoids in this short-lived process)."""
     try:
-        items = shlex.split(_overrides(run_config))
+        items = shlex.split(overrides_of(run_config))
     except Exception:  # noqa: BLE001 - a bad config is reported (tersely) by the handler
         return False
     return any(i.lstrip("+").lower() in ("verbose_node_errors=true", "verbose_node_errors=1")

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from clients.client_app import make_client_app
-from fedrac.checkpoint import stop_on_signals
 from fedrac.data.summary import partition_summary
 from fedrac.models.pretrain import pretrained_state
-from fedrac.server_app import make_server_app
+from fedrac.server.app import make_server_app
+from fedrac.server.checkpoint import stop_on_signals
+from fedrac.settings.typed import settings_of
 
 log = logging.getLogger(__name__)
 
@@ -32,43 +33,45 @@ def quiet_flower(verbose: bool) -> None:
 def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Run the validated config ``cfg`` (a plain dict) and return its summary."""
     cfg = dict(cfg)
-    if cfg["engine"]["name"] == "deployment":
+    engine = cfg["engine"]["name"]
+    if engine == "deployment":
         raise ValueError("engine=deployment runs through Flower's CLI, not `fedrac`: start a "
                          "federation (python -m fedrac.deploy up) and use the `flwr run` line "
                          "it prints")
-    out = Path(cfg["output_dir"])
+    settings = settings_of(cfg)  # typed, once; cfg itself goes to the parts not yet typed
+    run = settings.run
+    out = Path(run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "summary.json"
     if summary_path.exists():
         summary_path.unlink()
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    quiet_flower(bool(cfg.get("verbose", False)))
-    if cfg.get("verbose"):
+    quiet_flower(run.verbose)
+    if run.verbose:
         os.environ["FEDRAC_VERBOSE"] = "1"  # transformers' own reports too (fedrac/models/hf.py)
     # Pretrain (or load the cache) here, once, before any engine starts.
-    pretrained_state(cfg["model"], cfg["dataset"], cfg["pretrain"], cfg["cache_dir"])
+    pretrained_state(settings.model.options, settings.data.dataset, settings.model.pretrain,
+                     run.cache_dir)
     partition_summary(cfg, out)
     server_app, client_app = make_server_app(cfg), make_client_app(cfg)
-    engine = cfg["engine"]["name"]
-    print(f"fedrac: {cfg['strategy']['name']} on {cfg['dataset'].get('name')}, "
-          f"{cfg['num_clients']} clients, {cfg['num_rounds']} rounds, engine {engine}; "
+    print(f"fedrac: {settings.strategy.name} on {settings.data.name}, "
+          f"{run.num_clients} clients, {run.num_rounds} rounds, engine {engine}; "
           f"results in {out}", flush=True)
     with stop_on_signals(out):  # SIGINT / SIGTERM: finish the round, checkpoint, stop
         if engine == "simulation":
             from fedrac.engines.simulation import run_on_ray
 
-            run_on_ray(server_app, client_app, cfg["num_clients"], cfg["engine"],
-                       verbose=bool(cfg.get("verbose", False)))
+            run_on_ray(server_app, client_app, run.num_clients, run.engine, verbose=run.verbose)
         elif engine == "inline":
             from fedrac.engines.inline import run_inline, set_torch_threads
 
-            set_torch_threads(cfg["engine"].get("threads"))
+            set_torch_threads(run.engine.get("threads"))
             batch = None
-            if cfg["engine"].get("batched"):
+            if run.engine.get("batched"):
                 from clients.batched import batch_trainer
 
                 batch = batch_trainer(cfg)
-            run_inline(server_app, client_app, cfg["num_clients"], batch_train=batch)
+            run_inline(server_app, client_app, run.num_clients, batch_train=batch)
         else:
             raise ValueError(f"engine={engine!r} is not an engine; allowed: simulation, inline")
     if not summary_path.exists():

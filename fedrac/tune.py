@@ -137,7 +137,7 @@ def trial_config(d: Mapping[str, Any], lr: float) -> dict[str, Any]:
     trial["client"][lr_key(d)] = float(lr)
     privacy = trial.get("privacy") or {}
     if privacy.get("mode", "none") != "none" and privacy.get("target_epsilon") is not None:
-        from fedrac.privacy import settings_from_config  # the job's noise, not a short run's
+        from fedrac.privacy.dp import settings_from_config  # the job's noise, not a short run's
 
         privacy.update(noise_multiplier=settings_from_config(d).noise_multiplier,
                        target_epsilon=None)

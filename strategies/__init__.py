@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedrac.ledger import ByteLedger
-from fedrac.privacy import settings_from_config
+from fedrac.privacy.dp import settings_from_config
+from fedrac.wire.ledger import ByteLedger
 from strategies.aggregation import Aggregator
 from strategies.base import FedracStrategy
 from strategies.cola import Cola

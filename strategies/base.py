@@ -28,11 +28,11 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from fedrac.adapters import FACTOR_DTYPE, LayerSpec, adapter_dtype, check_rank
-from fedrac.ledger import ByteLedger, record_dict_nbytes
+from fedrac.adapters.sketch import DISTRIBUTIONS, derive_seed
 from fedrac.models.merged_factors import MergedFactors
-from fedrac.privacy import Accountant, CentralDP, PrivacySettings
-from fedrac.records import array_to_tensor
-from fedrac.sketch import DISTRIBUTIONS, derive_seed
+from fedrac.privacy.dp import Accountant, CentralDP, PrivacySettings
+from fedrac.wire.ledger import ByteLedger, record_dict_nbytes
+from fedrac.wire.records import array_to_tensor
 from strategies.aggregation import Aggregator, normalised, scaled
 
 CLIENT_KEYS = {  # Hydra `client.*` key -> ConfigRecord key sent to clients
@@ -532,7 +532,7 @@ class FedracStrategy(FedAvg):
     ) -> dict[str, torch.Tensor]:
         """The round's aggregate of the valid replies' tensors: ``reference + rule(updates)``
         (``reference`` ``None``: zero), in the reference's (else the replies') dtypes; under
-        ``privacy=dp`` the private mean of the updates instead (see :mod:`fedrac.privacy`;
+        ``privacy=dp`` the private mean of the updates instead (see :mod:`fedrac.privacy.dp`;
         DP takes the place of the aggregation rule, whose combination with DP is checked at
         start)."""
         self.note_release(server_round, valid)

@@ -2,13 +2,13 @@
 
 The server remembers, for every node, the version of the global weights it last sent (``W_v``,
 the weights after round ``v``) and, for recent rounds, each round's change (its seed and the
-tensors :func:`fedrac.delta_sync.apply_change` replays). A node that comes back at round ``t``
+tensors :func:`fedrac.wire.delta_sync.apply_change` replays). A node that comes back at round ``t``
 gets the deltas of rounds ``v+1 .. t-1`` and a checksum of ``W_{t-1}`` instead of the weights
 -- unless it is new, its earlier reply failed, the history no longer reaches back to ``v``, or
 the deltas would cost more bytes than the weights: then it gets the full weights. A node whose
 rebuild fails (cache missing or corrupt, checksum mismatch) answers ``resync``; it is sent the
 full weights at once, in the same round, so the run's result does not change.
-See :mod:`fedrac.delta_sync` for the wire format.
+See :mod:`fedrac.wire.delta_sync` for the wire format.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from fedrac.delta_sync import sync_checksum
-from fedrac.ledger import array_record_nbytes, record_dict_nbytes
-from fedrac.records import to_array_record, to_shared_state_dict
+from fedrac.wire.delta_sync import sync_checksum
+from fedrac.wire.ledger import array_record_nbytes, record_dict_nbytes
+from fedrac.wire.records import to_array_record, to_shared_state_dict
 
 DOWNLOADS = ("auto", "full", "delta")  # strategy.download of the adapter methods
 RESYNC_KEY = "resync"  # a client's reply record asking for the full weights
@@ -55,7 +55,7 @@ class DeltaSync:
 
     def record(self, server_round: int, seed: int, factors: Mapping[str, torch.Tensor]) -> None:
         """Remember round ``server_round``'s change: its seed and the tensors
-        :func:`fedrac.delta_sync.apply_change` replays (averaged trained factors, an update
+        :func:`fedrac.wire.delta_sync.apply_change` replays (averaged trained factors, an update
         record, ``set:<key>`` values of the trained modules)."""
         self.history[server_round] = (int(seed), {k: v.detach().cpu() for k, v in
                                                   factors.items()})

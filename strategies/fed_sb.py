@@ -20,9 +20,9 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fedrac.adapters import LayerSpec
-from fedrac.ledger import record_dict_nbytes
-from fedrac.records import to_array_record, to_shared_state_dict
-from fedrac.sketch import derive_seed, fingerprint, make_sketch
+from fedrac.adapters.sketch import derive_seed, fingerprint, make_sketch
+from fedrac.wire.ledger import record_dict_nbytes
+from fedrac.wire.records import to_array_record, to_shared_state_dict
 from strategies.base import FedracStrategy, require_choice
 
 INITS = ("gradient", "random")

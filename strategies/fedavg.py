@@ -8,7 +8,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedrac.records import to_array_record, to_shared_state_dict
+from fedrac.wire.records import to_array_record, to_shared_state_dict
 from strategies.base import FedracStrategy
 
 
@@ -18,13 +18,14 @@ class FedAvgFPFT(FedracStrategy):
     Rule: ``W <- sum_k p_k W_k`` with ``p_k`` proportional to ``num-examples``; under a
     robust ``aggregation`` rule ``W <- W + rule(W_k - W)`` (the rule acts on the updates).
     Every reply tensor must have the dtype of the global tensor it replaces.
-    Under ``privacy=dp``: ``W <- W + private_mean(W_k - W)`` (:mod:`fedrac.privacy`).
+    Under ``privacy=dp``: ``W <- W + private_mean(W_k - W)`` (:mod:`fedrac.privacy.dp`).
     Sends ``arrays`` (the full global weights, kind ``weights``) and ``config``
     with ``mode="full"``; expects back ``arrays`` with the same keys and shapes.
     """
 
     name = "fedavg"
-    # strategy.* keys this method never reads: a sweep over them runs it once (fedrac/sweep.py)
+    # strategy.* keys this method never reads: a sweep over them runs it once
+    # (fedrac/settings/sweep.py)
     IGNORED_KEYS = ("rank", "alpha", "sketch", "train_factor", "resample_every", "download")
 
     def __init__(self, **kwargs: Any) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedrac.adapters import LayerSpec
-from fedrac.sketch import derive_seed
+from fedrac.adapters.sketch import derive_seed
 from strategies.rac_lora import RacLoRA
 
 FFA_SIDES = ("A", "B", "auto")
@@ -24,7 +24,8 @@ class FFALoRA(RacLoRA):
 
     name = "ffa_lora"
     TRAIN_FACTORS = FFA_SIDES
-    IGNORED_KEYS = ("resample_every",)  # a sweep over it runs ffa_lora once (fedrac/sweep.py)
+    # a sweep over it runs ffa_lora once (fedrac/settings/sweep.py)
+    IGNORED_KEYS = ("resample_every",)
 
     def __init__(self, *, layers: Mapping[str, LayerSpec], **kwargs: Any) -> None:
         kwargs["resample_every"] = 1

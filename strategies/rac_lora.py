@@ -11,9 +11,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from fedrac.adapters import LayerSpec, resolve_trained
-from fedrac.delta_sync import SET_PREFIX, merge_factors
-from fedrac.records import array_to_tensor, to_array_record, to_shared_state_dict
-from fedrac.sketch import derive_seed, fingerprint, make_sketch
+from fedrac.adapters.sketch import derive_seed, fingerprint, make_sketch
+from fedrac.wire.delta_sync import SET_PREFIX, merge_factors
+from fedrac.wire.records import array_to_tensor, to_array_record, to_shared_state_dict
 from strategies.base import FedracStrategy, require_choice
 from strategies.delta_sync import DOWNLOADS, DeltaSync, resolve_download
 

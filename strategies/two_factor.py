@@ -10,12 +10,12 @@ gets, instead of ``arrays`` and ``update``, the changes of the base since it las
 (:class:`strategies.delta_sync.DeltaSync`): nothing for FedIT, the merged low-rank product for
 COLA and FLoRA, FedEx-LoRA's residual (low-rank where it is), the new values of the trained
 modules -- plus the global adapters, as in every round. The server merges into its base with
-the clients' own function (:func:`fedrac.delta_sync.apply_update`) on the very record it sends,
+the clients' own function (:func:`fedrac.wire.delta_sync.apply_update`) on the very record it sends,
 so a client's base is the server's, bit for bit, whichever way it was downloaded. Subclasses
 say how the replies are combined (:meth:`TwoFactorLoRA.combine`); the aggregation rule acts on
 each factor's update, i.e. the factor minus the one the client started from
 (:meth:`TwoFactorLoRA.start_factors`). Under
-``privacy=dp`` those updates are clipped jointly and noised (:mod:`fedrac.privacy`).
+``privacy=dp`` those updates are clipped jointly and noised (:mod:`fedrac.privacy.dp`).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from fedrac.adapters import LayerSpec
-from fedrac.delta_sync import SET_PREFIX, apply_update
+from fedrac.adapters.sketch import derive_seed, fingerprint, make_sketch
 from fedrac.models.merged_factors import MergedFactors
-from fedrac.records import to_array_record, to_state_dict
-from fedrac.sketch import derive_seed, fingerprint, make_sketch
+from fedrac.wire.delta_sync import SET_PREFIX, apply_update
+from fedrac.wire.records import to_array_record, to_state_dict
 from strategies.base import FedracStrategy, ValidReply, require_choice
 from strategies.delta_sync import DOWNLOADS, DeltaSync, resolve_download
 
@@ -215,7 +215,7 @@ class TwoFactorLoRA(FedracStrategy):
                         ) -> None:
         """``base <- base + update`` (an update record: ``<layer>.stack_B`` / ``.stack_A``
         factors or dense ``<layer>.weight`` deltas) with the clients' own
-        :func:`~fedrac.delta_sync.apply_update`; ``as_update`` also sends it next round on top
+        :func:`~fedrac.wire.delta_sync.apply_update`; ``as_update`` also sends it next round on top
         of the previous base (full downloads). It is the round's change either way.
         ``terms``: the same change as factors ``(B, A)`` per layer for the export's record
         (default: the update's stacks; a dense delta makes the record unusable)."""

@@ -16,7 +16,7 @@ def run_config(tmp_path, *overrides: str) -> dict:
     """The validated config of an inline run with ``overrides``, writing into ``tmp_path``."""
     from hydra import compose, initialize_config_dir
 
-    from fedrac.config import conf_dir, validate
+    from fedrac.settings.config import conf_dir, validate
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         cfg = validate(compose("config", overrides=["engine=inline", *overrides]))

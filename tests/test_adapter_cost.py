@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedrac.adapters import attach_adapters, find_target_layers, remove_adapters
-from fedrac.sketch import make_sketch
+from fedrac.adapters.sketch import make_sketch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 4, 8.0

@@ -109,7 +109,7 @@ def test_rac_lora_downloads_at_most_three_times_the_upload(ckpt, tmp_path):
         assert strategy.ledger.round_kinds(rnd, "down").get("weights", 0) == 0
         assert down <= 3 * up, (rnd, down, up)
     # the 4 nodes hold one version: one copy of its weights, in memory and in a checkpoint
-    from fedrac.delta_sync import STATE_WEIGHTS
+    from fedrac.wire.delta_sync import STATE_WEIGHTS
 
     grid = strategy.grid
     caches = [grid.node_context(n).state[STATE_WEIGHTS] for n in grid.get_node_ids()]
@@ -141,7 +141,7 @@ def test_fedex_residual_is_sent_low_rank_where_it_is(d_in):
     from flwr.app import MetricRecord
 
     from fedrac.adapters import LayerSpec
-    from fedrac.delta_sync import apply_update
+    from fedrac.wire.delta_sync import apply_update
     from strategies.base import ValidReply
     from strategies.fedex_lora import FedExLoRA
 
@@ -170,8 +170,8 @@ def test_fedex_residual_is_sent_low_rank_where_it_is(d_in):
 def test_deployment_worker_holds_the_cached_weights_and_the_context_a_token():
     from flwr.app import ConfigRecord, Context, RecordDict
 
-    from fedrac.delta_sync import STATE_SYNC, STATE_WEIGHTS
     from fedrac.deploy import worker
+    from fedrac.wire.delta_sync import STATE_SYNC, STATE_WEIGHTS
 
     weights = ArrayRecord({"w": torch.ones(3)})
     ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(

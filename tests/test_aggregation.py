@@ -8,7 +8,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedrac.adapters import LayerSpec
-from fedrac.sketch import derive_seed, fingerprint, make_sketch
+from fedrac.adapters.sketch import derive_seed, fingerprint, make_sketch
 from strategies.fedavg import FedAvgFPFT
 from strategies.rac_lora import RacLoRA
 from tests.helpers import reply, run_strategy

@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 
 from clients.handlers import global_state, prepare_adapters
 from fedrac.adapters import LayerSpec, adapter_factors, find_target_layers, remove_adapters
-from fedrac.config import ConfigError, conf_dir, validate
-from fedrac.sketch import derive_seed
+from fedrac.adapters.sketch import derive_seed
+from fedrac.settings.config import ConfigError, conf_dir, validate
 from strategies import STRATEGIES
 from tests.helpers import reply, run_strategy
 

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from clients import batched
 from clients.batched import _Client, fit, run_reason
-from clients.local_training import TrainSettings, train_locally
-from fedrac.config import ConfigError
 from fedrac.models import build_model
 from fedrac.run import run_experiment
+from fedrac.settings.config import ConfigError
+from fedrac.training.local import TrainSettings, train_locally
 from tests.helpers import run_config
 
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from clients.handlers import settings_from
-from clients.local_training import TrainSettings, train_locally
-from fedrac.config import ConfigError
+from fedrac.settings.config import ConfigError
+from fedrac.training.local import TrainSettings, train_locally
 from strategies.base import client_config_record
 from tests.helpers import run_config
 
@@ -162,7 +162,7 @@ def test_causal_lm_accumulation_weighs_micro_batches_by_their_loss_tokens():
 def test_fp16_grad_scaler_path_trains_and_unscales_before_clipping(monkeypatch):
     """The fp16 path (autocast, GradScaler: scale, unscale before clipping, step, update),
     run on CPU with the device check lifted (fp16 is CUDA's: no GPU here)."""
-    import clients.local_training as lt
+    import fedrac.training.local as lt
 
     monkeypatch.setattr(lt, "check_precision", lambda *a: None)
     steps = []

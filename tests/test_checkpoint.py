@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedrac import checkpoint as ck
-from fedrac.config import ConfigError
+from fedrac.server import checkpoint as ck
+from fedrac.settings.config import ConfigError
 from tests.helpers import run_config
 
 TIMING = {"seconds", "client_seconds"}
@@ -74,8 +74,8 @@ def test_rng_states_restored():
 
 def run_interrupted(cfg: dict, at: int, monkeypatch) -> dict:
     """Run ``cfg`` with SIGINT 'arriving' during round ``at``; returns its summary."""
-    from fedrac.results import RunRecorder
     from fedrac.run import run_experiment
+    from fedrac.server.results import RunRecorder
 
     log_round = RunRecorder.log_round
 

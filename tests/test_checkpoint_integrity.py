@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedrac import checkpoint as ck
-from fedrac.config import ConfigError
+from fedrac.server import checkpoint as ck
+from fedrac.settings.config import ConfigError
 from tests.helpers import run_config
 
 STATE = {"round": 3, "weights": {"w": torch.arange(64, dtype=torch.float32)}, "rng": {}}

@@ -57,7 +57,7 @@ def test_bad_input_stops_with_one_line_naming_key_value_and_allowed(args, messag
 def test_cuda_devices_are_checked_against_the_machine(monkeypatch):
     import torch
 
-    from fedrac.config import ConfigError, check_device
+    from fedrac.settings.config import ConfigError, check_device
 
     check_device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -75,7 +75,7 @@ def test_cuda_devices_are_checked_against_the_machine(monkeypatch):
 
 
 def test_home_and_variables_in_path_values_expand_unquoted(monkeypatch):
-    from fedrac.config import expand_paths
+    from fedrac.settings.config import expand_paths
 
     monkeypatch.setenv("HOME", "/home/u")
     monkeypatch.setenv("DATA", "/srv/my data")
@@ -182,7 +182,8 @@ def test_configs_are_found_after_a_non_editable_install(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(target)
-    probe = subprocess.run([sys.executable, "-c", "import fedrac.config as c; print(c.conf_dir())"],
+    probe = subprocess.run([sys.executable, "-c",
+                            "import fedrac.settings.config as c; print(c.conf_dir())"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == str(target / "fedrac" / "conf")
     proc = subprocess.run([sys.executable, "-m", "fedrac", "strategy=fedavg", "--cfg", "job"],

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clients.local_training import evaluate
-from fedrac.config import ConfigError
 from fedrac.data import partition, to_tensors
 from fedrac.models import build_model
 from fedrac.run import run_experiment
+from fedrac.settings.config import ConfigError
+from fedrac.training.local import evaluate
 from strategies.base import client_eval_metrics
 from tests.helpers import run_config
 

@@ -16,8 +16,8 @@ from fedrac.adapters import (
     find_target_layers,
     remove_adapters,
 )
-from fedrac.config import ConfigError
-from fedrac.sketch import make_sketch
+from fedrac.adapters.sketch import make_sketch
+from fedrac.settings.config import ConfigError
 from strategies import STRATEGIES
 from tests.helpers import reply, run_config, run_strategy
 

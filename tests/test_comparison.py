@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from fedrac.config import ConfigError, validate
 from fedrac.experiments.comparison import write_comparison
+from fedrac.settings.config import ConfigError, validate
 
 BYTES = 1000  # bytes up and down per round in every fake run
 
@@ -93,7 +93,7 @@ def test_paper_table_pivots_arms_and_settings(tmp_path):
 def test_bad_target_accuracy_stops_with_one_line(value):
     from hydra import compose, initialize_config_dir
 
-    from fedrac.config import conf_dir
+    from fedrac.settings.config import conf_dir
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         cfg = compose("config", overrides=["engine=inline"])

@@ -11,8 +11,8 @@ import torch
 from datasets import Dataset
 
 from fedrac.data import to_dataset, to_tensors
+from fedrac.data.columns import column_values
 from fedrac.data.load import _normalise, _select
-from fedrac.data.partitioners import column_values
 from fedrac.data.sources import Arrays, read_synthetic
 
 

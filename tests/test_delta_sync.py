@@ -14,9 +14,12 @@ from hydra import compose, initialize_config_dir
 
 from clients.client_app import make_client_app
 from fedrac.adapters import find_target_layers
-from fedrac.config import ConfigError, conf_dir, validate
 from fedrac.data import load_splits
-from fedrac.delta_sync import (
+from fedrac.engines.inline import run_inline
+from fedrac.models import build_model
+from fedrac.models.pretrain import pretrained_state
+from fedrac.settings.config import ConfigError, conf_dir, validate
+from fedrac.wire.delta_sync import (
     STATE_CONFIG,
     STATE_SYNC,
     STATE_WEIGHTS,
@@ -24,9 +27,6 @@ from fedrac.delta_sync import (
     apply_deltas,
     weights_checksum,
 )
-from fedrac.engines.inline import run_inline
-from fedrac.models import build_model
-from fedrac.models.pretrain import pretrained_state
 from strategies import build_strategy
 from strategies.delta_sync import DeltaSync
 

@@ -14,12 +14,12 @@ from flwr.cli.supernode.register import try_load_public_key
 from flwr.common.config import parse_config_args
 
 from clients.handlers import client_data, node_stream
-from fedrac.config import ConfigError
 from fedrac.data import DataConfigError, load_dataset_from_path
 from fedrac.deploy import procs
 from fedrac.deploy.certs import make_certificates, make_node_keys
 from fedrac.deploy.local import node_config_string, write_connection
 from fedrac.flower_apps import deployment_config
+from fedrac.settings.config import ConfigError
 
 
 def test_flwr_run_overrides_compose_the_cli_config():

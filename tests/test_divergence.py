@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from fedrac.divergence import DivergenceGuard, RunDiverged
+from fedrac.server.divergence import DivergenceGuard, RunDiverged
 from tests.helpers import run_config
 
 

@@ -8,8 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from fedrac.config import conf_dir, validate
 from fedrac.run import run_experiment
+from fedrac.settings.config import conf_dir, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,9 +9,9 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedrac.adapters import LayerSpec, find_target_layers
-from fedrac.checkpoint import load_checkpoint, save_checkpoint
 from fedrac.models.export import adapter_factors_of, low_rank
 from fedrac.models.merged_factors import MergedFactors
+from fedrac.server.checkpoint import load_checkpoint, save_checkpoint
 from tests import hf_models as H
 from tests.helpers import run_strategy
 from tests.test_baselines import LAYERS, NODES, Clients, _initial, _strategy

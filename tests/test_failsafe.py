@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from fedrac.atomic import atomic_path, jsonable, write_json
-from fedrac.results import run_status
 from fedrac.run import RunFailedError, run_experiment
+from fedrac.server.results import run_status
 from tests.helpers import run_config
 
 # --- failures fail ---------------------------------------------------------------------------
@@ -173,8 +173,8 @@ def test_a_folder_holding_a_run_is_refused(tmp_path, monkeypatch, capsys):
 
 
 def test_output_folder_rules(tmp_path):
-    from fedrac.config import ConfigError
-    from fedrac.outputs import check_output_dir, clear_results, contents
+    from fedrac.server.outputs import check_output_dir, clear_results, contents
+    from fedrac.settings.config import ConfigError
 
     out = tmp_path / "o"
     check_output_dir({"output_dir": str(out)})  # new
@@ -197,7 +197,7 @@ def test_a_sweep_job_with_a_fixed_output_dir_gets_its_own_folder(tmp_path):
 
     from hydra.types import RunMode
 
-    from fedrac.outputs import job_output_dir
+    from fedrac.server.outputs import job_output_dir
 
     hc = SimpleNamespace(mode=RunMode.MULTIRUN, sweep=SimpleNamespace(subdir="3_strategy=x"),
                          runtime=SimpleNamespace(output_dir="/h/3"))
@@ -212,14 +212,14 @@ def test_default_folders_of_two_runs_started_together_differ():
 
     from omegaconf import OmegaConf
 
-    from fedrac.config import conf_dir
+    from fedrac.settings.config import conf_dir
 
     run_dir = OmegaConf.load(conf_dir() / "config.yaml").hydra.run
     assert "${fedrac.uid:}" in run_dir._get_node("dir")._value()
     for path in [conf_dir() / "config.yaml", *sorted((conf_dir() / "experiment").glob("*.yaml"))]:
         dirs = [ln for ln in path.read_text().splitlines() if ln.strip().startswith("dir: ")]
         assert all("${fedrac.uid:}" in ln for ln in dirs), path  # run and sweep folders
-    probe = ("import fedrac.config; from omegaconf import OmegaConf; "
+    probe = ("import fedrac.settings.config; from omegaconf import OmegaConf; "
              "print(OmegaConf.create({'d': 't-${fedrac.uid:}'}).d)")
     names = [subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             check=True).stdout.strip() for _ in range(2)]
@@ -229,7 +229,7 @@ def test_default_folders_of_two_runs_started_together_differ():
 # --- sweeps: identical jobs once, a bad job fails alone ------------------------------------
 
 def test_identical_jobs_are_the_ones_whose_strategy_ignores_the_difference(tmp_path):
-    from fedrac.sweep import identity
+    from fedrac.settings.sweep import identity
 
     def key(*overrides: str) -> str:
         return identity(run_config(tmp_path, "num_rounds=1", *overrides))
@@ -310,7 +310,7 @@ def test_every_job_of_a_sweep_is_checked_before_the_first_starts(tmp_path):
 def test_failures_of_jobs_run_elsewhere_are_read_from_their_folders(tmp_path):
     from omegaconf import OmegaConf
 
-    from fedrac import sweep
+    from fedrac.settings import sweep
 
     write_json(tmp_path / "1_x=2" / "failure.json", {"status": "failed", "failure": "boom",
                                                      "overrides": ["x=2"]})

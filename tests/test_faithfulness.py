@@ -7,7 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from clients.handlers import prepare_adapters
 from fedrac.adapters import find_target_layers, remove_adapters
-from fedrac.sketch import SketchMismatchError, fingerprint, make_sketch
+from fedrac.adapters.sketch import SketchMismatchError, fingerprint, make_sketch
 from tests.helpers import reply, run_strategy
 from tests.test_baselines import LAYERS, NODES, Clients, _close, _initial, _strategy
 

@@ -8,7 +8,6 @@ from torch import nn
 
 from clients.fed_sb import STATE_FRAME, with_frame
 from clients.handlers import global_state, prepare_adapters
-from clients.local_training import layer_gradients, resolve_device
 from fedrac.adapters import (
     LayerSpec,
     adapter_factors,
@@ -17,8 +16,9 @@ from fedrac.adapters import (
     find_target_layers,
     remove_adapters,
 )
-from fedrac.config import ConfigError
-from fedrac.sketch import fingerprint
+from fedrac.adapters.sketch import fingerprint
+from fedrac.settings.config import ConfigError
+from fedrac.training.local import layer_gradients, resolve_device
 from strategies.fed_sb import FedSB, lora_sb_init
 from tests.helpers import reply, run_config, run_strategy
 

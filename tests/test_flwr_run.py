@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from fedrac.config import ConfigError
 from fedrac.deploy import procs
 from fedrac.deploy.local import flwr_exe, process_env
 from fedrac.flower_apps import default_output_dir, match_simulated_nodes, sets_num_clients
+from fedrac.settings.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

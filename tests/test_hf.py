@@ -98,7 +98,7 @@ def test_gpt2_conv1d_lora_is_exact_and_matches_peft(ckpt):
 
 def test_server_merge_of_a_conv1d_layer_is_the_clients_adapted_weight(ckpt):
     """The merge the server runs (delta_sync.merge_factors) lays ΔW out transposed too."""
-    from fedrac.delta_sync import merge_factors
+    from fedrac.wire.delta_sync import merge_factors
 
     model = _hf(ckpt, "gpt2", "causal_lm")
     layers = find_target_layers(model, "auto")
@@ -279,11 +279,11 @@ def test_bfloat16_base_with_gradient_checkpointing_trains_float32_adapters(ckpt)
     """model.dtype=bfloat16: the frozen base is bfloat16, the factors, the head and the
     optimizer state float32; activation checkpointing does not change the gradients."""
     from clients.handlers import module_keys
-    from clients.local_training import TrainSettings, train_locally
     from fedrac.adapters import adapter_factors
     from fedrac.data import load_splits, to_tensors
     from fedrac.models.hf import build_hf_model
     from fedrac.tasks import get_task
+    from fedrac.training.local import TrainSettings, train_locally
 
     data = {"name": "files", "path": str(ckpt["sentiment"]), "text_column": "text",
             "max_length": 8, "tokenizer": str(ckpt["bert"]), "test_fraction": 0.25}

@@ -11,10 +11,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from fedrac.config import conf_dir, validate
+from fedrac.adapters.sketch import derive_seed, make_sketch
 from fedrac.experiments.certificate import certify, reference_minimum, svt
 from fedrac.experiments.quadratic import make_problem, run_quadratic
-from fedrac.sketch import derive_seed, make_sketch
+from fedrac.settings.config import conf_dir, validate
 from strategies.two_factor import FRESH_STREAM
 
 

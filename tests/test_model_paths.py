@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fedrac.config import ConfigError, resolve_packaged
 from fedrac.models import packaged
 from fedrac.models.errors import ModelConfigError
 from fedrac.models.hf import check_checkpoint
+from fedrac.settings.config import ConfigError, resolve_packaged
 
 
 @pytest.fixture

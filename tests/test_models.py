@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from fedrac.adapters import find_target_layers
-from fedrac.config import ConfigError, conf_dir, validate
 from fedrac.models import ModelConfigError, build_model, check_model_input, load_weights
+from fedrac.settings.config import ConfigError, conf_dir, validate
 
 
 def _cfg(*overrides: str) -> dict:

@@ -11,8 +11,8 @@ from flwr.app import ArrayRecord
 
 from clients import handlers
 from clients.client_app import make_client_app
+from fedrac.adapters.sketch import SketchMismatchError
 from fedrac.data import DataConfigError
-from fedrac.sketch import SketchMismatchError
 from strategies.fedavg import FedAvgFPFT
 from tests.helpers import run_strategy
 

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from fedrac.config import ConfigError
-from fedrac.outputs import LOCK, check_output_dir, claim_output_dir
+from fedrac.server.outputs import LOCK, check_output_dir, claim_output_dir
+from fedrac.settings.config import ConfigError
 
-HOLD = ("import sys, time; from fedrac.outputs import claim_output_dir; "
+HOLD = ("import sys, time; from fedrac.server.outputs import claim_output_dir; "
         "claim_output_dir(sys.argv[1]); print('held', flush=True); time.sleep(60)")
 
 

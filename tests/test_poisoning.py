@@ -16,8 +16,8 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedrac.adapters import LayerSpec
-from fedrac.records import to_state_dict
-from fedrac.sketch import make_sketch
+from fedrac.adapters.sketch import make_sketch
+from fedrac.wire.records import to_state_dict
 from strategies import STRATEGIES
 from strategies.aggregation import Aggregator
 from tests.helpers import reply, run_strategy

@@ -8,8 +8,8 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedrac.adapters import LayerSpec
-from fedrac.config import ConfigError
-from fedrac.privacy import (
+from fedrac.adapters.sketch import derive_seed, make_sketch
+from fedrac.privacy.dp import (
     NOISE_STREAM,
     CentralDP,
     PrivacySettings,
@@ -19,7 +19,7 @@ from fedrac.privacy import (
     privatize_update,
     settings_from_config,
 )
-from fedrac.sketch import derive_seed, make_sketch
+from fedrac.settings.config import ConfigError
 from strategies.fedavg import FedAvgFPFT
 from strategies.ffa_lora import FFALoRA
 from strategies.rac_lora import RacLoRA
@@ -281,14 +281,14 @@ def test_bad_privacy_input_from_the_command_line_exits_2_with_one_line(args, mes
 
 
 def test_default_delta_is_below_one_over_the_number_of_clients():
-    from fedrac.privacy import settings_from_config
+    from fedrac.privacy.dp import settings_from_config
 
     s = settings_from_config(_cfg())
     assert s.delta == pytest.approx(10 ** -1.1) and s.delta < 1 / 10
 
 
 def test_local_dp_refuses_trained_modules_it_would_not_noise():
-    from fedrac.privacy import settings_from_config
+    from fedrac.privacy.dp import settings_from_config
 
     cfg = {**_cfg(mode="local_dp"), "model": {"name": "hf", "trainable_modules": "auto"}}
     with pytest.raises(ConfigError, match="privacy.mode='local_dp' is not allowed; allowed: dp"):

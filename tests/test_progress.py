@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from fedrac.config import ConfigError
 from fedrac.run import run_experiment
+from fedrac.settings.config import ConfigError
 from tests.helpers import run_config
 
 

@@ -5,8 +5,8 @@ import math
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fedrac.config import conf_dir, validate
 from fedrac.experiments.quadratic import run_quadratic
+from fedrac.settings.config import conf_dir, validate
 
 ROUNDS = 30
 
@@ -25,8 +25,8 @@ def _fixed_subspace_best(clients: int = 4) -> float:
     """The relative distance to W* of the best W = B A_0 over B (FFA-LoRA's stall point)."""
     import torch
 
+    from fedrac.adapters.sketch import derive_seed, make_sketch
     from fedrac.experiments.quadratic import DEFAULTS, make_problem
-    from fedrac.sketch import derive_seed, make_sketch
 
     w_star, xs, _, _ = make_problem(DEFAULTS, clients)
     x = torch.cat(xs)
@@ -67,7 +67,7 @@ def test_the_toy_loads_no_dataset_and_checks_the_rank_against_its_own_layer(tmp_
 
     monkeypatch.setattr(fedrac.data, "load_splits", no_data)
     _run(tmp_path, "fedavg", 1)  # validate() and the run: no dataset
-    from fedrac.config import ConfigError
+    from fedrac.settings.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"strategy.rank=7 is larger than layer 'lin' \(8->6\)"):
         _run(tmp_path, "rac_lora", 1, **{"strategy.rank": 7})
@@ -94,7 +94,7 @@ def test_projected_step_makes_gaussian_and_rademacher_sketches_follow_the_analys
 
 
 def test_projected_step_is_refused_for_two_factor_methods(tmp_path):
-    from fedrac.config import ConfigError
+    from fedrac.settings.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"client.projected_step=True is not allowed; allowed: "
                                           r"false for strategy fedit"):

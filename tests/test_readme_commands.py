@@ -107,7 +107,7 @@ def test_readme_gpu_command_composes_to_gpu_shares(monkeypatch):
     import torch
     from hydra import compose, initialize_config_dir
 
-    from fedrac.config import conf_dir, validate
+    from fedrac.settings.config import conf_dir, validate
 
     command = next(c for c in COVERED if "num_gpus" in c)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

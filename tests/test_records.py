@@ -1,11 +1,11 @@
-"""fedrac.records decodes Flower arrays exactly as ``Array.numpy()`` does."""
+"""fedrac.wire.records decodes Flower arrays exactly as ``Array.numpy()`` does."""
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedrac.records import array_to_numpy, to_array_record, to_shared_state_dict, to_state_dict
+from fedrac.wire.records import array_to_numpy, to_array_record, to_shared_state_dict, to_state_dict
 
 CASES = [np.arange(12, dtype=np.float32).reshape(3, 4), np.arange(12.0).reshape(3, 4).T,
          np.array(3.5), np.zeros((0, 5), dtype=np.int64), np.array([True, False]),

@@ -1,11 +1,18 @@
-"""RefLoRA (fedrac/reflora.py): balanced refactoring, its preconditioned form, RefLoRA-S."""
+"""RefLoRA (fedrac/adapters/reflora.py): balanced refactoring, its preconditioned form,
+RefLoRA-S."""
 
 import pytest
 import torch
 from torch import nn
 
+from fedrac.adapters.reflora import (
+    Refactorer,
+    balance,
+    precondition_grads,
+    preconditioners,
+    rescale_scalar,
+)
 from fedrac.experiments.reflora_toy import factorize, make_target, steps_to
-from fedrac.reflora import Refactorer, balance, precondition_grads, preconditioners, rescale_scalar
 
 SHAPES = [(1, 8, 6), (3, 10, 7), (4, 20, 30), (8, 64, 16)]
 
@@ -109,7 +116,7 @@ def test_reflora_converges_faster_than_lora_on_the_matrix_factorization_toy():
 
 @pytest.mark.parametrize("strategy", ["rac_lora", "ffa_lora", "fedavg"])
 def test_refactoring_a_shared_sketch_is_refused_with_one_line(tmp_path, strategy):
-    from fedrac.config import ConfigError
+    from fedrac.settings.config import ConfigError
     from tests.helpers import run_config
 
     with pytest.raises(ConfigError) as err:
@@ -121,7 +128,7 @@ def test_refactoring_a_shared_sketch_is_refused_with_one_line(tmp_path, strategy
 
 
 def test_refactor_values_are_checked_and_sent_only_when_on(tmp_path):
-    from fedrac.config import ConfigError
+    from fedrac.settings.config import ConfigError
     from strategies.base import client_config_record
     from tests.helpers import run_config
 

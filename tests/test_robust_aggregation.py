@@ -15,8 +15,8 @@ from flwr.app import ArrayRecord
 from hydra import compose, initialize_config_dir
 
 from fedrac.adapters import LayerSpec
-from fedrac.config import ConfigError, conf_dir, validate
-from fedrac.sketch import derive_seed, make_sketch
+from fedrac.adapters.sketch import derive_seed, make_sketch
+from fedrac.settings.config import ConfigError, conf_dir, validate
 from strategies import STRATEGIES, build_aggregator
 from strategies.aggregation import RULES, Aggregator, normalised, parse_bound
 from tests.helpers import reply, run_strategy

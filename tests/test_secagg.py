@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedrac.config import ConfigError, validate
-from fedrac.secagg import error_bound
+from fedrac.privacy.secagg import error_bound
+from fedrac.settings.config import ConfigError, validate
 
 SMALL = ["num_clients=3", "client.local_steps=2", "seed=4", "eval_every=1"]
 
@@ -20,7 +20,7 @@ def compose(*overrides: str) -> dict:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from fedrac.config import conf_dir
+    from fedrac.settings.config import conf_dir
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         return validate(hydra_compose(config_name="config", overrides=list(overrides)))
@@ -76,7 +76,7 @@ def test_secagg_refuses_what_it_cannot_sum(overrides, message):
 
 def test_secagg_refuses_model_hf():
     """Its trained head travels beside the factors, outside the masked sum."""
-    from fedrac.secagg import check_config
+    from fedrac.privacy.secagg import check_config
 
     cfg = compose("secagg=plus")
     check_config(cfg)
@@ -158,9 +158,9 @@ def test_a_signal_stops_a_secagg_run_after_its_round(tmp_path, monkeypatch):
     """SIGINT / SIGTERM during round 1 of 3: the run stops after round 1, as plain runs do."""
     import signal
 
-    from fedrac import checkpoint as ck
-    from fedrac.results import RunRecorder
     from fedrac.run import run_experiment
+    from fedrac.server import checkpoint as ck
+    from fedrac.server.results import RunRecorder
 
     log_round = RunRecorder.log_round
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from fedrac.sketch import (
+from fedrac.adapters.sketch import (
     DISTRIBUTIONS,
     SketchMismatchError,
     _make_sketch,
@@ -19,7 +19,7 @@ from fedrac.sketch import (
 )
 
 SNIPPET = (
-    "from fedrac.sketch import make_sketch, DISTRIBUTIONS\n"
+    "from fedrac.adapters.sketch import make_sketch, DISTRIBUTIONS\n"
     "import hashlib\n"
     "h = hashlib.sha256()\n"
     "for d in DISTRIBUTIONS:\n"

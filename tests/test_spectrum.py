@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from fedrac.adapters import LayerSpec
-from fedrac.config import ConfigError
-from fedrac.experiments.spectrum import SpectrumMonitor, balance, layer_stats
 from fedrac.run import run_experiment
+from fedrac.server.spectrum import SpectrumMonitor, balance, layer_stats
+from fedrac.settings.config import ConfigError
 from tests.helpers import run_config
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedrac.adapters import LayerSpec
-from fedrac.experiments.spectrum import SpectrumMonitor
+from fedrac.server.spectrum import SpectrumMonitor
 
 
 def test_spectrum_csv_is_lf_only_after_a_resume(tmp_path):

@@ -11,9 +11,9 @@ from flwr.app import Context, RecordDict
 from hydra import compose, initialize_config_dir
 
 from clients.handlers import client_data
-from fedrac.config import ConfigError, conf_dir, validate
 from fedrac.data import build_splits, load_dataset_from_path, to_tensors
 from fedrac.data.sources import DataConfigError
+from fedrac.settings.config import ConfigError, conf_dir, validate
 
 AUTO = {"name": "files", "test_fraction": 0.25, "split_seed": 0, "mean": "auto",
         "std": "auto"}

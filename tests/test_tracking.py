@@ -8,8 +8,8 @@ import math
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fedrac.config import ConfigError, conf_dir, validate
 from fedrac.run import run_experiment
+from fedrac.settings.config import ConfigError, conf_dir, validate
 from tests.helpers import run_config
 
 ROUNDS = 2

@@ -163,15 +163,15 @@ def test_causal_lm_defaults_to_trl_columns_and_iid(files, tmp_path):
     (["task.generate_eval=-1"], "task.generate_eval=-1 is not allowed; allowed: an integer"),
 ])
 def test_bad_generate_eval_stops_with_one_line(files, tmp_path, extra, message):
-    from fedrac.config import ConfigError
+    from fedrac.settings.config import ConfigError
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         _cfg(files, f"dataset.path={files['pc']}", f"output_dir={tmp_path}", *extra)
 
 
 def test_generate_eval_on_a_text_table_stops_before_training(files, tmp_path):
-    from fedrac.config import ConfigError
     from fedrac.run import run_experiment
+    from fedrac.settings.config import ConfigError
 
     cfg = _cfg(files, f"dataset.path={files['text']}", "task.generate_eval=4",
                f"output_dir={tmp_path}")
@@ -186,7 +186,7 @@ def test_messages_run_reports_tokens_perplexity_and_generation_scores(files, tmp
     random.seed(0)
     cfg = _cfg(files, f"dataset.path={files['messages']}", "task.generate_eval=4",
                "task.generate_max_new_tokens=3", f"output_dir={tmp_path}")
-    from fedrac.results import format_table
+    from fedrac.server.results import format_table
 
     table = format_table([run_experiment(cfg)])
     out = capsys.readouterr().out
@@ -205,7 +205,7 @@ def test_messages_run_reports_tokens_perplexity_and_generation_scores(files, tmp
 
 def test_final_table_of_a_summary_read_back_from_json():
     """summary.json writes NaN as null: the table still prints (perplexity, no F1 columns)."""
-    from fedrac.results import format_table
+    from fedrac.server.results import format_table
 
     summary = {"label": "rac_lora r=2", "config": {"task": "causal_lm"},
                "final_eval_perplexity": 12.5, "final_eval_loss": 2.5257, "final_accuracy": 0.25,

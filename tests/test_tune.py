@@ -115,7 +115,7 @@ def test_full_fine_tuning_tunes_full_lr(tmp_path, monkeypatch):
 
 
 def test_private_trials_add_the_jobs_noise_not_a_short_runs(tmp_path):
-    from fedrac.privacy import settings_from_config
+    from fedrac.privacy.dp import settings_from_config
     from fedrac.tune import trial_config
 
     cfg = run_config(tmp_path, *TINY, "privacy=dp", "privacy.target_epsilon=8", "num_rounds=20",
@@ -130,7 +130,7 @@ def test_private_trials_add_the_jobs_noise_not_a_short_runs(tmp_path):
 def test_real_trials_read_validation_data_are_cached_and_shared_by_seeds(tmp_path,
                                                                         monkeypatch):
     from fedrac import run as run_mod
-    from fedrac import server_app
+    from fedrac.server import app as server_app
     from fedrac.tune import tune_lr
 
     seen = []

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from clients.handlers import settings_from
-from clients.local_training import SGDW, TrainSettings, make_optimizer
-from fedrac.config import ConfigError
+from fedrac.settings.config import ConfigError
+from fedrac.training.local import SGDW, TrainSettings, make_optimizer
 from strategies.base import client_config_record
 from tests.helpers import run_config
 

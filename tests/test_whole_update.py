@@ -8,7 +8,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedrac.adapters import LayerSpec
-from fedrac.privacy import PrivacySettings
+from fedrac.privacy.dp import PrivacySettings
 from strategies import STRATEGIES
 from strategies.aggregation import Aggregator
 from tests.helpers import run_strategy

@@ -8,13 +8,12 @@ from fedrac.data.load import (
     build_splits,
     load_dataset_from_path,
     load_splits,
-    partition,
     plain,
     source_stamp,
     to_dataset,
     to_tensors,
 )
-from fedrac.data.partitioners import PARTITIONERS, build_partitioner
+from fedrac.data.partitioners import PARTITIONERS, build_partitioner, partition
 from fedrac.data.sources import DataConfigError
 
 __all__ = ["DATASETS", "PARTITIONERS", "DataConfigError", "DataSplits", "build_partitioner",

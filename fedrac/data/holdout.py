@@ -45,7 +45,7 @@ def validation_rows(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
 
 def training_labels(ds: Any) -> np.ndarray:
     """The ``label`` column of a split (row numbers when it has none: causal LM text)."""
-    from fedrac.data.partitioners import column_values
+    from fedrac.data.columns import column_values
 
     if "label" in ds.column_names:
         values = column_values(ds, "label")

@@ -432,22 +432,6 @@ def _carved_cached(key: str) -> DataSplits:
     return carve(load_splits(without_holdout(cfg)), cfg[KEY])
 
 
-def partition(
-    dataset_cfg: Mapping[str, Any], part_cfg: Mapping[str, Any],
-    num_partitions: int, partition_id: int, seed: int, split: str = "train",
-) -> Dataset:
-    """Client ``partition_id``'s share of the target training data.
-
-    With ``partitioner.val_fraction > 0`` the share is split (seeded) into ``train`` and
-    ``val``; ``split="val"`` returns the validation part (the whole share when the
-    fraction is 0).
-    """
-    from fedrac.data.partitioners import client_split
-
-    return client_split(dataset_cfg, part_cfg, int(num_partitions), int(partition_id), int(seed),
-                        split)
-
-
 def _column_array(col: pa.Array | pa.ChunkedArray, n: int) -> np.ndarray:
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()

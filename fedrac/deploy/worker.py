@@ -230,7 +230,7 @@ def call_worker(folder: str | Path, kind: str, message: Message, context: Contex
 def handle(kind: str, message: Message, context: Context) -> Message:
     """What fedrac's ClientApp does with the message, in this (warm) process."""
     from clients import handlers
-    from fedrac.flower_apps import node_config
+    from fedrac.settings.deployment import node_config
 
     cfg = node_config(message, context)
     if kind == "train":
@@ -253,7 +253,7 @@ def hold(node_id: int, context: Context) -> None:
     """Keep the node's cached global weights (``download=delta``) in this worker and leave a
     token in their place: the context travels between processes with every message, the
     weights need not (a worker started again holds nothing: the node resyncs once)."""
-    from fedrac.delta_sync import STATE_WEIGHTS
+    from fedrac.wire.delta_sync import STATE_WEIGHTS
 
     if STATE_WEIGHTS in context.state:
         token = uuid.uuid4().hex
@@ -264,7 +264,7 @@ def hold(node_id: int, context: Context) -> None:
 
 def restore_held(node_id: int, context: Context) -> None:
     """Put back the weights :func:`hold` kept for the node, if the context's token is theirs."""
-    from fedrac.delta_sync import STATE_WEIGHTS
+    from fedrac.wire.delta_sync import STATE_WEIGHTS
 
     if HELD_KEY not in context.state:
         return
@@ -305,7 +305,7 @@ def serve(folder: str | Path, run_id: int, parent: int | None = None,
     """Serve run ``run_id``'s messages on its socket in ``folder`` until idle, orphaned or
     stopped; ``grace`` s after a message once the run's last train round was served."""
     import clients.handlers  # noqa: F401 - the heavy imports, before listening
-    import fedrac.flower_apps  # noqa: F401
+    import fedrac.settings.deployment  # noqa: F401
 
     idle = float(os.environ.get(IDLE_ENV, 900)) if idle is None else idle
     path = private_folder(folder)

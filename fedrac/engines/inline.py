@@ -104,7 +104,7 @@ def _copy_recorddict(records: RecordDict) -> RecordDict:
 def _record_state(record: ArrayRecord) -> dict[str, Any] | bytes:
     """An ArrayRecord for a checkpoint: its tensors (model weights: far faster than
     protobuf), else Flower's protobuf bytes."""
-    from fedrac.records import to_shared_state_dict
+    from fedrac.wire.records import to_shared_state_dict
 
     try:
         return dict(to_shared_state_dict(record))  # read-only views: written, not copied
@@ -263,7 +263,7 @@ class InlineGrid(Grid):
             proto.ParseFromString(blob)
             return recorddict_from_proto(proto)
 
-        from fedrac.records import to_array_record
+        from fedrac.wire.records import to_array_record
 
         shared = {ref: parse(value)["r"] if isinstance(value, bytes) else
                   to_array_record(value) for ref, value in (state.get("shared") or {}).items()}

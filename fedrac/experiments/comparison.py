@@ -228,7 +228,7 @@ def _reached(reached: Sequence[tuple[int | None, float | None]], i: int) -> floa
 
 
 def _human(n: float | None) -> str:
-    from fedrac.results import human_bytes
+    from fedrac.server.results import human_bytes
 
     return "not reached" if n is None else human_bytes(n)
 
@@ -350,7 +350,7 @@ def plot_comparison(runs: Sequence[Run], path: Path) -> None:
     style = {s: (_STYLES[i % len(_STYLES)], _MARKERS[i // len(_STYLES) % len(_MARKERS)])
              for i, s in enumerate(settings)}
     metric = runs[0].metric
-    from fedrac.results import byte_unit
+    from fedrac.server.results import byte_unit
 
     up_unit = byte_unit(max((r.bytes_up_until(r.series()[-1][0]) for r in runs if r.series()),
                             default=0.0))
@@ -442,7 +442,7 @@ def plot_comparison(runs: Sequence[Run], path: Path) -> None:
 
 def write_comparison(sweep_dir: str | Path) -> str | None:
     """Write comparison.md/.csv, comparison_rounds.csv and comparison.png into ``sweep_dir``."""
-    from fedrac.sweep import failure_lines, load_failure
+    from fedrac.settings.sweep import failure_lines, load_failure
 
     sweep = Path(sweep_dir)
     runs, failed = [], []

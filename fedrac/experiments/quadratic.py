@@ -37,14 +37,14 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from clients.handlers import bind_reply, global_state, prepare_adapters, settings_from
-from clients.local_training import TrainSettings, make_optimizer, step_hooks
 from fedrac.adapters import adapter_factors, attached, find_target_layers, remove_adapters
-from fedrac.config import ConfigError
+from fedrac.adapters.sketch import derive_seed
 from fedrac.engines.inline import run_inline
 from fedrac.experiments.certificate import certify, reference_minimum
-from fedrac.experiments.spectrum import global_factors, monitor_from_config
-from fedrac.ledger import ByteLedger
-from fedrac.sketch import derive_seed
+from fedrac.server.spectrum import global_factors, monitor_from_config
+from fedrac.settings.errors import ConfigError
+from fedrac.training.local import TrainSettings, make_optimizer, step_hooks
+from fedrac.wire.ledger import ByteLedger
 from strategies import build_strategy
 
 log = logging.getLogger(__name__)

@@ -2,8 +2,8 @@
 
 ``Y`` (``d × d``) has rank ``r`` and condition number ``condition``; the factors start as LoRA
 does (``A`` Gaussian, ``B = 0``) and take plain gradient steps of size ``lr`` with
-:class:`fedrac.reflora.Refactorer` (``none``, ``reflora``, ``reflora_s``). Used by the tests
-and ``python -m fedrac.experiments.reflora_toy`` (prints steps to a target loss per form).
+:class:`fedrac.adapters.reflora.Refactorer` (``none``, ``reflora``, ``reflora_s``). Used by the
+tests and ``python -m fedrac.experiments.reflora_toy`` (prints steps to a target loss per form).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedrac.reflora import REFACTORS, Refactorer
+from fedrac.adapters.reflora import REFACTORS, Refactorer
 
 
 def make_target(d: int = 32, rank: int = 4, condition: float = 10.0, seed: int = 0

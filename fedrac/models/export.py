@@ -179,9 +179,9 @@ def export_transformers(
 ) -> dict[str, Any]:
     """Write ``hf_model/`` (and ``adapter/`` for adapter strategies); what was written.
     ``merged``: the run's merges as stacked factors (``adapter/`` without dense SVDs)."""
-    from clients.handlers import module_keys
     from fedrac.adapters import remove_adapters
     from fedrac.models.hf import load_tokenizer, tokenizer_source
+    from fedrac.models.shared import module_keys
 
     out = Path(out_dir)
     model_cfg = cfg["model"]

@@ -30,15 +30,15 @@ from flwr.app import ArrayRecord
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from clients.local_training import TrainSettings, evaluate, resolve_device, train_locally
 from fedrac.adapters.quantized import dense_state
 from fedrac.data import load_splits, source_stamp, to_tensors
 from fedrac.data.holdout import without_holdout
 from fedrac.models import ModelConfigError, build_model, file_digest, load_weights
 from fedrac.models.shared import model_as_built
 from fedrac.models.weights import state_digest
-from fedrac.records import to_array_record, to_shared_state_dict
 from fedrac.tasks import get_task
+from fedrac.training.local import TrainSettings, evaluate, resolve_device, train_locally
+from fedrac.wire.records import to_array_record, to_shared_state_dict
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 3  # 2: entries carry the SHA-256 of their tensors; keys hash `_target_` code;

@@ -3,7 +3,7 @@
 A task turns a client's data (dense ``x`` and labels ``y``, or tokenised text as
 :class:`fedrac.data.text.TokenData`) into batches, computes the training loss on a
 batch and evaluates a model on held-out data. The training loop
-(:func:`clients.local_training.train_locally`), pretraining and the server's
+(:func:`fedrac.training.local.train_locally`), pretraining and the server's
 evaluation all go through it, so none of them knows what the model predicts.
 """
 

@@ -80,8 +80,8 @@ def generation_setup(cfg: Any, x: Any) -> dict[str, Any] | None:
     n = int(task.get("generate_eval") or 0)
     if n <= 0 or task.get("name") != "causal_lm":
         return None
-    from fedrac.config import ConfigError
     from fedrac.models.hf import load_tokenizer
+    from fedrac.settings.errors import ConfigError
 
     tok = load_tokenizer(str(cfg["dataset"]["tokenizer"]))
     spans = answer_spans(x, n, tok.eos_token_id)

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fedrac.atomic import atomic_path
-from fedrac.config import _require
+from fedrac.settings.errors import _require
 
 FOLDER = "checkpoint"
 STATE_FILE = "state.safetensors"

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from fedrac.config import ConfigError
+from fedrac.settings.errors import ConfigError
 
 MODES = ("none", "dp", "local_dp")
 SAMPLINGS = ("poisson", "fixed")
@@ -507,7 +507,7 @@ class CentralDP:
     ) -> dict[str, torch.Tensor]:
         """``reference + private_mean(values - reference)`` in the reference's (else the
         values') dtypes; composes the round's release and adapts the clip norm."""
-        from fedrac.sketch import derive_seed
+        from fedrac.adapters.sketch import derive_seed
 
         clip = self.clip_norm
         mean, norms = private_mean(differences(values, reference), clip, self.update_sigma,
@@ -532,7 +532,7 @@ class CentralDP:
     def _adapted(self, server_round: int, norms: Sequence[float], clip: float) -> float:
         """Andrew et al.: ``C <- C * exp(-lr * (b - quantile))``, ``b`` the noised share of
         clients whose norm was at most C (the count noised with ``count_std``)."""
-        from fedrac.sketch import derive_seed
+        from fedrac.adapters.sketch import derive_seed
 
         count = float(sum(1 for n in norms if n <= clip))
         if self.count_std > 0:

@@ -17,9 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names key, value and what is allowed."""
+from fedrac.settings.errors import ConfigError, _require
 
 
 def _minilm(cache_dir: str) -> str:
@@ -37,11 +35,11 @@ OmegaConf.register_new_resolver("fedrac.uid", lambda: _UID, replace=True)
 
 def conf_dir() -> Path:
     """The ``conf/`` tree: inside the installed package, else the source checkout's."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent / "conf"):
+    package = Path(__file__).resolve().parent.parent  # fedrac/ (this file is fedrac/settings/)
+    for candidate in (package / "conf", package.parent / "conf"):
         if (candidate / "config.yaml").is_file():
             return candidate
-    raise FileNotFoundError(f"fedrac's conf/ tree is missing (looked in {here} and its parent)")
+    raise FileNotFoundError(f"fedrac's conf/ tree is missing (looked in {package} and its parent)")
 
 
 def group_options(group: str) -> list[str]:
@@ -147,11 +145,6 @@ def expand_paths(overrides: Sequence[str]) -> list[str]:
     return out
 
 
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is not allowed; allowed: {allowed}")
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -216,7 +209,7 @@ def check_sections(d: Mapping[str, Any]) -> None:
 
 def check_pretrain(p: Mapping[str, Any]) -> None:
     """The ``pretrain.*`` settings (centralized pretraining on the source task)."""
-    from clients.local_training import OPTIMIZERS
+    from fedrac.training.local import OPTIMIZERS
 
     _require(p.get("optimizer", "adamw") in OPTIMIZERS, "pretrain.optimizer",
              p.get("optimizer"), ", ".join(OPTIMIZERS))
@@ -343,8 +336,8 @@ def check_task(d: Mapping[str, Any]) -> None:
 
 
 def check_secagg(d: Mapping[str, Any]) -> None:
-    """The ``secagg`` group (:func:`fedrac.secagg.check_config`)."""
-    from fedrac.secagg import check_config
+    """The ``secagg`` group (:func:`fedrac.privacy.secagg.check_config`)."""
+    from fedrac.privacy.secagg import check_config
 
     try:
         check_config(d)
@@ -363,9 +356,9 @@ def check_tune(d: Mapping[str, Any]) -> None:
 
 
 def check_privacy(d: Mapping[str, Any]) -> None:
-    """The ``privacy`` group (:func:`fedrac.privacy.settings_from_config`: noise, clipping,
+    """The ``privacy`` group (:func:`fedrac.privacy.dp.settings_from_config`: noise, clipping,
     a reachable target epsilon, an aggregation rule that keeps the sensitivity bound)."""
-    from fedrac.privacy import settings_from_config
+    from fedrac.privacy.dp import settings_from_config
 
     settings_from_config(d)
 
@@ -384,7 +377,7 @@ def check_run(d: Mapping[str, Any], strategy_cls: type) -> None:
              d.get("progress"), "auto, bar, lines")
     for key in ("verbose", "overwrite"):
         _require(isinstance(d.get(key, False), bool), key, d.get(key), "true, false")
-    from fedrac.tracking import check_logger
+    from fedrac.server.tracking import check_logger
 
     problem = check_logger(d)
     if problem:
@@ -448,8 +441,8 @@ def check_client(c: Mapping[str, Any], strategy_cls: type | None = None,
                  device: str = "cpu") -> None:
     """The ``client.*`` local training settings (``refactor`` against the strategy,
     ``precision`` against the run's ``device``)."""
-    from clients.local_training import OPTIMIZERS, check_precision, resolve_device
-    from fedrac.reflora import REFACTORS
+    from fedrac.adapters.reflora import REFACTORS
+    from fedrac.training.local import OPTIMIZERS, check_precision, resolve_device
 
     _require(c["optimizer"] in OPTIMIZERS, "client.optimizer", c["optimizer"],
              ", ".join(OPTIMIZERS))
@@ -462,7 +455,7 @@ def check_client(c: Mapping[str, Any], strategy_cls: type | None = None,
              c["batch_size"], "an integer >= 1")
     _require(_is_num(c["weight_decay"]) and c["weight_decay"] >= 0, "client.weight_decay",
              c["weight_decay"], "a number >= 0")
-    from clients.local_training import WEIGHT_DECAY_MODES
+    from fedrac.training.local import WEIGHT_DECAY_MODES
 
     mode = c.get("weight_decay_mode", "auto")
     _require(mode in WEIGHT_DECAY_MODES, "client.weight_decay_mode", mode,
@@ -536,7 +529,7 @@ def _ray_address(address: str) -> bool:
 
 def check_strategy(s: Mapping[str, Any], strategy_cls: type) -> None:
     """The ``strategy`` group's adapter keys (rank, alpha, sketch, trained factor, download)."""
-    from fedrac.sketch import DISTRIBUTIONS
+    from fedrac.adapters.sketch import DISTRIBUTIONS
 
     if s["name"] != "fedavg":
         _require(_is_int(s.get("rank")) and s["rank"] >= 1, "strategy.rank", s.get("rank"),

@@ -38,9 +38,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from fedrac.checkpoint import STOP, RunInterrupted
-from fedrac.ledger import ByteLedger, record_dict_nbytes
-from fedrac.records import numpy_to_array
+from fedrac.server.checkpoint import STOP, RunInterrupted
+from fedrac.wire.ledger import ByteLedger, record_dict_nbytes
+from fedrac.wire.records import numpy_to_array
 
 LINEAR_STRATEGIES = ("fedavg", "rac_lora", "ffa_lora", "fedit", "cola", "fed_sb")
 RECORD_KEY = "secagg-record"  # fitres.metrics entries naming the reply's ArrayRecord

@@ -23,7 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fedrac.atomic import write_json
-from fedrac.config import ConfigError
+from fedrac.settings.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def check_jobs(config: DictConfig, loader: Any) -> tuple[list[list[str]], list[s
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from fedrac.config import validate
-    from fedrac.hydra_errors import one_line
+    from fedrac.settings.config import validate
+    from fedrac.settings.hydra_errors import one_line
 
     jobs = sweep_jobs(config, loader)
     errors: list[str] = []
@@ -95,7 +95,7 @@ def check_jobs(config: DictConfig, loader: Any) -> tuple[list[list[str]], list[s
             seen[key] = job
     out = config.get("output_dir")
     if out is not None:
-        from fedrac.outputs import contents
+        from fedrac.server.outputs import contents
 
         held = contents(out)
         if held and not config.get("overwrite") and not config.get("resume"):
@@ -137,7 +137,7 @@ class SweepGuard(Callback):
         if job in _STATE["twins"]:  # it never ran: no folder of its own
             shutil.rmtree(config.hydra.runtime.output_dir, ignore_errors=True)
         elif config.get("output_dir") is not None:  # it ran in output_dir/<job>, .hydra too
-            from fedrac.outputs import drop_if_unused
+            from fedrac.server.outputs import drop_if_unused
 
             drop_if_unused(config.hydra.runtime.output_dir)
 

@@ -12,23 +12,24 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from clients.handlers import client_model, module_keys
-from clients.local_training import move_to, resolve_device
 from fedrac.adapters import find_target_layers
 from fedrac.adapters.quantized import load_state
-from fedrac.checkpoint import Checkpointer, RunInterrupted, set_rng_state
 from fedrac.data import load_splits, to_tensors
 from fedrac.data.standardise import write_data_json
-from fedrac.divergence import DivergenceGuard, RunDiverged
-from fedrac.experiments.spectrum import global_factors, monitor_from_config
 from fedrac.models.pretrain import pretrained_record
-from fedrac.outputs import claim_output_dir, release_output_dir
-from fedrac.records import (
+from fedrac.models.shared import config_model, module_keys
+from fedrac.server.checkpoint import Checkpointer, RunInterrupted, set_rng_state
+from fedrac.server.divergence import DivergenceGuard, RunDiverged
+from fedrac.server.outputs import claim_output_dir, release_output_dir
+from fedrac.server.results import RunRecorder
+from fedrac.server.spectrum import global_factors, monitor_from_config
+from fedrac.settings.typed import Settings, settings_of
+from fedrac.tasks import task_of
+from fedrac.training.local import move_to, resolve_device
+from fedrac.wire.records import (
     to_array_record,
     to_shared_state_dict,
 )
-from fedrac.results import RunRecorder
-from fedrac.tasks import task_of
 from strategies import build_strategy
 
 log = logging.getLogger(__name__)
@@ -42,48 +43,50 @@ def run_server(cfg: Mapping[str, Any], grid: Grid, node_overrides: str | None = 
     process's model instance (shared with clients simulated in the same process). The
     output folder is claimed (one run per folder, also under ``flwr run``) until it returns.
     ``node_overrides``: sent in every message's config (``run-overrides``) for nodes that
-    resume a deployment run (:func:`fedrac.flower_apps.node_config`).
+    resume a deployment run (:func:`fedrac.settings.deployment.node_config`).
     """
-    claim_output_dir(cfg["output_dir"])
+    settings = settings_of(cfg)  # typed, once; cfg itself goes to the parts not yet typed
+    claim_output_dir(settings.run.output_dir)
     try:
-        return _run_server(cfg, grid, node_overrides)
+        return _run_server(settings, grid, node_overrides)
     finally:
-        release_output_dir(cfg["output_dir"])
+        release_output_dir(settings.run.output_dir)
 
 
-def _run_server(cfg: Mapping[str, Any], grid: Grid, node_overrides: str | None
+def _run_server(settings: Settings, grid: Grid, node_overrides: str | None
                 ) -> dict[str, Any]:
-    splits = load_splits(cfg["dataset"])
+    cfg, run, data = settings.config, settings.run, settings.data
+    splits = load_splits(data.dataset)
     from fedrac.tasks.generation import generation_metrics, generation_setup
 
     # task.generate_eval: greedy answers to held-out prompts, scored (checked before any file)
     generate = generation_setup(cfg, to_tensors(splits.target_test)[0])
     # W0 first: read from the process's model while it is still as built (one build)
-    initial = pretrained_record(cfg["model"], cfg["dataset"], cfg["pretrain"],
-                                cfg["cache_dir"])
-    model = client_model(cfg)
+    initial = pretrained_record(settings.model.options, data.dataset, settings.model.pretrain,
+                                run.cache_dir)
+    model = config_model(cfg)
     state = dict(to_shared_state_dict(initial))  # W0: read-only views of the record
     load_state(model, state)
-    layers = find_target_layers(model, cfg["model"]["target_modules"])
+    layers = find_target_layers(model, settings.model.target_modules)
     strategy = build_strategy(cfg, layers)
     if getattr(strategy, "layers", None):  # an adapter method: new heads are trained in full
         strategy.set_trainable_modules({k: tuple(p.shape)
                                         for k, p in module_keys(model, cfg).items()})
     if splits.standardisation is not None:
         strategy.data_config = splits.standardisation.wire()  # for nodes with their own data
-        write_data_json(cfg["output_dir"], {"standardisation": splits.standardisation.to_json(),
-                                            "nan": cfg["dataset"].get("nan") or "error"})
+        write_data_json(run.output_dir, {"standardisation": splits.standardisation.to_json(),
+                                         "nan": data.dataset.get("nan") or "error"})
     if node_overrides is not None:
         strategy.data_config["run-overrides"] = node_overrides
-    num_rounds, every = int(cfg["num_rounds"]), int(cfg["eval_every"])
-    recorder = RunRecorder(cfg["output_dir"], cfg, strategy.ledger, strategy.round_metrics,
+    num_rounds, every = run.num_rounds, run.eval_every
+    recorder = RunRecorder(run.output_dir, cfg, strategy.ledger, strategy.round_metrics,
                            num_rounds, privacy=strategy.privacy_summary())
-    device = resolve_device(str(cfg["device"]))
+    device = resolve_device(run.device)
     task = task_of(cfg)
     x_test, y_test = to_tensors(splits.target_test)
     latest = {"arrays": initial}
     monitor = monitor_from_config(cfg, layers, state)
-    secagg = (cfg.get("secagg") or {}).get("name", "none") == "plus"
+    secagg = settings.privacy.secagg == "plus"
     ckpt = None if secagg else Checkpointer(cfg, strategy, recorder, grid, monitor)
     if splits.label_names:
         print("labels: " + ", ".join(f"{i}={n}" for i, n in enumerate(splits.label_names)),
@@ -117,24 +120,24 @@ def _run_server(cfg: Mapping[str, Any], grid: Grid, node_overrides: str | None
         return result
 
     first_round, interrupted, diverged = 1, None, None
-    if cfg.get("resume") and ckpt is not None:
+    if run.resume and ckpt is not None:
         done, weights, rng = ckpt.restore()
         latest["arrays"] = initial = to_array_record(weights)
         first_round = done + 1
-        print(f"fedrac: resuming {cfg['output_dir']} after round {done} of {num_rounds}",
+        print(f"fedrac: resuming {run.output_dir} after round {done} of {num_rounds}",
               flush=True)
         guard = DivergenceGuard(weights)  # bound: 10x the resumed weights' norm at first
         set_rng_state(rng)  # last: nothing may draw between here and round `done + 1`
     try:
         if secagg:
-            from fedrac.secagg import run_secagg
+            from fedrac.privacy.secagg import run_secagg
 
             recorder.secagg = run_secagg(strategy, grid, initial, num_rounds,
-                                         float(cfg["round_timeout"]), evaluate_fn,
-                                         cfg["secagg"])
+                                         run.round_timeout, evaluate_fn,
+                                         settings.privacy.secagg_options)
         else:
             strategy.start(grid, initial, num_rounds=num_rounds,
-                           timeout=float(cfg["round_timeout"]), evaluate_fn=end_of_round,
+                           timeout=run.round_timeout, evaluate_fn=end_of_round,
                            first_round=first_round)
     except RunInterrupted as stop:
         interrupted = stop
@@ -155,7 +158,7 @@ def _run_server(cfg: Mapping[str, Any], grid: Grid, node_overrides: str | None
         extra["diverged"] = {"round": diverged.server_round, "reason": diverged.reason}
     if splits.label_names:
         extra["label_names"] = list(splits.label_names)
-    if cfg["model"].get("name") == "hf":
+    if settings.model.name == "hf":
         from fedrac.models.export import (
             export_transformers,
             set_label_names,
@@ -166,8 +169,8 @@ def _run_server(cfg: Mapping[str, Any], grid: Grid, node_overrides: str | None
         set_label_names(model, splits.label_names)
         merged = getattr(strategy, "export_factors", lambda: None)()
         extra["export"] = export_transformers(cfg, model, layers, state, final,
-                                              cfg["output_dir"], merged)
-        tidy_adapter_config(f"{cfg['output_dir']}/adapter")
+                                              run.output_dir, merged)
+        tidy_adapter_config(f"{run.output_dir}/adapter")
         if hint := truncation_hint(extra["export"]):
             print(hint, flush=True)
     summary = recorder.finish(final, extra)

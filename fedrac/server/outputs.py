@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedrac.config import ConfigError, _require
+from fedrac.settings.errors import ConfigError, _require
 
 LOCK = ".fedrac.lock"  # held (flock) by the one process running in the folder
 # What Hydra itself puts in a run folder before fedrac starts: not a run.

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from fedrac.adapters import LayerSpec
+from fedrac.adapters.sketch import make_sketch
 from fedrac.models.weights import state_digest
-from fedrac.sketch import make_sketch
 
 STATE_WEIGHTS = "fedrac.weights"  # node Context.state keys of the cached global weights
 STATE_SYNC = "fedrac.sync"        # ... of its version (``{"version": v}``)

@@ -54,7 +54,7 @@ def _hint(full_key: str, given: str, keys: Sequence[str]) -> str:
     key that another option of the group reads (``+strategy.client_ranks`` with fedit)."""
     import difflib
 
-    from fedrac.config import known_keys
+    from fedrac.settings.config import known_keys
 
     where, _, name = full_key.rpartition(".")
     if "=" in given and "." in full_key and name in known_keys(full_key.split(".")[0]):

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedrac.projected_step import ProjectedStep
-from fedrac.reflora import Refactorer, trained_pairs
-from fedrac.sketch import derive_seed
+from fedrac.adapters.projected_step import ProjectedStep
+from fedrac.adapters.reflora import Refactorer, trained_pairs
+from fedrac.adapters.sketch import derive_seed
 from fedrac.tasks import CLASSIFICATION, Task
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -30,10 +30,10 @@ class TrainSettings:
     in the loss: SGD's ``weight_decay``, Adam with L2); ``decoupled`` shrinks the parameters by
     ``1 - lr * weight_decay`` beside the step (AdamW, SGDW); ``auto`` is the optimizer's own
     (sgd: coupled, adamw: decoupled). See :func:`make_optimizer`.
-    ``refactor``: ``none``, ``reflora`` or ``reflora_s`` (:mod:`fedrac.reflora`, on the
+    ``refactor``: ``none``, ``reflora`` or ``reflora_s`` (:mod:`fedrac.adapters.reflora`, on the
     adapters whose two factors train) with its ``eps``, ``interval`` and ``warmup_steps``;
     ``projected_step``: precondition a lone trained factor by its sketch's inverse Gram
-    matrix (:mod:`fedrac.projected_step`).
+    matrix (:mod:`fedrac.adapters.projected_step`).
     ``precision``: ``fp32``, or ``bf16`` / ``fp16`` autocast on the run's device (the adapter
     factors stay fp32; ``fp16`` adds a gradient scaler); ``grad_accum_steps``: micro-batches of
     ``batch_size`` per optimizer step (the effective batch is their product; ``local_steps``

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from fedrac.atomic import atomic_path, write_json, write_text
-from fedrac.ledger import ByteLedger
-from fedrac.tracking import Tracker, make_tracker, round_scalars
+from fedrac.server.tracking import Tracker, make_tracker, round_scalars
+from fedrac.wire.ledger import ByteLedger
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,9 @@ class RunRecorder:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cfg, self.ledger, self.round_metrics = cfg, ledger, round_metrics
         self.num_rounds = num_rounds
-        self.privacy = dict(privacy) if privacy else None  # resolved settings (fedrac.privacy)
-        self.secagg: dict[str, Any] | None = None  # SecAgg+ per-round figures (fedrac.secagg)
+        self.privacy = dict(privacy) if privacy else None  # resolved settings (fedrac.privacy.dp)
+        # SecAgg+ per-round figures (fedrac.privacy.secagg)
+        self.secagg: dict[str, Any] | None = None
         self._privacy_last = {"epsilon": 0.0 if self.privacy else math.nan,
                               "clip_norm": (self.privacy or {}).get("clip_norm", math.nan)}
         self.rows: list[dict[str, Any]] = []

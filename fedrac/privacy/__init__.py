@@ -1,0 +1,1 @@
+"""Privacy and secure aggregation: client-level differential privacy (dp) and SecAgg+ (secagg)."""

@@ -1,0 +1,1 @@
+"""The wire: Flower records from tensors, the byte ledger, adapter-sized downloads (delta sync)."""
