@@ -233,6 +233,16 @@ def best_point(points: Sequence[Mapping[str, Any]], metric: str) -> Mapping[str,
     return max(ok, key=lambda p: (sign * p["score"], -p["lr"]))
 
 
+def grid_edge(points: Sequence[Mapping[str, Any]], best: Mapping[str, Any]) -> str | None:
+    """``largest`` / ``smallest`` when ``best`` is the top or bottom value the grid tried (of
+    two or more; a failed value beyond it bounds the search), else ``None``: the optimum may
+    lie outside the grid."""
+    lrs = sorted(p["lr"] for p in points)
+    if len(lrs) < 2:
+        return None
+    return "largest" if best["lr"] == lrs[-1] else "smallest" if best["lr"] == lrs[0] else None
+
+
 def _short(metric: str) -> str:
     return "acc" if metric == "accuracy" else "loss"
 
@@ -274,6 +284,10 @@ def tune_lr(d: Mapping[str, Any]) -> dict[str, Any]:
               "grid": points}
     log.info("tune lr: client.%s=%g chosen (val %s %.4f over %d trials of %d rounds)", key,
              best["lr"], _short(metric), best["score"], len(points), rounds)
+    if edge := grid_edge(points, best):
+        result["edge"] = edge
+        log.warning("tune lr: client.%s=%g is the %s value the grid tried: the best may lie "
+                    "beyond it; extend tune.grid", key, best["lr"], edge)
     out = copy.deepcopy(dict(d))
     out["client"][key] = best["lr"]
     out["tune"] = {**t, "result": result}
@@ -296,5 +310,7 @@ def format_tuning(rows: Sequence[Mapping[str, Any]]) -> str:
                 f"failed ({p.get('error', '')})"
             cell = f"{p['lr']:g}: {v}"
             cells.append(f"**{cell}**" if p["lr"] == t["lr"] else cell)
-        lines.append(f"| {r['group']} | {t['key']} | {r['tuned_lr']} | {', '.join(cells)} |")
+        edge = f" (grid's {t['edge']}: extend the grid)" if t.get("edge") else ""
+        lines.append(f"| {r['group']} | {t['key']} | {r['tuned_lr']}{edge} | "
+                     f"{', '.join(cells)} |")
     return "\n".join(lines)

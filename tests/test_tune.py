@@ -86,8 +86,11 @@ def test_the_grids_best_on_validation_is_chosen_and_failures_are_recorded(tmp_pa
     assert [round(t["client"]["lr"], 6) for t in calls] == [0.04]
     assert again["client"]["lr"] == pytest.approx(0.02)
 
+    assert "edge" not in result  # 0.04 was tried (and failed): 0.02 is no edge of the grid
     loss_cfg = run_config(tmp_path, *TINY, "tune.metric=loss", "client.lr=0.01")
-    assert tune_lr(loss_cfg)["client"]["lr"] == pytest.approx(0.0025)  # the lowest loss
+    low = tune_lr(loss_cfg)["tune"]["result"]
+    assert low["lr"] == pytest.approx(0.0025)  # the lowest loss
+    assert low["edge"] == "smallest"  # the grid's bottom: the optimum may lie below it
 
 
 def test_every_grid_point_failing_fails_the_job_clearly(tmp_path, monkeypatch):
