@@ -310,7 +310,8 @@ def format_tuning(rows: Sequence[Mapping[str, Any]]) -> str:
                 f"failed ({p.get('error', '')})"
             cell = f"{p['lr']:g}: {v}"
             cells.append(f"**{cell}**" if p["lr"] == t["lr"] else cell)
-        edge = f" (grid's {t['edge']}: extend the grid)" if t.get("edge") else ""
+        at = t.get("edge") or grid_edge(t["grid"], t)  # results written before the flag
+        edge = f" (grid's {at}: extend the grid)" if at else ""
         lines.append(f"| {r['group']} | {t['key']} | {r['tuned_lr']}{edge} | "
                      f"{', '.join(cells)} |")
     return "\n".join(lines)

@@ -88,6 +88,11 @@ def test_paper_table_pivots_arms_and_settings(tmp_path):
     text = write_comparison(tmp_path)
     assert "| RAC-LoRA | 91.0 ± 0.0 | 95.0 ± 0.0 | 92.0 | 96.1 |" in text
     assert "| FPFT | 98.0 ± 0.0 | 98.0 ± 0.0 | 98.0 | 98.0 |" in text
+    other = tmp_path / "minilm"  # rank arms (rac_lora_r4): not the paper's protocol, no pivot
+    for i, arm in enumerate(["fpft", "rac_lora_r4"]):
+        _fake_run(other, f"run{i}", ["+setting=central", f"+arm={arm}", "seed=0"],
+                  "fedavg" if arm == "fpft" else "rac_lora", [0.2, 0.9])
+    assert "paper" not in write_comparison(other)
 
 
 @pytest.mark.parametrize("value", [1.5, "fpft", "half"])

@@ -45,17 +45,22 @@ def paper_table(runs: Sequence[Any]) -> str | None:
     when the runs are not arm x setting."""
     cells: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     settings: list[str] = []
+    protocol = False  # a factor-orientation arm (``<method>_A`` / ``_B``) of the paper's table
     for r in runs:
         arm, setting = _choice(r.overrides, "arm"), _choice(r.overrides, "setting")
         if arm is None or setting is None:
             return None
         method, _, side = arm.rpartition("_") if arm != "fpft" else ("fpft", "", "")
-        if method not in PAPER_MNIST:  # a method the paper has no number for (fed_sb_r5)
-            continue
+        if method not in PAPER_MNIST or method != "fpft" and side not in ("A", "B"):
+            continue  # a method the paper has no number for (fed_sb_r5), or not its protocol
+        if method != "fpft":
+            protocol = True
         if setting not in settings:
             settings.append(setting)
         for s in (("B", "A") if method == "fpft" else (side,)):
             cells[(method, s, setting)].append(r.final())
+    if not protocol:
+        return None
     head = "| method | " + " | ".join(f"{s} B (out) | {s} A (in)" for s in settings) + \
         " | paper B (133 params) | paper A (912 params) |"
     lines = [head, "|---" * (2 * len(settings) + 3) + "|"]
