@@ -326,7 +326,7 @@ def _is_fpft(family: str) -> bool:
 
 def plot_comparison(runs: Sequence[Run], path: Path) -> None:
     """Small multiples: one column per method family (``fedit_A``/``fedit_B`` -> ``fedit``),
-    rows the metric per round, per byte uploaded and per byte sent (up + down).
+    rows the metric per round, per byte uploaded (log scale) and per byte sent (up + down).
 
     Colour names the method, line style the setting (both in the legends outside the
     axes); overrides every run shares go to the title, not the labels; identical curves
@@ -339,7 +339,7 @@ def plot_comparison(runs: Sequence[Run], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, NullFormatter
 
     lines, common = plot_lines(runs)
     families = sorted({ln.family for ln in lines}, key=lambda f: (not _is_fpft(f), f))
@@ -407,7 +407,10 @@ def plot_comparison(runs: Sequence[Run], path: Path) -> None:
                 ax.set_ylim(top=10.0)
     for ax in axes[0]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in (*axes[1], *axes[2]):
+    for ax in axes[1]:  # uploads span decades (FPFT against Fed-SB): log, round 0 off
+        ax.set_xscale("log", nonpositive="mask")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    for ax in axes[2]:
         ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
     method_handles = [Line2D([], [], color=colour[m], label=m) for m in methods]
     if fpft and len(families) > 1:
