@@ -32,7 +32,7 @@ from fedrac.adapters.sketch import DISTRIBUTIONS, derive_seed
 from fedrac.models.merged_factors import MergedFactors
 from fedrac.privacy.dp import Accountant, CentralDP, PrivacySettings
 from fedrac.wire.ledger import ByteLedger, record_dict_nbytes
-from fedrac.wire.records import array_to_tensor
+from fedrac.wire.records import array_to_tensor, to_shared_state_dict
 from strategies.aggregation import Aggregator, normalised, scaled
 
 CLIENT_KEYS = {  # Hydra `client.*` key -> ConfigRecord key sent to clients
@@ -279,6 +279,19 @@ class FedracStrategy(FedAvg):
         layer's weight in ``weights`` (the global state the server sent or keeps)."""
         return {key: adapter_dtype(weights[self.layers[key.rpartition(".lora_")[0]]
                                            .weight_key].dtype) for key in keys}
+
+    def collect_factor_replies(
+        self, server_round: int, replies: Iterable[Message],
+        expected: Mapping[str, tuple[int, ...]], kinds: Mapping[str, str],
+    ) -> tuple[dict[str, torch.Tensor], list[ValidReply], MetricRecord]:
+        """The global state (read-only views), the round's valid ``factors`` replies (checked
+        against ``expected`` shapes and the layers' adapter dtypes; trained modules against
+        the global ones) and the round's metric record."""
+        current = to_shared_state_dict(self._global)
+        valid = self.collect_replies(server_round, replies, "factors", expected, kinds,
+                                     dtypes=self.factor_dtypes(current, expected),
+                                     module_reference=current)
+        return current, valid, self.round_metric_record(server_round)
 
     # ----------------------------------------------------------------- sending
     def sample_train_nodes(self, grid: Grid, server_round: int) -> list[int]:

@@ -233,11 +233,8 @@ class FedSB(FedracStrategy):
         answered = {self.reply_node(m, to) for m in replies if not m.has_error()}
         self.holders -= set(to.values()) - answered  # failed or silent: it may lack the frame
         expected = {f"{n}.lora_R": (self.rank, self.rank) for n in self.layers}
-        current = to_shared_state_dict(self._global)
-        valid = self.collect_replies(server_round, replies, "factors", expected, KINDS,
-                                     dtypes=self.factor_dtypes(current, expected),
-                                     module_reference=current)
-        metrics = self.round_metric_record(server_round)
+        current, valid, metrics = self.collect_factor_replies(server_round, replies, expected,
+                                                              KINDS)
         if not valid:
             return None, metrics
         avg = self.average(server_round, valid)  # R starts at zero: the reply is the update

@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 from fedrac.adapters import LayerSpec, resolve_trained
 from fedrac.adapters.sketch import derive_seed, fingerprint, make_sketch
 from fedrac.wire.delta_sync import SET_PREFIX, merge_factors
-from fedrac.wire.records import array_to_tensor, to_array_record, to_shared_state_dict
+from fedrac.wire.records import array_to_tensor, to_array_record
 from strategies.base import FedracStrategy, require_choice
 from strategies.delta_sync import DOWNLOADS, DeltaSync, resolve_download
 
@@ -202,11 +202,8 @@ class RacLoRA(FedracStrategy):
                 server_round, replies,
                 lambda rnd, contents, nodes: self.make_messages(rnd, contents, nodes, KINDS),
                 self.ledger.add)
-        current = to_shared_state_dict(self._global)
-        valid = self.collect_replies(server_round, replies, "factors", expected, KINDS,
-                                     dtypes=self.factor_dtypes(current, expected),
-                                     module_reference=current)
-        metrics = self.round_metric_record(server_round)
+        current, valid, metrics = self.collect_factor_replies(server_round, replies, expected,
+                                                              KINDS)
         if not valid:
             return None, metrics
         avg = self.average(server_round, valid)  # replies of rank r_k < rank come zero-padded
