@@ -294,6 +294,17 @@ class FedracStrategy(FedAvg):
         return current, valid, self.round_metric_record(server_round)
 
     # ----------------------------------------------------------------- sending
+    def same_message(self, server_round: int, content: RecordDict, nodes: Iterable[int],
+                     message_type: str, kinds: Mapping[str, str]) -> list[Message]:
+        """One message of ``content`` to each of ``nodes``, each counted as sent down."""
+        size = record_dict_nbytes(content, kinds)
+        messages = []
+        for node in nodes:
+            self.ledger.add(server_round, "down", size)
+            messages.append(Message(content=content, message_type=message_type,
+                                    dst_node_id=node))
+        return messages
+
     def sample_train_nodes(self, grid: Grid, server_round: int) -> list[int]:
         """This round's clients: a seeded sample of ``fraction_train`` of the connected nodes.
 
@@ -395,12 +406,8 @@ class FedracStrategy(FedAvg):
         content = RecordDict({"arrays": arrays,
                               "config": ConfigRecord({**self.data_config,
                                                       "server-round": server_round})})
-        size = record_dict_nbytes(content, EVAL_KINDS)
-        messages = []
-        for node_id in nodes:
-            self.ledger.add(server_round, "down", size)
-            messages.append(Message(content=content, message_type=MessageType.EVALUATE,
-                                    dst_node_id=node_id))
+        messages = self.same_message(server_round, content, nodes, MessageType.EVALUATE,
+                                     EVAL_KINDS)
         self.sent_eval[server_round] = messages
         return messages
 

@@ -173,12 +173,7 @@ class FedSB(FedracStrategy):
         chosen = sorted(rng.sample(nodes, min(self.init_clients, len(nodes))))
         content = RecordDict({"arrays": arrays, "config": self.train_config(
             server_round, mode="gradient", **{"init-samples": self.init_samples})})
-        size = record_dict_nbytes(content, KINDS)
-        messages = []
-        for node in chosen:
-            self.ledger.add(server_round, "down", size)
-            messages.append(Message(content=content, message_type=MessageType.TRAIN,
-                                    dst_node_id=node))
+        messages = self.same_message(server_round, content, chosen, MessageType.TRAIN, KINDS)
         expected = {spec.weight_key: (spec.d_out, spec.d_in) for spec in self.layers.values()}
         total: dict[str, torch.Tensor] = {}
         weight = 0.0
