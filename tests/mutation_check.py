@@ -128,6 +128,8 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
      ["tests/test_output_lock.py"]),
     ("divergence unchecked", "fedrac/server/divergence.py",
      "if bound > 0 and moved > bound:", "if False:", ["tests/test_divergence.py"]),
+    ("divergence converts whole tensors", "fedrac/server/divergence.py",
+     "    if t.numel() <= CHUNK:", "    if True:", ["tests/test_divergence.py"]),
     ("mean unbounded by default", "strategies/aggregation.py",
      'default_max_update_norm = "auto"  # null under', "default_max_update_norm = None  # ",
      ["tests/test_divergence.py", "tests/test_robust_aggregation.py"]),
