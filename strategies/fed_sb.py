@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fedrac.adapters import LayerSpec
+from fedrac.adapters.lora_sb import signed_step_svd
 from fedrac.adapters.sketch import derive_seed, fingerprint, make_sketch
 from fedrac.wire.ledger import record_dict_nbytes
 from fedrac.wire.records import to_array_record, to_shared_state_dict
@@ -31,6 +32,14 @@ KINDS = {"arrays": "weights", "adapters": "factors", "factors": "factors", "conf
          "gradient": "gradient"}
 FINGERPRINT_KEY = "frame-fingerprint"  # clients.fed_sb.FINGERPRINT_KEY
 INIT_TIMEOUT = 3600.0  # seconds the init waits for the gradients (a round's default timeout)
+INIT_RANK_KEY, INIT_STEP_KEY = "init-rank", "init-step"  # clients.fed_sb: reply with the SVD
+SVD_PARTS = ("init_U", "init_S", "init_Vh")  # clients.fed_sb: <layer>.<part> of that reply
+
+
+def svd_shapes(spec: LayerSpec, rank: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of one layer's ``U_r``, ``S_r``, ``V_rᵀ`` in a low-rank init reply."""
+    return dict(zip((f"{spec.name}.{p}" for p in SVD_PARTS),
+                    ((spec.d_out, rank), (rank,), (rank, spec.d_in)), strict=True))
 
 
 def lora_sb_init(gradient: torch.Tensor, rank: int, step: float, scale: float
@@ -38,19 +47,25 @@ def lora_sb_init(gradient: torch.Tensor, rank: int, step: float, scale: float
     """``(B, A, R_0)`` of one layer from its first gradient (``d_out x d_in``): the truncated
     SVD of ``M = -step * sign(G)``, ``B = U_r``, ``A = V_rᵀ``, ``R_0 = S_r / scale`` (float64;
     ``scale * B @ R_0 @ A`` is the best rank-``r`` approximation of ``M``)."""
-    m = -float(step) * torch.sign(gradient.to(torch.float64))
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    return u[:, :rank].contiguous(), vh[:rank].contiguous(), torch.diag(s[:rank]) / scale
+    return factors_from_svd(*signed_step_svd(gradient, rank, step), scale)
+
+
+def factors_from_svd(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(B, A, R_0) = (U_r, V_rᵀ, diag(S_r) / scale)`` in float64."""
+    return u.to(torch.float64), vh.to(torch.float64), torch.diag(s.to(torch.float64)) / scale
 
 
 class FedSB(FedracStrategy):
     """Fed-SB: per target layer ``W <- W + s * B @ R_bar @ A`` each round, ``B``/``A`` fixed.
 
-    ``init``: ``gradient`` (LoRA-SB: before round 1 ``init_clients`` seeded clients each
-    send the mean gradient of the target weights over up to ``init_samples`` examples, one
-    full-size upload each, ledger kind ``gradient``; their example-weighted mean gives
-    ``B``, ``A``, ``R_0`` by :func:`lora_sb_init` with ``eta = init_step`` (default: the lr
-    of the first local step, ``client.lr / client.warmup_steps``), and the server merges
+    ``init``: ``gradient`` (LoRA-SB: before round 1 ``init_clients`` seeded clients take
+    the mean gradient of the target weights over up to ``init_samples`` examples; one client
+    uploads the truncated SVD of its ``-eta sign(G)``, ``r (d_in + d_out + 1)`` numbers per
+    layer, several upload their full gradients, whose example-weighted mean gives ``B``,
+    ``A``, ``R_0`` by :func:`lora_sb_init` (ledger kind ``gradient`` either way), with
+    ``eta = init_step`` (default: the lr of the first local step,
+    ``client.lr / client.warmup_steps``), and the server merges
     ``s * B R_0 A`` into the weights before round 1) or ``random`` (``B``, ``A`` drawn from the
     run seed with ``sketch``, ``R_0 = 0``: no data leaves a client before training).
     Each round clients start ``R`` at zero on the merged weights (the same step as the
@@ -143,12 +158,10 @@ class FedSB(FedracStrategy):
                                                           self.sketch)
                           for n, spec in self.layers.items() for side in ("A", "B")}
             return arrays
-        grads = self.client_gradients(server_round, arrays, grid)
+        inits = self.client_inits(server_round, arrays, grid)
         state = dict(to_shared_state_dict(arrays))
         frame, start = {}, {}
-        for name in self.layers:
-            b, a, r0 = lora_sb_init(grads[f"{name}.weight"], self.rank, self.init_step,
-                                    self.scale)
+        for name, (b, a, r0) in inits.items():
             frame[f"{name}.lora_A"], frame[f"{name}.lora_B"] = a.float(), b.float()
             start[name] = (b @ r0, a)
         self.frame = frame
@@ -162,19 +175,28 @@ class FedSB(FedracStrategy):
         log(INFO, "fed_sb: B, A from the clients' first gradient (rank %d)", self.rank)
         return to_array_record(state)
 
-    def client_gradients(self, server_round: int, arrays: ArrayRecord, grid: Grid
-                         ) -> dict[str, torch.Tensor]:
-        """The example-weighted mean of ``init_clients`` seeded clients' target-layer
-        gradients (``RuntimeError`` when none replies usably)."""
+    def client_inits(self, server_round: int, arrays: ArrayRecord, grid: Grid
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per layer ``(B, A, R_0)`` from ``init_clients`` seeded clients: one client sends
+        the truncated SVD of its own ``-eta sign(G)`` (``U_r``, ``S_r``, ``V_rᵀ``: the same
+        init, ``r (d_in + d_out + 1)`` numbers per layer); several send their full gradients,
+        whose example-weighted mean the server signs (``RuntimeError`` when none replies
+        usably)."""
         import random
 
         nodes = sorted(grid.get_node_ids())
         rng = random.Random(derive_seed(self.run_seed, 0, INIT_STREAM))
         chosen = sorted(rng.sample(nodes, min(self.init_clients, len(nodes))))
+        low_rank = len(chosen) == 1  # no mean to take before the sign: the client can SVD
+        extra = {INIT_RANK_KEY: self.rank, INIT_STEP_KEY: self.init_step} if low_rank else {}
         content = RecordDict({"arrays": arrays, "config": self.train_config(
-            server_round, mode="gradient", **{"init-samples": self.init_samples})})
+            server_round, mode="gradient", **{"init-samples": self.init_samples}, **extra)})
         messages = self.same_message(server_round, content, chosen, MessageType.TRAIN, KINDS)
-        expected = {spec.weight_key: (spec.d_out, spec.d_in) for spec in self.layers.values()}
+        if low_rank:
+            expected = {k: shape for spec in self.layers.values()
+                        for k, shape in svd_shapes(spec, self.rank).items()}
+        else:
+            expected = {spec.weight_key: (spec.d_out, spec.d_in) for spec in self.layers.values()}
         total: dict[str, torch.Tensor] = {}
         weight = 0.0
         for msg in grid.send_and_receive(messages, timeout=INIT_TIMEOUT):
@@ -196,7 +218,12 @@ class FedSB(FedracStrategy):
         if not weight:
             raise RuntimeError("fed_sb: no client sent a usable gradient for the "
                                "initialisation of B and A")
-        return {k: v / weight for k, v in total.items()}
+        mean = {k: v / weight for k, v in total.items()}
+        if low_rank:
+            return {n: factors_from_svd(*(mean[f"{n}.{p}"] for p in SVD_PARTS), self.scale)
+                    for n in self.layers}
+        return {n: lora_sb_init(mean[spec.weight_key], self.rank, self.init_step, self.scale)
+                for n, spec in self.layers.items()}
 
     # ------------------------------------------------------------------ rounds
     def configure_train(
