@@ -46,6 +46,18 @@ def init_upload(gradients: Mapping[str, torch.Tensor], config: Mapping[str, Any]
     return out
 
 
+def held_frame(content: RecordDict, context: Context) -> dict[str, torch.Tensor] | None:
+    """The run's fixed ``B``, ``A`` for rebuilding the weights from deltas: the sent ones, or
+    the node's of the fingerprint the config names (``None``: it holds none)."""
+    want = content["config"].get(FINGERPRINT_KEY) if "config" in content else None
+    record = content[FRAME_KEY] if FRAME_KEY in content else (
+        context.state[STATE_FRAME] if STATE_FRAME in context.state else None)
+    if want is None or not isinstance(record, ArrayRecord):
+        return None
+    frame = to_state_dict(record)
+    return frame if fingerprint(frame) == str(want) else None
+
+
 def with_frame(content: RecordDict, context: Context) -> RecordDict:
     """``content`` holding the fixed factors: sent ones are checked and kept in the node's
     state; otherwise they are taken from there (``RuntimeError`` when it holds none of the

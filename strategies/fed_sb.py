@@ -22,14 +22,16 @@ from flwr.supercore import log
 from fedrac.adapters import LayerSpec
 from fedrac.adapters.lora_sb import signed_step_svd
 from fedrac.adapters.sketch import derive_seed, fingerprint, make_sketch
+from fedrac.wire.delta_sync import SET_PREFIX, merge_middle
 from fedrac.wire.ledger import record_dict_nbytes
 from fedrac.wire.records import to_array_record, to_shared_state_dict
 from strategies.base import FedracStrategy, require_choice
+from strategies.delta_sync import DOWNLOADS, DeltaSync, resolve_download
 
 INITS = ("gradient", "random")
 INIT_STREAM = 7  # derive_seed(run_seed, 0, INIT_STREAM): the init's clients, random factors
 KINDS = {"arrays": "weights", "adapters": "factors", "factors": "factors", "config": "config",
-         "gradient": "gradient"}
+         "gradient": "gradient", "deltas": "deltas", "sync": "seeds"}
 FINGERPRINT_KEY = "frame-fingerprint"  # clients.fed_sb.FINGERPRINT_KEY
 INIT_TIMEOUT = 3600.0  # seconds the init waits for the gradients (a round's default timeout)
 INIT_RANK_KEY, INIT_STEP_KEY = "init-rank", "init-step"  # clients.fed_sb: reply with the SVD
@@ -75,20 +77,26 @@ class FedSB(FedracStrategy):
     since ``B`` and ``A`` are shared: ``B (sum_k p_k R_k) A = sum_k p_k B R_k A``.
     ``B``, ``A`` go to each node once (record ``adapters``, kind ``factors``); the node keeps
     them (:mod:`clients.fed_sb`), a node that failed gets them again.
+    ``download``: ``full`` (the weights every round) or ``delta`` (a node that holds the
+    weights gets each missed round's ``R_bar`` and trained modules' values:
+    :class:`strategies.delta_sync.DeltaSync`).
     """
 
     name = "fed_sb"
     TRAIN_FACTORS = ("R",)
-    DOWNLOADS = ("full",)
+    DOWNLOADS = DOWNLOADS
     IGNORED_KEYS = ("resample_every", "train_factor")
 
     def __init__(
         self, *, layers: Mapping[str, LayerSpec], rank: int, alpha: float,
         sketch: str = "orthogonal", init: str = "gradient", init_samples: int = 170,
-        init_clients: int = 1, init_step: float | None = None, **kwargs: Any,
+        init_clients: int = 1, init_step: float | None = None, download: str = "full",
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         require_choice("strategy.init", init, INITS, self.name)
+        require_choice("strategy.download", download, DOWNLOADS)
+        self.sync = DeltaSync() if download == "delta" else None
         self.check_init(init_samples, init_clients, init_step)
         self.set_adapters(layers, rank, alpha, sketch)
         self.init, self.init_samples, self.init_clients = init, int(init_samples), \
@@ -109,7 +117,7 @@ class FedSB(FedracStrategy):
         return cls(layers=layers, rank=s["rank"], alpha=s["alpha"], sketch=s["sketch"],
                    init=s.get("init", "gradient"), init_samples=s.get("init_samples", 170),
                    init_clients=s.get("init_clients", 1), init_step=s.get("init_step"),
-                   **common)
+                   download=resolve_download(cfg), **common)
 
     @staticmethod
     def check_init(samples: Any, clients: Any, step: Any) -> None:
@@ -237,12 +245,31 @@ class FedSB(FedracStrategy):
         nodes = self.sample_train_nodes(grid, server_round)
         cfg = self.train_config(server_round, mode="adapters", rank=self.rank, alpha=self.alpha,
                                 **{"train-factor": "R", FINGERPRINT_KEY: fingerprint(self.frame)})
-        plain = RecordDict({"arrays": arrays, "config": cfg})
-        with_frame = RecordDict({"arrays": arrays, "adapters": to_array_record(self.frame),
-                                 "config": cfg})
-        contents = {n: plain if n in self.holders else with_frame for n in nodes}
+        if self.sync is not None:  # download=delta: per node, the rounds' R_bar or the weights
+            self.sync.grid = grid
+            cfg["download"] = "delta"
+            contents = self.sync.downloads(server_round, arrays, nodes, {"config": cfg})
+        else:
+            contents = dict.fromkeys(nodes, RecordDict({"arrays": arrays, "config": cfg}))
+        contents = self.frame_to_new_holders(contents)
         self.holders.update(nodes)
         return self.make_messages(server_round, contents, nodes, KINDS)
+
+    def frame_to_new_holders(self, contents: Mapping[int, RecordDict]) -> dict[int, RecordDict]:
+        """``contents`` with ``B``, ``A`` (record ``adapters``) added for the nodes that may
+        not hold them (one copy of each distinct content)."""
+        assert self.frame is not None
+        frame = to_array_record(self.frame)
+        added: dict[int, RecordDict] = {}
+        out = {}
+        for node, content in contents.items():
+            if node in self.holders:
+                out[node] = content
+                continue
+            if id(content) not in added:
+                added[id(content)] = RecordDict({**dict(content.items()), "adapters": frame})
+            out[node] = added[id(content)]
+        return out
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -254,32 +281,39 @@ class FedSB(FedracStrategy):
               for m in self.sent.get(server_round, [])}
         answered = {self.reply_node(m, to) for m in replies if not m.has_error()}
         self.holders -= set(to.values()) - answered  # failed or silent: it may lack the frame
+        if self.sync is not None:  # a resync gets the full weights, and B, A with them
+            replies = self.sync.resolve_resyncs(
+                server_round, replies, lambda rnd, contents, nodes: self.make_messages(
+                    rnd, {n: RecordDict({**dict(c.items()),
+                                         "adapters": to_array_record(self.frame)})
+                          for n, c in contents.items()}, nodes, KINDS), self.ledger.add)
         expected = {f"{n}.lora_R": (self.rank, self.rank) for n in self.layers}
         current, valid, metrics = self.collect_factor_replies(server_round, replies, expected,
                                                               KINDS)
         if not valid:
             return None, metrics
         avg = self.average(server_round, valid)  # R starts at zero: the reply is the update
-        state, terms = dict(current), {}
-        for name, spec in self.layers.items():
-            br = self.frame[f"{name}.lora_B"].to(torch.float64) @ \
-                avg[f"{name}.lora_R"].to(torch.float64)
-            a = self.frame[f"{name}.lora_A"].to(torch.float64)
-            w = state[spec.weight_key]
-            state[spec.weight_key] = (w.to(torch.float64) + spec.delta(a, br, self.scale)
-                                      ).to(w.dtype)
-            terms[name] = (br * self.scale, a)
+        state = merge_middle(current, self.layers, self.frame, avg, self.scale)
         if self.merged is not None:
-            self.merged.add_all(terms)
+            self.merged.add_all({
+                n: (self.frame[f"{n}.lora_B"].to(torch.float64)
+                    @ avg[f"{n}.lora_R"].to(torch.float64) * self.scale,
+                    self.frame[f"{n}.lora_A"].to(torch.float64)) for n in self.layers})
         state = self.apply_modules(server_round, state, valid)
+        if self.sync is not None:  # the round's change: R_bar, then the modules' new values
+            self.sync.record(server_round, 0, {
+                **avg, **{SET_PREFIX + k: state[k] for k in self.module_shapes}})
         return to_array_record(state), metrics
 
     def state_dict(self) -> dict[str, Any]:
         """Base state plus the fixed factors (a resumed run sends them to every node again)."""
-        return {**super().state_dict(), "frame": self.frame}
+        return {**super().state_dict(), "frame": self.frame,
+                "sync": None if self.sync is None else self.sync.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`state_dict`."""
         super().load_state_dict(state)
         self.frame = None if state.get("frame") is None else dict(state["frame"])
         self.holders = set()
+        if self.sync is not None and state.get("sync") is not None:
+            self.sync.load_state_dict(state["sync"])

@@ -242,7 +242,7 @@ def test_layer_gradients_are_the_mean_loss_gradient():
     (["privacy=dp"], "strategy.init=gradient is not allowed with privacy=dp"),
     (["strategy.init=svd"], "strategy.init='svd' is not allowed for fed_sb; allowed: gradient"),
     (["strategy.init_samples=0"], "strategy.init_samples=0 is not allowed"),
-    (["strategy.download=delta"], "strategy.download"),
+    (["strategy.download=sometimes"], "strategy.download='sometimes' is not allowed"),
     (["+strategy.client_ranks=[1,2]"], "strategy.client_ranks"),
     (["strategy.train_factor=A"], "strategy.train_factor"),
 ])
@@ -282,6 +282,9 @@ def test_fed_sb_on_a_tiny_transformers_model(arch, tmp_path, capsys):
     assert int(_rows(out)[2]["bytes_up_factors"]) == 3 * len(layers) * one
     assert "adapter/ (PEFT LoRA, rank auto: 4" in stdout
     assert int(_rows(out)[1]["bytes_up_gradient"]) > 0 == int(_rows(out)[2]["bytes_up_gradient"])
+    second = _rows(out)[2]  # download=auto is delta on model=hf: R_bar and the head
+    assert int(second["bytes_down_weights"]) == 0 < int(second["bytes_down_deltas"])
+    assert int(second["bytes_down"]) <= 3 * int(second["bytes_up"])
 
 
 @pytest.mark.parametrize("extra", [["privacy=dp"], ["secagg=plus"], ["aggregation=median"],
