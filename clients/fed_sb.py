@@ -19,14 +19,13 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, Context, RecordDict
 
-from fedrac.adapters.lora_sb import signed_step_svd
+from fedrac.adapters.lora_sb import INIT_RANK_KEY, INIT_STEP_KEY, SVD_PARTS, signed_step_svd
 from fedrac.adapters.sketch import fingerprint
 from fedrac.wire.records import to_state_dict
 
 FRAME_KEY = "adapters"  # the record of the fixed factors in a train message
 STATE_FRAME = "fed-sb-frame"  # where the node keeps them
 FINGERPRINT_KEY = "frame-fingerprint"  # config key: the fingerprint of the run's factors
-INIT_RANK_KEY, INIT_STEP_KEY = "init-rank", "init-step"  # strategies.fed_sb: send the SVD
 
 
 def init_upload(gradients: Mapping[str, torch.Tensor], config: Mapping[str, Any]
@@ -42,7 +41,7 @@ def init_upload(gradients: Mapping[str, torch.Tensor], config: Mapping[str, Any]
         name = key.removesuffix(".weight")
         parts = signed_step_svd(g, rank, step)
         out.update({f"{name}.{p}": t.float() for p, t in zip(
-            ("init_U", "init_S", "init_Vh"), parts, strict=True)})
+            SVD_PARTS, parts, strict=True)})
     return out
 
 

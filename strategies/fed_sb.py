@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fedrac.adapters import LayerSpec
-from fedrac.adapters.lora_sb import signed_step_svd
+from fedrac.adapters.lora_sb import INIT_RANK_KEY, INIT_STEP_KEY, SVD_PARTS, signed_step_svd
 from fedrac.adapters.sketch import derive_seed, fingerprint, make_sketch
 from fedrac.wire.delta_sync import SET_PREFIX, merge_middle
 from fedrac.wire.ledger import record_dict_nbytes
@@ -34,8 +34,6 @@ KINDS = {"arrays": "weights", "adapters": "factors", "factors": "factors", "conf
          "gradient": "gradient", "deltas": "deltas", "sync": "seeds"}
 FINGERPRINT_KEY = "frame-fingerprint"  # clients.fed_sb.FINGERPRINT_KEY
 INIT_TIMEOUT = 3600.0  # seconds the init waits for the gradients (a round's default timeout)
-INIT_RANK_KEY, INIT_STEP_KEY = "init-rank", "init-step"  # clients.fed_sb: reply with the SVD
-SVD_PARTS = ("init_U", "init_S", "init_Vh")  # clients.fed_sb: <layer>.<part> of that reply
 
 
 def svd_shapes(spec: LayerSpec, rank: int) -> dict[str, tuple[int, ...]]:

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import torch
 
+# a gradient request's config keys asking for the SVD reply, and that reply's array keys
+INIT_RANK_KEY, INIT_STEP_KEY = "init-rank", "init-step"
+SVD_PARTS = ("init_U", "init_S", "init_Vh")  # <layer>.init_U (d_out x r), _S (r), _Vh (r x d_in)
+
 
 def signed_step_svd(gradient: torch.Tensor, rank: int, step: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
