@@ -108,9 +108,9 @@ def merge_middle(
     for name, spec in layers.items():
         br = frame[f"{name}.lora_B"].to(torch.float64) @ \
             middles[f"{name}.lora_R"].to(torch.float64)
+        delta = spec.delta(frame[f"{name}.lora_A"].to(torch.float64), br, scale)
         w = out[spec.weight_key]
-        out[spec.weight_key] = (w.to(torch.float64) + spec.delta(
-            frame[f"{name}.lora_A"].to(torch.float64), br, scale)).to(w.dtype)
+        out[spec.weight_key] = (w.to(torch.float64) + delta).to(w.dtype)
     return out
 
 
