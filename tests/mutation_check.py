@@ -71,8 +71,10 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
      "return F.linear(F.linear(x, a), b) * self.scale", "return F.linear(x, self.delta())",
      ["tests/test_adapter_cost.py"]),
     ("a quantised base is not requantised from the global weights",
-     "fedrac/adapters/quantized.py", '        _requantize(module, state[f"{name}.weight"])',
+     "fedrac/adapters/quantized.py", '        _requantize(module, dense)',
      "        pass", ["tests/test_quantized.py"]),
+    ("a quantised model keeps the mapped checkpoint", "fedrac/models/hf.py",
+     "        own_memory(model)  # drop", "        (model)  # drop", ["tests/test_quantized.py"]),
     ("LoRA trains the wrong factor", "fedrac/adapters/layer.py",
      '(("lora_A", a, trained in ("A", "both")),\n'
      '                                  ("lora_B", b, trained in ("B", "both")))',
