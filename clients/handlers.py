@@ -47,7 +47,7 @@ from fedrac.adapters import (
     remove_adapters,
     resolve_trained,
 )
-from fedrac.adapters.quantized import load_state
+from fedrac.adapters.quantized import load_state, trim_heap
 from fedrac.adapters.sketch import check_fingerprint, derive_seed, make_sketch, sketch_fingerprint
 from fedrac.data import load_dataset_from_path, partition, to_tensors
 from fedrac.data.holdout import without_holdout
@@ -322,6 +322,7 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
     else:
         raise ValueError(f"config mode={mode!r} is not allowed; allowed: full, adapters, "
                          "gradient")
+    trim_heap()  # the step's activations and the optimizer's moments, freed, handed back
     out = local_privacy(cfg, out, start, server_round, context)
     metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
                             "train-seconds": result.seconds, "train-steps": result.steps})

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from fedrac.adapters import LayerSpec
-from fedrac.adapters.quantized import load_state, quantization_of
+from fedrac.adapters.quantized import load_state, quantization_of, trim_heap
 from fedrac.models.errors import ModelConfigError
 from fedrac.models.merged_factors import RANK_TOL, MergedFactors, low_rank_svd, numerical_rank
 
@@ -172,6 +172,22 @@ def dense_model(cfg: Mapping[str, Any], model: nn.Module) -> nn.Module:
     return dense
 
 
+def hold_weights(dense: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Make ``state``'s tensors ``dense``'s weights where they already have its dtype (no
+    copy: a quantised run's ``hf_model/`` is written from the server's record itself), and
+    copy the rest (a ``model.dtype`` other than float32)."""
+    own = dense.state_dict()
+    same = {k: v for k, v in state.items() if k in own and v.dtype == own[k].dtype}
+    dense.load_state_dict(same, strict=False, assign=True)
+    rest = {k: v for k, v in state.items() if k not in same}
+    result = dense.load_state_dict(rest, strict=False)
+    missing = set(result.missing_keys) - set(same)
+    if missing or result.unexpected_keys:
+        raise KeyError(f"weights do not fit the model: missing {sorted(missing)[:4]}, "
+                       f"unexpected {sorted(result.unexpected_keys)[:4]}")
+    trim_heap()  # the weights the model was built with
+
+
 def export_transformers(
     cfg: Mapping[str, Any], model: nn.Module, layers: Mapping[str, LayerSpec],
     initial: Mapping[str, torch.Tensor], final: Mapping[str, torch.Tensor],
@@ -189,7 +205,10 @@ def export_transformers(
     tok = load_tokenizer(source) if source else None
     remove_adapters(model)
     dense = dense_model(cfg, model)
-    load_state(dense, final)
+    if dense is model:
+        load_state(dense, final)
+    else:
+        hold_weights(dense, final)
     if dense is model:
         model.cpu()
 
@@ -200,6 +219,7 @@ def export_transformers(
 
     _atomic_dir(out / "hf_model", write_model)
     dense = None  # free an unquantised copy before the adapter is written
+    trim_heap()
     result: dict[str, Any] = {"hf_model": "hf_model"}
     if cfg["strategy"]["name"] == "fedavg":
         print("export: hf_model/ (save_pretrained); no adapter/ for full fine-tuning", flush=True)
