@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord
 import clients.handlers as handlers
 from clients.client_app import make_client_app
 from fedrac.adapters import effective_weights, find_target_layers
+from fedrac.settings.typed import settings_of
 from strategies import build_strategy
 from tests.helpers import run_config, run_strategy
 
@@ -29,7 +30,7 @@ def test_real_clients_merge_into_the_weighted_average_of_their_local_models(
     model = handlers.client_model(cfg)
     layers = find_target_layers(model, cfg["model"]["target_modules"])
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    strategy = build_strategy(cfg, layers)
+    strategy = build_strategy(settings_of(cfg), layers)
     local: list[tuple[int, dict[str, torch.Tensor]]] = []
     real = handlers.train_locally
 

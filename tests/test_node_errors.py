@@ -26,7 +26,7 @@ def _server_reasons(caplog, error: Exception, verbose: bool, monkeypatch) -> tup
     monkeypatch.setattr(handlers, "handle_train", failing)
     app = make_client_app({"verbose_node_errors": verbose})
     with caplog.at_level(logging.INFO):
-        run_strategy(FedAvgFPFT(run_seed=0, client_config={}),
+        run_strategy(FedAvgFPFT(run_seed=0),
                      ArrayRecord({"w": torch.zeros(2)}), 1, 2, app)
     server = "\n".join(r.getMessage() for r in caplog.records if r.name == "flwr"
                        and "failed:" in r.getMessage())

@@ -94,7 +94,7 @@ def test_fedavg_under_dp_moves_the_global_weights_by_at_most_clip_norm():
         return reply(msg, "arrays", {k: (v + scale).numpy() for k, v in initial.items()},
                      num_examples=10 ** (pid + 3))  # claims buy nothing: weights are uniform
 
-    strategy = FedAvgFPFT(run_seed=SEED, client_config={},
+    strategy = FedAvgFPFT(run_seed=SEED,
                           privacy=settings_from_config({**_cfg(noise_multiplier=0.0),
                                                         "num_clients": 4}))
     seen = run_strategy(strategy, ArrayRecord(initial), 1, 4, train)
@@ -204,7 +204,7 @@ def test_noised_mean_of_the_trained_factor_is_merged_exactly(cls):
     settings = settings_from_config({**_cfg(noise_multiplier=2.0, clip_norm=1.5),
                                      "num_clients": 4})
     strategy = cls(layers=LAYERS, rank=RANK, alpha=ALPHA, sketch="gaussian", train_factor=side,
-                   run_seed=SEED, client_config={}, privacy=settings)
+                   run_seed=SEED, privacy=settings)
     seen = run_strategy(strategy, ArrayRecord(initial), 1, 4, train)
     merged = seen[-1].to_torch_state_dict()
     mean, _ = private_mean([factors[p] for p in range(4)], 1.5, 2.0, 4,

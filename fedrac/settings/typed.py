@@ -37,8 +37,9 @@ class MonitorSettings:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """The run's own top-level keys (rounds, clients, seed, device, folders, logging) and
-    where it runs (``engine.*``) and is tracked (``logger.*``)."""
+    """The run's own top-level keys (rounds, clients, seed, device, folders, logging), where
+    it runs (``engine.*``), is tracked (``logger.*``) and how its lr is tuned (``tune.*``,
+    with the tuned ``result`` once :func:`fedrac.tune.tune_lr` ran)."""
 
     num_rounds: int
     num_clients: int
@@ -62,6 +63,7 @@ class RunSettings:
     target_accuracy: float | None
     engine: Mapping[str, Any]
     logger: Mapping[str, Any]
+    tune: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,7 @@ def settings_of(cfg: Mapping[str, Any]) -> Settings:
         progress=str(cfg.get("progress", "auto")),
         target_accuracy=_float(cfg.get("target_accuracy")),
         engine=cfg.get("engine") or {"name": "inline"},
-        logger=cfg.get("logger") or {"name": "none"})
+        logger=cfg.get("logger") or {"name": "none"}, tune=cfg.get("tune") or {})
     strategy = StrategySettings(
         name=str(s["name"]), rank=_int(s.get("rank")), alpha=_float(s.get("alpha")),
         sketch=s.get("sketch"), train_factor=s.get("train_factor"),
