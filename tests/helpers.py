@@ -29,8 +29,8 @@ _DEFAULT: dict = {}
 
 def settings_with(**sections):
     """Typed settings (:func:`fedrac.settings.typed.settings_of`) of the default config with
-    ``sections`` laid over it: a mapping over that group's keys, anything else as the value.
-    Not validated: for the internals that take the settings, fed the keys a test sets."""
+    the top-level keys ``sections`` replaced (a group's whole section). Not validated: for the
+    internals that take the settings, fed the keys a test sets."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -41,10 +41,7 @@ def settings_with(**sections):
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
             _DEFAULT.update(OmegaConf.to_container(compose("config"), resolve=True))
     cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in _DEFAULT.items()}
-    for key, value in sections.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(
-            cfg.get(key), dict) else value
-    return settings_of(cfg)
+    return settings_of({**cfg, **sections})
 
 
 def client_settings(**given):

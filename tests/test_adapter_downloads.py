@@ -48,13 +48,13 @@ def run_rounds(cfg: dict, rounds: int):
     from strategies import build_strategy
 
     cfg = {**cfg, "num_rounds": rounds}
-    model = client_model(cfg)
+    settings = settings_of(cfg)
+    model = client_model(settings)
     state = pretrained_state(cfg["model"], cfg["dataset"], cfg["pretrain"], cfg["cache_dir"])
     model.load_state_dict(state)
-    strategy = build_strategy(settings_of(cfg),
-                              find_target_layers(model, cfg["model"]["target_modules"]))
+    strategy = build_strategy(settings, find_target_layers(model, settings.model.target_modules))
     strategy.set_trainable_modules({k: tuple(p.shape)
-                                    for k, p in module_keys(model, cfg).items()})
+                                    for k, p in module_keys(model, settings.model).items()})
     assert strategy.module_shapes  # the new classifier head is trained in full
     seen: list[dict[str, torch.Tensor]] = []
     server = ServerApp()
@@ -66,7 +66,7 @@ def run_rounds(cfg: dict, rounds: int):
 
         strategy.start(grid, ArrayRecord(state), num_rounds=rounds, evaluate_fn=evaluate_fn)
 
-    strategy.grid = run_inline(server, make_client_app(cfg), int(cfg["num_clients"]))
+    strategy.grid = run_inline(server, make_client_app(settings), int(cfg["num_clients"]))
     return seen, strategy
 
 
@@ -126,7 +126,8 @@ def test_auto_download_is_delta_on_hf_only():
     from tests.helpers import settings_with
 
     def cfg(model: str, download: str = "auto", secagg: str = "none"):
-        return settings_with(model={"name": model}, strategy={"download": download},
+        return settings_with(model={"name": model, "target_modules": ["all"]},
+                             strategy={"name": "rac_lora", "download": download},
                              secagg={"name": secagg})
 
     assert resolve_download(cfg("hf")) == "delta"

@@ -121,9 +121,9 @@ def test_train_locally_refuses_fp16_on_cpu():
 def test_batched_clients_leave_precision_and_accumulation_to_the_sequential_loop(tmp_path):
     from clients.batched import run_reason
 
-    assert run_reason(run_config(tmp_path)) is None
+    assert run_reason(settings_of(run_config(tmp_path))) is None
     for override in ("client.precision=bf16", "client.grad_accum_steps=2"):
-        reason = run_reason(run_config(tmp_path, override))
+        reason = run_reason(settings_of(run_config(tmp_path, override)))
         assert reason == "client.precision / client.grad_accum_steps are not batched"
 
 

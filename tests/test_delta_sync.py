@@ -69,7 +69,7 @@ def _run(cfg: dict, tamper=None):
 
         strategy.start(grid, ArrayRecord(state), num_rounds=ROUNDS, evaluate_fn=evaluate_fn)
 
-    grid = run_inline(server, make_client_app(cfg), CLIENTS)
+    grid = run_inline(server, make_client_app(settings_of(cfg)), CLIENTS)
     return seen, grid, strategy
 
 

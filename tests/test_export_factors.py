@@ -155,7 +155,8 @@ def test_peft_loads_the_auto_rank_adapter_onto_w0_as_the_final_weights(arch, tmp
             merged.add(n, b, a)
             w = final[spec.weight_key]
             final[spec.weight_key] = (w.double() + spec.delta(a, b, 1.0)).float()
-    settings = settings_with(model=model_cfg, strategy={"name": "rac_lora", "rank": 2})
+    settings = settings_with(model={**model_cfg, "target_modules": targets},
+                             strategy={"name": "rac_lora", "rank": 2})
     result = export_transformers(settings, model, layers, initial, final, tmp_path, merged)
     assert result["adapter_from_factors"] and result["adapter_relative_error"] < 1e-6
     assert set(result["adapter_ranks"].values()) == {2, 4, 6, 8}

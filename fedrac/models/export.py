@@ -218,7 +218,7 @@ def export_transformers(
     ranks = {name: int(a.shape[0]) for name, (a, _) in factors.items()}
     default = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {name: r for name, r in ranks.items() if r != default}
-    modules = list(module_keys(model, settings.config))
+    modules = list(module_keys(model, settings.model))
     from fedrac.models.hf import trainable_modules
 
     module_names = list(trainable_modules(model, model_cfg.get("trainable_modules", "auto")))
