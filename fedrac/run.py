@@ -52,7 +52,7 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
     # Pretrain (or load the cache) here, once, before any engine starts.
     pretrained_state(settings.model.options, settings.data.dataset, settings.model.pretrain,
                      run.cache_dir)
-    partition_summary(cfg, out)
+    partition_summary(settings, out)
     server_app, client_app = make_server_app(cfg), make_client_app(settings)
     print(f"fedrac: {settings.strategy.name} on {settings.data.name}, "
           f"{run.num_clients} clients, {run.num_rounds} rounds, engine {engine}; "
