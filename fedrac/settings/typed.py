@@ -7,8 +7,12 @@ keys that only some of its options have (a method's ``merge_every``, ``model=hf`
 ``checkpoint``) stay in its ``options`` mapping: the validated section itself, so code that
 keys caches on a section (pretraining, the process's model) sees the very same values.
 
-The server's run (:mod:`fedrac.server.app`) reads its settings from here; code not yet
-converted receives :attr:`Settings.config`, the validated dict they were made from.
+The entries type the config once (:func:`fedrac.run.run_experiment`,
+:func:`fedrac.server.app.run_server`, the Flower ClientApp and the node worker per message)
+and pass these on: the strategies, the server's results, checkpoints, tracker and monitor,
+the client handlers, the batched trainer. :attr:`Settings.config`, the validated dict they
+were made from, is read only where the config itself is the subject: hashed and saved with
+a checkpoint, logged by a tracker.
 """
 
 from __future__ import annotations
