@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from clients.fed_sb import held_frame
 from fedrac.adapters import LayerSpec
 from fedrac.wire.delta_sync import (
     STATE_CONFIG,
@@ -24,6 +25,7 @@ from fedrac.wire.delta_sync import (
     STATE_WEIGHTS,
     ResyncNeeded,
     apply_deltas,
+    is_middle_key,
     sync_checksum,
 )
 from fedrac.wire.records import to_array_record, to_shared_state_dict, to_state_dict
@@ -102,10 +104,12 @@ def downloaded_weights(
         else:
             distribution = str(content["sketch"]["distribution"]) if "sketch" in content \
                 else None
+            deltas = to_state_dict(content["deltas"])
+            frame = held_frame(content, context) if any(map(is_middle_key, deltas)) else None
             state = apply_deltas(
-                _cached(context, int(sync["base"])), layers, to_state_dict(content["deltas"]),
+                _cached(context, int(sync["base"])), layers, deltas,
                 [int(r) for r in sync["rounds"]], [int(s) for s in sync["seeds"]],
-                int(config["rank"]), float(config["alpha"]), distribution)
+                int(config["rank"]), float(config["alpha"]), distribution, frame)
             got = sync_checksum(state, config)  # ``config``: completed from the node cache
             if got != checksum:
                 raise ResyncNeeded(f"rebuilt weights and cached train config have checksum "

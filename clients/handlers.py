@@ -38,7 +38,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from torch import nn
 
 from clients.delta_client import downloaded_weights, restore_config, resync_reply
-from clients.fed_sb import with_frame
+from clients.fed_sb import init_upload, with_frame
 from fedrac.adapters import (
     LayerSpec,
     adapter_factors,
@@ -293,9 +293,9 @@ def handle_train(settings: Settings, msg: Message, context: Context) -> Message:
         result = train_locally(model, x, y, settings_from(config), seed, device, task)
         reply_key = "arrays"
         out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    elif mode == "gradient":  # Fed-SB's initialisation: the target layers' mean gradient
-        out = layer_gradients(model, layers, x, y, int(config["init-samples"]), seed, device,
-                              task)
+    elif mode == "gradient":  # Fed-SB's init: the target layers' mean gradient (or its SVD)
+        out = init_upload(layer_gradients(model, layers, x, y, int(config["init-samples"]),
+                                          seed, device, task), config)
         result = TrainResult(0.0, min(int(config["init-samples"]), task.num_examples(x, y)),
                              0, 0.0)
         reply_key = "gradient"

@@ -20,18 +20,27 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fedrac.adapters import LayerSpec
+from fedrac.adapters.lora_sb import INIT_RANK_KEY, INIT_STEP_KEY, SVD_PARTS, signed_step_svd
 from fedrac.adapters.sketch import derive_seed, fingerprint, make_sketch
 from fedrac.settings.typed import Settings
+from fedrac.wire.delta_sync import SET_PREFIX, merge_middle
 from fedrac.wire.ledger import record_dict_nbytes
 from fedrac.wire.records import to_array_record, to_shared_state_dict
 from strategies.base import FedracStrategy, require_choice
+from strategies.delta_sync import DOWNLOADS, DeltaSync, resolve_download
 
 INITS = ("gradient", "random")
 INIT_STREAM = 7  # derive_seed(run_seed, 0, INIT_STREAM): the init's clients, random factors
 KINDS = {"arrays": "weights", "adapters": "factors", "factors": "factors", "config": "config",
-         "gradient": "gradient"}
+         "gradient": "gradient", "deltas": "deltas", "sync": "seeds"}
 FINGERPRINT_KEY = "frame-fingerprint"  # clients.fed_sb.FINGERPRINT_KEY
 INIT_TIMEOUT = 3600.0  # seconds the init waits for the gradients (a round's default timeout)
+
+
+def svd_shapes(spec: LayerSpec, rank: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of one layer's ``U_r``, ``S_r``, ``V_rᵀ`` in a low-rank init reply."""
+    return dict(zip((f"{spec.name}.{p}" for p in SVD_PARTS),
+                    ((spec.d_out, rank), (rank,), (rank, spec.d_in)), strict=True))
 
 
 def lora_sb_init(gradient: torch.Tensor, rank: int, step: float, scale: float
@@ -39,19 +48,25 @@ def lora_sb_init(gradient: torch.Tensor, rank: int, step: float, scale: float
     """``(B, A, R_0)`` of one layer from its first gradient (``d_out x d_in``): the truncated
     SVD of ``M = -step * sign(G)``, ``B = U_r``, ``A = V_rᵀ``, ``R_0 = S_r / scale`` (float64;
     ``scale * B @ R_0 @ A`` is the best rank-``r`` approximation of ``M``)."""
-    m = -float(step) * torch.sign(gradient.to(torch.float64))
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    return u[:, :rank].contiguous(), vh[:rank].contiguous(), torch.diag(s[:rank]) / scale
+    return factors_from_svd(*signed_step_svd(gradient, rank, step), scale)
+
+
+def factors_from_svd(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(B, A, R_0) = (U_r, V_rᵀ, diag(S_r) / scale)`` in float64."""
+    return u.to(torch.float64), vh.to(torch.float64), torch.diag(s.to(torch.float64)) / scale
 
 
 class FedSB(FedracStrategy):
     """Fed-SB: per target layer ``W <- W + s * B @ R_bar @ A`` each round, ``B``/``A`` fixed.
 
-    ``init``: ``gradient`` (LoRA-SB: before round 1 ``init_clients`` seeded clients each
-    send the mean gradient of the target weights over up to ``init_samples`` examples, one
-    full-size upload each, ledger kind ``gradient``; their example-weighted mean gives
-    ``B``, ``A``, ``R_0`` by :func:`lora_sb_init` with ``eta = init_step`` (default: the lr
-    of the first local step, ``client.lr / client.warmup_steps``), and the server merges
+    ``init``: ``gradient`` (LoRA-SB: before round 1 ``init_clients`` seeded clients take
+    the mean gradient of the target weights over up to ``init_samples`` examples; one client
+    uploads the truncated SVD of its ``-eta sign(G)``, ``r (d_in + d_out + 1)`` numbers per
+    layer, several upload their full gradients, whose example-weighted mean gives ``B``,
+    ``A``, ``R_0`` by :func:`lora_sb_init` (ledger kind ``gradient`` either way), with
+    ``eta = init_step`` (default: the lr of the first local step,
+    ``client.lr / client.warmup_steps``), and the server merges
     ``s * B R_0 A`` into the weights before round 1) or ``random`` (``B``, ``A`` drawn from the
     run seed with ``sketch``, ``R_0 = 0``: no data leaves a client before training).
     Each round clients start ``R`` at zero on the merged weights (the same step as the
@@ -61,20 +76,26 @@ class FedSB(FedracStrategy):
     since ``B`` and ``A`` are shared: ``B (sum_k p_k R_k) A = sum_k p_k B R_k A``.
     ``B``, ``A`` go to each node once (record ``adapters``, kind ``factors``); the node keeps
     them (:mod:`clients.fed_sb`), a node that failed gets them again.
+    ``download``: ``full`` (the weights every round) or ``delta`` (a node that holds the
+    weights gets each missed round's ``R_bar`` and trained modules' values:
+    :class:`strategies.delta_sync.DeltaSync`).
     """
 
     name = "fed_sb"
     TRAIN_FACTORS = ("R",)
-    DOWNLOADS = ("full",)
+    DOWNLOADS = DOWNLOADS
     IGNORED_KEYS = ("resample_every", "train_factor")
 
     def __init__(
         self, *, layers: Mapping[str, LayerSpec], rank: int, alpha: float,
         sketch: str = "orthogonal", init: str = "gradient", init_samples: int = 170,
-        init_clients: int = 1, init_step: float | None = None, **kwargs: Any,
+        init_clients: int = 1, init_step: float | None = None, download: str = "full",
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         require_choice("strategy.init", init, INITS, self.name)
+        require_choice("strategy.download", download, DOWNLOADS)
+        self.sync = DeltaSync() if download == "delta" else None
         self.check_init(init_samples, init_clients, init_step)
         self.set_adapters(layers, rank, alpha, sketch)
         self.init, self.init_samples, self.init_clients = init, int(init_samples), \
@@ -95,7 +116,7 @@ class FedSB(FedracStrategy):
         return cls(layers=layers, rank=s.rank, alpha=s.alpha, sketch=s.sketch,
                    init=o.get("init", "gradient"), init_samples=o.get("init_samples", 170),
                    init_clients=o.get("init_clients", 1), init_step=o.get("init_step"),
-                   **common)
+                   download=resolve_download(settings), **common)
 
     @staticmethod
     def check_init(samples: Any, clients: Any, step: Any) -> None:
@@ -144,12 +165,10 @@ class FedSB(FedracStrategy):
                                                           self.sketch)
                           for n, spec in self.layers.items() for side in ("A", "B")}
             return arrays
-        grads = self.client_gradients(server_round, arrays, grid)
+        inits = self.client_inits(server_round, arrays, grid)
         state = dict(to_shared_state_dict(arrays))
         frame, start = {}, {}
-        for name in self.layers:
-            b, a, r0 = lora_sb_init(grads[f"{name}.weight"], self.rank, self.init_step,
-                                    self.scale)
+        for name, (b, a, r0) in inits.items():
             frame[f"{name}.lora_A"], frame[f"{name}.lora_B"] = a.float(), b.float()
             start[name] = (b @ r0, a)
         self.frame = frame
@@ -163,19 +182,28 @@ class FedSB(FedracStrategy):
         log(INFO, "fed_sb: B, A from the clients' first gradient (rank %d)", self.rank)
         return to_array_record(state)
 
-    def client_gradients(self, server_round: int, arrays: ArrayRecord, grid: Grid
-                         ) -> dict[str, torch.Tensor]:
-        """The example-weighted mean of ``init_clients`` seeded clients' target-layer
-        gradients (``RuntimeError`` when none replies usably)."""
+    def client_inits(self, server_round: int, arrays: ArrayRecord, grid: Grid
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per layer ``(B, A, R_0)`` from ``init_clients`` seeded clients: one client sends
+        the truncated SVD of its own ``-eta sign(G)`` (``U_r``, ``S_r``, ``V_rᵀ``: the same
+        init, ``r (d_in + d_out + 1)`` numbers per layer); several send their full gradients,
+        whose example-weighted mean the server signs (``RuntimeError`` when none replies
+        usably)."""
         import random
 
         nodes = sorted(grid.get_node_ids())
         rng = random.Random(derive_seed(self.run_seed, 0, INIT_STREAM))
         chosen = sorted(rng.sample(nodes, min(self.init_clients, len(nodes))))
+        low_rank = len(chosen) == 1  # no mean to take before the sign: the client can SVD
+        extra = {INIT_RANK_KEY: self.rank, INIT_STEP_KEY: self.init_step} if low_rank else {}
         content = RecordDict({"arrays": arrays, "config": self.train_config(
-            server_round, mode="gradient", **{"init-samples": self.init_samples})})
+            server_round, mode="gradient", **{"init-samples": self.init_samples}, **extra)})
         messages = self.same_message(server_round, content, chosen, MessageType.TRAIN, KINDS)
-        expected = {spec.weight_key: (spec.d_out, spec.d_in) for spec in self.layers.values()}
+        if low_rank:
+            expected = {k: shape for spec in self.layers.values()
+                        for k, shape in svd_shapes(spec, self.rank).items()}
+        else:
+            expected = {spec.weight_key: (spec.d_out, spec.d_in) for spec in self.layers.values()}
         total: dict[str, torch.Tensor] = {}
         weight = 0.0
         for msg in grid.send_and_receive(messages, timeout=INIT_TIMEOUT):
@@ -197,7 +225,12 @@ class FedSB(FedracStrategy):
         if not weight:
             raise RuntimeError("fed_sb: no client sent a usable gradient for the "
                                "initialisation of B and A")
-        return {k: v / weight for k, v in total.items()}
+        mean = {k: v / weight for k, v in total.items()}
+        if low_rank:
+            return {n: factors_from_svd(*(mean[f"{n}.{p}"] for p in SVD_PARTS), self.scale)
+                    for n in self.layers}
+        return {n: lora_sb_init(mean[spec.weight_key], self.rank, self.init_step, self.scale)
+                for n, spec in self.layers.items()}
 
     # ------------------------------------------------------------------ rounds
     def configure_train(
@@ -211,12 +244,31 @@ class FedSB(FedracStrategy):
         nodes = self.sample_train_nodes(grid, server_round)
         cfg = self.train_config(server_round, mode="adapters", rank=self.rank, alpha=self.alpha,
                                 **{"train-factor": "R", FINGERPRINT_KEY: fingerprint(self.frame)})
-        plain = RecordDict({"arrays": arrays, "config": cfg})
-        with_frame = RecordDict({"arrays": arrays, "adapters": to_array_record(self.frame),
-                                 "config": cfg})
-        contents = {n: plain if n in self.holders else with_frame for n in nodes}
+        if self.sync is not None:  # download=delta: per node, the rounds' R_bar or the weights
+            self.sync.grid = grid
+            cfg["download"] = "delta"
+            contents = self.sync.downloads(server_round, arrays, nodes, {"config": cfg})
+        else:
+            contents = dict.fromkeys(nodes, RecordDict({"arrays": arrays, "config": cfg}))
+        contents = self.frame_to_new_holders(contents)
         self.holders.update(nodes)
         return self.make_messages(server_round, contents, nodes, KINDS)
+
+    def frame_to_new_holders(self, contents: Mapping[int, RecordDict]) -> dict[int, RecordDict]:
+        """``contents`` with ``B``, ``A`` (record ``adapters``) added for the nodes that may
+        not hold them (one copy of each distinct content)."""
+        assert self.frame is not None
+        frame = to_array_record(self.frame)
+        added: dict[int, RecordDict] = {}
+        out = {}
+        for node, content in contents.items():
+            if node in self.holders:
+                out[node] = content
+                continue
+            if id(content) not in added:
+                added[id(content)] = RecordDict({**dict(content.items()), "adapters": frame})
+            out[node] = added[id(content)]
+        return out
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -228,32 +280,39 @@ class FedSB(FedracStrategy):
               for m in self.sent.get(server_round, [])}
         answered = {self.reply_node(m, to) for m in replies if not m.has_error()}
         self.holders -= set(to.values()) - answered  # failed or silent: it may lack the frame
+        if self.sync is not None:  # a resync gets the full weights, and B, A with them
+            replies = self.sync.resolve_resyncs(
+                server_round, replies, lambda rnd, contents, nodes: self.make_messages(
+                    rnd, {n: RecordDict({**dict(c.items()),
+                                         "adapters": to_array_record(self.frame)})
+                          for n, c in contents.items()}, nodes, KINDS), self.ledger.add)
         expected = {f"{n}.lora_R": (self.rank, self.rank) for n in self.layers}
         current, valid, metrics = self.collect_factor_replies(server_round, replies, expected,
                                                               KINDS)
         if not valid:
             return None, metrics
         avg = self.average(server_round, valid)  # R starts at zero: the reply is the update
-        state, terms = dict(current), {}
-        for name, spec in self.layers.items():
-            br = self.frame[f"{name}.lora_B"].to(torch.float64) @ \
-                avg[f"{name}.lora_R"].to(torch.float64)
-            a = self.frame[f"{name}.lora_A"].to(torch.float64)
-            w = state[spec.weight_key]
-            state[spec.weight_key] = (w.to(torch.float64) + spec.delta(a, br, self.scale)
-                                      ).to(w.dtype)
-            terms[name] = (br * self.scale, a)
+        state = merge_middle(current, self.layers, self.frame, avg, self.scale)
         if self.merged is not None:
-            self.merged.add_all(terms)
+            self.merged.add_all({
+                n: (self.frame[f"{n}.lora_B"].to(torch.float64)
+                    @ avg[f"{n}.lora_R"].to(torch.float64) * self.scale,
+                    self.frame[f"{n}.lora_A"].to(torch.float64)) for n in self.layers})
         state = self.apply_modules(server_round, state, valid)
+        if self.sync is not None:  # the round's change: R_bar, then the modules' new values
+            self.sync.record(server_round, 0, {
+                **avg, **{SET_PREFIX + k: state[k] for k in self.module_shapes}})
         return to_array_record(state), metrics
 
     def state_dict(self) -> dict[str, Any]:
         """Base state plus the fixed factors (a resumed run sends them to every node again)."""
-        return {**super().state_dict(), "frame": self.frame}
+        return {**super().state_dict(), "frame": self.frame,
+                "sync": None if self.sync is None else self.sync.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`state_dict`."""
         super().load_state_dict(state)
         self.frame = None if state.get("frame") is None else dict(state["frame"])
         self.holders = set()
+        if self.sync is not None and state.get("sync") is not None:
+            self.sync.load_state_dict(state["sync"])

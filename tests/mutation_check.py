@@ -27,6 +27,7 @@ FAST = ["tests/test_baselines.py", "tests/test_faithfulness.py", "tests/test_cli
 LORA = ["tests/test_lora.py", *FAST]
 SKETCH = ["tests/test_sketch.py"]
 FEDSB = ["tests/test_fed_sb.py"]
+FEDSB_DELTA = ["tests/test_fed_sb_delta.py", *FEDSB]
 
 # (name, file, original snippet, mutated snippet, tests)
 MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
@@ -70,8 +71,10 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
      "return F.linear(F.linear(x, a), b) * self.scale", "return F.linear(x, self.delta())",
      ["tests/test_adapter_cost.py"]),
     ("a quantised base is not requantised from the global weights",
-     "fedrac/adapters/quantized.py", '        _requantize(module, state[f"{name}.weight"])',
+     "fedrac/adapters/quantized.py", '        _requantize(module, dense)',
      "        pass", ["tests/test_quantized.py"]),
+    ("a quantised model keeps the mapped checkpoint", "fedrac/models/hf.py",
+     "        own_memory(model)  # drop", "        (model)  # drop", ["tests/test_quantized.py"]),
     ("LoRA trains the wrong factor", "fedrac/adapters/layer.py",
      '(("lora_A", a, trained in ("A", "both")),\n'
      '                                  ("lora_B", b, trained in ("B", "both")))',
@@ -128,6 +131,8 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
      ["tests/test_output_lock.py"]),
     ("divergence unchecked", "fedrac/server/divergence.py",
      "if bound > 0 and moved > bound:", "if False:", ["tests/test_divergence.py"]),
+    ("divergence converts whole tensors", "fedrac/server/divergence.py",
+     "    if t.numel() <= CHUNK:", "    if True:", ["tests/test_divergence.py"]),
     ("mean unbounded by default", "strategies/aggregation.py",
      'default_max_update_norm = "auto"  # null under', "default_max_update_norm = None  # ",
      ["tests/test_divergence.py", "tests/test_robust_aggregation.py"]),
@@ -172,17 +177,30 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
      "avg = self.average(server_round, valid)  # R starts",
      "avg = __import__('strategies.base').base.weighted_average([r.tensors for r in valid], "
      "[1.0] * len(valid))  # R starts", FEDSB),
-    ("Fed-SB merge transposes B and A", "strategies/fed_sb.py",
-     "            terms[name] = (br * self.scale, a)",
-     "            terms[name] = (br * self.scale, a)\n"
-     "            state[spec.weight_key] = w + spec.delta(br.T, a.T, self.scale).to(w.dtype)",
-     FEDSB),
-    ("Fed-SB init sign flipped", "strategies/fed_sb.py",
+    ("Fed-SB merge transposes B and A", "fedrac/wire/delta_sync.py",
+     'frame[f"{name}.lora_A"].to(torch.float64), br, scale)',
+     'br.T, frame[f"{name}.lora_A"].to(torch.float64).T, scale)', FEDSB),
+    ("Fed-SB init sign flipped", "fedrac/adapters/lora_sb.py",
      "m = -float(step) * torch.sign(", "m = float(step) * torch.sign(", FEDSB),
     ("Fed-SB init R_0 ignores the scale", "strategies/fed_sb.py",
-     "torch.diag(s[:rank]) / scale", "torch.diag(s[:rank])", FEDSB),
+     "torch.diag(s.to(torch.float64)) / scale",
+     "torch.diag(s.to(torch.float64))", FEDSB),
+    ("Fed-SB one init client uploads its full gradient", "strategies/fed_sb.py",
+     "low_rank = len(chosen) == 1", "low_rank = False", FEDSB),
+    ("Fed-SB client's init SVD ignores the step", "clients/fed_sb.py",
+     "float(config[INIT_STEP_KEY])", "1.0", FEDSB),
     ("Fed-SB sends B, A every round", "strategies/fed_sb.py",
      "self.holders.update(nodes)", "pass", FEDSB),
+    ("Fed-SB delta leaves out the trained modules", "strategies/fed_sb.py",
+     "**avg, **{SET_PREFIX + k: state[k] for k in self.module_shapes}}", "**avg}",
+     FEDSB_DELTA),
+    ("Fed-SB delta replays R unscaled", "fedrac/wire/delta_sync.py",
+     "middles, alpha / rank)", "middles, alpha)", FEDSB_DELTA),
+    ("Fed-SB resync sends no B, A", "strategies/fed_sb.py",
+     '"adapters": to_array_record(self.frame)})', '})', FEDSB_DELTA),
+    ("Fed-SB delta download never used", "strategies/fed_sb.py",
+     "        if self.sync is not None:  # download=delta: per node",
+     "        if False:  # download=delta: per node", FEDSB_DELTA),
     ("middle factor R left off the path", "fedrac/adapters/layer.py",
      "return self.lora_A if self.lora_R is None else self.lora_R @ self.lora_A",
      "return self.lora_A", FEDSB),

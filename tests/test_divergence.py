@@ -8,7 +8,9 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from fedrac.server import divergence
 from fedrac.server.divergence import DivergenceGuard, RunDiverged
 from tests.helpers import run_config
 
@@ -75,3 +77,46 @@ def test_guard_keeps_the_previous_weights_by_reference():
     w1 = {"w": torch.full((3, 3), 1.1)}
     guard.observe(1, w1)
     assert guard.previous["w"] is w1["w"]
+
+
+class _LargestNew(TorchDispatchMode):
+    """Records the largest storage an op allocates (views of their inputs do not count)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves(
+            (args, kwargs)) if isinstance(a, torch.Tensor)}
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, o.untyped_storage().nbytes())
+        return out
+
+
+def test_guard_works_a_bounded_piece_at_a_time_with_the_same_norm(monkeypatch):
+    """An 8 B model's embedding converted whole to float64 is a 4 GB transient: the guard's
+    largest allocation is one CHUNK of float64, and the move it measures is the whole one."""
+    monkeypatch.setattr(divergence, "CHUNK", 1000)
+    g = torch.Generator().manual_seed(0)
+    w0 = {"emb": torch.randn(300, 70, generator=g), "long": torch.randn(5000, generator=g),
+          "wide": torch.randn(2, 2500, generator=g),
+          "t": torch.randn(90, 80, generator=g).T, "step": torch.tensor(3)}
+    w1 = {k: (v + 0.01 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v
+          for k, v in w0.items()}
+    w1["t"] = w1["t"].T.contiguous().T  # non-contiguous again
+    whole = math.sqrt(sum(float(torch.linalg.vector_norm(
+        w1[k].double() - w0[k].double())) ** 2 for k in w0 if w0[k].is_floating_point()))
+    guard = DivergenceGuard(w0)
+    with _LargestNew() as spy:
+        guard.observe(1, w1)
+    assert 0 < spy.largest <= 1000 * 8
+    assert guard.largest == pytest.approx(whole, rel=1e-12)
+    assert divergence._norm(w0) == pytest.approx(math.sqrt(sum(
+        float(torch.linalg.vector_norm(v.double())) ** 2 for v in w0.values()
+        if v.is_floating_point())), rel=1e-12)
+    w1["wide"][1, 2400] = math.nan
+    with pytest.raises(RunDiverged, match=r"not finite \(wide\)"):
+        guard.observe(2, w1)

@@ -6,7 +6,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 from torch import nn
 
-from clients.fed_sb import STATE_FRAME, with_frame
+from clients.fed_sb import STATE_FRAME, init_upload, with_frame
 from clients.handlers import global_state, prepare_adapters
 from fedrac.adapters import (
     LayerSpec,
@@ -62,7 +62,7 @@ class Clients:
             grads = {f"{n}.weight": _random(pid + 77, (s.d_out, s.d_in))
                      for n, s in LAYERS.items()}
             self.gradients[pid] = grads
-            return reply(msg, "gradient", grads, self.weight(pid))
+            return reply(msg, "gradient", init_upload(grads, config), self.weight(pid))
         start = global_state(msg.content)
         model = _model()
         prepare_adapters(model, find_target_layers(model, list(LAYERS)),
@@ -116,6 +116,41 @@ def test_the_init_is_the_truncated_svd_of_the_mean_gradients_signed_step():
         b, a = strategy.frame[f"{n}.lora_B"].double(), strategy.frame[f"{n}.lora_A"].double()
         assert torch.allclose(b.T @ b, torch.eye(RANK, dtype=torch.float64), atol=1e-6)
         assert torch.allclose(a @ a.T, torch.eye(RANK, dtype=torch.float64), atol=1e-6)
+
+
+def _nbytes(*shapes) -> int:
+    return sum(len(Array(np.zeros(s, dtype=np.float32)).data) for s in shapes)
+
+
+def test_one_init_client_uploads_the_rank_r_svd_and_the_init_is_unchanged():
+    """With one init client (the default) it sends ``U_r``, ``S_r``, ``V_rᵀ`` of its own
+    ``-eta sign(G)``: ``r (d_in + d_out + 1)`` numbers per layer, not ``d_in d_out``, and
+    ``B``, ``A`` and the start ``W0 + s B R_0 A`` are those of the full-gradient path."""
+    clients = Clients()
+    strategy = _strategy()
+    run_strategy(strategy, ArrayRecord(_initial()), 1, NODES, clients)
+    (pid, grads), = clients.gradients.items()
+    start = next(global_state(m.content) for r, _, m in clients.messages
+                 if r == 1 and m.content["config"]["mode"] == "adapters")
+    for n in LAYERS:
+        b, a, r0 = lora_sb_init(grads[f"{n}.weight"], RANK, STEP, SCALE)  # the full path
+        assert torch.allclose(strategy.frame[f"{n}.lora_B"].double(), b, atol=1e-6), n
+        assert torch.allclose(strategy.frame[f"{n}.lora_A"].double(), a, atol=1e-6), n
+        assert torch.allclose(start[f"{n}.weight"].double() - _initial()[f"{n}.weight"].double(),
+                              SCALE * b @ r0 @ a, atol=1e-6), n
+    up = sum(_nbytes((s.d_out, RANK), (RANK,), (RANK, s.d_in)) for s in LAYERS.values())
+    assert strategy.ledger.round_kinds(1, "up")["gradient"] == up
+    ask = next(m for _, _, m in clients.messages if m.content["config"]["mode"] == "gradient")
+    assert ask.content["config"]["init-rank"] == RANK
+
+
+def test_several_init_clients_upload_their_full_gradients():
+    """The mean gradient is needed before the sign: each init client sends ``d_out x d_in``."""
+    clients = Clients()
+    strategy = _strategy(init_clients=2)
+    run_strategy(strategy, ArrayRecord(_initial()), 1, NODES, clients)
+    assert strategy.ledger.round_kinds(1, "up")["gradient"] == 2 * _nbytes(
+        *(s.weight_shape for s in LAYERS.values()))
 
 
 def test_lora_sb_init_follows_the_papers_orientation():
@@ -207,7 +242,7 @@ def test_layer_gradients_are_the_mean_loss_gradient():
     (["privacy=dp"], "strategy.init=gradient is not allowed with privacy=dp"),
     (["strategy.init=svd"], "strategy.init='svd' is not allowed for fed_sb; allowed: gradient"),
     (["strategy.init_samples=0"], "strategy.init_samples=0 is not allowed"),
-    (["strategy.download=delta"], "strategy.download"),
+    (["strategy.download=sometimes"], "strategy.download='sometimes' is not allowed"),
     (["+strategy.client_ranks=[1,2]"], "strategy.client_ranks"),
     (["strategy.train_factor=A"], "strategy.train_factor"),
 ])
@@ -247,6 +282,9 @@ def test_fed_sb_on_a_tiny_transformers_model(arch, tmp_path, capsys):
     assert int(_rows(out)[2]["bytes_up_factors"]) == 3 * len(layers) * one
     assert "adapter/ (PEFT LoRA, rank auto: 4" in stdout
     assert int(_rows(out)[1]["bytes_up_gradient"]) > 0 == int(_rows(out)[2]["bytes_up_gradient"])
+    second = _rows(out)[2]  # download=auto is delta on model=hf: R_bar and the head
+    assert int(second["bytes_down_weights"]) == 0 < int(second["bytes_down_deltas"])
+    assert int(second["bytes_down"]) <= 3 * int(second["bytes_up"])
 
 
 @pytest.mark.parametrize("extra", [["privacy=dp"], ["secagg=plus"], ["aggregation=median"],

@@ -49,6 +49,48 @@ def test_dense_state_round_trips_exactly_and_loading_requantises(ckpt, quant):
     assert not torch.equal(model(input_ids=ids).logits, before)
 
 
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_quantised_model_does_not_keep_the_checkpoint_mapped(ckpt, quant):
+    """transformers leaves the unquantised tensors as views of the memory-mapped checkpoint;
+    one such view keeps every page of the dense file the quantisation read resident."""
+    import gc
+    import os
+
+    from fedrac.models.hf import build_hf_model
+
+    model = build_hf_model({"name": "hf", "path": str(ckpt["llama"]), "task": "causal_lm",
+                            "quantization": quant}, 2)
+    gc.collect()
+    folder = os.path.realpath(ckpt["llama"])
+    with open("/proc/self/maps") as maps:
+        mapped = [line.split()[-1] for line in maps if folder in line]
+    assert not mapped, mapped
+    assert model(input_ids=torch.tensor([[1, 5, 6]])).logits.isfinite().all()
+
+
+def test_requantising_hands_memory_back_while_loading(ckpt, monkeypatch):
+    """glibc keeps each layer's freed quantisation temporaries resident: the load trims the
+    heap every ``TRIM_BYTES`` of weights, not only at its end; the dense weights are
+    dequantised one layer at a time."""
+    import fedrac.adapters.quantized as Q
+    from fedrac.models.hf import build_hf_model
+
+    model = build_hf_model({"name": "hf", "path": str(ckpt["llama"]), "task": "causal_lm",
+                            "quantization": "nf4"}, 2)
+    state = Q.dense_state(model)
+    trims = []
+    monkeypatch.setattr(Q, "trim_heap", lambda: trims.append(1))
+    monkeypatch.setattr(Q, "TRIM_BYTES", 1)
+    Q.load_state(model, state)
+    assert len(trims) == len(Q.quantized_layers(model)) + 1
+    calls = []
+    real = Q.dequantize
+    monkeypatch.setattr(Q, "dequantize", lambda m: calls.append(1) or real(m))
+    items = Q.dense_items(model)
+    first_layer = next(k for k, _ in items if k.endswith(".weight") and calls)
+    assert first_layer and len(calls) == 1  # lazily, one layer per item
+
+
 @pytest.mark.parametrize(("strategy", "quant"), [("rac_lora", "nf4"), ("fedit", "int8")])
 def test_qlora_run_learns_and_exports(ckpt, tmp_path, strategy, quant):
     from peft import PeftModel

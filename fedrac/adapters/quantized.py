@@ -12,7 +12,7 @@ starting weights are the dequantised base ``deQ(Q(W_0))`` (:func:`dense_state`).
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -138,6 +138,9 @@ def _requantize(module: nn.Module, dense: torch.Tensor) -> None:
         module.state.CB, module.state.SCB = cb, scb
 
 
+TRIM_BYTES = 128 << 20  # requantising hands freed memory back after about this much weight
+
+
 def trim_heap() -> None:
     """Hand the heap's freed pages back to the operating system (glibc's ``malloc_trim``;
     nothing elsewhere). Quantising a model, or loading a checkpoint, frees hundreds of MB of
@@ -155,19 +158,41 @@ def _extra_keys(model: nn.Module) -> set[str]:
     return {k for k in model.state_dict() if k.startswith(prefixes)}
 
 
-def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every quantised weight dequantised (float32 ``weight``, no
-    quantisation state): what the server keeps and merges into."""
+def dense_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model.state_dict()``'s items with every quantised weight dequantised (float32
+    ``weight``, no quantisation state), one layer at a time: the dense weights are never all
+    in memory at once unless the caller keeps them."""
     layers = quantized_layers(model)
-    if not layers:
-        return dict(model.state_dict())
-    extra = _extra_keys(model)
-    out = {k: v for k, v in model.state_dict().items() if k not in extra}
+    extra = _extra_keys(model) if layers else set()
+    for k, v in model.state_dict().items():
+        if k not in extra:
+            yield k, v
     for name, module in layers.items():
-        out[f"{name}.weight"] = dequantize(module).cpu()
+        yield f"{name}.weight", dequantize(module).cpu()
         if module.bias is not None:
-            out[f"{name}.bias"] = module.bias.detach()
-    return out
+            yield f"{name}.bias", module.bias.detach()
+
+
+def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every quantised weight dequantised (:func:`dense_items`):
+    what the server keeps and merges into."""
+    return dict(dense_items(model))
+
+
+@torch.no_grad()
+def own_memory(model: nn.Module) -> None:
+    """Give a quantised model's unquantised tensors (embeddings, norms, head) memory of their
+    own. transformers leaves them as views of the memory-mapped checkpoint, and while one view
+    lives the whole file stays mapped: every page the quantisation read (the full dense
+    checkpoint) stays in the process's resident memory."""
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and not (name == "weight" and _kind(module)):
+                p.data = p.data.clone()
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = b.clone()
+    trim_heap()
 
 
 @torch.no_grad()
@@ -190,8 +215,14 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     if missing or unexpected:
         raise KeyError(f"weights do not fit the model: missing {sorted(missing)[:4]}, "
                        f"unexpected {sorted(unexpected)[:4]}")
+    since_trim = 0
     for name, module in layers.items():
-        _requantize(module, state[f"{name}.weight"])
+        dense = state[f"{name}.weight"]
+        _requantize(module, dense)
         if module.bias is not None:
             module.bias.copy_(state[f"{name}.bias"])
+        since_trim += dense.numel() * 4
+        if since_trim >= TRIM_BYTES:  # glibc keeps each layer's freed temporaries resident
+            trim_heap()
+            since_trim = 0
     trim_heap()  # the replaced 4/8-bit weights and the quantisation temporaries

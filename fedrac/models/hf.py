@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedrac.adapters.quantized import bnb_config, quantized_layers
+from fedrac.adapters.quantized import bnb_config, own_memory, quantized_layers
 from fedrac.models.errors import ModelConfigError
 
 log = logging.getLogger(__name__)
@@ -237,6 +237,7 @@ def build_hf_model(model_cfg: Mapping[str, Any], num_labels: int) -> nn.Module:
         model.to(DTYPES[dtype_name])
     else:
         quantized_layers(model)
+        own_memory(model)  # drop the mapped checkpoint the quantisation read
     for module in trainable_modules(model, model_cfg.get("trainable_modules", "auto")).values():
         module.float()
         if dtype_name != "float32":  # a float32 module fed by the bfloat16/float16 base

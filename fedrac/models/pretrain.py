@@ -30,7 +30,7 @@ from flwr.app import ArrayRecord
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fedrac.adapters.quantized import dense_state
+from fedrac.adapters.quantized import dense_items
 from fedrac.data import load_splits, source_stamp, to_tensors
 from fedrac.data.holdout import without_holdout
 from fedrac.models import ModelConfigError, build_model, file_digest, load_weights
@@ -38,7 +38,7 @@ from fedrac.models.shared import model_as_built
 from fedrac.models.weights import state_digest
 from fedrac.tasks import get_task
 from fedrac.training.local import TrainSettings, evaluate, resolve_device, train_locally
-from fedrac.wire.records import to_array_record, to_shared_state_dict
+from fedrac.wire.records import numpy_to_array, to_array_record, to_shared_state_dict
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 3  # 2: entries carry the SHA-256 of their tensors; keys hash `_target_` code;
@@ -118,8 +118,11 @@ def _checkpoint_record(key: str) -> ArrayRecord:
     (the record is the one copy of them the run keeps: :func:`pretrained_state` reads views
     of it)."""
     model, _ = model_as_built(key)  # the process's model when still as built: no second one
-    return to_array_record({k: (v.detach().float() if v.is_floating_point() else v.detach())
-                            .cpu().contiguous() for k, v in dense_state(model).items()})
+    record = ArrayRecord()
+    for k, v in dense_items(model):  # a quantised layer dequantised, encoded, then freed
+        record[k] = numpy_to_array((v.detach().float() if v.is_floating_point() else v.detach())
+                                   .cpu().contiguous().numpy())
+    return record
 
 
 def pretrained_record(

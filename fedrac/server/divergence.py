@@ -5,11 +5,12 @@ update by 1e20 under ``aggregation=mean`` used to end with ``status: ok``)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 
 FACTOR = 10.0  # a round may move the weights at most this many times the largest move so far
+CHUNK = 1 << 21  # elements per float64 piece: a 16 MiB transient however large the tensor
 
 
 class RunDiverged(Exception):  # noqa: N818 - the run's result, reported as status failed
@@ -20,16 +21,37 @@ class RunDiverged(Exception):  # noqa: N818 - the run's result, reported as stat
         self.server_round, self.reason = server_round, reason
 
 
+def _pieces(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``t``'s elements, flat, at most :data:`CHUNK` at a time (split along the first
+    dimension, so two tensors of one shape give aligned pieces; a piece is a copy only
+    when its slice is not contiguous)."""
+    if t.numel() <= CHUNK:
+        yield t.reshape(-1)
+    elif t.dim() == 1:
+        for i in range(0, t.numel(), CHUNK):
+            yield t[i:i + CHUNK].reshape(-1)
+    else:
+        for part in t.split(max(1, CHUNK // t[0].numel())):
+            yield from _pieces(part if part.numel() <= CHUNK else part[0])  # one long row
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in _pieces(t))
+
+
 def _norm(tensors: Mapping[str, torch.Tensor], minus: Mapping[str, torch.Tensor] | None = None
           ) -> float:
+    """The float64 norm of ``tensors`` (minus ``minus``), one :data:`CHUNK` at a time."""
     total = 0.0
     for key, t in tensors.items():
         if not t.is_floating_point():
             continue
-        u = t.detach().to(torch.float64)
-        if minus is not None:
-            u = u - minus[key].detach().to(torch.float64)
-        total += float(torch.linalg.vector_norm(u)) ** 2
+        other = _pieces(minus[key].detach()) if minus is not None else None
+        for piece in _pieces(t.detach()):
+            u = piece.to(torch.float64)
+            if other is not None:
+                u = u - next(other).to(torch.float64)
+            total += float(torch.linalg.vector_norm(u)) ** 2
     return math.sqrt(total) if math.isfinite(total) else math.inf
 
 
@@ -51,8 +73,7 @@ class DivergenceGuard:
 
     def observe(self, server_round: int, state: Mapping[str, torch.Tensor]) -> None:
         """Check round ``server_round``'s weights; raise :class:`RunDiverged` if it blew up."""
-        bad = [k for k, v in state.items() if v.is_floating_point()
-               and not bool(torch.isfinite(v).all())]
+        bad = [k for k, v in state.items() if v.is_floating_point() and not _finite(v.detach())]
         if bad:
             raise RunDiverged(server_round, f"the global weights are not finite ({bad[0]})")
         moved = _norm(state, self.previous)

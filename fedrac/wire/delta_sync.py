@@ -1,7 +1,8 @@
 """Adapter-sized downloads: the merges both sides run, weight checksums, delta records.
 
 A round's global change is small for every adapter method: Fed-RAC-LoRA's / FFA-LoRA's is
-its seed and the averaged trained factors; COLA's merge, FLoRA's stacked factors and
+its seed and the averaged trained factors; Fed-SB's the averaged middle factors ``R`` (the
+node holds the run's fixed ``B`` and ``A``); COLA's merge, FLoRA's stacked factors and
 FedEx-LoRA's residual are an ``update`` record (stacked factors ``<layer>.stack_B`` /
 ``<layer>.stack_A``, or dense ``<layer>.weight`` deltas); trained modules (a new classifier
 head) are their new values. A client that keeps the global weights ``W_v`` (after round
@@ -11,9 +12,11 @@ rebuilt weights are bit-identical; a checksum of the result confirms it.
 
 Wire format (``strategy.download=delta``): a ``deltas`` ArrayRecord whose keys are
 ``"<round>/<key>"``, ``<key>`` one of ``<layer>.lora_<side>`` (an averaged trained factor,
-merged against the sketch of the round's seed), ``<layer>.stack_B`` / ``<layer>.stack_A`` or
-``<layer>.weight`` (an update record, :func:`apply_update`) and ``set:<key>`` (the new value
-of a trained module's tensor ``<key>``); a ``sync`` ConfigRecord with ``base`` (the version
+merged against the sketch of the round's seed), ``<layer>.lora_R`` (Fed-SB's averaged middle
+factor, merged between the run's fixed ``B`` and ``A``: :func:`merge_middle`),
+``<layer>.stack_B`` / ``<layer>.stack_A`` or ``<layer>.weight`` (an update record,
+:func:`apply_update`) and ``set:<key>`` (the new value of a trained module's tensor
+``<key>``); a ``sync`` ConfigRecord with ``base`` (the version
 the client must hold), ``rounds`` and ``seeds`` (the replayed rounds and their sketch seeds)
 and ``checksum`` (:func:`sync_checksum` of what the node will train from: the weights
 rebuilt, ``W_{t-1}`` at round ``t``, and the round's whole train config); its ``config``
@@ -94,6 +97,23 @@ def merge_factors(
     return out
 
 
+def merge_middle(
+    state: Mapping[str, torch.Tensor], layers: Mapping[str, LayerSpec],
+    frame: Mapping[str, torch.Tensor], middles: Mapping[str, torch.Tensor], scale: float,
+) -> dict[str, torch.Tensor]:
+    """``W <- W + s * B @ R @ A`` per layer (float64): ``R`` from ``middles``
+    (``"<layer>.lora_R"``), the fixed ``B``, ``A`` from ``frame`` (``"<layer>.lora_B"`` /
+    ``"<layer>.lora_A"``). Returns a new state dict; tensors of other keys are shared."""
+    out = dict(state)
+    for name, spec in layers.items():
+        br = frame[f"{name}.lora_B"].to(torch.float64) @ \
+            middles[f"{name}.lora_R"].to(torch.float64)
+        delta = spec.delta(frame[f"{name}.lora_A"].to(torch.float64), br, scale)
+        w = out[spec.weight_key]
+        out[spec.weight_key] = (w.to(torch.float64) + delta).to(w.dtype)
+    return out
+
+
 def round_sketches(
     layers: Mapping[str, LayerSpec], factor_keys: set[str], seed: int, rank: int,
     distribution: str,
@@ -137,18 +157,31 @@ def is_factor_key(key: str) -> bool:
     return key.endswith((".lora_A", ".lora_B"))
 
 
+def is_middle_key(key: str) -> bool:
+    """Whether a round-change key is Fed-SB's averaged middle factor (``<layer>.lora_R``)."""
+    return key.endswith(".lora_R")
+
+
 def apply_change(
     state: Mapping[str, torch.Tensor], layers: Mapping[str, LayerSpec],
     change: Mapping[str, torch.Tensor], seed: int, rank: int, alpha: float,
-    distribution: str | None,
+    distribution: str | None, frame: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One round's change replayed on ``state`` (a new dict; ``state``'s tensors are not
-    modified): the factor merge (sketches from ``seed``), then the update record, then the
-    new values of the trained modules -- the order the server applies them in."""
+    modified): the factor merge (sketches from ``seed``) or the middle-factor merge
+    (``frame``: the fixed ``B``, ``A``), then the update record, then the new values of the
+    trained modules -- the order the server applies them in."""
     factors = {k: v for k, v in change.items() if is_factor_key(k)}
-    update = {k: v for k, v in change.items()
-              if not is_factor_key(k) and not k.startswith(SET_PREFIX)}
+    middles = {k: v for k, v in change.items() if is_middle_key(k)}
+    update = {k: v for k, v in change.items() if not is_factor_key(k)
+              and not is_middle_key(k) and not k.startswith(SET_PREFIX)}
     out = dict(state)
+    if middles:
+        if set(middles) != {f"{n}.lora_R" for n in layers}:
+            raise ResyncNeeded("deltas do not hold one middle factor R per layer")
+        if frame is None or any(f"{n}.lora_{s}" not in frame for n in layers for s in "AB"):
+            raise ResyncNeeded("deltas hold middle factors R but this node holds no B, A")
+        out = merge_middle(out, layers, frame, middles, alpha / rank)
     if factors:
         per_layer = [sum(f"{n}.lora_{s}" in factors for s in "AB") for n in layers]
         if len(factors) != len(layers) or any(c != 1 for c in per_layer):
@@ -173,9 +206,10 @@ def apply_change(
 def apply_deltas(
     state: Mapping[str, torch.Tensor], layers: Mapping[str, LayerSpec],
     deltas: Mapping[str, torch.Tensor], rounds: list[int], seeds: list[int], rank: int,
-    alpha: float, distribution: str | None,
+    alpha: float, distribution: str | None, frame: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Replay the changes of ``rounds`` (with their ``seeds``) on ``state``, in order."""
+    """Replay the changes of ``rounds`` (with their ``seeds``; ``frame``: Fed-SB's fixed
+    ``B``, ``A``) on ``state``, in order."""
     if len(rounds) != len(seeds):
         raise ResyncNeeded(f"sync record has {len(rounds)} rounds but {len(seeds)} seeds")
     by_round: dict[int, dict[str, torch.Tensor]] = {int(r): {} for r in rounds}
@@ -187,7 +221,7 @@ def apply_deltas(
     for rnd, seed in zip(rounds, seeds, strict=True):
         try:
             state = apply_change(state, layers, by_round[int(rnd)], int(seed), rank, alpha,
-                                 distribution)
+                                 distribution, frame)
         except ResyncNeeded as err:
             raise ResyncNeeded(f"round {rnd}: {err}") from err
     return dict(state)
