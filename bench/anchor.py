@@ -26,6 +26,7 @@ from fedrac.adapters import find_target_layers, resolve_trained
 from fedrac.adapters.sketch import derive_seed
 from fedrac.engines.inline import run_inline
 from fedrac.run import quiet_flower
+from fedrac.settings.typed import settings_of as typed_settings
 from fedrac.training.local import evaluate, train_locally
 from fedrac.wire.records import to_array_record
 from strategies import build_strategy
@@ -83,7 +84,7 @@ def message_exchange(work: Workload) -> None:
     cfg = work.cfg
     quiet_flower(bool(cfg.get("verbose", False)))  # as a fedrac run: no per-round INFO lines
     layers = find_target_layers(work.model, cfg["model"]["target_modules"])
-    strategy = build_strategy(cfg, layers)
+    strategy = build_strategy(typed_settings(cfg), layers)
     rank, side = int(cfg["strategy"]["rank"]), str(cfg["strategy"]["train_factor"])
     factors = {f"{name}.lora_{trained}": torch.zeros(spec.factor_shape(trained, rank))
                for name, spec in layers.items() for trained in [resolve_trained(spec, side)]}

@@ -33,7 +33,6 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -48,6 +47,7 @@ from clients.handlers import (
 )
 from fedrac.adapters import LayerSpec, attach_adapters, attached, remove_adapters
 from fedrac.adapters.layer import ADAPTER_ATTR
+from fedrac.settings.typed import Settings
 from fedrac.tasks import task_of
 from fedrac.training.local import TrainSettings, _batches, _lr_at, move_to, resolve_device
 from fedrac.wire.records import to_array_record
@@ -70,41 +70,39 @@ def note(reason: str) -> None:
         log.warning("engine.batched: %s; those clients train one by one", reason)
 
 
-def run_reason(cfg: Mapping[str, Any]) -> str | None:
+def run_reason(settings: Settings) -> str | None:
     """Why no client of this run can be batched (``None``: batching is possible)."""
-    model = cfg["model"]
+    model = settings.model.options
     if model.get("_target_"):
         return f"model._target_={model['_target_']} is a custom model"
-    if model.get("name") not in BATCHABLE_MODELS:
-        return f"model={model.get('name')} is not one of {', '.join(BATCHABLE_MODELS)}"
-    if task_of(cfg).name != "classification":
-        return f"task={task_of(cfg).name} is not classification"
-    client = cfg.get("client") or {}
-    if client.get("precision", "fp32") != "fp32" or int(client.get("grad_accum_steps", 1)) != 1:
+    if settings.model.name not in BATCHABLE_MODELS:
+        return f"model={settings.model.name} is not one of {', '.join(BATCHABLE_MODELS)}"
+    if task_of(settings.data).name != "classification":
+        return f"task={task_of(settings.data).name} is not classification"
+    client = settings.client
+    if client.precision != "fp32" or int(client.grad_accum_steps) != 1:
         return "client.precision / client.grad_accum_steps are not batched"
-    privacy = (cfg.get("privacy") or {}).get("mode", "none")
-    if privacy == "local_dp":
+    if settings.privacy.mode == "local_dp":
         return "privacy=local_dp noises each client's update on the client"
-    if (cfg.get("secagg") or {}).get("name", "none") != "none":
+    if settings.privacy.secagg != "none":
         return "secagg=plus masks each reply in the ClientApp's SecAgg+ mod"
-    layers = [type(m).__name__ for m in client_model(cfg).modules()
+    layers = [type(m).__name__ for m in client_model(settings).modules()
               if isinstance(m, _NOT_FUNCTIONAL) and getattr(m, "p", 1.0) != 0.0]
     if layers:
         return f"the model has layers that are not functions of their weights ({layers[0]})"
     return None
 
 
-def batch_trainer(cfg: Mapping[str, Any]) -> BatchHandler | None:
-    """The inline engine's batch handler for run config ``cfg`` (``None``, after one log
+def batch_trainer(settings: Settings) -> BatchHandler | None:
+    """The inline engine's batch handler for a run's settings (``None``, after one log
     line, when nothing of this run can be batched)."""
-    reason = run_reason(cfg)
+    reason = run_reason(settings)
     if reason is not None:
         note(reason)
         return None
-    cfg = dict(cfg)
 
     def handler(items: Sequence[tuple[Message, Context]]) -> list[Message | None]:
-        return train_batch(cfg, items)
+        return train_batch(settings, items)
 
     return handler
 
@@ -136,11 +134,11 @@ def _factor_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
     return out
 
 
-def _prepare(cfg: Mapping[str, Any], msg: Message, context: Context,
+def _prepare(settings: Settings, msg: Message, context: Context,
              device: torch.device) -> _Client | Message | str:
     """``msg`` ready to train (a resync reply, or a reason string when it cannot batch)."""
     content = msg.content
-    ready = prepare_train(cfg, msg, context, device)
+    ready = prepare_train(settings, msg, context, device)
     if isinstance(ready, Message):
         return ready
     config, server_round, model = ready.config, ready.server_round, ready.model
@@ -179,16 +177,16 @@ def _prepare(cfg: Mapping[str, Any], msg: Message, context: Context,
                    dict(layers), scale)
 
 
-def train_batch(cfg: Mapping[str, Any], items: Sequence[tuple[Message, Context]]
+def train_batch(settings: Settings, items: Sequence[tuple[Message, Context]]
                 ) -> list[Message | None]:
     """Replies to ``items`` (``(message, node context)``): a reply for each message trained
     in a batch (or answered with ``resync``), ``None`` for each the caller must hand to the
     ClientApp one by one. Node contexts are updated as ``handle_train`` updates them."""
-    device = resolve_device(str(cfg.get("device", "cpu")))
+    device = resolve_device(settings.run.device)
     out: list[Message | None] = [None] * len(items)
     groups: dict[str, list[tuple[int, _Client]]] = {}
     for i, (msg, context) in enumerate(items):
-        prepared = _prepare(cfg, msg, context, device)
+        prepared = _prepare(settings, msg, context, device)
         if isinstance(prepared, Message):
             out[i] = prepared
         elif isinstance(prepared, str):
@@ -200,7 +198,7 @@ def train_batch(cfg: Mapping[str, Any], items: Sequence[tuple[Message, Context]]
             note("a client's settings are shared by no other client of its round")
             continue
         clients = [c for _, c in members]
-        replies = _train_group(cfg, clients, device)
+        replies = _train_group(settings, clients, device)
         for (i, _), reply in zip(members, replies, strict=True):
             out[i] = reply
     return out
@@ -272,11 +270,11 @@ def _attach_like(model: nn.Module, client: _Client) -> None:
     attach_adapters(model, client.layers, factors, rank, client.scale * rank, trained)
 
 
-def _train_group(cfg: Mapping[str, Any], clients: Sequence[_Client], device: torch.device
+def _train_group(settings: Settings, clients: Sequence[_Client], device: torch.device
                  ) -> list[Message]:
     """Train ``clients`` (same settings) together; their replies."""
     start_time = time.perf_counter()
-    model = client_model(cfg)
+    model = client_model(settings)
     trained, results = fit(model, clients, device)
     seconds = (time.perf_counter() - start_time) / len(clients)
     replies = []

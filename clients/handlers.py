@@ -50,10 +50,10 @@ from fedrac.adapters import (
 from fedrac.adapters.quantized import load_state, trim_heap
 from fedrac.adapters.sketch import check_fingerprint, derive_seed, make_sketch, sketch_fingerprint
 from fedrac.data import load_dataset_from_path, partition, to_tensors
-from fedrac.data.holdout import without_holdout
 from fedrac.models.shared import config_model as client_model
 from fedrac.models.shared import module_keys, shared_model
-from fedrac.privacy.dp import LOCAL_STREAM, settings_from_config
+from fedrac.privacy.dp import LOCAL_STREAM, PrivacySettings, privacy_settings
+from fedrac.settings.typed import DataSettings, Settings
 from fedrac.tasks import task_of
 from fedrac.training.local import (
     TrainResult,
@@ -75,41 +75,39 @@ def _key(*parts: Any) -> str:
     return json.dumps(parts, sort_keys=True, default=str)
 
 
-_cfg_keys: dict[int, tuple[Mapping[str, Any], str, str]] = {}
+_data_keys: dict[int, tuple[DataSettings, str]] = {}
 
 
-def _cfg_key(cfg: Mapping[str, Any], part: str) -> str:
-    """``_key`` of the model/dataset (``part="model"``) or dataset/partitioner
-    (``part="data"``) settings of ``cfg``, computed once per config object."""
-    entry = _cfg_keys.get(id(cfg))
-    if entry is None or entry[0] is not cfg:
-        if len(_cfg_keys) > 16:
-            _cfg_keys.clear()
-        entry = (cfg, _key(cfg["model"], without_holdout(cfg["dataset"])),  # same model
-                 _key(cfg["dataset"], cfg["partitioner"]))
-        _cfg_keys[id(cfg)] = entry  # holds cfg, so its id is not reused while cached
-    return entry[1] if part == "model" else entry[2]
+def _data_key(data: DataSettings) -> str:
+    """``_key`` of the dataset/partitioner settings, computed once per settings object."""
+    entry = _data_keys.get(id(data))
+    if entry is None or entry[0] is not data:
+        if len(_data_keys) > 16:
+            _data_keys.clear()
+        entry = (data, _key(data.dataset, data.partitioner))
+        _data_keys[id(data)] = entry  # holds data, so its id is not reused while cached
+    return entry[1]
 
 
 _model = shared_model  # the process's one model instance (fedrac.models.shared)
 
 
-def client_data(cfg: Mapping[str, Any], context: Context, split: str = "train",
+def client_data(settings: Settings, context: Context, split: str = "train",
                 config: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """This node's data (``train`` or ``val`` part) as tensors: its own ``data-path`` (all of
     it, for either part, standardised with the run's statistics from the message ``config``),
     else the partition named by ``partition-id`` / ``num-partitions``."""
     node_cfg = context.node_config
     if "data-path" in node_cfg:
-        return to_tensors(load_dataset_from_path(str(node_cfg["data-path"]), cfg["dataset"],
-                                                 config))
+        return to_tensors(load_dataset_from_path(str(node_cfg["data-path"]),
+                                                 settings.data.dataset, config))
     for key in ("partition-id", "num-partitions"):
         if key not in node_cfg:
             raise KeyError(f"node config lacks '{key}'; give it with --node-config "
                            "'partition-id=0 num-partitions=N'")
-    return _partition_tensors(_cfg_key(cfg, "data"),
+    return _partition_tensors(_data_key(settings.data),
                               int(node_cfg["num-partitions"]), int(node_cfg["partition-id"]),
-                              int(cfg["seed"]), split)
+                              settings.run.seed, split)
 
 
 @functools.lru_cache(maxsize=64)
@@ -251,7 +249,7 @@ class TrainStart:
     seed: int
 
 
-def prepare_train(cfg: Mapping[str, Any], msg: Message, context: Context,
+def prepare_train(settings: Settings, msg: Message, context: Context,
                   device: torch.device) -> TrainStart | Message:
     """The round's starting point for ``msg`` (or the resync reply when the node's cache is
     behind): shared by :func:`handle_train` and the batched clients."""
@@ -262,9 +260,9 @@ def prepare_train(cfg: Mapping[str, Any], msg: Message, context: Context,
         return resync_reply(msg, err)
     config = content["config"]
     server_round = int(config["server-round"])
-    model = client_model(cfg)
+    model = client_model(settings)
     remove_adapters(model)  # in case an earlier round failed half-way
-    layers = find_target_layers(model, cfg["model"]["target_modules"])
+    layers = find_target_layers(model, settings.model.target_modules)
     try:
         weights = downloaded_weights(content, context, layers)
     except ResyncNeeded as err:
@@ -272,22 +270,22 @@ def prepare_train(cfg: Mapping[str, Any], msg: Message, context: Context,
     start = apply_update(weights, content, layers)
     load_state(model, start)
     move_to(model, device)
-    x, y = client_data(cfg, context, config=config)
-    seed = derive_seed(int(cfg["seed"]), server_round, SHUFFLE_STREAM, node_stream(context))
+    x, y = client_data(settings, context, config=config)
+    seed = derive_seed(settings.run.seed, server_round, SHUFFLE_STREAM, node_stream(context))
     return TrainStart(config, server_round, model, layers, start, x, y, seed)
 
 
-def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Message:
+def handle_train(settings: Settings, msg: Message, context: Context) -> Message:
     """Train locally as the message's ``config`` says and reply with what the server needs."""
     content = msg.content
-    device = resolve_device(str(cfg.get("device", "cpu")))
-    ready = prepare_train(cfg, msg, context, device)
+    device = resolve_device(settings.run.device)
+    ready = prepare_train(settings, msg, context, device)
     if isinstance(ready, Message):
         return ready
     config, server_round, model = ready.config, ready.server_round, ready.model
     layers = ready.layers
     start, x, y, seed = ready.start, ready.x, ready.y, ready.seed
-    mode, task = str(config["mode"]), task_of(cfg)
+    mode, task = str(config["mode"]), task_of(settings.data)
     records: dict[str, Any] = {}
     if mode == "full":
         for p in model.parameters():
@@ -307,7 +305,7 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
         prepare_adapters(model, layers, content, server_round,
                          own_rank(config, context.node_config))
         start = {k: v.detach().cpu().clone() for k, v in adapter_factors(model).items()}
-        modules = module_keys(model, cfg)
+        modules = module_keys(model, settings.model)
         for p in modules.values():
             p.requires_grad_(True)
         try:
@@ -323,7 +321,7 @@ def handle_train(cfg: Mapping[str, Any], msg: Message, context: Context) -> Mess
         raise ValueError(f"config mode={mode!r} is not allowed; allowed: full, adapters, "
                          "gradient")
     trim_heap()  # the step's activations and the optimizer's moments, freed, handed back
-    out = local_privacy(cfg, out, start, server_round, context)
+    out = local_privacy(settings, out, start, server_round, context)
     metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
                             "train-seconds": result.seconds, "train-steps": result.steps})
     return bind_reply(msg, Message(RecordDict({reply_key: to_array_record(out), **records,
@@ -345,39 +343,48 @@ def bind_reply(msg: Message, reply: Message) -> Message:
     return reply
 
 
-def local_privacy(cfg: Mapping[str, Any], out: dict[str, torch.Tensor],
+def local_privacy(settings: Settings, out: dict[str, torch.Tensor],
                   start: Mapping[str, torch.Tensor], server_round: int,
                   context: Context) -> dict[str, torch.Tensor]:
     """Under ``privacy=local_dp`` (this node's own config, not the server's word): the reply
     clipped and noised around what the client started from (:func:`fedrac.privacy.dp.
     privatize_update`), seeded by ``(run seed, round, node)``; under ``privacy=dp`` with
     ``secagg=plus`` clipped only (the server adds the noise); otherwise ``out`` unchanged."""
-    mode = (cfg.get("privacy") or {}).get("mode", "none")
-    secagg = (cfg.get("secagg") or {}).get("name", "none") == "plus"
+    mode = settings.privacy.mode
+    secagg = settings.privacy.secagg == "plus"
     if mode != "local_dp" and not (mode == "dp" and secagg):
         return out
     from fedrac.privacy.dp import privatize_update
 
-    s = _local_settings(json.dumps({k: cfg[k] for k in ("privacy", "num_clients", "num_rounds",
-                                                         "fraction_train")}, sort_keys=True))
-    seed = derive_seed(int(cfg["seed"]), server_round, LOCAL_STREAM, node_stream(context))
+    s = _local_settings(settings)
+    seed = derive_seed(settings.run.seed, server_round, LOCAL_STREAM, node_stream(context))
     # central DP under SecAgg+: the server never sees an update, so the client clips it
     sigma = s.noise_multiplier if mode == "local_dp" else 0.0
     return privatize_update(out, start, s.clip_norm, sigma, seed)
 
 
-@functools.lru_cache(maxsize=8)
-def _local_settings(key: str):
-    return settings_from_config(json.loads(key))
+_local_cache: dict[str, PrivacySettings] = {}
 
 
-def handle_evaluate(cfg: Mapping[str, Any], msg: Message, context: Context) -> Message:
+def _local_settings(settings: Settings) -> PrivacySettings:
+    """The node's privacy settings (noise multiplier resolved), once per privacy group,
+    clients, rounds and sampled fraction."""
+    run = settings.run
+    key = _key(settings.privacy.privacy, run.num_clients, run.num_rounds, run.fraction_train)
+    if key not in _local_cache:
+        if len(_local_cache) >= 8:
+            _local_cache.clear()
+        _local_cache[key] = privacy_settings(settings)
+    return _local_cache[key]
+
+
+def handle_evaluate(settings: Settings, msg: Message, context: Context) -> Message:
     """Evaluate the received global weights on this node's partition."""
-    device = resolve_device(str(cfg.get("device", "cpu")))
-    model = client_model(cfg)
+    device = resolve_device(settings.run.device)
+    model = client_model(settings)
     load_state(model, to_shared_state_dict(msg.content["arrays"]))
     move_to(model, device)
-    x, y = client_data(cfg, context, "val", msg.content.config_records.get("config"))
-    loss, acc = evaluate(model, x, y, device, task=task_of(cfg))
+    x, y = client_data(settings, context, "val", msg.content.config_records.get("config"))
+    loss, acc = evaluate(model, x, y, device, task=task_of(settings.data))
     metrics = MetricRecord({"num-examples": len(x), "eval-loss": loss, "eval-accuracy": acc})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

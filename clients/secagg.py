@@ -12,15 +12,15 @@ update), so that SecAgg+'s weight ratio is 1 and its quantisation step the fines
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord
 
 from fedrac.privacy.secagg import DTYPES_KEY, KEYS_KEY, RECORD_KEY
+from fedrac.settings.typed import Settings
 
 
-def fitres_reply_mod(cfg_of: Callable[[Context], Mapping[str, Any]]):
+def fitres_reply_mod(settings_of: Callable[[Context], Settings | None]):
     """A mod turning fedrac's train reply into the ``FitRes`` records ``secaggplus_mod`` reads."""
 
     def mod(msg: Message, ctxt: Context, call_next) -> Message:
@@ -34,10 +34,10 @@ def fitres_reply_mod(cfg_of: Callable[[Context], Mapping[str, Any]]):
         (name, record), = [(k, r) for k, r in content.items() if isinstance(r, ArrayRecord)]
         metrics = next(r for r in content.values() if isinstance(r, MetricRecord))
         arrays = [a.numpy() for a in record.values()]
-        cfg = cfg_of(ctxt)
-        private = (cfg.get("privacy") or {}).get("mode") == "dp"
+        settings = settings_of(ctxt)
+        private = settings is not None and settings.privacy.mode == "dp"
         # under DP every client weighs the same: max_weight, so SecAgg+'s weight ratio is 1
-        weight = int(float(cfg["secagg"]["max_weight"])) if private else \
+        weight = int(float(settings.privacy.secagg_options["max_weight"])) if private else \
             int(metrics["num-examples"])
         fit_metrics = {**{k: v for k, v in metrics.items() if isinstance(v, int | float)},
                        RECORD_KEY: name, KEYS_KEY: json.dumps(list(record.keys())),
@@ -50,16 +50,17 @@ def fitres_reply_mod(cfg_of: Callable[[Context], Mapping[str, Any]]):
     return mod
 
 
-def secagg_mod(cfg_of: Callable[[Context], Mapping[str, Any]]):
-    """One mod for every ClientApp: SecAgg+ when the run's config says ``secagg=plus``
-    (this node's own composed config), else a pass-through."""
+def secagg_mod(settings_of: Callable[[Context], Settings | None]):
+    """One mod for every ClientApp: SecAgg+ when the run's settings say ``secagg=plus``
+    (this node's own composed config; ``None``: not asked for), else a pass-through."""
     from flwr.client.mod import secaggplus_mod
     from flwr.client.mod.utils import make_ffn
 
-    reply_mod = fitres_reply_mod(cfg_of)
+    reply_mod = fitres_reply_mod(settings_of)
 
     def mod(msg: Message, ctxt: Context, call_next) -> Message:
-        if (cfg_of(ctxt).get("secagg") or {}).get("name", "none") != "plus":
+        settings = settings_of(ctxt)
+        if settings is None or settings.privacy.secagg != "plus":
             return call_next(msg, ctxt)
         return make_ffn(call_next, [secaggplus_mod, reply_mod])(msg, ctxt)
 

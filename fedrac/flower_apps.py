@@ -30,6 +30,7 @@ from fedrac.settings.deployment import (  # noqa: F401 - also this module's API
     overrides_of,
     run_overrides,
 )
+from fedrac.settings.typed import Settings, settings_of  # stdlib only: light
 
 log = logging.getLogger(__name__)
 
@@ -214,28 +215,27 @@ def _client(kind: str, msg: Message, context: Context) -> Message:
 
         return call_worker(folder, kind, msg, context)
     from clients import handlers
-
     handle = handlers.handle_train if kind == "train" else handlers.handle_evaluate
     cfg = node_config(msg, context)
     parts = context.node_config.get("num-partitions")
     if parts is not None and not sets_num_clients(overrides_of(context.run_config)):
         cfg["num_clients"] = int(parts)  # Flower's simulation: as the ServerApp does
-    return handle(cfg, msg, context)
+    return handle(settings_of(cfg), msg, context)  # typed once, here
 
 
-def _secagg_cfg(context: Context) -> dict[str, Any]:
-    """The run's config for :func:`clients.secagg.secagg_mod`, composed only when the
-    overrides ask for SecAgg+ (this short-lived process otherwise stays light)."""
+def _secagg_settings(context: Context) -> Settings | None:
+    """The run's settings for :func:`clients.secagg.secagg_mod`, composed only when the
+    overrides ask for SecAgg+ (this short-lived process otherwise stays light): else None."""
     if not any(i.lstrip("+").replace(" ", "") in ("secagg=plus",)
                for i in shlex.split(overrides_of(context.run_config))):
-        return {}
-    return deployment_config(context.run_config)
+        return None
+    return settings_of(deployment_config(context.run_config))
 
 
 def _client_mods() -> list:
     from clients.secagg import secagg_mod
 
-    return [secagg_mod(_secagg_cfg)]
+    return [secagg_mod(_secagg_settings)]
 
 
 client_app = ClientApp(mods=_client_mods())

@@ -38,7 +38,7 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError("engine=deployment runs through Flower's CLI, not `fedrac`: start a "
                          "federation (python -m fedrac.deploy up) and use the `flwr run` line "
                          "it prints")
-    settings = settings_of(cfg)  # typed, once; cfg itself goes to the parts not yet typed
+    settings = settings_of(cfg)  # typed, once; passed on instead of cfg
     run = settings.run
     out = Path(run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,8 +52,8 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
     # Pretrain (or load the cache) here, once, before any engine starts.
     pretrained_state(settings.model.options, settings.data.dataset, settings.model.pretrain,
                      run.cache_dir)
-    partition_summary(cfg, out)
-    server_app, client_app = make_server_app(cfg), make_client_app(cfg)
+    partition_summary(settings, out)
+    server_app, client_app = make_server_app(cfg), make_client_app(settings)
     print(f"fedrac: {settings.strategy.name} on {settings.data.name}, "
           f"{run.num_clients} clients, {run.num_rounds} rounds, engine {engine}; "
           f"results in {out}", flush=True)
@@ -70,7 +70,7 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
             if run.engine.get("batched"):
                 from clients.batched import batch_trainer
 
-                batch = batch_trainer(cfg)
+                batch = batch_trainer(settings)
             run_inline(server_app, client_app, run.num_clients, batch_train=batch)
         else:
             raise ValueError(f"engine={engine!r} is not an engine; allowed: simulation, inline")

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
-from fedrac.privacy.dp import settings_from_config
+from fedrac.privacy.dp import privacy_settings
+from fedrac.settings.typed import Settings
 from fedrac.wire.ledger import ByteLedger
 from strategies.aggregation import Aggregator
 from strategies.base import FedracStrategy
@@ -24,37 +22,36 @@ STRATEGIES: dict[str, type[FedracStrategy]] = {
 
 
 def build_strategy(
-    cfg: Mapping[str, Any], layers, ledger: ByteLedger | None = None
+    settings: Settings, layers, ledger: ByteLedger | None = None
 ) -> FedracStrategy:
-    """The strategy named by ``strategy.name``, configured from the composed run config."""
-    name = cfg["strategy"]["name"]
+    """The strategy named by ``strategy.name``, configured from the run's typed settings."""
+    name, run = settings.strategy.name, settings.run
     if name not in STRATEGIES:
         raise ValueError(f"strategy={name!r} is not a strategy; allowed: {', '.join(STRATEGIES)}")
-    common = dict(run_seed=int(cfg["seed"]), client_config=cfg["client"],
-                  fraction_train=float(cfg["fraction_train"]), ledger=ledger,
-                  min_available_nodes=int(cfg.get("min_available_clients") or cfg["num_clients"]),
-                  aggregator=build_aggregator(cfg),
-                  fraction_evaluate=float(cfg.get("fraction_evaluate") or 0.0),
-                  eval_every=int(cfg.get("eval_every", 1)), num_rounds=int(cfg["num_rounds"]),
-                  privacy=settings_from_config(cfg),
-                  client_weighting=str(cfg["strategy"].get("client_weighting", "examples")))
-    return STRATEGIES[name].from_config(cfg, layers, **common)
+    common = dict(run_seed=run.seed, client=settings.client,
+                  fraction_train=run.fraction_train, ledger=ledger,
+                  min_available_nodes=int(run.min_available_clients or run.num_clients),
+                  aggregator=build_aggregator(settings),
+                  fraction_evaluate=run.fraction_evaluate or 0.0,
+                  eval_every=run.eval_every, num_rounds=run.num_rounds,
+                  privacy=privacy_settings(settings),
+                  client_weighting=settings.strategy.client_weighting)
+    return STRATEGIES[name].from_config(settings, layers, **common)
 
 
-def build_aggregator(cfg: Mapping[str, Any]) -> Aggregator:
+def build_aggregator(settings: Settings) -> Aggregator:
     """The run's :class:`Aggregator` from the ``aggregation`` group; ``max_client_weight=auto``
     caps at the largest partition outside deployment (where the server knows the partitions).
     """
-    agg = dict(cfg.get("aggregation") or {})
+    agg, run = dict(settings.strategy.aggregation), settings.run
     if agg.get("max_update_norm") == "default" and (
-            (cfg.get("privacy") or {}).get("mode") == "dp"
-            or (cfg.get("secagg") or {}).get("name") == "plus"):
+            settings.privacy.mode == "dp" or settings.privacy.secagg == "plus"):
         agg["max_update_norm"] = None  # DP bounds by its clip; SecAgg+ sees no update
     known = None
     if agg.get("max_client_weight", "auto") == "auto" and \
-            (cfg.get("engine") or {}).get("name") != "deployment" and "partitioner" in cfg:
+            run.engine.get("name") != "deployment" and settings.data.partitioner:
         from fedrac.data.partitioners import partition_sizes
 
-        known = max(partition_sizes(cfg["dataset"], cfg["partitioner"], int(cfg["num_clients"]),
-                                    int(cfg["seed"])))
-    return Aggregator.from_config(agg, known_max_weight=known, run_seed=int(cfg["seed"]))
+        known = max(partition_sizes(settings.data.dataset, settings.data.partitioner,
+                                    run.num_clients, run.seed))
+    return Aggregator.from_config(agg, known_max_weight=known, run_seed=run.seed)

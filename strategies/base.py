@@ -31,6 +31,7 @@ from fedrac.adapters import FACTOR_DTYPE, LayerSpec, adapter_dtype, check_rank
 from fedrac.adapters.sketch import DISTRIBUTIONS, derive_seed
 from fedrac.models.merged_factors import MergedFactors
 from fedrac.privacy.dp import Accountant, CentralDP, PrivacySettings
+from fedrac.settings.typed import ClientSettings
 from fedrac.wire.ledger import ByteLedger, record_dict_nbytes
 from fedrac.wire.records import array_to_tensor, to_shared_state_dict
 from strategies.aggregation import Aggregator, normalised, scaled
@@ -59,12 +60,15 @@ EVAL_KINDS = {"arrays": "eval", "config": "eval", "metrics": "eval"}  # ledger k
 CLIENT_WEIGHTINGS = ("examples", "uniform")  # strategy.client_weighting
 
 
-def client_config_record(client_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``client`` config group as ConfigRecord values (``local-steps`` 0 means unset)."""
+def client_config_record(client: ClientSettings | None) -> dict[str, Any]:
+    """The ``client`` settings as ConfigRecord values (``local-steps`` 0 means unset; none
+    without settings)."""
     out: dict[str, Any] = {}
-    refactor_off = client_cfg.get("refactor", "none") == "none"
+    if client is None:
+        return out
+    refactor_off = client.refactor == "none"
     for key, wire in CLIENT_KEYS.items():
-        value = client_cfg.get(key)
+        value = getattr(client, key)
         if refactor_off and key in REFACTOR_KEYS:
             continue
         if key == "local_steps":
@@ -176,7 +180,7 @@ class FedracStrategy(FedAvg):
     min_clients = 1
 
     def __init__(
-        self, *, run_seed: int, client_config: Mapping[str, Any], fraction_train: float = 1.0,
+        self, *, run_seed: int, client: ClientSettings | None = None, fraction_train: float = 1.0,
         min_train_nodes: int = 1, min_available_nodes: int = 1,
         ledger: ByteLedger | None = None, aggregator: Aggregator | None = None,
         fraction_evaluate: float = 0.0, eval_every: int = 1, num_rounds: int | None = None,
@@ -192,7 +196,7 @@ class FedracStrategy(FedAvg):
         self.fraction_evaluate = float(fraction_evaluate)  # set after FedAvg's warning for 0
         self.eval_every, self.num_rounds = int(eval_every), num_rounds
         self.run_seed = int(run_seed)
-        self.client_config = client_config_record(client_config)
+        self.client_config = client_config_record(client)
         self.ledger = ledger or ByteLedger()
         self.privacy = privacy or PrivacySettings()
         self.aggregator = aggregator or Aggregator(  # DP bounds updates by its own clip

@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from fedrac.settings.typed import Settings
 from fedrac.wire.delta_sync import sync_checksum
 from fedrac.wire.ledger import array_record_nbytes, record_dict_nbytes
 from fedrac.wire.records import to_array_record, to_shared_state_dict
@@ -30,15 +31,15 @@ DOWNLOADS = ("auto", "full", "delta")  # strategy.download of the adapter method
 RESYNC_KEY = "resync"  # a client's reply record asking for the full weights
 
 
-def resolve_download(cfg: Mapping[str, Any]) -> str:
+def resolve_download(settings: Settings) -> str:
     """``strategy.download`` with ``auto`` resolved: ``delta`` for ``model=hf`` (a node holds
     the base and receives what changed), ``full`` for the built-in models and under
     ``secagg=plus`` (a resync cannot go through the masked sum)."""
-    value = str(cfg["strategy"].get("download", "full"))
+    value = str(settings.strategy.download or "full")
     if value != "auto":
         return value
-    secagg = (cfg.get("secagg") or {}).get("name", "none") == "plus"
-    return "delta" if (cfg.get("model") or {}).get("name") == "hf" and not secagg else "full"
+    secagg = settings.privacy.secagg == "plus"
+    return "delta" if settings.model.name == "hf" and not secagg else "full"
 
 
 class DeltaSync:

@@ -22,6 +22,7 @@ from flwr.supercore import log
 from fedrac.adapters import LayerSpec
 from fedrac.adapters.lora_sb import INIT_RANK_KEY, INIT_STEP_KEY, SVD_PARTS, signed_step_svd
 from fedrac.adapters.sketch import derive_seed, fingerprint, make_sketch
+from fedrac.settings.typed import Settings
 from fedrac.wire.delta_sync import SET_PREFIX, merge_middle
 from fedrac.wire.ledger import record_dict_nbytes
 from fedrac.wire.records import to_array_record, to_shared_state_dict
@@ -109,13 +110,13 @@ class FedSB(FedracStrategy):
         self._global: ArrayRecord | None = None
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], layers, **common: Any) -> FedSB:
-        """Build from the composed run config."""
-        s = cfg["strategy"]
-        return cls(layers=layers, rank=s["rank"], alpha=s["alpha"], sketch=s["sketch"],
-                   init=s.get("init", "gradient"), init_samples=s.get("init_samples", 170),
-                   init_clients=s.get("init_clients", 1), init_step=s.get("init_step"),
-                   download=resolve_download(cfg), **common)
+    def from_config(cls, settings: Settings, layers, **common: Any) -> FedSB:
+        """Build from the run's typed settings."""
+        s, o = settings.strategy, settings.strategy.options
+        return cls(layers=layers, rank=s.rank, alpha=s.alpha, sketch=s.sketch,
+                   init=o.get("init", "gradient"), init_samples=o.get("init_samples", 170),
+                   init_clients=o.get("init_clients", 1), init_step=o.get("init_step"),
+                   download=resolve_download(settings), **common)
 
     @staticmethod
     def check_init(samples: Any, clients: Any, step: Any) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedrac.settings.typed import Settings
 from fedrac.wire.records import to_array_record, to_shared_state_dict
 from strategies.base import FedracStrategy
 
@@ -33,8 +34,8 @@ class FedAvgFPFT(FedracStrategy):
         self._global: ArrayRecord | None = None
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], layers, **common: Any) -> FedAvgFPFT:
-        """Build from the composed run config (``layers`` is unused by FPFT)."""
+    def from_config(cls, settings: Settings, layers, **common: Any) -> FedAvgFPFT:
+        """Build from the run's typed settings (``layers`` is unused by FPFT)."""
         return cls(**common)
 
     def configure_train(

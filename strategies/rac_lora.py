@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 
 from fedrac.adapters import LayerSpec, resolve_trained
 from fedrac.adapters.sketch import derive_seed, fingerprint, make_sketch
+from fedrac.settings.typed import Settings
 from fedrac.wire.delta_sync import SET_PREFIX, merge_factors
 from fedrac.wire.records import array_to_tensor, to_array_record
 from strategies.base import FedracStrategy, require_choice
@@ -112,13 +113,15 @@ class RacLoRA(FedracStrategy):
         self._plan: RoundPlan | None = None
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], layers, **common: Any) -> RacLoRA:
-        """Build from the composed run config."""
-        s = cfg["strategy"]
-        return cls(layers=layers, rank=s["rank"], alpha=s["alpha"], sketch=s["sketch"],
-                   train_factor=s["train_factor"], resample_every=s.get("resample_every", 1),
-                   download=resolve_download(cfg), client_ranks=s.get("client_ranks"),
-                   train_factor_p=s.get("train_factor_p", 0.5), **common)
+    def from_config(cls, settings: Settings, layers, **common: Any) -> RacLoRA:
+        """Build from the run's typed settings."""
+        s = settings.strategy
+        return cls(layers=layers, rank=s.rank, alpha=s.alpha, sketch=s.sketch,
+                   train_factor=s.train_factor,
+                   resample_every=1 if s.resample_every is None else s.resample_every,
+                   download=resolve_download(settings),
+                   client_ranks=s.options.get("client_ranks"),
+                   train_factor_p=s.options.get("train_factor_p", 0.5), **common)
 
     @staticmethod
     def check_client_ranks(value: Any, rank: int) -> tuple[int, ...] | None:

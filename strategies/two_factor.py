@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 from fedrac.adapters import LayerSpec
 from fedrac.adapters.sketch import derive_seed, fingerprint, make_sketch
 from fedrac.models.merged_factors import MergedFactors
+from fedrac.settings.typed import Settings
 from fedrac.wire.delta_sync import SET_PREFIX, apply_update
 from fedrac.wire.records import to_array_record, to_state_dict
 from strategies.base import FedracStrategy, ValidReply, require_choice
@@ -83,12 +84,12 @@ class TwoFactorLoRA(FedracStrategy):
                       "deltas": "deltas", "sync": "seeds"}
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], layers, **common: Any) -> TwoFactorLoRA:
-        """Build from the composed run config."""
-        s = cfg["strategy"]
-        return cls(layers=layers, rank=s["rank"], alpha=s["alpha"], sketch=s["sketch"],
-                   train_factor=s["train_factor"], download=resolve_download(cfg),
-                   **cls.extra_kwargs(s), **common)
+    def from_config(cls, settings: Settings, layers, **common: Any) -> TwoFactorLoRA:
+        """Build from the run's typed settings."""
+        s = settings.strategy
+        return cls(layers=layers, rank=s.rank, alpha=s.alpha, sketch=s.sketch,
+                   train_factor=s.train_factor, download=resolve_download(settings),
+                   **cls.extra_kwargs(s.options), **common)
 
     @classmethod
     def extra_kwargs(cls, strategy_cfg: Mapping[str, Any]) -> dict[str, Any]:

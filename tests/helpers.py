@@ -24,6 +24,37 @@ def run_config(tmp_path, *overrides: str) -> dict:
     return cfg
 
 
+_DEFAULT: dict = {}
+
+
+def settings_with(**sections):
+    """Typed settings (:func:`fedrac.settings.typed.settings_of`) of the default config with
+    the top-level keys ``sections`` replaced (a group's whole section). Not validated: for the
+    internals that take the settings, fed the keys a test sets."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from fedrac.settings.config import conf_dir
+    from fedrac.settings.typed import settings_of
+
+    if not _DEFAULT:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            _DEFAULT.update(OmegaConf.to_container(compose("config"), resolve=True))
+    cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in _DEFAULT.items()}
+    return settings_of({**cfg, **sections})
+
+
+def client_settings(**given):
+    """:class:`ClientSettings` with the ``client.*`` keys ``given``, the rest ``None`` (unset,
+    as in a ``client`` mapping without them: nothing sent for them)."""
+    import dataclasses
+
+    from fedrac.settings.typed import ClientSettings
+
+    return ClientSettings(**{f.name: given.get(f.name) for f in dataclasses.fields(
+        ClientSettings)})
+
+
 def cli_error(args: list[str], tmp_path, monkeypatch, capsys) -> list[str]:
     """Run the ``fedrac`` CLI in-process with ``args`` writing into ``tmp_path``; assert it
     stopped with exit code 2, wrote no output folder; return its stderr lines."""

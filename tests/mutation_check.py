@@ -221,6 +221,12 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
      ["tests/test_settings.py"]),
     ("typed settings: monitor.top_k ignored", "fedrac/settings/typed.py",
      'top_k=int(mon.get("top_k", 8))', "top_k=8", ["tests/test_settings.py"]),
+    ("typed settings: the tune group dropped", "fedrac/settings/typed.py",
+     'tune=cfg.get("tune") or {}', "tune={}", ["tests/test_settings.py"]),
+    ("typed privacy: the clients and the rounds swapped", "fedrac/privacy/dp.py",
+     "_resolve(settings.privacy.privacy, run.num_clients, run.num_rounds,",
+     "_resolve(settings.privacy.privacy, run.num_rounds, run.num_clients,",
+     ["tests/test_privacy.py"]),
 ]
 
 

@@ -44,15 +44,17 @@ def run_rounds(cfg: dict, rounds: int):
     from fedrac.adapters import find_target_layers
     from fedrac.engines.inline import run_inline
     from fedrac.models.pretrain import pretrained_state
+    from fedrac.settings.typed import settings_of
     from strategies import build_strategy
 
     cfg = {**cfg, "num_rounds": rounds}
-    model = client_model(cfg)
+    settings = settings_of(cfg)
+    model = client_model(settings)
     state = pretrained_state(cfg["model"], cfg["dataset"], cfg["pretrain"], cfg["cache_dir"])
     model.load_state_dict(state)
-    strategy = build_strategy(cfg, find_target_layers(model, cfg["model"]["target_modules"]))
+    strategy = build_strategy(settings, find_target_layers(model, settings.model.target_modules))
     strategy.set_trainable_modules({k: tuple(p.shape)
-                                    for k, p in module_keys(model, cfg).items()})
+                                    for k, p in module_keys(model, settings.model).items()})
     assert strategy.module_shapes  # the new classifier head is trained in full
     seen: list[dict[str, torch.Tensor]] = []
     server = ServerApp()
@@ -64,7 +66,7 @@ def run_rounds(cfg: dict, rounds: int):
 
         strategy.start(grid, ArrayRecord(state), num_rounds=rounds, evaluate_fn=evaluate_fn)
 
-    strategy.grid = run_inline(server, make_client_app(cfg), int(cfg["num_clients"]))
+    strategy.grid = run_inline(server, make_client_app(settings), int(cfg["num_clients"]))
     return seen, strategy
 
 
@@ -121,10 +123,12 @@ def test_rac_lora_downloads_at_most_three_times_the_upload(ckpt, tmp_path):
 
 def test_auto_download_is_delta_on_hf_only():
     from strategies.delta_sync import resolve_download
+    from tests.helpers import settings_with
 
-    def cfg(model: str, download: str = "auto", secagg: str = "none") -> dict:
-        return {"model": {"name": model}, "strategy": {"download": download},
-                "secagg": {"name": secagg}}
+    def cfg(model: str, download: str = "auto", secagg: str = "none"):
+        return settings_with(model={"name": model, "target_modules": ["all"]},
+                             strategy={"name": "rac_lora", "download": download},
+                             secagg={"name": secagg})
 
     assert resolve_download(cfg("hf")) == "delta"
     assert resolve_download(cfg("mlp")) == "full"
@@ -146,7 +150,7 @@ def test_fedex_residual_is_sent_low_rank_where_it_is(d_in):
     from strategies.fedex_lora import FedExLoRA
 
     layers = {"fc": LayerSpec("fc", (48, d_in))}
-    s = FedExLoRA(layers=layers, rank=2, alpha=3.0, run_seed=0, client_config={})
+    s = FedExLoRA(layers=layers, rank=2, alpha=3.0, run_seed=0)
     g = torch.Generator().manual_seed(0)
     valid = [ValidReply(i, {"fc.lora_A": torch.randn(2, d_in, generator=g),
                             "fc.lora_B": torch.randn(48, 2, generator=g)}, w, MetricRecord())

@@ -30,7 +30,7 @@ def _client_factor(pid: int, key: str, shape) -> torch.Tensor:
 
 def _rac(train_factor: str, **kw) -> RacLoRA:
     return RacLoRA(layers=LAYERS, rank=RANK, alpha=ALPHA, sketch="gaussian",
-                   train_factor=train_factor, run_seed=SEED, client_config={}, **kw)
+                   train_factor=train_factor, run_seed=SEED, **kw)
 
 
 def _weights(pid: int, weighted: bool) -> int:
@@ -141,7 +141,7 @@ def test_fedavg_is_the_exact_weighted_average(weighted):
         tensors = {k: _client_factor(pid, k, v.shape).numpy() for k, v in _initial().items()}
         return reply(msg, "arrays", tensors, _weights(pid, weighted))
 
-    seen = run_strategy(FedAvgFPFT(run_seed=0, client_config={}), ArrayRecord(_initial()), 1, 3,
+    seen = run_strategy(FedAvgFPFT(run_seed=0), ArrayRecord(_initial()), 1, 3,
                         train)
     got = seen[-1].to_torch_state_dict()
     total = sum(_weights(p, weighted) for p in range(3))

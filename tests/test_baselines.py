@@ -38,7 +38,7 @@ def _factor(rnd: int, pid: int, key: str, shape) -> torch.Tensor:
 
 def _strategy(name: str, **kw):
     return STRATEGIES[name](layers=LAYERS, rank=RANK, alpha=ALPHA, sketch="gaussian",
-                            run_seed=SEED, client_config={}, **kw)
+                            run_seed=SEED, **kw)
 
 
 class Clients:

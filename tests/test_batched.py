@@ -15,6 +15,7 @@ from clients.batched import _Client, fit, run_reason
 from fedrac.models import build_model
 from fedrac.run import run_experiment
 from fedrac.settings.config import ConfigError
+from fedrac.settings.typed import settings_of
 from fedrac.training.local import TrainSettings, train_locally
 from tests.helpers import run_config
 
@@ -143,11 +144,15 @@ def test_failed_batch_falls_back_to_the_clientapp(tmp_path: Path, cache: Path, m
 
 def test_what_cannot_be_batched_names_why(tmp_path: Path) -> None:
     cfg = run_config(tmp_path, "engine.batched=true")
-    assert run_reason(cfg) is None
-    assert "local_dp" in run_reason({**cfg, "privacy": {"mode": "local_dp"}})
-    assert "secagg=plus" in run_reason({**cfg, "secagg": {"name": "plus"}})
-    assert "custom model" in run_reason({**cfg, "model": {"_target_": "my.Net"}})
-    assert "model=hf" in run_reason({**cfg, "model": {"name": "hf"}})
+
+    def reason(**changed):
+        return run_reason(settings_of({**cfg, **changed}))
+
+    assert reason() is None
+    assert "local_dp" in reason(privacy={"mode": "local_dp"})
+    assert "secagg=plus" in reason(secagg={"name": "plus"})
+    assert "custom model" in reason(model={**cfg["model"], "_target_": "my.Net"})
+    assert "model=hf" in reason(model={**cfg["model"], "name": "hf"})
 
 
 def test_batched_needs_the_inline_engine(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 
 from clients.handlers import settings_from
 from fedrac.settings.config import ConfigError
+from fedrac.settings.typed import settings_of
 from fedrac.training.local import TrainSettings, train_locally
 from strategies.base import client_config_record
 from tests.helpers import run_config
@@ -74,11 +75,11 @@ def test_bf16_autocast_on_cpu_trains_and_the_loss_falls():
 
 def test_precision_and_accumulation_travel_to_clients(tmp_path):
     cfg = run_config(tmp_path, "client.precision=bf16", "client.grad_accum_steps=4")
-    record = client_config_record(cfg["client"])
+    record = client_config_record(settings_of(cfg).client)
     assert record["precision"] == "bf16" and record["grad-accum-steps"] == 4
     settings = settings_from(record)
     assert settings.precision == "bf16" and settings.grad_accum_steps == 4
-    default = client_config_record(run_config(tmp_path)["client"])
+    default = client_config_record(settings_of(run_config(tmp_path)).client)
     assert "precision" not in default and "grad-accum-steps" not in default
 
 
@@ -120,9 +121,9 @@ def test_train_locally_refuses_fp16_on_cpu():
 def test_batched_clients_leave_precision_and_accumulation_to_the_sequential_loop(tmp_path):
     from clients.batched import run_reason
 
-    assert run_reason(run_config(tmp_path)) is None
+    assert run_reason(settings_of(run_config(tmp_path))) is None
     for override in ("client.precision=bf16", "client.grad_accum_steps=2"):
-        reason = run_reason(run_config(tmp_path, override))
+        reason = run_reason(settings_of(run_config(tmp_path, override)))
         assert reason == "client.precision / client.grad_accum_steps are not batched"
 
 

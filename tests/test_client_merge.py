@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord
 import clients.handlers as handlers
 from clients.client_app import make_client_app
 from fedrac.adapters import effective_weights, find_target_layers
+from fedrac.settings.typed import settings_of
 from strategies import build_strategy
 from tests.helpers import run_config, run_strategy
 
@@ -26,10 +27,10 @@ def test_real_clients_merge_into_the_weighted_average_of_their_local_models(
     cfg = run_config(tmp_path, f"strategy={name}", f"num_clients={NODES}", "num_rounds=2",
                      "client.local_steps=4", "client.lr=0.01", "strategy.rank=2",
                      "strategy.alpha=3", *extra)
-    model = handlers.client_model(cfg)
+    model = handlers.client_model(settings_of(cfg))
     layers = find_target_layers(model, cfg["model"]["target_modules"])
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    strategy = build_strategy(cfg, layers)
+    strategy = build_strategy(settings_of(cfg), layers)  # the settings the clients get too
     local: list[tuple[int, dict[str, torch.Tensor]]] = []
     real = handlers.train_locally
 
@@ -41,7 +42,7 @@ def test_real_clients_merge_into_the_weighted_average_of_their_local_models(
         return result
 
     monkeypatch.setattr(handlers, "train_locally", recording)
-    seen = run_strategy(strategy, ArrayRecord(initial), 2, NODES, make_client_app(cfg))
+    seen = run_strategy(strategy, ArrayRecord(initial), 2, NODES, make_client_app(settings_of(cfg)))
     assert len(local) == 2 * NODES
     for rnd in (1, 2):
         round_local = local[(rnd - 1) * NODES: rnd * NODES]

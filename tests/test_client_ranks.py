@@ -73,7 +73,7 @@ class Clients:
 def test_three_ranks_merge_exactly_to_the_weighted_sum_of_nested_updates(side):
     clients = Clients()
     strategy = STRATEGIES["rac_lora"](layers=LAYERS, rank=RANK, alpha=ALPHA, sketch="gaussian",
-                                      train_factor=side, run_seed=SEED, client_config={},
+                                      train_factor=side, run_seed=SEED,
                                       client_ranks=RANKS)
     seen = run_strategy(strategy, ArrayRecord(_initial()), 2, 3, clients)
     total = sum(clients.weights.values())
@@ -116,7 +116,7 @@ def test_tiers_give_contiguous_blocks_and_a_node_may_name_its_own_rank():
 
 def test_a_reply_of_a_rank_outside_the_list_is_rejected(caplog):
     strategy = STRATEGIES["rac_lora"](layers=LAYERS, rank=RANK, alpha=ALPHA, sketch="gaussian",
-                                      train_factor="B", run_seed=SEED, client_config={},
+                                      train_factor="B", run_seed=SEED,
                                       client_ranks=[1, 3])
 
     def train(msg, context):

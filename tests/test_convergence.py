@@ -59,8 +59,7 @@ def _client_train(msg, context):
 def _distance(train_factor: str, resample_every: int) -> float:
     layers = find_target_layers(_model(), ["lin"])
     strategy = RacLoRA(layers=layers, rank=1, alpha=1.0, sketch="orthogonal",
-                       train_factor=train_factor, resample_every=resample_every, run_seed=3,
-                       client_config={})
+                       train_factor=train_factor, resample_every=resample_every, run_seed=3)
     initial = ArrayRecord({"lin.weight": torch.zeros(D_OUT, D_IN, dtype=torch.float64)})
     seen = run_strategy(strategy, initial, ROUNDS, CLIENTS, _client_train)
     w = seen[-1].to_torch_state_dict()["lin.weight"]

@@ -19,6 +19,7 @@ from fedrac.engines.inline import run_inline
 from fedrac.models import build_model
 from fedrac.models.pretrain import pretrained_state
 from fedrac.settings.config import ConfigError, conf_dir, validate
+from fedrac.settings.typed import settings_of
 from fedrac.wire.delta_sync import (
     STATE_CONFIG,
     STATE_SYNC,
@@ -51,7 +52,8 @@ def _run(cfg: dict, tamper=None):
     task = load_splits(cfg["dataset"])
     model = build_model(cfg["model"], task.input_shape, task.num_classes)
     state = pretrained_state(cfg["model"], cfg["dataset"], cfg["pretrain"], cfg["cache_dir"])
-    strategy = build_strategy(cfg, find_target_layers(model, cfg["model"]["target_modules"]))
+    strategy = build_strategy(settings_of(cfg),
+                              find_target_layers(model, cfg["model"]["target_modules"]))
     seen: list[dict[str, torch.Tensor]] = []
     holder: dict[str, Grid] = {}
     server = ServerApp()
@@ -67,7 +69,7 @@ def _run(cfg: dict, tamper=None):
 
         strategy.start(grid, ArrayRecord(state), num_rounds=ROUNDS, evaluate_fn=evaluate_fn)
 
-    grid = run_inline(server, make_client_app(cfg), CLIENTS)
+    grid = run_inline(server, make_client_app(settings_of(cfg)), CLIENTS)
     return seen, grid, strategy
 
 

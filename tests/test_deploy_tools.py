@@ -20,6 +20,7 @@ from fedrac.deploy.certs import make_certificates, make_node_keys
 from fedrac.deploy.local import node_config_string, write_connection
 from fedrac.flower_apps import deployment_config
 from fedrac.settings.config import ConfigError
+from tests.helpers import settings_with
 
 
 def test_flwr_run_overrides_compose_the_cli_config():
@@ -54,9 +55,9 @@ def test_data_path_node_reads_its_own_npz(tmp_path):
     np.savez(tmp_path / "train.npz", x=x, y=y)
     ds = load_dataset_from_path(str(tmp_path), {"name": "digits"})
     assert ds.column_names == ["x", "label"] and len(ds) == 12
-    cfg = {"dataset": {"name": "digits"}}
+    settings = settings_with(dataset={"name": "digits"})
     ctx = _context({"data-path": str(tmp_path)})
-    xt, yt = client_data(cfg, ctx)
+    xt, yt = client_data(settings, ctx)
     np.testing.assert_allclose(xt.numpy(), x)
     assert yt.tolist() == y.tolist()
     assert node_stream(ctx) == node_stream(_context({"data-path": str(tmp_path)}))
@@ -65,7 +66,8 @@ def test_data_path_node_reads_its_own_npz(tmp_path):
 def test_missing_data_path_fails_with_the_path(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(DataConfigError, match="data-path='.*nowhere'"):
-        client_data({"dataset": {"name": "digits"}}, _context({"data-path": str(missing)}))
+        client_data(settings_with(dataset={"name": "digits"}),
+                    _context({"data-path": str(missing)}))
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(DataConfigError, match="bad.npz"):
         load_dataset_from_path(str(tmp_path / "bad.npz"), {"name": "digits"})

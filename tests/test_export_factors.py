@@ -13,7 +13,7 @@ from fedrac.models.export import adapter_factors_of, low_rank
 from fedrac.models.merged_factors import MergedFactors
 from fedrac.server.checkpoint import load_checkpoint, save_checkpoint
 from tests import hf_models as H
-from tests.helpers import run_strategy
+from tests.helpers import run_strategy, settings_with
 from tests.test_baselines import LAYERS, NODES, Clients, _initial, _strategy
 
 
@@ -155,8 +155,9 @@ def test_peft_loads_the_auto_rank_adapter_onto_w0_as_the_final_weights(arch, tmp
             merged.add(n, b, a)
             w = final[spec.weight_key]
             final[spec.weight_key] = (w.double() + spec.delta(a, b, 1.0)).float()
-    cfg = {"model": model_cfg, "strategy": {"name": "rac_lora", "rank": 2}}
-    result = export_transformers(cfg, model, layers, initial, final, tmp_path, merged)
+    settings = settings_with(model={**model_cfg, "target_modules": targets},
+                             strategy={"name": "rac_lora", "rank": 2})
+    result = export_transformers(settings, model, layers, initial, final, tmp_path, merged)
     assert result["adapter_from_factors"] and result["adapter_relative_error"] < 1e-6
     assert set(result["adapter_ranks"].values()) == {2, 4, 6, 8}
     assert "rank auto: 2..8 per layer" in capsys.readouterr().out

@@ -20,7 +20,7 @@ from fedrac.adapters.sketch import fingerprint
 from fedrac.settings.config import ConfigError
 from fedrac.training.local import layer_gradients, resolve_device
 from strategies.fed_sb import FedSB, lora_sb_init
-from tests.helpers import reply, run_config, run_strategy
+from tests.helpers import client_settings, reply, run_config, run_strategy
 
 LAYERS = {"rect": LayerSpec("rect", (7, 5)), "sq": LayerSpec("sq", (6, 6))}
 RANK, ALPHA, SEED, NODES, STEP = 2, 3.0, 5, 4, 0.01
@@ -84,7 +84,7 @@ class Clients:
 
 def _strategy(**kw) -> FedSB:
     kw.setdefault("init_step", STEP)
-    return FedSB(layers=LAYERS, rank=RANK, alpha=ALPHA, run_seed=SEED, client_config={}, **kw)
+    return FedSB(layers=LAYERS, rank=RANK, alpha=ALPHA, run_seed=SEED, **kw)
 
 
 def test_the_merge_is_the_weighted_average_of_the_clients_local_models():
@@ -298,7 +298,7 @@ def test_the_default_init_step_is_the_first_warm_up_steps_lr():
     """The paper's ``eta = lr / (warmup_ratio * total_steps)``: the lr of the first step."""
     def step(**client):
         return FedSB(layers=LAYERS, rank=RANK, alpha=ALPHA, run_seed=SEED,
-                     client_config=client).init_step
+                     client=client_settings(**client)).init_step
 
     assert step(lr=0.1, warmup_steps=4) == pytest.approx(0.025)
     assert step(lr=0.1, warmup_steps=0) == pytest.approx(0.1)

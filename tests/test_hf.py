@@ -282,6 +282,7 @@ def test_bfloat16_base_with_gradient_checkpointing_trains_float32_adapters(ckpt)
     from fedrac.adapters import adapter_factors
     from fedrac.data import load_splits, to_tensors
     from fedrac.models.hf import build_hf_model
+    from fedrac.settings.typed import ModelSettings
     from fedrac.tasks import get_task
     from fedrac.training.local import TrainSettings, train_locally
 
@@ -301,7 +302,9 @@ def test_bfloat16_base_with_gradient_checkpointing_trains_float32_adapters(ckpt)
         factors = {n: (torch.full((2, s.d_in), 0.1), torch.zeros(s.d_out, 2))
                    for n, s in layers.items()}
         attach_adapters(model, layers, factors, 2, 2.0, {n: "B" for n in layers})
-        for p in module_keys(model, cfg).values():
+        typed = ModelSettings(name="hf", target_modules=["auto"], options=cfg["model"],
+                              pretrain={})
+        for p in module_keys(model, typed).values():
             p.requires_grad_(True)
         train_locally(model, x, y, TrainSettings(lr=1e-2, local_steps=2, batch_size=8), 0,
                       torch.device("cpu"), get_task("classification"))

@@ -14,7 +14,7 @@ from clients.client_app import make_client_app
 from fedrac.adapters.sketch import SketchMismatchError
 from fedrac.data import DataConfigError
 from strategies.fedavg import FedAvgFPFT
-from tests.helpers import run_strategy
+from tests.helpers import run_strategy, settings_with
 
 SECRET = "data-path='/srv/site0/patients.csv' has no column 'diagnosis' (columns: age, income)"
 
@@ -24,9 +24,9 @@ def _server_reasons(caplog, error: Exception, verbose: bool, monkeypatch) -> tup
         raise error
 
     monkeypatch.setattr(handlers, "handle_train", failing)
-    app = make_client_app({"verbose_node_errors": verbose})
+    app = make_client_app(settings_with(verbose_node_errors=verbose))
     with caplog.at_level(logging.INFO):
-        run_strategy(FedAvgFPFT(run_seed=0, client_config={}),
+        run_strategy(FedAvgFPFT(run_seed=0),
                      ArrayRecord({"w": torch.zeros(2)}), 1, 2, app)
     server = "\n".join(r.getMessage() for r in caplog.records if r.name == "flwr"
                        and "failed:" in r.getMessage())

@@ -12,6 +12,7 @@ from fedrac.data import partition, to_tensors
 from fedrac.data.partitioners import label_histograms, label_skew
 from fedrac.data.sources import DataConfigError
 from fedrac.data.summary import partition_summary
+from tests.helpers import settings_with
 
 DIGITS = {"name": "digits", "source_classes": [0, 1, 2, 3, 4], "target_classes": [5, 6, 7, 8, 9],
           "test_fraction": 0.25, "split_seed": 0}
@@ -119,9 +120,9 @@ def test_bad_partitioner_values_name_the_key():
 
 
 def test_partition_summary_files(tmp_path, capsys):
-    cfg = {"dataset": DIGITS, "partitioner": OPTIONS["pathological"], "num_clients": 6,
-           "seed": 0}
-    summary = partition_summary(cfg, tmp_path)
+    settings = settings_with(dataset=DIGITS, partitioner=OPTIONS["pathological"],
+                             num_clients=6, seed=0)
+    summary = partition_summary(settings, tmp_path)
     assert "partition: pathological on digits, input shape (1, 8, 8), 5 classes" in \
         capsys.readouterr().out
     saved = json.loads((tmp_path / "partition.json").read_text())
@@ -147,9 +148,8 @@ def test_summary_lists_every_client_up_to_50_and_summarises_beyond(capsys):
     synthetic = {"name": "synthetic", "features": 4, "num_classes": 3, "source_samples": 0,
                  "target_samples": 600, "test_samples": 10, "target_classes": [3, 4, 5]}
     for n, listed in ((50, 50), (51, 0)):
-        cfg = {"dataset": synthetic, "partitioner": {"name": "iid"}, "num_clients": n,
-               "seed": 0}
-        partition_summary(cfg)
+        partition_summary(settings_with(dataset=synthetic, partitioner={"name": "iid"},
+                                        num_clients=n, seed=0))
         out = capsys.readouterr().out.splitlines()
         rows = [line for line in out if line.split()[:1] and line.split()[0].isdigit()]
         assert len(rows) == listed

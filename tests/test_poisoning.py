@@ -45,10 +45,10 @@ def _target(pid: int) -> dict[str, torch.Tensor]:
 def _strategy(strategy: str, **agg):
     aggregator = Aggregator(**agg, known_max_weight=max(SIZES), run_seed=SEED)
     if strategy == "fedavg":
-        return STRATEGIES[strategy](run_seed=SEED, client_config={}, aggregator=aggregator)
+        return STRATEGIES[strategy](run_seed=SEED, aggregator=aggregator)
     side = {"fedit": "both"}.get(strategy, "B")
     return STRATEGIES[strategy](layers=LAYERS, rank=RANK, alpha=ALPHA, sketch="orthogonal",
-                            train_factor=side, run_seed=SEED, client_config={},
+                            train_factor=side, run_seed=SEED,
                             aggregator=aggregator)
 
 

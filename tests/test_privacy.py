@@ -94,7 +94,7 @@ def test_fedavg_under_dp_moves_the_global_weights_by_at_most_clip_norm():
         return reply(msg, "arrays", {k: (v + scale).numpy() for k, v in initial.items()},
                      num_examples=10 ** (pid + 3))  # claims buy nothing: weights are uniform
 
-    strategy = FedAvgFPFT(run_seed=SEED, client_config={},
+    strategy = FedAvgFPFT(run_seed=SEED,
                           privacy=settings_from_config({**_cfg(noise_multiplier=0.0),
                                                         "num_clients": 4}))
     seen = run_strategy(strategy, ArrayRecord(initial), 1, 4, train)
@@ -204,7 +204,7 @@ def test_noised_mean_of_the_trained_factor_is_merged_exactly(cls):
     settings = settings_from_config({**_cfg(noise_multiplier=2.0, clip_norm=1.5),
                                      "num_clients": 4})
     strategy = cls(layers=LAYERS, rank=RANK, alpha=ALPHA, sketch="gaussian", train_factor=side,
-                   run_seed=SEED, client_config={}, privacy=settings)
+                   run_seed=SEED, privacy=settings)
     seen = run_strategy(strategy, ArrayRecord(initial), 1, 4, train)
     merged = seen[-1].to_torch_state_dict()
     mean, _ = private_mean([factors[p] for p in range(4)], 1.5, 2.0, 4,
@@ -294,3 +294,19 @@ def test_local_dp_refuses_trained_modules_it_would_not_noise():
     with pytest.raises(ConfigError, match="privacy.mode='local_dp' is not allowed; allowed: dp"):
         settings_from_config(cfg)
     settings_from_config({**cfg, "model": {"name": "hf", "trainable_modules": []}})
+
+
+@pytest.mark.parametrize("privacy", [{"target_epsilon": 4.0, "noise_multiplier": None},
+                                     {"mode": "local_dp", "fraction_train": 0.5}])
+def test_the_typed_settings_resolve_the_same_privacy_as_the_config(privacy):
+    """privacy_settings(settings) (what the strategy and a local-DP client use) equals
+    settings_from_config(cfg) (the check): clients, rounds and the sampled fraction each read
+    from their own key."""
+    from fedrac.privacy.dp import privacy_settings, settings_from_config
+    from tests.helpers import settings_with
+
+    fraction = privacy.pop("fraction_train", 0.3)
+    cfg = {**_cfg(**privacy), "num_clients": 40, "num_rounds": 7, "fraction_train": fraction}
+    typed = privacy_settings(settings_with(**cfg))
+    assert typed == settings_from_config(cfg)
+    assert (typed.num_clients, typed.num_rounds, typed.cohort) == (40, 7, int(40 * fraction))

@@ -129,6 +129,7 @@ def test_refactoring_a_shared_sketch_is_refused_with_one_line(tmp_path, strategy
 
 def test_refactor_values_are_checked_and_sent_only_when_on(tmp_path):
     from fedrac.settings.config import ConfigError
+    from fedrac.settings.typed import settings_of
     from strategies.base import client_config_record
     from tests.helpers import run_config
 
@@ -140,7 +141,7 @@ def test_refactor_values_are_checked_and_sent_only_when_on(tmp_path):
                    "client.refactor_interval=0")
     cfg = run_config(tmp_path, "strategy=flora", "client.refactor=reflora_s",
                      "client.refactor_warmup_steps=3")
-    sent = client_config_record(cfg["client"])
+    sent = client_config_record(settings_of(cfg).client)
     assert sent["refactor"] == "reflora_s" and sent["refactor-warmup-steps"] == 3
-    plain = client_config_record(run_config(tmp_path, "strategy=fedit")["client"])
+    plain = client_config_record(settings_of(run_config(tmp_path, "strategy=fedit")).client)
     assert not any(k.startswith("refactor") for k in plain)

@@ -17,9 +17,10 @@ from hydra import compose, initialize_config_dir
 from fedrac.adapters import LayerSpec
 from fedrac.adapters.sketch import derive_seed, make_sketch
 from fedrac.settings.config import ConfigError, conf_dir, validate
+from fedrac.settings.typed import settings_of
 from strategies import STRATEGIES, build_aggregator
 from strategies.aggregation import RULES, Aggregator, normalised, parse_bound
-from tests.helpers import reply, run_strategy
+from tests.helpers import reply, run_strategy, settings_with
 
 
 def _agg(name: str, **kw) -> Aggregator:
@@ -113,9 +114,9 @@ def test_defaults_follow_the_rule():
     assert Aggregator("mean").max_update_norm == "10x"
     base = {"aggregation": {"name": "mean", "max_update_norm": "default"}, "seed": 0,
             "engine": {"name": "deployment"}}
-    assert build_aggregator(base).max_update_norm == "10x"
-    assert build_aggregator({**base, "privacy": {"mode": "dp"}}).max_update_norm is None
-    assert build_aggregator({**base, "secagg": {"name": "plus"}}).max_update_norm is None
+    assert build_aggregator(settings_with(**base)).max_update_norm == "10x"
+    assert build_aggregator(settings_with(**base, privacy={"mode": "dp"})).max_update_norm is None
+    assert build_aggregator(settings_with(**base, secagg={"name": "plus"})).max_update_norm is None
     for name in ("median", "trimmed_mean", "norm_clip"):
         assert Aggregator(name).max_update_norm == "10x"
     assert parse_bound("auto", "k") == "10x" and parse_bound(2, "k") == 2.0
@@ -130,8 +131,8 @@ def test_auto_weight_cap_is_the_largest_partition_in_simulation():
     from fedrac.data.partitioners import partition_sizes
 
     sizes = partition_sizes(cfg["dataset"], cfg["partitioner"], 4, cfg["seed"])
-    assert build_aggregator(cfg).max_client_weight == max(sizes)
-    deployed = build_aggregator({**cfg, "engine": {"name": "deployment"}})
+    assert build_aggregator(settings_of(cfg)).max_client_weight == max(sizes)
+    deployed = build_aggregator(settings_of({**cfg, "engine": {"name": "deployment"}}))
     assert deployed.max_client_weight == "10x"
 
 
@@ -178,7 +179,7 @@ def _rac_round(rule: str, rank: int) -> tuple[dict, dict, dict]:
 
     agg = Aggregator(rule, trim_fraction=0.2, max_update_norm=None, max_client_weight=None)
     strategy = STRATEGIES["rac_lora"](layers=LAYERS, rank=rank, alpha=ALPHA, sketch="orthogonal",
-                                      train_factor="B", run_seed=SEED, client_config={},
+                                      train_factor="B", run_seed=SEED,
                                       aggregator=agg)
     seen = run_strategy(strategy, ArrayRecord(_initial()), 1, NODES, train)
     seed = derive_seed(SEED, 1)
@@ -266,7 +267,7 @@ def _two_factor_round(name: str, rule: str) -> tuple[dict, dict]:
 
     agg = Aggregator(rule, trim_fraction=0.2, max_update_norm=None, max_client_weight=None)
     strategy = STRATEGIES[name](layers=LAYERS, rank=rank, alpha=ALPHA, sketch="orthogonal",
-                                train_factor="both", run_seed=SEED, client_config={},
+                                train_factor="both", run_seed=SEED,
                                 aggregator=agg)
     seen = run_strategy(strategy, ArrayRecord(w0), 1, NODES, train)
     return seen[-1].to_torch_state_dict(), local
@@ -286,7 +287,7 @@ def test_fedex_lora_moves_by_the_rule_on_dense_products_and_fedit_does_not(rule)
 
 def test_flora_refuses_order_statistics():
     with pytest.raises(ValueError, match="aggregation=median is not allowed for strategy flora"):
-        STRATEGIES["flora"](layers=LAYERS, rank=1, alpha=1.0, run_seed=0, client_config={},
+        STRATEGIES["flora"](layers=LAYERS, rank=1, alpha=1.0, run_seed=0,
                             aggregator=Aggregator("median"))
 
 
@@ -335,7 +336,7 @@ def test_fedavg_rules_act_on_updates_not_on_raw_weights():
         return reply(msg, "arrays", {"w": g["w"] + ups[pid]}, 1)
 
     agg = Aggregator("norm_clip", max_update_norm=None, max_client_weight=None)
-    strategy = STRATEGIES["fedavg"](run_seed=0, client_config={}, aggregator=agg)
+    strategy = STRATEGIES["fedavg"](run_seed=0, aggregator=agg)
     got = run_strategy(strategy, ArrayRecord(g), 1, 3, train)[-1].to_torch_state_dict()["w"]
     expected = g["w"] + (ups[0] + ups[1] + ups[2] * 0.2) / 3
     torch.testing.assert_close(got, expected)
@@ -356,7 +357,7 @@ def test_two_factor_rules_act_on_each_factor_minus_its_start():
 
     agg = Aggregator("norm_clip", max_update_norm=None, max_client_weight=None)
     strategy = STRATEGIES["fedit"](layers=layers, rank=1, alpha=1.0, sketch="orthogonal",
-                                   train_factor="both", run_seed=SEED, client_config={},
+                                   train_factor="both", run_seed=SEED,
                                    aggregator=agg)
     run_strategy(strategy, ArrayRecord({"sq.weight": torch.zeros(4, 4)}), 1, 3, train)
     a0 = make_sketch(derive_seed(SEED, 1, 4), "sq.lora_A", (1, 4), "orthogonal")

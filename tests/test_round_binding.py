@@ -28,7 +28,7 @@ def _run(caplog, replay: bool) -> dict:
         return out
 
     strategy = STRATEGIES["rac_lora"](layers=LAYERS, rank=1, alpha=1.0, sketch="orthogonal",
-                                      train_factor="B", run_seed=1, client_config={})
+                                      train_factor="B", run_seed=1)
     with caplog.at_level(logging.WARNING):
         run_strategy(strategy, ArrayRecord({"body.weight": torch.zeros(6, 5)}), 3, NODES, train)
     return strategy.round_metrics
@@ -53,7 +53,7 @@ def test_a_reply_with_another_rounds_nonce_or_message_is_stale():
     from flwr.app import MetricRecord
 
     strategy = STRATEGIES["rac_lora"](layers=LAYERS, rank=1, alpha=1.0, sketch="orthogonal",
-                                      train_factor="B", run_seed=1, client_config={})
+                                      train_factor="B", run_seed=1)
     nonce = int(strategy.train_config(4)["round-nonce"])
 
     def answer(round_nonce: int, to: str = "m1"):

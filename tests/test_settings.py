@@ -35,6 +35,7 @@ def test_settings_carry_the_validated_values_under_the_config_names(tmp_path):
     assert s.strategy.options is d["strategy"] and s.model.options is d["model"]
     assert s.data.dataset is d["dataset"] and s.data.name == "digits"
     assert (s.privacy.mode, s.privacy.secagg) == ("none", "none")
+    assert s.run.tune is d["tune"] and s.run.tune["name"] == "none"
 
 
 @pytest.mark.parametrize("group", ["strategy", "model", "privacy", "secagg", "engine",

@@ -14,6 +14,7 @@ from clients.handlers import client_data
 from fedrac.data import build_splits, load_dataset_from_path, to_tensors
 from fedrac.data.sources import DataConfigError
 from fedrac.settings.config import ConfigError, conf_dir, validate
+from tests.helpers import settings_with
 
 AUTO = {"name": "files", "test_fraction": 0.25, "split_seed": 0, "mean": "auto",
         "std": "auto"}
@@ -121,7 +122,7 @@ def test_a_node_applies_the_runs_statistics_not_its_own(tmp_path):
     # through the ClientApp's data loading, with the statistics from the message config
     ctx = Context(run_id=1, node_id=3, node_config={"data-path": node_path}, state=RecordDict(),
                   run_config={})
-    xt, _ = client_data({"dataset": AUTO}, ctx, config=sent)
+    xt, _ = client_data(settings_with(dataset=AUTO), ctx, config=sent)
     np.testing.assert_allclose(xt.numpy(), expected, rtol=1e-5)
     # configured statistics are used as given
     fixed = {**AUTO, "mean": [0.0, 0.0], "std": [1000.0, 1.0]}

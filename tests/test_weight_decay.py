@@ -7,6 +7,7 @@ import torch
 
 from clients.handlers import settings_from
 from fedrac.settings.config import ConfigError
+from fedrac.settings.typed import settings_of
 from fedrac.training.local import SGDW, TrainSettings, make_optimizer
 from strategies.base import client_config_record
 from tests.helpers import run_config
@@ -73,9 +74,9 @@ def test_auto_keeps_each_optimizers_own_decay():
 
 def test_weight_decay_mode_travels_to_clients_and_is_validated(tmp_path):
     cfg = run_config(tmp_path, "client.weight_decay_mode=coupled", "client.weight_decay=0.1")
-    record = client_config_record(cfg["client"])
+    record = client_config_record(settings_of(cfg).client)
     assert record["weight-decay-mode"] == "coupled"
     assert settings_from(record).weight_decay_mode == "coupled"
-    assert "weight-decay-mode" not in client_config_record(run_config(tmp_path)["client"])
+    assert "weight-decay-mode" not in client_config_record(settings_of(run_config(tmp_path)).client)
     with pytest.raises(ConfigError, match="client.weight_decay_mode='l2' is not allowed"):
         run_config(tmp_path, "client.weight_decay_mode=l2")

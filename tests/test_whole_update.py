@@ -48,7 +48,7 @@ def _run(aggregator: Aggregator | None = None, privacy: PrivacySettings | None =
 
     strategy = STRATEGIES["rac_lora"](
         layers=LAYERS, rank=1, alpha=1.0, sketch="orthogonal", train_factor="B", run_seed=3,
-        client_config={}, aggregator=aggregator, privacy=privacy)
+        aggregator=aggregator, privacy=privacy)
     strategy.set_trainable_modules({HEAD: (3, 6)})
     seen = run_strategy(strategy, ArrayRecord(_initial()), 1, NODES, train)
     return (seen[-1].to_torch_state_dict()[HEAD] - _initial()[HEAD]).abs().max()

@@ -15,30 +15,30 @@ from typing import Any
 import numpy as np
 
 from fedrac.data.partitioners import label_histograms, label_skew
+from fedrac.settings.typed import Settings
 
 
-def partition_summary(cfg: Mapping[str, Any], out_dir: str | Path | None = None,
+def partition_summary(settings: Settings, out_dir: str | Path | None = None,
                       echo: bool = True) -> dict[str, Any]:
     """Summarise the run's partition of the target data; write it to ``out_dir`` when given."""
     from fedrac.data import load_splits
 
-    task = load_splits(cfg["dataset"])
-    n = int(cfg["num_clients"])
-    hist = label_histograms(cfg["dataset"], cfg["partitioner"], n, int(cfg["seed"]),
-                            task.num_classes)
+    data, n, seed = settings.data, settings.run.num_clients, settings.run.seed
+    task = load_splits(data.dataset)
+    hist = label_histograms(data.dataset, data.partitioner, n, seed, task.num_classes)
     sizes = hist.sum(axis=1)
-    names = class_names(cfg["dataset"], task)
+    names = class_names(data.dataset, task)
     summary = {
-        "dataset": cfg["dataset"].get("name") or cfg["dataset"].get("_target_"),
-        "partitioner": cfg["partitioner"].get("name"),
+        "dataset": data.name or data.dataset.get("_target_"),
+        "partitioner": data.partitioner.get("name"),
         "num_clients": n, "num_classes": task.num_classes, "class_names": names,
-        "input_shape": list(task.input_shape), "seed": int(cfg["seed"]),
+        "input_shape": list(task.input_shape), "seed": seed,
         "samples": int(sizes.sum()),
         "label_skew_tv": round(label_skew(hist), 6),
         "clients": [{"client": i, "samples": int(sizes[i]), "labels": hist[i].tolist()}
                     for i in range(n)],
     }
-    if (cfg.get("task") or {}).get("name") == "causal_lm":
+    if data.task.get("name") == "causal_lm":
         summary.update(token_counts(task.target_train))
         summary["task"] = "causal_lm"
     if echo:

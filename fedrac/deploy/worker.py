@@ -231,15 +231,16 @@ def handle(kind: str, message: Message, context: Context) -> Message:
     """What fedrac's ClientApp does with the message, in this (warm) process."""
     from clients import handlers
     from fedrac.settings.deployment import node_config
+    from fedrac.settings.typed import settings_of
 
-    cfg = node_config(message, context)
+    settings = settings_of(node_config(message, context))  # typed once per message
     if kind == "train":
         config = message.content.config_records.get("config") or {}
-        if int(config.get("server-round", 0)) >= int(cfg.get("num_rounds") or 0) > 0:
+        if int(config.get("server-round", 0)) >= settings.run.num_rounds > 0:
             FINAL_ROUND_SERVED.set()  # the run's last round: leave soon after it
-        return handlers.handle_train(cfg, message, context)
+        return handlers.handle_train(settings, message, context)
     if kind == "evaluate":
-        return handlers.handle_evaluate(cfg, message, context)
+        return handlers.handle_evaluate(settings, message, context)
     raise ValueError(f"kind={kind!r} is not allowed; allowed: train, evaluate")
 
 

@@ -43,6 +43,7 @@ from fedrac.engines.inline import run_inline
 from fedrac.experiments.certificate import certify, reference_minimum
 from fedrac.server.spectrum import global_factors, monitor_from_config
 from fedrac.settings.errors import ConfigError
+from fedrac.settings.typed import settings_of
 from fedrac.training.local import TrainSettings, make_optimizer, step_hooks
 from fedrac.wire.ledger import ByteLedger
 from strategies import build_strategy
@@ -161,8 +162,9 @@ def run_quadratic(cfg: Mapping[str, Any]) -> dict[str, Any]:
     agg = dict(cfg.get("aggregation") or {})
     if agg.get("max_client_weight", "auto") == "auto":  # the toy's partitions, not the dataset's
         agg["max_client_weight"] = max(len(xk) for xk in xs)
+    settings = settings_of({**cfg, "aggregation": agg, "output_dir": str(out)})
     try:
-        strategy = build_strategy({**cfg, "aggregation": agg}, layers, ledger)
+        strategy = build_strategy(settings, layers, ledger)
     except ValueError as err:  # rank, sketch, side: checked against this problem's layer
         raise ConfigError(str(err)) from err
     x_all = torch.cat(xs)
@@ -177,7 +179,7 @@ def run_quadratic(cfg: Mapping[str, Any]) -> dict[str, Any]:
     rank = int(cfg["strategy"].get("rank", min(d_out, d_in))) if adapter else min(d_out, d_in)
     x_ref = reference_minimum(grad, (d_out, d_in), lip, lam / scale) if adapter else w_star
     w0 = torch.zeros(d_out, d_in, dtype=torch.float64)
-    monitor = monitor_from_config({**cfg, "output_dir": str(out)}, layers, {"lin.weight": w0})
+    monitor = monitor_from_config(settings.run, layers, {"lin.weight": w0})
     rows: list[dict[str, float]] = []
     last: dict[str, Any] = {}
 

@@ -35,6 +35,7 @@ from fedrac.adapters import LayerSpec
 from fedrac.adapters.quantized import load_state, quantization_of, trim_heap
 from fedrac.models.errors import ModelConfigError
 from fedrac.models.merged_factors import RANK_TOL, MergedFactors, low_rank_svd, numerical_rank
+from fedrac.settings.typed import ModelSettings, Settings
 
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 AUTO = "auto"
@@ -159,15 +160,15 @@ def adapter_factors_of(
     return out, (math.sqrt(err2 / norm2) if norm2 > 0 else 0.0), worst
 
 
-def dense_model(cfg: Mapping[str, Any], model: nn.Module) -> nn.Module:
+def dense_model(settings: ModelSettings, model: nn.Module) -> nn.Module:
     """``model`` itself, or for a quantised base (``model.quantization``) the same model
     built unquantised in its compute dtype (``model.dtype``): what ``hf_model/`` holds."""
-    if quantization_of(cfg["model"]) == "none":
+    if quantization_of(settings.options) == "none":
         return model
     from fedrac.models.hf import build_hf_model
 
     num_labels = int(getattr(model.config, "num_labels", 2) or 2)
-    dense = build_hf_model({**cfg["model"], "quantization": "none"}, num_labels)
+    dense = build_hf_model({**settings.options, "quantization": "none"}, num_labels)
     dense.config.id2label, dense.config.label2id = model.config.id2label, model.config.label2id
     return dense
 
@@ -189,7 +190,7 @@ def hold_weights(dense: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
 
 
 def export_transformers(
-    cfg: Mapping[str, Any], model: nn.Module, layers: Mapping[str, LayerSpec],
+    settings: Settings, model: nn.Module, layers: Mapping[str, LayerSpec],
     initial: Mapping[str, torch.Tensor], final: Mapping[str, torch.Tensor],
     out_dir: str | os.PathLike, merged: MergedFactors | None = None,
 ) -> dict[str, Any]:
@@ -200,11 +201,11 @@ def export_transformers(
     from fedrac.models.shared import module_keys
 
     out = Path(out_dir)
-    model_cfg = cfg["model"]
+    model_cfg = settings.model.options  # the option's own keys (path, task, export_rank)
     source = tokenizer_source(model_cfg)
     tok = load_tokenizer(source) if source else None
     remove_adapters(model)
-    dense = dense_model(cfg, model)
+    dense = dense_model(settings.model, model)
     if dense is model:
         load_state(dense, final)
     else:
@@ -221,11 +222,11 @@ def export_transformers(
     dense = None  # free an unquantised copy before the adapter is written
     trim_heap()
     result: dict[str, Any] = {"hf_model": "hf_model"}
-    if cfg["strategy"]["name"] == "fedavg":
+    if settings.strategy.name == "fedavg":
         print("export: hf_model/ (save_pretrained); no adapter/ for full fine-tuning", flush=True)
         return result
     setting = model_cfg.get("export_rank", AUTO)
-    rank = AUTO if setting == AUTO else int(setting or cfg["strategy"]["rank"])
+    rank = AUTO if setting == AUTO else int(setting or settings.strategy.rank)
     t0 = time.perf_counter()
     problem = None if merged is None else matches_weights(merged, layers, initial, final)
     if problem is not None:
@@ -237,7 +238,7 @@ def export_transformers(
     ranks = {name: int(a.shape[0]) for name, (a, _) in factors.items()}
     default = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {name: r for name, r in ranks.items() if r != default}
-    modules = list(module_keys(model, cfg))
+    modules = list(module_keys(model, settings.model))
     from fedrac.models.hf import trainable_modules
 
     module_names = list(trainable_modules(model, model_cfg.get("trainable_modules", "auto")))

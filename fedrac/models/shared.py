@@ -9,14 +9,14 @@ per process, not twice.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any
 
 from torch import nn
 
+from fedrac.settings.typed import ModelSettings, Settings
+
 _cache: dict[str, nn.Module] = {}  # at most one entry: the config this process serves
 _handed_out: set[str] = set()
-_config_keys: dict[int, tuple[Mapping[str, Any], str]] = {}
+_config_keys: dict[int, tuple[Settings, str]] = {}
 
 
 def _build(key: str) -> nn.Module:
@@ -54,36 +54,37 @@ def model_as_built(key: str) -> tuple[nn.Module, bool]:
     return _get(key), True
 
 
-def config_key(cfg: Mapping[str, Any]) -> str:
-    """The key of a run config's model (``json.dumps([model_cfg, dataset_cfg])``), computed
-    once per config object."""
-    entry = _config_keys.get(id(cfg))
-    if entry is None or entry[0] is not cfg:
+def config_key(settings: Settings) -> str:
+    """The key of a run's model (``json.dumps([model_cfg, dataset_cfg])``), computed once
+    per settings object."""
+    entry = _config_keys.get(id(settings))
+    if entry is None or entry[0] is not settings:
         if len(_config_keys) > 16:
             _config_keys.clear()
-        entry = (cfg, json.dumps((cfg["model"], cfg["dataset"]), sort_keys=True, default=str))
-        _config_keys[id(cfg)] = entry  # holds cfg, so its id is not reused while cached
+        entry = (settings, json.dumps((settings.model.options, settings.data.dataset),
+                                      sort_keys=True, default=str))
+        _config_keys[id(settings)] = entry  # holds it, so its id is not reused while cached
     return entry[1]
 
 
-def config_model(cfg: Mapping[str, Any]) -> nn.Module:
-    """This process's model instance for a run config (built once; weights are loaded per
+def config_model(settings: Settings) -> nn.Module:
+    """This process's model instance for a run's settings (built once; weights are loaded per
     message).
 
     One instance serves every simulated client of the process, and the server's evaluation
     when it runs in the same process: a transformer's base weights are held once.
     """
-    return shared_model(config_key(cfg))
+    return shared_model(config_key(settings))
 
 
-def module_keys(model: nn.Module, cfg: Mapping[str, Any]) -> dict[str, nn.Parameter]:
+def module_keys(model: nn.Module, settings: ModelSettings) -> dict[str, nn.Parameter]:
     """The parameters of ``model.trainable_modules`` by state-dict key (none for built-in
     models): what an adapter method trains in full beside the adapters."""
-    if cfg["model"].get("name") != "hf":
+    if settings.name != "hf":
         return {}
     from fedrac.models.hf import trainable_modules
 
-    found = trainable_modules(model, cfg["model"].get("trainable_modules", "auto"))
+    found = trainable_modules(model, settings.options.get("trainable_modules", "auto"))
     return {f"{name}.{key}": p for name, module in found.items()
             for key, p in module.named_parameters()}
 

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from fedrac.settings.errors import ConfigError
+from fedrac.settings.typed import Settings
 
 MODES = ("none", "dp", "local_dp")
 SAMPLINGS = ("poisson", "fixed")
@@ -307,14 +308,31 @@ def settings_from_config(cfg: Mapping[str, Any]) -> PrivacySettings:
     including a ``target_epsilon`` that cannot be reached within ``num_rounds`` and an
     ``aggregation`` rule whose sensitivity is not that of the clipped sum.
     """
-    p = dict(cfg.get("privacy") or {"mode": "none"})
+    return _resolve(cfg.get("privacy") or {"mode": "none"}, cfg.get("num_clients"),
+                    cfg.get("num_rounds"), cfg.get("fraction_train", 1.0),
+                    cfg.get("aggregation"), cfg.get("model") or {})
+
+
+def privacy_settings(settings: Settings) -> PrivacySettings:
+    """The run's privacy settings (the noise multiplier a ``target_epsilon`` implies resolved)
+    from its typed settings; the checks and their lines are those of
+    :func:`settings_from_config`."""
+    run = settings.run
+    return _resolve(settings.privacy.privacy, run.num_clients, run.num_rounds,
+                    run.fraction_train, settings.strategy.aggregation, settings.model.options)
+
+
+def _resolve(privacy: Mapping[str, Any], num_clients: Any, num_rounds: Any,
+             fraction_train: Any, aggregation: Mapping[str, Any] | None,
+             model: Mapping[str, Any]) -> PrivacySettings:
+    p = dict(privacy)
     mode = p.get("mode", "none")
     if mode not in MODES:
         _fail("mode", mode, ", ".join(MODES))
     if mode == "none":
         return PrivacySettings()
-    n, rounds = int(cfg["num_clients"]), int(cfg["num_rounds"])
-    cohort = cohort_size(n, cfg.get("fraction_train", 1.0))
+    n, rounds = int(num_clients), int(num_rounds)
+    cohort = cohort_size(n, fraction_train)
     clip = p.get("clip_norm")
     if not (_num(clip) and math.isfinite(clip) and clip > 0):
         _fail("clip_norm", clip, "a number > 0 (the L2 bound of one client's update)")
@@ -354,8 +372,7 @@ def settings_from_config(cfg: Mapping[str, Any]) -> PrivacySettings:
     max_sigma = p.get("max_noise_multiplier", 100.0)
     if not (_num(max_sigma) and math.isfinite(max_sigma) and max_sigma > MIN_NOISE_MULTIPLIER):
         _fail("max_noise_multiplier", max_sigma, f"a number > {MIN_NOISE_MULTIPLIER:g}")
-    check_aggregation(cfg.get("aggregation"), mode)
-    model = cfg.get("model") or {}
+    check_aggregation(aggregation, mode)
     if mode == "local_dp" and model.get("name") == "hf" and \
             model.get("trainable_modules", "auto") not in ([], None, "none"):
         _fail("mode", mode, "dp with model=hf (local DP noises only the factors, not the "

@@ -45,7 +45,7 @@ def run_server(cfg: Mapping[str, Any], grid: Grid, node_overrides: str | None = 
     ``node_overrides``: sent in every message's config (``run-overrides``) for nodes that
     resume a deployment run (:func:`fedrac.settings.deployment.node_config`).
     """
-    settings = settings_of(cfg)  # typed, once; cfg itself goes to the parts not yet typed
+    settings = settings_of(cfg)  # typed, once; passed on instead of cfg
     claim_output_dir(settings.run.output_dir)
     try:
         return _run_server(settings, grid, node_overrides)
@@ -55,23 +55,23 @@ def run_server(cfg: Mapping[str, Any], grid: Grid, node_overrides: str | None = 
 
 def _run_server(settings: Settings, grid: Grid, node_overrides: str | None
                 ) -> dict[str, Any]:
-    cfg, run, data = settings.config, settings.run, settings.data
+    run, data = settings.run, settings.data
     splits = load_splits(data.dataset)
     from fedrac.tasks.generation import generation_metrics, generation_setup
 
     # task.generate_eval: greedy answers to held-out prompts, scored (checked before any file)
-    generate = generation_setup(cfg, to_tensors(splits.target_test)[0])
+    generate = generation_setup(data, to_tensors(splits.target_test)[0])
     # W0 first: read from the process's model while it is still as built (one build)
     initial = pretrained_record(settings.model.options, data.dataset, settings.model.pretrain,
                                 run.cache_dir)
-    model = config_model(cfg)
+    model = config_model(settings)
     state = dict(to_shared_state_dict(initial))  # W0: read-only views of the record
     load_state(model, state)
     layers = find_target_layers(model, settings.model.target_modules)
-    strategy = build_strategy(cfg, layers)
+    strategy = build_strategy(settings, layers)
     if getattr(strategy, "layers", None):  # an adapter method: new heads are trained in full
         strategy.set_trainable_modules({k: tuple(p.shape)
-                                        for k, p in module_keys(model, cfg).items()})
+                                        for k, p in module_keys(model, settings.model).items()})
     if splits.standardisation is not None:
         strategy.data_config = splits.standardisation.wire()  # for nodes with their own data
         write_data_json(run.output_dir, {"standardisation": splits.standardisation.to_json(),
@@ -79,15 +79,15 @@ def _run_server(settings: Settings, grid: Grid, node_overrides: str | None
     if node_overrides is not None:
         strategy.data_config["run-overrides"] = node_overrides
     num_rounds, every = run.num_rounds, run.eval_every
-    recorder = RunRecorder(run.output_dir, cfg, strategy.ledger, strategy.round_metrics,
+    recorder = RunRecorder(run.output_dir, settings, strategy.ledger, strategy.round_metrics,
                            num_rounds, privacy=strategy.privacy_summary())
     device = resolve_device(run.device)
-    task = task_of(cfg)
+    task = task_of(data)
     x_test, y_test = to_tensors(splits.target_test)
     latest = {"arrays": initial}
-    monitor = monitor_from_config(cfg, layers, state)
+    monitor = monitor_from_config(run, layers, state)
     secagg = settings.privacy.secagg == "plus"
-    ckpt = None if secagg else Checkpointer(cfg, strategy, recorder, grid, monitor)
+    ckpt = None if secagg else Checkpointer(settings, strategy, recorder, grid, monitor)
     if splits.label_names:
         print("labels: " + ", ".join(f"{i}={n}" for i, n in enumerate(splits.label_names)),
               flush=True)
@@ -168,7 +168,7 @@ def _run_server(settings: Settings, grid: Grid, node_overrides: str | None
 
         set_label_names(model, splits.label_names)
         merged = getattr(strategy, "export_factors", lambda: None)()
-        extra["export"] = export_transformers(cfg, model, layers, state, final,
+        extra["export"] = export_transformers(settings, model, layers, state, final,
                                               run.output_dir, merged)
         tidy_adapter_config(f"{run.output_dir}/adapter")
         if hint := truncation_hint(extra["export"]):

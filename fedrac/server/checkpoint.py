@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from fedrac.atomic import atomic_path
 from fedrac.settings.errors import _require
+from fedrac.settings.typed import Settings
 
 FOLDER = "checkpoint"
 STATE_FILE = "state.safetensors"
@@ -383,12 +384,13 @@ class Checkpointer:
     nodes keep no state fedrac needs, except delta-sync caches, which then resync).
     """
 
-    def __init__(self, cfg: Mapping[str, Any], strategy: Any, recorder: Any, grid: Any,
+    def __init__(self, settings: Settings, strategy: Any, recorder: Any, grid: Any,
                  monitor: Any = None) -> None:
-        self.dir = Path(cfg["output_dir"])
+        cfg, run = settings.config, settings.run  # the config itself: hashed and saved
+        self.dir = Path(run.output_dir)
         self.monitor = monitor  # the spectrum monitor (spectrum.csv), when it keeps state
-        self.every = int(cfg.get("checkpoint_every", 1) or 0)
-        self.num_rounds = int(cfg["num_rounds"])
+        self.every = run.checkpoint_every
+        self.num_rounds = run.num_rounds
         self.strategy, self.recorder, self.grid = strategy, recorder, grid
         self.seconds: list[float] = []  # each checkpoint's cost (a file holds its forerunners')
         self.count = 0

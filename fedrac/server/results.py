@@ -4,6 +4,7 @@ model.safetensors, curves.png, and the progress line and final table."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import math
@@ -18,6 +19,7 @@ from safetensors.torch import save_file
 
 from fedrac.atomic import atomic_path, write_json, write_text
 from fedrac.server.tracking import Tracker, make_tracker, round_scalars
+from fedrac.settings.typed import Settings
 from fedrac.wire.ledger import ByteLedger
 
 log = logging.getLogger(__name__)
@@ -41,16 +43,15 @@ COLUMNS = (
 PROGRESS = ("auto", "bar", "lines")
 
 
-def progress_bar(cfg: Mapping[str, Any], num_rounds: int) -> Any:
+def progress_bar(settings: Settings, num_rounds: int) -> Any:
     """A tqdm bar over the rounds (``progress=bar``, or ``auto`` with stdout a terminal),
     else ``None``: one progress line per round (logs, CI, tests)."""
-    mode = cfg.get("progress", "auto")
+    mode = settings.run.progress
     if mode == "lines" or (mode == "auto" and not sys.stdout.isatty()):
         return None
     from tqdm.auto import tqdm
 
-    s = cfg.get("strategy", {})
-    return tqdm(total=num_rounds, desc=str(s.get("name", "fedrac")), unit="round",
+    return tqdm(total=num_rounds, desc=settings.strategy.name, unit="round",
                 file=sys.stdout, dynamic_ncols=True, leave=True)
 
 
@@ -66,12 +67,12 @@ def human_bytes(n: float) -> str:
 class RunRecorder:
     """Writes one run's results into ``output_dir`` as the rounds go by."""
 
-    def __init__(self, output_dir: str | Path, cfg: Mapping[str, Any], ledger: ByteLedger,
+    def __init__(self, output_dir: str | Path, settings: Settings, ledger: ByteLedger,
                  round_metrics: Mapping[int, Mapping[str, float]], num_rounds: int,
                  privacy: Mapping[str, Any] | None = None) -> None:
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.cfg, self.ledger, self.round_metrics = cfg, ledger, round_metrics
+        self.settings, self.ledger, self.round_metrics = settings, ledger, round_metrics
         self.num_rounds = num_rounds
         self.privacy = dict(privacy) if privacy else None  # resolved settings (fedrac.privacy.dp)
         # SecAgg+ per-round figures (fedrac.privacy.secagg)
@@ -82,8 +83,8 @@ class RunRecorder:
         self._t0 = self._last = time.perf_counter()
         self._csv_lines: list[str] = []
         self._write_csv()
-        self._bar = progress_bar(cfg, num_rounds)
-        self.tracker = make_tracker(cfg, self.dir)  # logger=tensorboard | mlflow
+        self._bar = progress_bar(settings, num_rounds)
+        self.tracker = make_tracker(settings, self.dir)  # logger=tensorboard | mlflow
         self._totals: dict[str, float] = {}
 
     def log_round(self, server_round: int, eval_loss: float, eval_accuracy: float,
@@ -211,11 +212,12 @@ class RunRecorder:
         best = max(evaluated, key=lambda r: r["eval_accuracy"], default=None)
         final = evaluated[-1] if evaluated else None
         totals = self.ledger.totals()
-        s = self.cfg["strategy"]
+        st, run = self.settings, self.settings.run
+        s = st.strategy.options
         label = s["name"] + (f" r={s['rank']}" if s["name"] != "fedavg" and "rank" in s else "")
         n = max(len(rounds), 1)
-        tuned = (self.cfg.get("tune") or {}).get("result")  # tune=lr (fedrac/tune.py)
-        target = self.cfg.get("target_accuracy")
+        tuned = run.tune.get("result")  # tune=lr (fedrac/tune.py)
+        target = run.target_accuracy
         reached, total = None, 0
         for r in self.rows:
             total += r["bytes_up"] + r["bytes_down"]
@@ -251,21 +253,21 @@ class RunRecorder:
             "epsilon": self._privacy_last["epsilon"],
             "privacy": self.privacy,
             "secagg": None if self.secagg is None else {
-                **{k: v for k, v in dict(self.cfg.get("secagg") or {}).items()},
+                **{k: v for k, v in dict(st.privacy.secagg_options).items()},
                 "error_bound_max": max((r["error_bound"] for r in self.secagg["rounds"]),
                                        default=math.nan),
                 "seconds_per_round": sum(r["seconds"] for r in self.secagg["rounds"])
                 / max(len(self.secagg["rounds"]), 1)},
             **({"tuned_lr": tuned["lr"], "tune": tuned} if tuned else {}),
             "config": {
-                "strategy": dict(s), "dataset": self.cfg["dataset"].get("name"),
-                "task": (self.cfg.get("task") or {}).get("name", "classification"),
-                "model": self.cfg["model"].get("name", self.cfg["model"].get("_target_")),
-                "partitioner": dict(self.cfg["partitioner"]),
-                "engine": self.cfg["engine"]["name"], "num_clients": self.cfg["num_clients"],
-                "fraction_train": self.cfg["fraction_train"], "num_rounds": self.cfg["num_rounds"],
-                "seed": self.cfg["seed"], "device": self.cfg["device"],
-                "client": dict(self.cfg["client"]),
+                "strategy": dict(s), "dataset": st.data.name,
+                "task": st.data.task.get("name", "classification"),
+                "model": st.model.options.get("name", st.model.options.get("_target_")),
+                "partitioner": dict(st.data.partitioner),
+                "engine": run.engine["name"], "num_clients": run.num_clients,
+                "fraction_train": run.fraction_train, "num_rounds": run.num_rounds,
+                "seed": run.seed, "device": run.device,
+                "client": dataclasses.asdict(st.client),
             },
         }
 

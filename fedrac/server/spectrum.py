@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from fedrac.adapters import LayerSpec
+from fedrac.settings.typed import RunSettings
 
 COLUMNS = ("round", "layer", "rank", "nuclear_norm", "frobenius_norm", "top_singular_values",
            "balance")
@@ -166,15 +167,13 @@ class SpectrumMonitor:
                 "final": self.last}
 
 
-def monitor_from_config(cfg: Mapping[str, Any], layers: Mapping[str, LayerSpec],
+def monitor_from_config(run: RunSettings, layers: Mapping[str, LayerSpec],
                         initial: Mapping[str, torch.Tensor]) -> SpectrumMonitor:
     """The run's monitor from ``monitor_every`` and the ``monitor`` settings."""
-    m = dict(cfg.get("monitor") or {})
-    return SpectrumMonitor(cfg["output_dir"], layers, initial,
-                           every=int(cfg.get("monitor_every", 1)),
-                           top_k=int(m.get("top_k", 8)), rank_tol=float(m.get("rank_tol", 1e-3)),
-                           exact_max=int(m.get("exact_max", 512)),
-                           num_rounds=int(cfg["num_rounds"]))
+    m = run.monitor
+    return SpectrumMonitor(run.output_dir, layers, initial, every=run.monitor_every,
+                           top_k=m.top_k, rank_tol=m.rank_tol, exact_max=m.exact_max,
+                           num_rounds=run.num_rounds)
 
 
 def global_factors(strategy: Any) -> dict[str, torch.Tensor] | None:

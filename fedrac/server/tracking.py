@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedrac.settings.typed import Settings
+
 log = logging.getLogger(__name__)
 
 LOGGERS = ("none", "tensorboard", "mlflow")
@@ -34,14 +36,15 @@ _FILES = ("model.safetensors", "summary.json", "metrics.csv", "curves.png", "par
           "data.json")  # artifacts, when present
 
 
-def logger_name(cfg: Mapping[str, Any]) -> str:
-    """The configured logger's name (``none`` when the group is absent)."""
-    return str((cfg.get("logger") or {}).get("name") or "none")
+def logger_name(logger: Mapping[str, Any] | None) -> str:
+    """The name in the ``logger`` group (``none`` when the group is absent)."""
+    return str((logger or {}).get("name") or "none")
 
 
-def check_logger(cfg: Mapping[str, Any]) -> str | None:
-    """Why the configured logger cannot work (unknown, or its client not installed), or None."""
-    name = logger_name(cfg)
+def check_logger(logger: Mapping[str, Any] | None) -> str | None:
+    """Why the ``logger`` group's logger cannot work (unknown, or its client not installed),
+    or None."""
+    name = logger_name(logger)
     if name not in LOGGERS:
         return f"logger={name!r} is not a logger; allowed: {', '.join(LOGGERS)}"
     if name in _NEEDS and importlib.util.find_spec(_NEEDS[name][0]) is None:
@@ -99,7 +102,7 @@ def _quiet_until_nonzero(key: str) -> bool:
 class Tracker:
     """Receives what the run folder gets; the base class logs nothing (``logger=none``)."""
 
-    def start(self, cfg: Mapping[str, Any]) -> None:
+    def start(self, settings: Settings) -> None:
         """Log the resolved config."""
 
     def log_round(self, server_round: int, scalars: Mapping[str, float]) -> None:
@@ -119,8 +122,8 @@ class TensorBoardTracker(Tracker):
         self.writer = SummaryWriter(log_dir=str(self.dir))
         self.seen: set[str] = set()  # keys logged so far (zero kinds wait for a first value)
 
-    def start(self, cfg: Mapping[str, Any]) -> None:
-        text = json.dumps(cfg, indent=2, default=str)
+    def start(self, settings: Settings) -> None:
+        text = json.dumps(settings.config, indent=2, default=str)
         self.writer.add_text("config", "```\n" + text + "\n```", 0)
 
     def log_round(self, server_round: int, scalars: Mapping[str, float]) -> None:
@@ -163,11 +166,12 @@ class MLflowTracker(Tracker):
         self.log_model = bool(logger_cfg.get("log_model", True))
         self.run_id: str | None = None
 
-    def start(self, cfg: Mapping[str, Any]) -> None:
+    def start(self, settings: Settings) -> None:
         from mlflow.entities import Param
 
-        out = str(cfg.get("output_dir") or "")
-        label = self.run_name or f"{cfg['strategy']['name']} {Path(out).name}".strip()
+        cfg = settings.config  # logged as it was resolved
+        out = str(settings.run.output_dir or "")
+        label = self.run_name or f"{settings.strategy.name} {Path(out).name}".strip()
         run = self.client.create_run(self.experiment, run_name=str(label),
                                      tags={"fedrac.output_dir": out})
         self.run_id = run.info.run_id
@@ -193,18 +197,19 @@ class MLflowTracker(Tracker):
         self.client.set_terminated(self.run_id)
 
 
-def make_tracker(cfg: Mapping[str, Any], out_dir: str | Path) -> Tracker:
+def make_tracker(settings: Settings, out_dir: str | Path) -> Tracker:
     """The tracker the ``logger`` group names, started with the run's config."""
-    problem = check_logger(cfg)
+    logger_cfg = settings.run.logger
+    problem = check_logger(logger_cfg)
     if problem:
         raise RuntimeError(problem)
-    name, logger_cfg = logger_name(cfg), cfg.get("logger") or {}
+    name = logger_name(logger_cfg)
     out = Path(out_dir)
     if name == "tensorboard":
         tracker: Tracker = TensorBoardTracker(out, logger_cfg)
     elif name == "mlflow":
-        tracker = MLflowTracker(out, logger_cfg, bool(cfg.get("verbose", False)))
+        tracker = MLflowTracker(out, logger_cfg, settings.run.verbose)
     else:
         tracker = Tracker()
-    tracker.start(cfg)
+    tracker.start(settings)
     return tracker

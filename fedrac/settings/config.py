@@ -379,7 +379,7 @@ def check_run(d: Mapping[str, Any], strategy_cls: type) -> None:
         _require(isinstance(d.get(key, False), bool), key, d.get(key), "true, false")
     from fedrac.server.tracking import check_logger
 
-    problem = check_logger(d)
+    problem = check_logger(d.get("logger"))
     if problem:
         raise ConfigError(problem)
     fe = d.get("fraction_evaluate", 0.0)

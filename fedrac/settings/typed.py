@@ -7,8 +7,12 @@ keys that only some of its options have (a method's ``merge_every``, ``model=hf`
 ``checkpoint``) stay in its ``options`` mapping: the validated section itself, so code that
 keys caches on a section (pretraining, the process's model) sees the very same values.
 
-The server's run (:mod:`fedrac.server.app`) reads its settings from here; code not yet
-converted receives :attr:`Settings.config`, the validated dict they were made from.
+The entries type the config once (:func:`fedrac.run.run_experiment`,
+:func:`fedrac.server.app.run_server`, the Flower ClientApp and the node worker per message)
+and pass these on: the strategies, the server's results, checkpoints, tracker and monitor,
+the client handlers, the batched trainer. :attr:`Settings.config`, the validated dict they
+were made from, is read only where the config itself is the subject: hashed and saved with
+a checkpoint, logged by a tracker.
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ class MonitorSettings:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """The run's own top-level keys (rounds, clients, seed, device, folders, logging) and
-    where it runs (``engine.*``) and is tracked (``logger.*``)."""
+    """The run's own top-level keys (rounds, clients, seed, device, folders, logging), where
+    it runs (``engine.*``), is tracked (``logger.*``) and how its lr is tuned (``tune.*``,
+    with the tuned ``result`` once :func:`fedrac.tune.tune_lr` ran)."""
 
     num_rounds: int
     num_clients: int
@@ -62,6 +67,7 @@ class RunSettings:
     target_accuracy: float | None
     engine: Mapping[str, Any]
     logger: Mapping[str, Any]
+    tune: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -181,7 +187,7 @@ def settings_of(cfg: Mapping[str, Any]) -> Settings:
         progress=str(cfg.get("progress", "auto")),
         target_accuracy=_float(cfg.get("target_accuracy")),
         engine=cfg.get("engine") or {"name": "inline"},
-        logger=cfg.get("logger") or {"name": "none"})
+        logger=cfg.get("logger") or {"name": "none"}, tune=cfg.get("tune") or {})
     strategy = StrategySettings(
         name=str(s["name"]), rank=_int(s.get("rank")), alpha=_float(s.get("alpha")),
         sketch=s.get("sketch"), train_factor=s.get("train_factor"),

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
+from fedrac.settings.typed import DataSettings
 from fedrac.tasks.base import Task, call_model, logits_of
 from fedrac.tasks.causal_lm import CausalLM
 from fedrac.tasks.classification import Classification
@@ -20,9 +20,9 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def task_of(cfg: Mapping[str, Any]) -> Task:
-    """The task of a run config (``classification`` when it names none)."""
-    task = cfg.get("task") or {}
+def task_of(data: DataSettings) -> Task:
+    """The task of a run's data settings (``classification`` when it names none)."""
+    task = data.task
     return get_task(str(task.get("name", "classification") if isinstance(task, Mapping)
                         else task))
 

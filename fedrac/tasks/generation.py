@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedrac.settings.typed import DataSettings
+
 
 def answer_spans(x: Any, limit: int, eos_id: int | None) -> list[tuple[list[int], list[int]]]:
     """``(prompt ids, reference ids)`` of the first ``limit`` rows of tokenised data ``x`` that
@@ -73,17 +75,17 @@ def generation_metrics(model: nn.Module, spans: list[tuple[list[int], list[int]]
     return {"eval_exact_match": exact / n, "eval_f1": f1 / n}
 
 
-def generation_setup(cfg: Any, x: Any) -> dict[str, Any] | None:
+def generation_setup(data: DataSettings, x: Any) -> dict[str, Any] | None:
     """What :func:`generation_metrics` needs for a run (``task.generate_eval`` > 0), else
     None; a held-out split without prompts stops the run with one line."""
-    task = cfg.get("task") or {}
+    task = data.task
     n = int(task.get("generate_eval") or 0)
     if n <= 0 or task.get("name") != "causal_lm":
         return None
     from fedrac.models.hf import load_tokenizer
     from fedrac.settings.errors import ConfigError
 
-    tok = load_tokenizer(str(cfg["dataset"]["tokenizer"]))
+    tok = load_tokenizer(str(data.dataset["tokenizer"]))
     spans = answer_spans(x, n, tok.eos_token_id)
     if not spans:
         raise ConfigError(f"task.generate_eval={n} needs prompts to answer, and the held-out "
