@@ -91,6 +91,36 @@ def test_requantising_hands_memory_back_while_loading(ckpt, monkeypatch):
     assert first_layer and len(calls) == 1  # lazily, one layer per item
 
 
+def test_loading_the_same_weights_again_skips_requantising(ckpt, monkeypatch):
+    """The server's evaluation and then a client of the same process load the same record:
+    the second load requantises nothing; a tensor changed in place or a new one is
+    requantised."""
+    import fedrac.adapters.quantized as Q
+    from fedrac.models.hf import build_hf_model
+
+    model = build_hf_model({"name": "hf", "path": str(ckpt["llama"]), "task": "causal_lm",
+                            "quantization": "nf4"}, 2)
+    state = Q.dense_state(model)
+    calls = []
+    real = Q._requantize
+    monkeypatch.setattr(Q, "_requantize", lambda m, d: calls.append(1) or real(m, d))
+    Q.load_state(model, state)
+    first = len(calls)
+    assert first == len(Q.quantized_layers(model))
+    Q.load_state(model, state)
+    assert len(calls) == first
+    key = f"{next(iter(Q.quantized_layers(model)))}.weight"
+    ids = torch.tensor([[1, 5, 6, 7, 2]])
+    before = model(input_ids=ids).logits.detach()
+    state[key].mul_(3.0)  # in place: the version counter moves
+    Q.load_state(model, state)
+    assert len(calls) == first + 1
+    assert not torch.equal(model(input_ids=ids).logits, before)
+    Q.load_state(model, {**state, key: state[key] / 3.0})  # a new tensor
+    assert len(calls) == first + 2
+    assert torch.equal(model(input_ids=ids).logits, before)
+
+
 @pytest.mark.parametrize(("strategy", "quant"), [("rac_lora", "nf4"), ("fedit", "int8")])
 def test_qlora_run_learns_and_exports(ckpt, tmp_path, strategy, quant):
     from peft import PeftModel

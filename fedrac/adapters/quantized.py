@@ -12,6 +12,7 @@ starting weights are the dequantised base ``deQ(Q(W_0))`` (:func:`dense_state`).
 from __future__ import annotations
 
 import ctypes
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -195,6 +196,14 @@ def own_memory(model: nn.Module) -> None:
     trim_heap()
 
 
+def _holds(module: nn.Module, dense: torch.Tensor) -> bool:
+    """Whether ``module`` was last quantised from the tensor object ``dense`` and ``dense``
+    was not changed in place since (its version counter): loading the same weights again
+    (the server's evaluation, then a client of the same process) skips the requantising."""
+    source = getattr(module, "_fedrac_source", None)
+    return source is not None and source[0]() is dense and source[1] == dense._version
+
+
 @torch.no_grad()
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """``model.load_state_dict(state, strict=True)``; a quantised model's quantised layers are
@@ -218,7 +227,12 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     since_trim = 0
     for name, module in layers.items():
         dense = state[f"{name}.weight"]
+        if _holds(module, dense):  # quantised from this very tensor, unchanged since
+            if module.bias is not None:
+                module.bias.copy_(state[f"{name}.bias"])
+            continue
         _requantize(module, dense)
+        module._fedrac_source = (weakref.ref(dense), dense._version)
         if module.bias is not None:
             module.bias.copy_(state[f"{name}.bias"])
         since_trim += dense.numel() * 4
