@@ -268,8 +268,9 @@ def export_transformers(
         peft_model.save_pretrained(str(tmp))
         peft_model.unload()  # the PEFT layers out again: the model is fedrac's once more
 
-    _atomic_dir(out / "adapter", write_adapter)
-    load_state(model, final)
+    _atomic_dir(out / "adapter", write_adapter)  # the process's model is left at W0: every
+    # user loads its weights first (fedrac.models.shared), and a quantised base would be
+    # requantised for nothing
     size = sum(f.stat().st_size for f in (out / "adapter").iterdir() if f.is_file())
     low, high = min(ranks.values()), max(ranks.values())
     shown = f"rank {rank}" if rank != AUTO else \
