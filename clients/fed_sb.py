@@ -17,14 +17,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedrac.adapters.lora_sb import INIT_RANK_KEY, INIT_STEP_KEY, SVD_PARTS, signed_step_svd
 from fedrac.adapters.sketch import fingerprint
-from fedrac.wire.records import to_state_dict
+from fedrac.wire.records import to_shared_state_dict
 
 FRAME_KEY = "adapters"  # the record of the fixed factors in a train message
 STATE_FRAME = "fed-sb-frame"  # where the node keeps them
+STATE_FINGERPRINT = "fed-sb-frame-fingerprint"  # and their fingerprint, hashed once
 FINGERPRINT_KEY = "frame-fingerprint"  # config key: the fingerprint of the run's factors
 
 
@@ -45,16 +46,28 @@ def init_upload(gradients: Mapping[str, torch.Tensor], config: Mapping[str, Any]
     return out
 
 
+def _kept(context: Context) -> tuple[ArrayRecord | None, str | None]:
+    """The node's kept ``B``, ``A`` record and its fingerprint (``None`` where it has none)."""
+    record = context.state[STATE_FRAME] if STATE_FRAME in context.state else None
+    if not isinstance(record, ArrayRecord):
+        return None, None
+    kept = context.state[STATE_FINGERPRINT] if STATE_FINGERPRINT in context.state else None
+    return record, str(kept["fingerprint"]) if isinstance(kept, ConfigRecord) else \
+        fingerprint(to_shared_state_dict(record))
+
+
 def held_frame(content: RecordDict, context: Context) -> dict[str, torch.Tensor] | None:
-    """The run's fixed ``B``, ``A`` for rebuilding the weights from deltas: the sent ones, or
-    the node's of the fingerprint the config names (``None``: it holds none)."""
+    """The run's fixed ``B``, ``A`` (read-only views) for rebuilding the weights from deltas:
+    the sent ones, or the node's of the fingerprint the config names (``None``: it holds
+    none)."""
     want = content["config"].get(FINGERPRINT_KEY) if "config" in content else None
-    record = content[FRAME_KEY] if FRAME_KEY in content else (
-        context.state[STATE_FRAME] if STATE_FRAME in context.state else None)
-    if want is None or not isinstance(record, ArrayRecord):
+    if want is None:
         return None
-    frame = to_state_dict(record)
-    return frame if fingerprint(frame) == str(want) else None
+    if FRAME_KEY in content:
+        frame = to_shared_state_dict(content[FRAME_KEY])
+        return frame if fingerprint(frame) == str(want) else None
+    record, got = _kept(context)
+    return to_shared_state_dict(record) if record is not None and got == str(want) else None
 
 
 def with_frame(content: RecordDict, context: Context) -> RecordDict:
@@ -63,14 +76,15 @@ def with_frame(content: RecordDict, context: Context) -> RecordDict:
     fingerprint the config names)."""
     want = str(content["config"][FINGERPRINT_KEY])
     if FRAME_KEY in content:
-        got = fingerprint(to_state_dict(content[FRAME_KEY]))
+        got = fingerprint(to_shared_state_dict(content[FRAME_KEY]))
         if got != want:
             raise RuntimeError(f"fed_sb: the sent B, A have fingerprint {got}, the config "
                                f"names {want}")
         context.state[STATE_FRAME] = content[FRAME_KEY]
+        context.state[STATE_FINGERPRINT] = ConfigRecord({"fingerprint": got})
         return content
-    cached = context.state[STATE_FRAME] if STATE_FRAME in context.state else None
-    if not isinstance(cached, ArrayRecord) or fingerprint(to_state_dict(cached)) != want:
+    cached, got = _kept(context)
+    if cached is None or got != want:
         raise RuntimeError("fed_sb: this node holds no B, A of this run (the server sends "
                            "them again next time)")
     out = RecordDict(dict(content.items()))

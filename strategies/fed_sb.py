@@ -108,6 +108,7 @@ class FedSB(FedracStrategy):
         self.frame: dict[str, torch.Tensor] | None = None  # <layer>.lora_A / .lora_B, float32
         self.holders: set[int] = set()  # nodes that hold the frame
         self._global: ArrayRecord | None = None
+        self._frame_fp: tuple[dict[str, torch.Tensor], str] | None = None
 
     @classmethod
     def from_config(cls, settings: Settings, layers, **common: Any) -> FedSB:
@@ -243,7 +244,7 @@ class FedSB(FedracStrategy):
         self._global = arrays
         nodes = self.sample_train_nodes(grid, server_round)
         cfg = self.train_config(server_round, mode="adapters", rank=self.rank, alpha=self.alpha,
-                                **{"train-factor": "R", FINGERPRINT_KEY: fingerprint(self.frame)})
+                                **{"train-factor": "R", FINGERPRINT_KEY: self.frame_fingerprint()})
         if self.sync is not None:  # download=delta: per node, the rounds' R_bar or the weights
             self.sync.grid = grid
             cfg["download"] = "delta"
@@ -254,11 +255,19 @@ class FedSB(FedracStrategy):
         self.holders.update(nodes)
         return self.make_messages(server_round, contents, nodes, KINDS)
 
+    def frame_fingerprint(self) -> str:
+        """The fingerprint of the fixed factors, hashed once per frame (the frame is replaced,
+        never changed in place)."""
+        assert self.frame is not None
+        if self._frame_fp is None or self._frame_fp[0] is not self.frame:
+            self._frame_fp = (self.frame, fingerprint(self.frame))
+        return self._frame_fp[1]
+
     def frame_to_new_holders(self, contents: Mapping[int, RecordDict]) -> dict[int, RecordDict]:
         """``contents`` with ``B``, ``A`` (record ``adapters``) added for the nodes that may
-        not hold them (one copy of each distinct content)."""
+        not hold them (one copy of each distinct content; encoded only when one is needed)."""
         assert self.frame is not None
-        frame = to_array_record(self.frame)
+        frame: ArrayRecord | None = None
         added: dict[int, RecordDict] = {}
         out = {}
         for node, content in contents.items():
@@ -266,6 +275,7 @@ class FedSB(FedracStrategy):
                 out[node] = content
                 continue
             if id(content) not in added:
+                frame = frame if frame is not None else to_array_record(self.frame)
                 added[id(content)] = RecordDict({**dict(content.items()), "adapters": frame})
             out[node] = added[id(content)]
         return out

@@ -89,3 +89,29 @@ def test_middle_factors_need_the_frame():
     with pytest.raises(ResyncNeeded, match="one middle factor R per layer"):
         apply_change(state, {**layers, "y": LayerSpec("y", (2, 2))}, change, 0, 1, 0.5, None,
                      frame)
+
+
+def test_the_fixed_factors_are_hashed_once_a_run_not_once_a_round(cache, tmp_path,
+                                                                    monkeypatch):
+    """The server fingerprints ``B``, ``A`` once (not per round); a node keeps the
+    fingerprint beside them and hashes only what it is sent (once per node), not its own
+    copy each round."""
+    import clients.fed_sb as client_side
+    import strategies.fed_sb as server_side
+
+    calls = {"server": 0, "node": 0}
+    real = server_side.fingerprint
+
+    def counted(side):
+        def fp(frame):
+            calls[side] += 1
+            return real(frame)
+        return fp
+
+    monkeypatch.setattr(server_side, "fingerprint", counted("server"))
+    monkeypatch.setattr(client_side, "fingerprint", counted("node"))
+    _, grid, _ = _run(_cfg(cache, tmp_path, *FED_SB, "strategy.download=delta"))
+    holders = sum(STATE_FRAME in grid.node_context(n).state for n in grid.get_node_ids()
+                  if grid.node_context(n) is not None)
+    assert ROUNDS > 2 and calls["server"] == 1
+    assert 0 < holders and calls["node"] <= 2 * holders  # with_frame + held_frame, on receipt
