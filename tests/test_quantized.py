@@ -28,6 +28,7 @@ def ckpt(tmp_path_factory):
 def test_dense_state_round_trips_exactly_and_loading_requantises(ckpt, quant):
     """``deQ(Q(W))`` quantises back to the same codes; a changed dense weight changes the
     quantised layer (the client trains on ``Q(W_t)``, not on the first base)."""
+    import fedrac.adapters.quantized as Q
     from fedrac.adapters.quantized import dense_state, load_state, quantized_layers
     from fedrac.models.hf import build_hf_model
 
@@ -40,6 +41,10 @@ def test_dense_state_round_trips_exactly_and_loading_requantises(ckpt, quant):
     before = model(input_ids=ids).logits.detach()
     state = dense_state(model)
     assert all(v.dtype == torch.float32 for k, v in state.items() if k.endswith(".weight"))
+    for name, module in layers.items():  # Q(deQ(Q(W))) == Q(W): what lets a load skip it
+        codes = module.weight.data.clone()
+        Q._requantize(module, state[f"{name}.weight"])
+        assert torch.equal(module.weight.data, codes), name
     load_state(model, state)
     assert torch.equal(model(input_ids=ids).logits, before)
     assert all(torch.equal(v, state[k]) for k, v in dense_state(model).items())
@@ -77,7 +82,8 @@ def test_requantising_hands_memory_back_while_loading(ckpt, monkeypatch):
 
     model = build_hf_model({"name": "hf", "path": str(ckpt["llama"]), "task": "causal_lm",
                             "quantization": "nf4"}, 2)
-    state = Q.dense_state(model)
+    weights = {f"{n}.weight" for n in Q.quantized_layers(model)}
+    state = {k: v + 1e-3 if k in weights else v for k, v in Q.dense_state(model).items()}
     trims = []
     monkeypatch.setattr(Q, "trim_heap", lambda: trims.append(1))
     monkeypatch.setattr(Q, "TRIM_BYTES", 1)
@@ -92,33 +98,64 @@ def test_requantising_hands_memory_back_while_loading(ckpt, monkeypatch):
 
 
 def test_loading_the_same_weights_again_skips_requantising(ckpt, monkeypatch):
-    """The server's evaluation and then a client of the same process load the same record:
-    the second load requantises nothing; a tensor changed in place or a new one is
-    requantised."""
+    """The server's ``W0`` (the dequantised base) loaded into the freshly built model, and the
+    same record loaded again (the server's evaluation, then a client of the same process),
+    requantise nothing; a tensor changed in place or a new one is requantised, also when it
+    is changed back."""
     import fedrac.adapters.quantized as Q
     from fedrac.models.hf import build_hf_model
 
     model = build_hf_model({"name": "hf", "path": str(ckpt["llama"]), "task": "causal_lm",
                             "quantization": "nf4"}, 2)
-    state = Q.dense_state(model)
+    state = {k: v.clone() for k, v in Q.dense_state(model).items()}  # as from a record
     calls = []
     real = Q._requantize
     monkeypatch.setattr(Q, "_requantize", lambda m, d: calls.append(1) or real(m, d))
     Q.load_state(model, state)
+    assert calls == []  # W0 is exactly what the built layers dequantise to
+    moved = {k: v + 1e-3 if k in {f"{n}.weight" for n in Q.quantized_layers(model)} else v
+             for k, v in state.items()}
+    Q.load_state(model, moved)
     first = len(calls)
     assert first == len(Q.quantized_layers(model))
-    Q.load_state(model, state)
+    Q.load_state(model, moved)
     assert len(calls) == first
+    Q.load_state(model, {k: v.clone() for k, v in moved.items()})  # rebuilt, equal
+    assert len(calls) == first
+    Q.load_state(model, state)
+    assert len(calls) == 2 * first  # back to W0: requantised (the codes are Q(W0 + 1e-3))
+    calls.clear()
     key = f"{next(iter(Q.quantized_layers(model)))}.weight"
     ids = torch.tensor([[1, 5, 6, 7, 2]])
     before = model(input_ids=ids).logits.detach()
     state[key].mul_(3.0)  # in place: the version counter moves
     Q.load_state(model, state)
-    assert len(calls) == first + 1
+    assert len(calls) == 1
     assert not torch.equal(model(input_ids=ids).logits, before)
     Q.load_state(model, {**state, key: state[key] / 3.0})  # a new tensor
-    assert len(calls) == first + 2
+    assert len(calls) == 2
     assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_training_after_an_evaluation_backpropagates_through_the_base(ckpt):
+    """bitsandbytes repacks a 4-bit weight for its bf16 CPU inference kernel at the first
+    no-grad forward (on an AVX512-BF16 CPU), and that kernel has no backward: the input
+    gradient of a layer trained after an evaluation must still be the dequantised weight's."""
+    from fedrac.adapters.quantized import dequantize, quantized_layers
+    from fedrac.models.hf import build_hf_model
+
+    model = build_hf_model({"name": "hf", "path": str(ckpt["llama"]), "task": "causal_lm",
+                            "quantization": "nf4"}, 2)
+    layer = next(iter(quantized_layers(model).values()))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 5, 6, 7, 2]]))
+    model.train()
+    x = torch.randn(3, layer.in_features, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None
+    expected = dequantize(layer).sum(0).expand(3, -1)
+    assert torch.allclose(x.grad, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(("strategy", "quant"), [("rac_lora", "nf4"), ("fedit", "int8")])

@@ -95,8 +95,10 @@ def _kind(module: nn.Module) -> str | None:
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's quantised layers by name (bitsandbytes' in-place repacking of 4-bit weights
-    for CPU inference switched off on them: fedrac reads and rewrites those weights)."""
+    """The model's quantised layers by name, with bitsandbytes' repacking of 4-bit weights for
+    its bf16 CPU inference kernel switched off: fedrac reads and rewrites those weights, and
+    that kernel has no backward (after one evaluation, training would get no gradient through
+    the base layers; bitsandbytes 0.50 on an AVX512-BF16 CPU)."""
     layers = {n: m for n, m in model.named_modules() if _kind(m)}
     for module in layers.values():
         if getattr(module, "support_avx512bf16_for_cpu", False):
@@ -197,17 +199,33 @@ def own_memory(model: nn.Module) -> None:
 
 
 def _holds(module: nn.Module, dense: torch.Tensor) -> bool:
-    """Whether ``module`` was last quantised from the tensor object ``dense`` and ``dense``
-    was not changed in place since (its version counter): loading the same weights again
-    (the server's evaluation, then a client of the same process) skips the requantising."""
+    """Whether ``module`` was last quantised from a tensor that is unchanged since (its
+    version counter) and is ``dense`` or equal to it: loading the same weights again (the
+    server's evaluation, then a client of the same process, which rebuilt the same weights
+    from its cache and the deltas) skips the requantising."""
     source = getattr(module, "_fedrac_source", None)
-    return source is not None and source[0]() is dense and source[1] == dense._version
+    held = source[0]() if source is not None else None
+    if held is None or held._version != source[1]:
+        return False
+    return held is dense or (held.shape == dense.shape and held.dtype == dense.dtype
+                             and held.device == dense.device and torch.equal(held, dense))
+
+
+def _dequantizes_to(module: nn.Module, dense: torch.Tensor) -> bool:
+    """Whether ``dense`` is exactly what the layer dequantises to: then its codes are already
+    ``Q(dense)`` (``Q(deQ(Q(W))) == Q(W)``, tested), as for the server's ``W0``, the
+    dequantised base, loaded into the freshly built model. A check costs about 1 % of a
+    requantising."""
+    return tuple(dense.shape) == (module.out_features, module.in_features) and torch.equal(
+        dequantize(module), dense.to(device=module.weight.device, dtype=torch.float32))
 
 
 @torch.no_grad()
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """``model.load_state_dict(state, strict=True)``; a quantised model's quantised layers are
-    quantised again from the dense ``<layer>.weight`` in ``state``."""
+    quantised again from the dense ``<layer>.weight`` in ``state``, unless their codes already
+    are its quantisation (the tensor they were last quantised from, unchanged, or exactly
+    what they dequantise to)."""
     layers = quantized_layers(model)
     if not layers:
         model.load_state_dict(state, strict=True)
@@ -227,7 +245,8 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     since_trim = 0
     for name, module in layers.items():
         dense = state[f"{name}.weight"]
-        if _holds(module, dense):  # quantised from this very tensor, unchanged since
+        if _holds(module, dense) or _dequantizes_to(module, dense):  # its codes already
+            module._fedrac_source = (weakref.ref(dense), dense._version)
             if module.bias is not None:
                 module.bias.copy_(state[f"{name}.bias"])
             continue

@@ -246,7 +246,6 @@ def export_transformers(
     def write_adapter(tmp: Path) -> None:
         from peft import LoraConfig, get_peft_model
 
-        load_state(model, initial)  # W0 under the adapter (and the initial head)
         peft_cfg = LoraConfig(
             r=default, lora_alpha=default, rank_pattern=pattern, alpha_pattern=dict(pattern),
             lora_dropout=0.0, target_modules=sorted(layers),
@@ -268,9 +267,10 @@ def export_transformers(
         peft_model.save_pretrained(str(tmp))
         peft_model.unload()  # the PEFT layers out again: the model is fedrac's once more
 
-    _atomic_dir(out / "adapter", write_adapter)  # the process's model is left at W0: every
-    # user loads its weights first (fedrac.models.shared), and a quantised base would be
-    # requantised for nothing
+    _atomic_dir(out / "adapter", write_adapter)  # the files are the factors and the trained
+    # modules alone: the base under the PEFT layers is not saved, so it is not set back to W0
+    # (a quantised base would be requantised for nothing); every user of the process's model
+    # loads its weights first (fedrac.models.shared)
     size = sum(f.stat().st_size for f in (out / "adapter").iterdir() if f.is_file())
     low, high = min(ranks.values()), max(ranks.values())
     shown = f"rank {rank}" if rank != AUTO else \
