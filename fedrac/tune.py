@@ -6,7 +6,10 @@ server evaluation reads a validation split carved from the target *training* row
 partitioned); the job then runs at the best value. A trial is cached under
 ``<cache_dir>/tune/`` by a hash of its config, which holds neither the job's seed nor its
 output folder: seeds and re-runs of one method and setting share one tuning. A failing
-trial is recorded with its error; when every trial fails, the job fails.
+trial is recorded with its error; when every trial fails, the job fails. When the best
+value is the grid's largest or smallest, up to ``tune.extend`` trials go on beyond it, one
+grid step each, until one scores no better (or fails): short trials tend to favour the
+fastest rate, and an optimum at the edge is not an optimum.
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ def check_tune(d: Mapping[str, Any]) -> None:
     seed = t.get("seed", 0)
     _check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "tune.seed",
            seed, "an integer >= 0")
+    extend = t.get("extend", 0)
+    _check(isinstance(extend, int) and not isinstance(extend, bool) and extend >= 0,
+           "tune.extend", extend, "an integer >= 0 (trials beyond the grid's edge)")
     _check(not d.get("runner"), "tune", name, f"none with an experiment that runs its own "
            f"loop ({d.get('runner')})")
     engine = d["engine"].get("name")
@@ -243,6 +249,14 @@ def grid_edge(points: Sequence[Mapping[str, Any]], best: Mapping[str, Any]) -> s
     return "largest" if best["lr"] == lrs[-1] else "smallest" if best["lr"] == lrs[0] else None
 
 
+def beyond(lrs: Sequence[float], edge: str) -> float:
+    """The next rate past the ``largest`` / ``smallest`` of the sorted rates ``lrs`` (two or
+    more), one step of the grid's outermost spacing there."""
+    if edge == "largest":
+        return lrs[-1] * (lrs[-1] / lrs[-2])
+    return lrs[0] / (lrs[1] / lrs[0])
+
+
 def _short(metric: str) -> str:
     return "acc" if metric == "accuracy" else "loss"
 
@@ -261,8 +275,9 @@ def tune_lr(d: Mapping[str, Any]) -> dict[str, Any]:
     key, metric = lr_key(d), metric_of(d)
     lrs = grid_lrs(d)
     root = Path(str(d["cache_dir"])).expanduser() / "tune"
-    points = []
-    for i, lr in enumerate(lrs, 1):
+    points: list[dict[str, Any]] = []
+
+    def trial(lr: float, label: str) -> None:
         record = run_trial(trial_config(d, lr), metric, root)
         point = {"lr": lr, "status": record["status"], "score": record["score"],
                  "cached": record["cached"]}
@@ -271,8 +286,19 @@ def tune_lr(d: Mapping[str, Any]) -> dict[str, Any]:
         points.append(point)
         shown = (f"val {_short(metric)} {point['score']:.4f}" if point["status"] == "ok"
                  else f"failed: {point.get('error')}")
-        log.info("tune lr %d/%d: client.%s=%g -> %s%s", i, len(lrs), key, lr, shown,
+        log.info("tune lr %s: client.%s=%g -> %s%s", label, key, lr, shown,
                  " (cached)" if point["cached"] else "")
+
+    for i, lr in enumerate(lrs, 1):
+        trial(lr, f"{i}/{len(lrs)}")
+    for i in range(int(t.get("extend", 0))):  # the best at the grid's edge: one step beyond
+        best = best_point(points, metric)
+        edge = grid_edge(points, best) if best is not None else None
+        if edge is None:
+            break
+        lr = beyond(sorted(p["lr"] for p in points), edge)
+        trial(lr, f"beyond the {edge} {i + 1}/{int(t['extend'])}")
+        points[-1]["extended"] = True
     best = best_point(points, metric)
     if best is None:
         raise RunFailedError("tune=lr: every grid point failed: " + "; ".join(

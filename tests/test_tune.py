@@ -87,10 +87,42 @@ def test_the_grids_best_on_validation_is_chosen_and_failures_are_recorded(tmp_pa
     assert again["client"]["lr"] == pytest.approx(0.02)
 
     assert "edge" not in result  # 0.04 was tried (and failed): 0.02 is no edge of the grid
-    loss_cfg = run_config(tmp_path, *TINY, "tune.metric=loss", "client.lr=0.01")
+    loss_cfg = run_config(tmp_path, *TINY, "tune.metric=loss", "client.lr=0.01",
+                          "tune.extend=0")
     low = tune_lr(loss_cfg)["tune"]["result"]
     assert low["lr"] == pytest.approx(0.0025)  # the lowest loss
     assert low["edge"] == "smallest"  # the grid's bottom: the optimum may lie below it
+
+
+def test_a_best_at_the_grids_edge_is_searched_beyond_it(tmp_path, monkeypatch):
+    """The best at the top: trials go on a grid step further (x2 here) while they improve,
+    at most ``tune.extend``; at the bottom (lowest loss) the same downwards."""
+    from fedrac.tune import tune_lr
+
+    acc = {0.01: 0.5, 0.02: 0.6, 0.04: 0.7, 0.08: 0.8, 0.16: 0.75, 0.32: 0.9}
+    calls = []
+    _fake_runs(monkeypatch, lambda lr: acc[round(lr, 6)], calls)
+    cfg = run_config(tmp_path, *TINY, "client.lr=0.01", "tune.grid=[1,2,4]")
+    result = tune_lr(cfg)["tune"]["result"]
+    assert [round(t["client"]["lr"], 6) for t in calls] == [0.01, 0.02, 0.04, 0.08, 0.16]
+    assert result["lr"] == pytest.approx(0.08) and result["score"] == 0.8
+    assert "edge" not in result  # 0.16 scored less: 0.08 is inside what was tried
+    assert [p.get("extended", False) for p in result["grid"]] == [False] * 3 + [True] * 2
+
+    calls.clear()
+    short = tune_lr(run_config(tmp_path, *TINY, "client.lr=0.01", "tune.grid=[1,2,4]",
+                               "tune.extend=1"))["tune"]["result"]
+    assert short["lr"] == pytest.approx(0.08) and short["edge"] == "largest"  # ran out
+    assert calls == []  # every trial cached, 0.08 among them
+
+    loss = {0.01: 0.5, 0.02: 0.6, 0.04: 0.7, 0.005: 0.4, 0.0025: 0.3}
+    _fake_runs(monkeypatch, lambda lr: loss[round(lr, 6)], [])
+    low = tune_lr(run_config(tmp_path, *TINY, "tune.metric=loss", "client.lr=0.01",
+                             "tune.grid=[1,2,4]", "cache_dir=" + str(tmp_path / "c2")))
+    result = low["tune"]["result"]
+    assert result["lr"] == pytest.approx(0.0025) and result["edge"] == "smallest"
+    assert sorted(round(p["lr"], 6) for p in result["grid"]) == [0.0025, 0.005, 0.01, 0.02,
+                                                                  0.04]
 
 
 def test_every_grid_point_failing_fails_the_job_clearly(tmp_path, monkeypatch):
@@ -108,7 +140,7 @@ def test_full_fine_tuning_tunes_full_lr(tmp_path, monkeypatch):
     from fedrac.tune import grid_lrs, lr_key, trial_config
 
     cfg = run_config(tmp_path, *TINY, "strategy=fedavg", "client.full_lr=0.001",
-                     "tune.grid=[0.5,2]")
+                     "tune.grid=[0.5,2]", "tune.extend=0")
     assert lr_key(cfg) == "full_lr" and grid_lrs(cfg) == [0.0005, 0.002]
     trial = trial_config(cfg, 0.002)
     assert trial["client"]["full_lr"] == 0.002 and trial["client"]["lr"] == cfg["client"]["lr"]
@@ -140,7 +172,7 @@ def test_real_trials_read_validation_data_are_cached_and_shared_by_seeds(tmp_pat
     real_load = server_app.load_splits
     monkeypatch.setattr(server_app, "load_splits",
                         lambda d: seen.append(dict(d)) or real_load(d))
-    cfg = run_config(tmp_path, *TINY, "tune.grid=[0.1,1]")
+    cfg = run_config(tmp_path, *TINY, "tune.grid=[0.1,1]", "tune.extend=0")
     out = tune_lr(cfg)
     assert len(seen) >= 2 and all(d.get(KEY) for d in seen)  # every trial: validation only
     points = out["tune"]["result"]["grid"]
@@ -153,13 +185,13 @@ def test_real_trials_read_validation_data_are_cached_and_shared_by_seeds(tmp_pat
     calls = []
     real_run = run_mod.run_experiment
     monkeypatch.setattr(run_mod, "run_experiment", lambda c: calls.append(c) or real_run(c))
-    other_seed = run_config(tmp_path, *TINY, "tune.grid=[0.1,1]", "seed=7")
+    other_seed = run_config(tmp_path, *TINY, "tune.grid=[0.1,1]", "tune.extend=0", "seed=7")
     again = tune_lr(other_seed)
     assert calls == []  # a re-run and another seed: no trial executed
     assert again["client"]["lr"] == out["client"]["lr"] and again["seed"] == 7
     assert all(p["cached"] for p in again["tune"]["result"]["grid"])
     assert [p["score"] for p in again["tune"]["result"]["grid"]] == [p["score"] for p in points]
-    tune_lr(run_config(tmp_path, *TINY, "tune.grid=[0.1,1]", "tune.rounds=2"))
+    tune_lr(run_config(tmp_path, *TINY, "tune.grid=[0.1,1]", "tune.extend=0", "tune.rounds=2"))
     assert len(calls) == 2  # another trial length: new trials
 
 
@@ -172,6 +204,7 @@ BAD = [
     (["tune=lr", "tune.metric=f1"], "tune.metric='f1' is not allowed; allowed: auto, accuracy, "
                                     "loss"),
     (["tune=lr", "tune.rounds=0"], "tune.rounds=0 is not allowed; allowed: an integer >= 1"),
+    (["tune=lr", "tune.extend=-1"], "tune.extend=-1 is not allowed; allowed: an integer >= 0"),
     (["tune=lr", "num_clients=1", "tune.val_fraction=0.005"],
      "tune=lr has no validation data: tune.val_fraction=0.005 of the 672 target training rows "
      "gives 3 validation rows (num_clients=1); allowed: a tune.val_fraction that leaves >= 5 "
@@ -201,7 +234,7 @@ def _eval_columns(path):
 
 def test_cli_runs_at_the_tuned_lr_exactly_and_records_it(tmp_path):
     env = _env(tmp_path)
-    tuned = fedrac(*TINY, "tune.grid=[0.5,2]", f"output_dir={tmp_path / 'tuned'}",
+    tuned = fedrac(*TINY, "tune.grid=[0.5,2]", "tune.extend=0", f"output_dir={tmp_path / 'tuned'}",
                    f"hydra.run.dir={tmp_path / 'h1'}", env=env)
     assert tuned.returncode == 0, tuned.stderr[-2000:]
     assert "tune lr 1/2: client.lr=0.025 -> val acc " in tuned.stdout + tuned.stderr
@@ -222,8 +255,8 @@ def test_cli_runs_at_the_tuned_lr_exactly_and_records_it(tmp_path):
 def test_sweep_tunes_once_per_method_and_records_tuned_lr(tmp_path):
     env = _env(tmp_path)
     sweep = tmp_path / "sweep"
-    proc = fedrac("-m", *TINY, "tune.grid=[0.5,2]", "strategy=rac_lora,fedavg", "seed=0,1",
-                  f"output_dir={sweep}", env=env, timeout=600)
+    proc = fedrac("-m", *TINY, "tune.grid=[0.5,2]", "tune.extend=0", "strategy=rac_lora,fedavg",
+                  "seed=0,1", f"output_dir={sweep}", env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((tmp_path / "cache" / "tune").glob("*.json"))) == 4  # 2 methods x 2 lrs
     with (sweep / "comparison.csv").open() as f:
