@@ -270,8 +270,8 @@ def tune_lr(d: Mapping[str, Any]) -> dict[str, Any]:
     from fedrac.run import RunFailedError
 
     t = d.get("tune") or {"name": "none"}
-    if t.get("name", "none") == "none":
-        return dict(d)
+    if t.get("name", "none") == "none" or t.get("result"):
+        return dict(d)  # (with a result: a resumed run's saved config, tuned already)
     key, metric = lr_key(d), metric_of(d)
     lrs = grid_lrs(d)
     root = Path(str(d["cache_dir"])).expanduser() / "tune"

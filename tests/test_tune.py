@@ -85,6 +85,8 @@ def test_the_grids_best_on_validation_is_chosen_and_failures_are_recorded(tmp_pa
     again = tune_lr(cfg)
     assert [round(t["client"]["lr"], 6) for t in calls] == [0.04]
     assert again["client"]["lr"] == pytest.approx(0.02)
+    calls.clear()  # a config that carries its tuning (a resumed run's) is not tuned again
+    assert tune_lr(again) == again and calls == []
 
     assert "edge" not in result  # 0.04 was tried (and failed): 0.02 is no edge of the grid
     loss_cfg = run_config(tmp_path, *TINY, "tune.metric=loss", "client.lr=0.01",
@@ -249,6 +251,25 @@ def test_cli_runs_at_the_tuned_lr_exactly_and_records_it(tmp_path):
     assert plain.returncode == 0, plain.stderr[-2000:]
     assert _eval_columns(tmp_path / "tuned") == _eval_columns(tmp_path / "plain")
     assert "tuned_lr" not in json.loads((tmp_path / "plain" / "summary.json").read_text())
+
+
+def test_a_tuned_run_resumes_at_its_tuned_lr_without_tuning_again(tmp_path):
+    """``resume=`` of a tune=lr run: its saved config carries the tuning; the grid is not
+    tried again around the tuned rate (which also changed the run's config hash, and the
+    resume was refused as another run's)."""
+    env = _env(tmp_path)
+    args = [a for a in TINY if not a.startswith("checkpoint_every")]
+    first = fedrac(*args, "tune.grid=[0.5,2]", "tune.extend=0", f"output_dir={tmp_path / 'run'}",
+                   f"hydra.run.dir={tmp_path / 'h1'}", env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    lr = json.loads((tmp_path / "run" / "summary.json").read_text())["tuned_lr"]
+    more = fedrac(f"resume={tmp_path / 'run'}", "num_rounds=3",
+                  f"hydra.run.dir={tmp_path / 'h2'}", env=env)
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert "tune lr" not in more.stdout + more.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["config"]["client"]["lr"] == lr == summary["tuned_lr"]
+    assert [r[0] for r in _eval_columns(tmp_path / "run")] == ["0", "1", "2", "3"]
 
 
 @pytest.mark.slow
