@@ -212,12 +212,12 @@ def _holds(module: nn.Module, dense: torch.Tensor) -> bool:
 
 
 def _dequantizes_to(module: nn.Module, dense: torch.Tensor) -> bool:
-    """Whether ``dense`` is exactly what the layer dequantises to: then its codes are already
-    ``Q(dense)`` (``Q(deQ(Q(W))) == Q(W)``, tested), as for the server's ``W0``, the
-    dequantised base, loaded into the freshly built model. A check costs about 1 % of a
-    requantising."""
+    """Whether ``dense`` (float32, on the layer's device) is exactly what the layer
+    dequantises to: then its codes are already ``Q(dense)`` (``Q(deQ(Q(W))) == Q(W)``,
+    tested), as for the server's ``W0``, the dequantised base, loaded into the freshly built
+    model. A check costs about 1 % of a requantising."""
     return tuple(dense.shape) == (module.out_features, module.in_features) and torch.equal(
-        dequantize(module), dense.to(device=module.weight.device, dtype=torch.float32))
+        dequantize(module), dense)
 
 
 @torch.no_grad()
@@ -245,16 +245,15 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     since_trim = 0
     for name, module in layers.items():
         dense = state[f"{name}.weight"]
-        if _holds(module, dense) or _dequantizes_to(module, dense):  # its codes already
-            module._fedrac_source = (weakref.ref(dense), dense._version)
-            if module.bias is not None:
-                module.bias.copy_(state[f"{name}.bias"])
-            continue
-        _requantize(module, dense)
+        if not _holds(module, dense):
+            here = dense.to(device=module.weight.device, dtype=torch.float32)  # moved once
+            if not _dequantizes_to(module, here):  # else: its codes already are Q(dense)
+                _requantize(module, here)
+                since_trim += dense.numel() * 4
+            del here
         module._fedrac_source = (weakref.ref(dense), dense._version)
         if module.bias is not None:
             module.bias.copy_(state[f"{name}.bias"])
-        since_trim += dense.numel() * 4
         if since_trim >= TRIM_BYTES:  # glibc keeps each layer's freed temporaries resident
             trim_heap()
             since_trim = 0
